@@ -1,0 +1,180 @@
+"""Map a MiniMind state dict onto transformers' own architectures, so plain transformers opens it.
+
+| MiniMind variant | transformers class | how it is made exact |
+|---|---|---|
+| minimind-3 dense | `Qwen3ForCausalLM` | same layout (q_norm/k_norm, head_dim) |
+| minimind-3 MoE | `Qwen3MoeForCausalLM` | softmax top-k router with norm_topk_prob, no shared expert |
+| minimind2 dense | `LlamaForCausalLM` | same layout (no q/k norm) |
+| minimind2 MoE | `Qwen2MoeForCausalLM` | zero q/k/v biases; shared experts concatenated into one, gate 0, down ×2 |
+
+transformers 5 keeps MoE experts fused as 3-D tensors (`mlp.experts.gate_up_proj` `[E, 2I, H]`,
+`mlp.experts.down_proj` `[E, H, I]`); we build those, load them strictly into the transformers model
+(so a wrong key or shape fails here, not in the user's hands) and let `save_pretrained` write its own
+on-disk format.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PretrainedConfig,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
+
+from model.errors import UserError
+
+
+class ExportError(UserError):
+    """A model that cannot be written exactly as a transformers architecture."""
+
+
+def _n_layers(sd: dict[str, Tensor]) -> int:
+    return 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
+
+
+def _n_experts(sd: dict[str, Tensor], group: str) -> int:
+    prefix = f"model.layers.0.mlp.{group}."
+    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    return len(idx)
+
+
+def describe(sd: dict[str, Tensor]) -> tuple[str, bool]:
+    """Return (generation, is_moe) of a MiniMind state dict: q_norm keys mark minimind-3."""
+    gen = "minimind3" if any(".q_norm." in k for k in sd) else "minimind2"
+    return gen, any(".mlp.experts." in k for k in sd)
+
+
+def transformers_config(sd: dict[str, Tensor], cfg: object) -> PretrainedConfig:
+    """The transformers config that reproduces MiniMind model `cfg` with weights `sd` exactly."""
+    gen, moe = describe(sd)
+    if getattr(cfg, "rope_scaling", None):
+        raise ExportError("export of a model with rope_scaling (YaRN) is not supported: turn it off first")
+    embed = sd["model.embed_tokens.weight"]
+    vocab, hidden = embed.shape
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    q_out = sd["model.layers.0.self_attn.q_proj.weight"].shape[0]
+    head_dim = q_out // heads
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=_n_layers(sd),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_act="silu",
+        max_position_embeddings=getattr(cfg, "max_position_embeddings", 32768),
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        # MiniMind ties lm_head to the embedding; keep them separate only if they really differ.
+        tie_word_embeddings=torch.equal(sd["lm_head.weight"], embed),
+        bos_token_id=getattr(cfg, "bos_token_id", 1),
+        eos_token_id=getattr(cfg, "eos_token_id", 2),
+        pad_token_id=0,
+    )
+    if not moe:
+        common["intermediate_size"] = sd["model.layers.0.mlp.gate_proj.weight"].shape[0]
+        if gen == "minimind3":
+            return Qwen3Config(attention_bias=False, use_sliding_window=False, **common)
+        return LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+
+    moe_inter = sd["model.layers.0.mlp.experts.0.gate_proj.weight"].shape[0]
+    top_k = cfg.num_experts_per_tok
+    moe_common = dict(
+        num_experts=_n_experts(sd, "experts"),
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=moe_inter,
+        intermediate_size=moe_inter,  # unused: every layer is sparse (decoder_sparse_step 1)
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        output_router_logits=False,
+    )
+    if gen == "minimind3":
+        # minimind-3 always renormalises its top-k weights.
+        return Qwen3MoeConfig(norm_topk_prob=True, attention_bias=False, **moe_common, **common)
+    n_shared = _n_experts(sd, "shared_experts")
+    shared_inter = n_shared * sd["model.layers.0.mlp.shared_experts.0.gate_proj.weight"].shape[0] if n_shared else 0
+    del common["head_dim"]  # Qwen2-MoE has no head_dim: it is hidden / heads, as in minimind2
+    return Qwen2MoeConfig(
+        # minimind2 renormalises only when top_k > 1; with top_k == 1 it keeps the raw softmax score.
+        norm_topk_prob=top_k > 1 and getattr(cfg, "norm_topk_prob", True),
+        qkv_bias=True,  # present (as zeros) so every transformers version builds the same module
+        shared_expert_intermediate_size=shared_inter,
+        **moe_common,
+        **common,
+    )
+
+
+def _fuse_experts(sd: dict[str, Tensor], prefix: str, n: int) -> dict[str, Tensor]:
+    gate_up = [torch.cat([sd[f"{prefix}.{e}.gate_proj.weight"], sd[f"{prefix}.{e}.up_proj.weight"]]) for e in range(n)]
+    down = [sd[f"{prefix}.{e}.down_proj.weight"] for e in range(n)]
+    return {f"{prefix}.gate_up_proj": torch.stack(gate_up), f"{prefix}.down_proj": torch.stack(down)}
+
+
+def transformers_state_dict(sd: dict[str, Tensor], config: PretrainedConfig) -> dict[str, Tensor]:
+    """MiniMind keys → transformers keys (in-memory layout) for the architecture of `config`."""
+    out = {k: v for k, v in sd.items() if ".mlp.experts." not in k and ".mlp.shared_experts." not in k}
+    if config.model_type not in ("qwen3_moe", "qwen2_moe"):
+        return out
+    for i in range(config.num_hidden_layers):
+        mlp = f"model.layers.{i}.mlp"
+        out.update(_fuse_experts(sd, f"{mlp}.experts", config.num_experts))
+        # mlp.gate.weight keeps its name: MiniMind's router and transformers' TopKRouter both call it weight.
+        if config.model_type != "qwen2_moe":
+            continue
+        hidden = config.hidden_size
+        dtype = sd[f"{mlp}.gate.weight"].dtype
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            w = sd[f"model.layers.{i}.self_attn.{proj}.weight"]
+            out[f"model.layers.{i}.self_attn.{proj}.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
+        # Σ_s down_s(silu(gate_s x)·up_s x) is one SwiGLU whose intermediate dim is the concatenation.
+        # Qwen2-MoE multiplies it by sigmoid(gate·x): a zero gate gives exactly 0.5, undone by down × 2
+        # (multiplying by 2 is exact in floating point).
+        n_shared = config.shared_expert_intermediate_size and _n_experts(sd, "shared_experts")
+        shared = [f"{mlp}.shared_experts.{s}" for s in range(n_shared)]
+        if shared:
+            out[f"{mlp}.shared_expert.gate_proj.weight"] = torch.cat([sd[f"{s}.gate_proj.weight"] for s in shared])
+            out[f"{mlp}.shared_expert.up_proj.weight"] = torch.cat([sd[f"{s}.up_proj.weight"] for s in shared])
+            down = torch.cat([sd[f"{s}.down_proj.weight"] for s in shared], dim=1)
+            out[f"{mlp}.shared_expert.down_proj.weight"] = down * 2
+        else:
+            out[f"{mlp}.shared_expert.gate_proj.weight"] = torch.zeros(0, hidden, dtype=dtype)
+            out[f"{mlp}.shared_expert.up_proj.weight"] = torch.zeros(0, hidden, dtype=dtype)
+            out[f"{mlp}.shared_expert.down_proj.weight"] = torch.zeros(hidden, 0, dtype=dtype)
+        out[f"{mlp}.shared_expert_gate.weight"] = torch.zeros(1, hidden, dtype=dtype)
+    return out
+
+
+def save_transformers(sd: dict[str, Tensor], config: PretrainedConfig, out_dir: Path, dtype: torch.dtype) -> None:
+    """Write `sd` (transformers keys) as a model directory through transformers' own save_pretrained."""
+    config.architectures = [_ARCH[config.model_type]]
+    with torch.device("meta"):  # no random init and no second copy of the weights
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    sd = {k: v.to(dtype) for k, v in sd.items()}
+    if config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise ExportError(f"weights do not fit {config.architectures[0]}: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.save_pretrained(out_dir)
+
+
+_ARCH = {
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+}
+
+
+def export_minimind(sd: dict[str, Tensor], cfg: object, out_dir: Path, dtype: torch.dtype) -> str:
+    """Export a (merged) MiniMind state dict as a transformers model directory; return the class name."""
+    config = transformers_config(sd, cfg)
+    save_transformers(transformers_state_dict(sd, config), config, out_dir, dtype)
+    return config.architectures[0]
