@@ -39,7 +39,7 @@ def _n_layers(sd: dict[str, Tensor]) -> int:
 
 def _n_experts(sd: dict[str, Tensor], group: str) -> int:
     prefix = f"model.layers.0.mlp.{group}."
-    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    idx = {int(k[len(prefix) :].split(".")[0]) for k in sd if k.startswith(prefix)}
     return len(idx)
 
 
@@ -97,7 +97,9 @@ def transformers_config(sd: dict[str, Tensor], cfg: object) -> PretrainedConfig:
         # minimind-3 always renormalises its top-k weights.
         return Qwen3MoeConfig(norm_topk_prob=True, attention_bias=False, **moe_common, **common)
     n_shared = _n_experts(sd, "shared_experts")
-    shared_inter = n_shared * sd["model.layers.0.mlp.shared_experts.0.gate_proj.weight"].shape[0] if n_shared else 0
+    shared_inter = (
+        n_shared * sd["model.layers.0.mlp.shared_experts.0.gate_proj.weight"].shape[0] if n_shared else 0
+    )
     del common["head_dim"]  # Qwen2-MoE has no head_dim: it is hidden / heads, as in minimind2
     return Qwen2MoeConfig(
         # minimind2 renormalises only when top_k > 1; with top_k == 1 it keeps the raw softmax score.
@@ -110,7 +112,10 @@ def transformers_config(sd: dict[str, Tensor], cfg: object) -> PretrainedConfig:
 
 
 def _fuse_experts(sd: dict[str, Tensor], prefix: str, n: int) -> dict[str, Tensor]:
-    gate_up = [torch.cat([sd[f"{prefix}.{e}.gate_proj.weight"], sd[f"{prefix}.{e}.up_proj.weight"]]) for e in range(n)]
+    gate_up = [
+        torch.cat([sd[f"{prefix}.{e}.gate_proj.weight"], sd[f"{prefix}.{e}.up_proj.weight"]])
+        for e in range(n)
+    ]
     down = [sd[f"{prefix}.{e}.down_proj.weight"] for e in range(n)]
     return {f"{prefix}.gate_up_proj": torch.stack(gate_up), f"{prefix}.down_proj": torch.stack(down)}
 
@@ -137,8 +142,12 @@ def transformers_state_dict(sd: dict[str, Tensor], config: PretrainedConfig) -> 
         n_shared = config.shared_expert_intermediate_size and _n_experts(sd, "shared_experts")
         shared = [f"{mlp}.shared_experts.{s}" for s in range(n_shared)]
         if shared:
-            out[f"{mlp}.shared_expert.gate_proj.weight"] = torch.cat([sd[f"{s}.gate_proj.weight"] for s in shared])
-            out[f"{mlp}.shared_expert.up_proj.weight"] = torch.cat([sd[f"{s}.up_proj.weight"] for s in shared])
+            out[f"{mlp}.shared_expert.gate_proj.weight"] = torch.cat(
+                [sd[f"{s}.gate_proj.weight"] for s in shared]
+            )
+            out[f"{mlp}.shared_expert.up_proj.weight"] = torch.cat(
+                [sd[f"{s}.up_proj.weight"] for s in shared]
+            )
             down = torch.cat([sd[f"{s}.down_proj.weight"] for s in shared], dim=1)
             out[f"{mlp}.shared_expert.down_proj.weight"] = down * 2
         else:
@@ -149,7 +158,9 @@ def transformers_state_dict(sd: dict[str, Tensor], config: PretrainedConfig) -> 
     return out
 
 
-def save_transformers(sd: dict[str, Tensor], config: PretrainedConfig, out_dir: Path, dtype: torch.dtype) -> None:
+def save_transformers(
+    sd: dict[str, Tensor], config: PretrainedConfig, out_dir: Path, dtype: torch.dtype
+) -> None:
     """Write `sd` (transformers keys) as a model directory through transformers' own save_pretrained."""
     config.architectures = [_ARCH[config.model_type]]
     with torch.device("meta"):  # no random init and no second copy of the weights
@@ -159,7 +170,9 @@ def save_transformers(sd: dict[str, Tensor], config: PretrainedConfig, out_dir: 
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
-        raise ExportError(f"weights do not fit {config.architectures[0]}: missing {missing}, unexpected {unexpected}")
+        raise ExportError(
+            f"weights do not fit {config.architectures[0]}: missing {missing}, unexpected {unexpected}"
+        )
     if config.tie_word_embeddings:
         model.tie_weights()
     model.save_pretrained(out_dir)
