@@ -1,0 +1,466 @@
+"""LoRA by module replacement: each targeted nn.Linear becomes a LoRALinear, visible in print(model).
+
+    y = x Wᵀ + b + scale · dropout(x) Aᵀ Bᵀ,   scale = alpha / r   (alpha / √r with rsLoRA)
+
+W and b stay the base layer's own Parameters under the names `weight` and `bias`, so a base checkpoint
+loads into a LoRA model with no key remapping, and a tied lm_head stays tied. Only `lora_A` / `lora_B`
+train. Files: `*.pth` is MiniMind's LoRA layout; any other path is a PEFT adapter directory.
+"""
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.errors import UserError
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+ROUTER_NAMES = ("gate", "router")  # MoE routers pick experts; a low-rank update to them is not LoRA's job
+
+
+class LoRAError(UserError):
+    """A LoRA file or option that does not fit the model."""
+
+
+def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    """The factor on B·A: alpha/r, or alpha/√r with rsLoRA (keeps the update's size stable as r grows)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update B·A."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        # The base Parameters themselves, not copies: same state-dict keys, same storage, ties kept.
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        # Like PEFT's autocast_adapter_dtype: a bf16/fp16 base gets fp32 adapters, because the small
+        # updates to A and B would round away in half precision.
+        dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
+        factory = {"device": base.weight.device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        # PEFT's init (kaiming-uniform, i.e. nn.Linear's default, std 1/√(3·in)) rather than MiniMind's
+        # N(0, 0.02): it scales with the fan-in, so it suits 4096-wide Qwen layers as well as 512-wide
+        # MiniMind ones (where the two nearly agree), and lr/alpha recipes from PEFT carry over.
+        # B = 0 makes a fresh LoRA model compute exactly the base model's function.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.rank, self.alpha, self.dropout_p, self.use_rslora = rank, alpha, dropout, use_rslora
+        self.scale = lora_scale(rank, alpha, use_rslora)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Base output plus the scaled low-rank update (skipped once merged into the weight)."""
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        # Dropout on the LoRA input only (as PEFT); the functional form keeps print(model) free of an
+        # Identity child when it is off.
+        z = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
+        # LoRA math in the adapter's dtype (fp32 next to a bf16 base), then back to the base output's dtype.
+        z = z.to(self.lora_A.dtype)
+        update = F.linear(F.linear(z, self.lora_A), self.lora_B) * self.scale
+        return y + update.to(y.dtype)
+
+    def delta_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """scale · B A as a dense [out, in] matrix, computed in `dtype`."""
+        return (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype)) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into `weight` (summed in at least fp32, rounded once to the weight's dtype)."""
+        if not self.merged:
+            acc = torch.promote_types(self.weight.dtype, torch.float32)
+            self.weight.copy_(self.weight.to(acc) + self.delta_weight(acc))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update from `weight` again (exact up to one rounding in the weight's dtype)."""
+        if self.merged:
+            acc = torch.promote_types(self.weight.dtype, torch.float32)
+            self.weight.copy_(self.weight.to(acc) - self.delta_weight(acc))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        rs = ", rslora=True" if self.use_rslora else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"rank={self.rank}, alpha={self.alpha:g}{rs}, scale={self.scale:g}, dropout={self.dropout_p:g}"
+                f"{', merged' if self.merged else ''}")
+
+
+# ------------------------------------------------------------------------- choosing the layers
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside torch.compile / DDP wrappers, so module names carry no prefix."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _clean_name(name: str) -> str:
+    """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) parts that wrappers add to key names."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name.replace("_orig_mod.", "")
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if head is not None else getattr(model, "lm_head", None)
+
+
+def _names_match(name: str, target: str) -> bool:
+    """PEFT's target_modules rule: the full module path, or its trailing dotted components."""
+    return name == target or name.endswith("." + target)
+
+
+def find_targets(model: nn.Module, targets: str | list[str] | None = None) -> list[str]:
+    """Names of the nn.Linear modules that `targets` selects (see apply_lora)."""
+    # Exactly nn.Linear: subclasses such as MultiheadAttention's out_proj are read via .weight, not called.
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    head = _output_head(model)
+    eligible = [n for n, m in linears.items() if m is not head and _leaf(n) not in ROUTER_NAMES]
+    if targets is None or targets == "all-linear":
+        return eligible
+    if targets == "square":  # MiniMind's own choice; with GQA that means q_proj and o_proj only
+        return [n for n in eligible if linears[n].in_features == linears[n].out_features]
+    wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    for t in wanted:
+        if not any(_names_match(n, t) for n in linears):
+            leaves = ", ".join(sorted({_leaf(n) for n in linears}))
+            raise LoRAError(f"LoRA target '{t}' names no nn.Linear in the model; its linear layers are: {leaves}")
+    return [n for n in linears if any(_names_match(n, t) for t in wanted)]
+
+
+def _pattern_match(pattern: str, name: str, parents: bool = True) -> bool:
+    """PEFT's rank_pattern rule (the pattern matches the path's trailing components); with `parents`,
+    a pattern may also name an enclosing module, so {"mlp": 32} covers every layer under `mlp`."""
+    tail = r"(\..*)?" if parents else ""
+    return re.match(rf"(.*\.)?({pattern}){tail}$", name) is not None
+
+
+def _pattern_value(patterns: dict | None, name: str, default: float, parents: bool = True) -> float:
+    for pattern, value in (patterns or {}).items():  # first match wins, as in PEFT
+        if _pattern_match(pattern, name, parents):
+            return value
+    return default
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _inject(model: nn.Module, plan: dict[str, tuple[int, float]], dropout: float, use_rslora: bool) -> None:
+    """Swap each named nn.Linear for a LoRALinear of the planned (rank, alpha); freeze all but LoRA."""
+    for name, (rank, alpha) in plan.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout, use_rslora))
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def apply_lora(model: nn.Module, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
+               targets: str | list[str] | None = None, use_rslora: bool = False,
+               rank_pattern: dict[str, int] | None = None,
+               alpha_pattern: dict[str, float] | None = None) -> list[str]:
+    """Put LoRA on the targeted linear layers, freeze everything else, and return the adapted module names.
+
+    targets: None / "all-linear" = every nn.Linear except the output head and MoE routers; "square" =
+    MiniMind's choice (in == out); or names like "q_proj,v_proj" matched against the end of module paths.
+    alpha None means alpha = rank (scale 1, as MiniMind). rank_pattern / alpha_pattern map a name regex
+    (matched like PEFT's, or naming a parent such as "mlp") to a per-module rank / alpha.
+    """
+    model = _unwrap(model)
+    if _lora_layers(model):
+        raise LoRAError("the model already has LoRA layers; apply_lora once (load_lora fills existing ones)")
+    if rank < 1 or (alpha is not None and alpha <= 0) or not 0 <= dropout < 1:
+        raise LoRAError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1; got rank={rank}, "
+                        f"alpha={alpha}, dropout={dropout}")
+    names = find_targets(model, targets)
+    if not names:
+        raise LoRAError(f"LoRA targets {targets!r} select no linear layer of the model")
+    for kind, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for pattern in patterns or {}:
+            if not any(_pattern_match(pattern, n) for n in names):
+                raise LoRAError(f"LoRA {kind} key '{pattern}' matches none of the targeted layers, e.g. {names[0]}")
+    plan = {}
+    for name in names:
+        r = int(_pattern_value(rank_pattern, name, rank))
+        plan[name] = (r, _pattern_value(alpha_pattern, name, r if alpha is None else alpha))
+    _inject(model, plan, dropout, use_rslora)
+    return names
+
+
+# ------------------------------------------------------------------------- training-time helpers
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The LoRA factors (the only parameters the optimizer should see)."""
+    return [p for n, p in _unwrap(model).named_parameters() if "lora_" in n]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors of the model's state dict (for the trainer's checkpoints)."""
+    return {k: v for k, v in _unwrap(model).state_dict().items() if "lora_" in k}
+
+
+def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "LoRA state dict") -> None:
+    """Copy a lora_state_dict() back into a model with the same LoRA layers; mismatches raise LoRAError."""
+    own = lora_state_dict(model)
+    sd = {_clean_name(k): v for k, v in sd.items()}
+    for key, value in sd.items():
+        if key not in own:
+            raise LoRAError(f"{source}: key '{key}' is not a LoRA parameter of the model")
+        if value.shape != own[key].shape:
+            raise LoRAError(f"{source}: key '{key}' has shape {list(value.shape)}, "
+                            f"the model's is {list(own[key].shape)} (different rank or model size?)")
+    missing = [k for k in own if k not in sd]
+    if missing:
+        raise LoRAError(f"{source}: no value for the model's LoRA parameter '{missing[0]}'")
+    with torch.no_grad():
+        for key, value in sd.items():
+            own[key].copy_(value)
+
+
+def merge_lora(model: nn.Module, unload: bool = False) -> None:
+    """Fold every LoRA update into its base weight; with `unload`, also swap the layers back to nn.Linear."""
+    model = _unwrap(model)
+    layers = _lora_layers(model)
+    tied = _shared_weights(model)
+    for name, layer in layers.items():
+        if id(layer.weight) in tied:
+            raise LoRAError(f"cannot merge LoRA into '{name}': its weight is tied to another module "
+                            f"(e.g. lm_head and embed_tokens); untie it first")
+    for name, layer in layers.items():
+        layer.merge()
+        if unload:
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            linear.weight, linear.bias = layer.weight, layer.bias
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, linear)
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo merge_lora (not after unload): the weights go back and the LoRA branch runs again."""
+    for layer in _lora_layers(_unwrap(model)).values():
+        layer.unmerge()
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    seen, shared = set(), set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (shared if id(p) in seen else seen).add(id(p))
+    return shared
+
+
+# ------------------------------------------------------------------------- files
+
+@dataclass
+class _Adapter:
+    """One layer's factors as a file holds them, with the scale the file means them to be used at."""
+
+    key: str  # the file's key for lora_A, for error messages
+    A: torch.Tensor
+    B: torch.Tensor
+    alpha: float
+
+
+def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Write via a temp file in the same folder and rename, so a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def save_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+    """Save only the LoRA factors: `*.pth` in MiniMind's layout, any other path as a PEFT adapter directory."""
+    model, path = _unwrap(model), Path(path)
+    layers = _lora_layers(model)
+    if not layers:
+        raise LoRAError(f"{path}: the model has no LoRA layers to save")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".pth":
+        _atomic_write(path, lambda tmp: torch.save(_minimind_state_dict(layers), tmp))
+    else:
+        _save_peft(model, layers, path, base_model_name_or_path)
+
+
+def _minimind_state_dict(layers: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+    # MiniMind's loader always uses scale 1, so our scale goes into B; fp16 like MiniMind's own files.
+    sd = {}
+    for name, layer in layers.items():
+        name = _clean_name(name)
+        sd[f"{name}.lora.A.weight"] = layer.lora_A.detach().to("cpu", torch.float16)
+        sd[f"{name}.lora.B.weight"] = (layer.lora_B.detach().float() * layer.scale).to("cpu", torch.float16)
+    return sd
+
+
+def _most_common(values: list) -> float:
+    return max(set(values), key=values.count)
+
+
+def _save_peft(model: nn.Module, layers: dict[str, LoRALinear], path: Path, base_name: str | None) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    names = [_clean_name(n) for n in layers]
+    rank = _most_common([m.rank for m in layers.values()])
+    alpha = _most_common([m.alpha for m in layers.values()])
+    # Per-module exceptions as full module paths, so PEFT's own pattern matching can only pick that module.
+    rank_pattern = {n: m.rank for n, m in zip(names, layers.values()) if m.rank != rank}
+    alpha_pattern = {n: _json_number(m.alpha) for n, m in zip(names, layers.values()) if m.alpha != alpha}
+    # PEFT re-finds the layers by target_modules: short names when they select exactly our layers,
+    # otherwise a regex of the full paths (PEFT full-matches a string target).
+    leaves = sorted({_leaf(n) for n in names})
+    selected = {n for n, _ in model.named_modules() if _leaf(n) in leaves}
+    target_modules = leaves if selected == set(layers) else "|".join(re.escape(n) for n in names)
+    first = next(iter(layers.values()))
+    if base_name is None:
+        base_name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None),
+                                                                    "_name_or_path", None) or None
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+        "r": rank, "lora_alpha": _json_number(alpha), "lora_dropout": first.dropout_p,
+        "target_modules": target_modules, "use_rslora": first.use_rslora,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "use_dora": False, "lora_bias": False, "modules_to_save": None, "exclude_modules": None,
+        "layers_to_transform": None, "layers_pattern": None, "revision": None,
+    }
+    tensors = {}
+    for name, layer in zip(names, layers.values()):
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+    _atomic_write(path / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(path / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def _json_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _read_minimind(path: Path) -> tuple[dict[str, _Adapter], bool, float]:
+    """MiniMind's `<module>.lora.A.weight` / `.lora.B.weight` file, meant at scale 1."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LoRAError(f"{path}: cannot read it as a torch checkpoint ({e})") from e
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, value in sd.items():
+        m = re.fullmatch(r"(.+)\.lora\.([AB])\.weight", _clean_name(key))
+        if m is None:
+            raise LoRAError(f"{path}: key '{key}' is not a MiniMind LoRA key (<module>.lora.A.weight); "
+                            f"is this a full model checkpoint?")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = (key, value)
+    return _pair_up(path, pairs, alpha_of=lambda name, rank: rank), False, 0.0
+
+
+def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float]:
+    """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    if not (path / PEFT_CONFIG).is_file():
+        raise LoRAError(f"{path}: no {PEFT_CONFIG} there; give a PEFT adapter directory or a MiniMind .pth file")
+    cfg = json.loads((path / PEFT_CONFIG).read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise LoRAError(f"{path / PEFT_CONFIG}: peft_type is {cfg.get('peft_type')!r}; only LORA is supported")
+    for flag in ("use_dora", "lora_bias", "fan_in_fan_out"):
+        if cfg.get(flag):
+            raise LoRAError(f"{path / PEFT_CONFIG}: {flag}=true is not supported; train with it off")
+    if (path / PEFT_WEIGHTS).is_file():
+        sd = load_file(path / PEFT_WEIGHTS)
+    elif (path / "adapter_model.bin").is_file():  # adapters from PEFT versions before safetensors
+        sd = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise LoRAError(f"{path}: no {PEFT_WEIGHTS} there")
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, value in sd.items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
+        if m is None:
+            raise LoRAError(f"{path / PEFT_WEIGHTS}: key '{key}' is not a plain LoRA factor "
+                            f"(bias, DoRA, embedding or modules_to_save tensors are not supported)")
+        pairs.setdefault(_clean_name(m.group(1)), {})[m.group(2)] = (key, value)
+    alpha, alpha_pattern = cfg.get("lora_alpha", 8), cfg.get("alpha_pattern") or {}
+
+    def alpha_of(name: str, rank: int) -> float:  # PEFT's own matching, so PEFT's files mean what PEFT means
+        return _pattern_value(alpha_pattern, name, alpha, parents=False)
+
+    adapters = _pair_up(path / PEFT_WEIGHTS, pairs, alpha_of)
+    return adapters, bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0))
+
+
+def _pair_up(path: Path, pairs: dict, alpha_of: Callable[[str, int], float]) -> dict[str, _Adapter]:
+    adapters = {}
+    for name, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            key = next(iter(ab.values()))[0]
+            raise LoRAError(f"{path}: key '{key}' has no matching {'B' if 'A' in ab else 'A'} factor")
+        (key, A), (_, B) = ab["A"], ab["B"]
+        adapters[name] = _Adapter(key, A, B, alpha_of(name, A.shape[0]))
+    return adapters
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load a MiniMind `.pth` LoRA file or a PEFT adapter directory; return the adapted module names.
+
+    A model without LoRA gets it on exactly the file's layers, with the file's ranks, alphas, rsLoRA and
+    dropout. A model with LoRA must have it on the same layers with the same ranks; it keeps its own
+    alpha, and B is rescaled so the output is the one the file describes.
+    """
+    model, path = _unwrap(model), Path(path)
+    if not path.exists():
+        raise LoRAError(f"{path}: no such LoRA file or adapter directory")
+    adapters, use_rslora, dropout = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
+    where = path if path.suffix == ".pth" else path / PEFT_WEIGHTS
+    modules = dict(model.named_modules())
+    for name, ad in adapters.items():
+        module = modules.get(name)
+        if not isinstance(module, (nn.Linear, LoRALinear)):
+            what = "no module" if module is None else f"a {type(module).__name__}, not a linear layer"
+            raise LoRAError(f"{where}: key '{ad.key}' names {what} in the model ('{name}'); "
+                            f"was it made for another model?")
+        rank = ad.A.shape[0]
+        if ad.A.shape != (rank, module.in_features) or ad.B.shape != (module.out_features, rank):
+            raise LoRAError(f"{where}: key '{ad.key}': A {list(ad.A.shape)} and B {list(ad.B.shape)} do not fit "
+                            f"'{name}' ({module.in_features} -> {module.out_features}); was it made for another model?")
+    layers = _lora_layers(model)
+    if not layers:
+        _inject(model, {n: (ad.A.shape[0], ad.alpha) for n, ad in adapters.items()}, dropout, use_rslora)
+        layers = _lora_layers(model)
+    for name, layer in layers.items():
+        if name not in adapters:
+            raise LoRAError(f"{where}: has no factors for the model's LoRA layer '{name}'")
+        if adapters[name].A.shape[0] != layer.rank or layer.merged:
+            raise LoRAError(f"{where}: key '{adapters[name].key}' has rank {adapters[name].A.shape[0]}, "
+                            f"the model's LoRA layer has rank {layer.rank}{' and is merged' if layer.merged else ''}")
+    for name, ad in adapters.items():
+        if name not in layers:
+            raise LoRAError(f"{where}: key '{ad.key}' names '{name}', which has no LoRA in this model")
+    with torch.no_grad():
+        for name, ad in adapters.items():
+            layer = layers[name]
+            ratio = lora_scale(ad.A.shape[0], ad.alpha, use_rslora) / layer.scale
+            layer.lora_A.copy_(ad.A)
+            layer.lora_B.copy_(ad.B.to(torch.float64) * ratio if ratio != 1 else ad.B)
+    return list(adapters)
