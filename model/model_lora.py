@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,7 +322,7 @@ def _minimind_state_dict(layers: dict[str, LoRALinear]) -> dict[str, torch.Tenso
 
 
 def _most_common(values: list) -> float:
-    return max(set(values), key=values.count)
+    return Counter(values).most_common(1)[0][0]  # ties go to the first layer's value
 
 
 def _save_peft(model: nn.Module, layers: dict[str, LoRALinear], path: Path, base_name: str | None) -> None:
