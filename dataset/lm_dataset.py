@@ -1,0 +1,310 @@
+"""Datasets that tokenize once, at construction, and the two ways to batch them: padded and packed.
+
+A dataset stores every sample in flat numpy arrays (token ids, a supervised-token mask, offsets), which
+are cheap to pickle to DataLoader workers. `ds[i]` returns `(input_ids, labels)`: labels are not shifted
+(the model shifts) and hold -100 where nothing is learned. Samples left with nothing to learn after
+truncation are dropped and counted, so no batch can produce a NaN loss.
+"""
+
+import bisect
+import multiprocessing as mp
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dataset.chat_render import load_chat_format, supervised_spans, token_mask
+from dataset.records import (
+    BadRecord,
+    DataError,
+    data_error,
+    parse_conversation,
+    parse_line,
+    parse_text,
+    read_lines,
+)
+
+IGNORE_INDEX = -100
+CHUNK = 1000  # records per multiprocessing task: large enough for the batched Rust tokenizer to pay off
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------------------
+class TokenizedDataset(Dataset):
+    """Samples stored flat: sample i is ids[offsets[i]:offsets[i+1]], learned where mask is True."""
+
+    def __init__(self, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> None:
+        self.ids, self.mask = ids, mask
+        self.lengths = lengths
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        input_ids = torch.from_numpy(self.ids[lo:hi].astype(np.int64))
+        labels = torch.where(torch.from_numpy(self.mask[lo:hi]), input_ids, IGNORE_INDEX)
+        return input_ids, labels
+
+
+class SFTDataset(TokenizedDataset):
+    """Chat data (any format in dataset/records.py) rendered through the chat template, assistant turns learned."""
+
+    def __init__(
+        self,
+        data_path: str | Path,
+        tokenizer: Any,
+        max_length: int,
+        skip_invalid: bool = False,
+        num_workers: int | None = None,
+        chat_template: str | None = None,
+        log: Callable[[str], None] | None = print,
+    ) -> None:
+        encode = _ChatEncoder(
+            tokenizer, chat_template, max_length
+        )  # a bad template fails before the data is read
+        lines = read_lines(data_path)
+        chunks = _map_chunks(encode, lines, num_workers)
+        self.skipped, self.dropped = _check(data_path, chunks, len(lines), skip_invalid)
+        super().__init__(*_join(chunks))
+        self.summary = _summary(data_path, len(self), self.dropped, self.skipped, max_length)
+        if log:
+            log(self.summary)
+
+
+class PretrainDataset(TokenizedDataset):
+    """Plain text {"text": ...} lines as bos + text + eos (as MiniMind does), every real token learned."""
+
+    def __init__(
+        self,
+        data_path: str | Path,
+        tokenizer: Any,
+        max_length: int,
+        skip_invalid: bool = False,
+        num_workers: int | None = None,
+        log: Callable[[str], None] | None = print,
+    ) -> None:
+        lines = read_lines(data_path)
+        chunks = _map_chunks(_TextEncoder(tokenizer, max_length), lines, num_workers)
+        self.skipped, self.dropped = _check(data_path, chunks, len(lines), skip_invalid)
+        super().__init__(*_join(chunks))
+        self.summary = _summary(data_path, len(self), self.dropped, self.skipped, max_length)
+        if log:
+            log(self.summary)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizing in chunks, on all cores
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class _Chunk:
+    ids: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+    problems: list[tuple[int, str]] = field(default_factory=list)
+    dropped: int = 0
+
+    def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        # Labels are shifted by the model, so the first token's label is never used: it must learn something else
+        if mask[1:].any():
+            self.ids.append(ids)
+            self.masks.append(mask)
+        else:
+            self.dropped += 1
+
+
+class _ChatEncoder:
+    """Renders and tokenizes a chunk of conversations (picklable: the template is compiled lazily)."""
+
+    def __init__(self, tokenizer: Any, chat_template: str | None, max_length: int) -> None:
+        self.tokenizer, self.chat_template, self.max_length = tokenizer, chat_template, max_length
+        self._fmt = load_chat_format(tokenizer, chat_template)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fmt": None}  # compiled jinja templates do not pickle
+
+    def __call__(self, lines: Sequence[tuple[int, bytes]]) -> _Chunk:
+        if self._fmt is None:
+            self._fmt = load_chat_format(self.tokenizer, self.chat_template)
+        chunk, texts, spans = _Chunk(), [], []
+        for line, raw in lines:
+            try:
+                text, turn_spans = supervised_spans(self._fmt, *parse_conversation(parse_line(raw)))
+            except BadRecord as e:
+                chunk.problems.append((line, str(e)))
+                continue
+            texts.append(text)
+            spans.append(turn_spans)
+        # The template already wrote bos/eos where it wants them, so no special tokens are added here
+        for encoding, turn_spans in zip(
+            self._fmt.backend.encode_batch(texts, add_special_tokens=False), spans
+        ):
+            ids = np.asarray(encoding.ids[: self.max_length], dtype=np.int32)
+            chunk.add(ids, token_mask(encoding, turn_spans)[: self.max_length])
+        return chunk
+
+
+class _TextEncoder:
+    """Tokenizes a chunk of pretraining texts as bos + text + eos, truncating the text so eos survives."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.backend = tokenizer.backend_tokenizer
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []  # Qwen3 has none
+        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.max_text = max_length - len(self.bos) - len(self.eos)
+
+    def __call__(self, lines: Sequence[tuple[int, bytes]]) -> _Chunk:
+        chunk, texts = _Chunk(), []
+        for line, raw in lines:
+            try:
+                texts.append(parse_text(parse_line(raw)))
+            except BadRecord as e:
+                chunk.problems.append((line, str(e)))
+        for encoding in self.backend.encode_batch(texts, add_special_tokens=False):
+            ids = np.asarray(self.bos + encoding.ids[: self.max_text] + self.eos, dtype=np.int32)
+            chunk.add(ids, np.ones(len(ids), dtype=bool))
+        return chunk
+
+
+_worker: dict[
+    str, Any
+] = {}  # the encoder and items of a pool worker (inherited by fork, pickled once by spawn)
+
+
+def _init_worker(encode: Callable, items: Sequence) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # N processes each running N Rust threads would thrash
+    _worker.update(encode=encode, items=items)
+
+
+def _run_chunk(bounds: tuple[int, int]) -> _Chunk:
+    return _worker["encode"](_worker["items"][bounds[0] : bounds[1]])
+
+
+def _map_chunks(encode: Callable, items: Sequence, num_workers: int | None) -> list[_Chunk]:
+    """encode(items[lo:hi]) for every chunk, in order, on num_workers processes (default: all cores)."""
+    bounds = [(lo, min(lo + CHUNK, len(items))) for lo in range(0, len(items), CHUNK)]
+    workers = min(num_workers or os.cpu_count() or 1, len(bounds))
+    if workers <= 1:
+        return [encode(items[lo:hi]) for lo, hi in bounds]
+    # fork shares the items with the workers for free; elsewhere (macOS, Windows) spawn pickles them once
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(encode, items)) as pool:
+        return pool.map(_run_chunk, bounds, chunksize=1)
+
+
+def _check(path: Any, chunks: list[_Chunk], n_lines: int, skip_invalid: bool) -> tuple[int, int]:
+    """Raise one DataError for every bad line (or count them with skip_invalid); return (skipped, dropped)."""
+    problems = [p for c in chunks for p in c.problems]  # chunks are in file order, so lines are sorted
+    if problems and not skip_invalid:
+        raise data_error(path, problems, n_lines)
+    if not any(c.ids for c in chunks):
+        raise DataError(
+            f"{path}: no usable samples ({len(problems)} invalid lines skipped, "
+            f"{sum(c.dropped for c in chunks)} with nothing to learn after truncation)"
+        )
+    return len(problems), sum(c.dropped for c in chunks)
+
+
+def _join(chunks: list[_Chunk]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ids = [x for c in chunks for x in c.ids]
+    masks = [m for c in chunks for m in c.masks]
+    return np.concatenate(ids), np.concatenate(masks), np.array([len(x) for x in ids], dtype=np.int64)
+
+
+def _summary(path: Any, kept: int, dropped: int, skipped: int, max_length: int) -> str:
+    text = f"{path}: kept {kept} samples, dropped {dropped} with no supervised token after truncation to {max_length}"
+    return text + (f", skipped {skipped} invalid lines" if skipped else "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------------------
+def collate_padded(batch: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad samples to the longest of the batch: input_ids, labels, attention_mask (1 = token)."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(batch):
+        input_ids[row, : len(ids)], labels[row, : len(ids)], attention_mask[row, : len(ids)] = ids, lab, 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack_indices(lengths: np.ndarray, max_length: int, seed: int, epoch: int) -> list[list[int]]:
+    """Group whole samples into rows of at most max_length tokens (best-fit decreasing), in shuffled order."""
+    lengths = np.asarray(lengths)
+    if len(lengths) and lengths.max() > max_length:
+        raise ValueError(f"a sample of {lengths.max()} tokens does not fit a packed row of {max_length}")
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))  # equal lengths land in different rows each epoch
+    order = order[np.argsort(-lengths[order], kind="stable")]
+    rows: list[list[int]] = []
+    free_rows: dict[int, list[int]] = {}  # free space -> rows with exactly that much space left
+    spaces: list[
+        int
+    ] = []  # sorted distinct keys of free_rows: at most max_length of them, so bisect is cheap
+    for i in order.tolist():
+        need = int(lengths[i])
+        k = bisect.bisect_left(spaces, need)
+        if k == len(spaces):
+            row, space = len(rows), max_length
+            rows.append([])
+        else:  # best fit: the fullest row that still has room
+            space = spaces[k]
+            row = free_rows[space].pop()
+            if not free_rows[space]:
+                del free_rows[space], spaces[k]
+        rows[row].append(i)
+        left = space - need
+        if left > 0:
+            if left not in free_rows:
+                free_rows[left] = []
+                spaces.insert(bisect.bisect_left(spaces, left), left)
+            free_rows[left].append(row)
+    return [rows[r] for r in rng.permutation(len(rows)).tolist()]
+
+
+class PackedDataset(Dataset):
+    """Rows of whole samples concatenated; call set_epoch(e) before each epoch to repack deterministically."""
+
+    def __init__(self, dataset: TokenizedDataset, max_length: int, seed: int = 0) -> None:
+        self.dataset, self.max_length, self.seed = dataset, max_length, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Repack for this epoch (same seed and epoch give the same rows on every rank)."""
+        self.rows = pack_indices(self.dataset.lengths, self.max_length, self.seed, epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        samples = [self.dataset[i] for i in self.rows[r]]
+        labels = [lab.clone() for _, lab in samples]
+        for lab in labels:
+            lab[0] = IGNORE_INDEX  # would be predicted from the previous sample's last token
+        position_ids = torch.cat([torch.arange(len(ids)) for ids, _ in samples])
+        return torch.cat([ids for ids, _ in samples]), torch.cat(labels), position_ids
+
+
+def collate_packed(
+    batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Stack packed rows: input_ids, labels, position_ids; short rows end in a pad segment of their own."""
+    width = max(len(ids) for ids, _, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    # Pads get positions 0, 1, ...: a new segment, so no real token attends to them
+    position_ids = torch.arange(width).repeat(len(batch), 1)
+    for row, (ids, lab, pos) in enumerate(batch):
+        n = len(ids)
+        input_ids[row, :n], labels[row, :n], position_ids[row, :n] = ids, lab, pos
+        position_ids[row, n:] = torch.arange(width - n)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

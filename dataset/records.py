@@ -1,0 +1,275 @@
+"""Read jsonl training data, normalise every supported format to chat messages, and report bad input.
+
+A conversation is a list of messages `{"role", "content", optional "reasoning_content", "tool_calls"}`
+with role in system/user/assistant/tool, plus the tool schemas offered to the model (or None).
+Accepted line formats:
+  MiniMind  {"conversations": [{"role", "content", "reasoning_content"?, "tool_calls"?, "tools"?}, ...]}
+  OpenAI    {"messages": [{"role", "content", "tool_calls"?}, ...], "tools"?: [...]}
+  ShareGPT  {"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation", "value"}, ...],
+             "system"?: str, "tools"?: [...]}
+  Alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
+  Pretrain  {"text": str}  (read_texts)
+Every problem is collected as (line, message) so that one DataError can list them all before training.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.errors import UserError
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+MAX_SHOWN = 20
+SKIP_HINT = "Fix these lines, or pass --skip_invalid (skip_invalid=True) to skip bad lines and count them."
+
+
+class DataError(UserError):
+    """Training data that cannot be used as it is (the message lists `file:line: problem`)."""
+
+
+class BadRecord(DataError):
+    """One record's problem, without file and line: readers collect these into one DataError."""
+
+
+@dataclass
+class Conversation:
+    """One normalised chat sample and the line of the file it came from."""
+
+    line: int
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+
+
+Problems = list[tuple[int, str]]
+
+
+def data_error(path: str | Path, problems: Problems, n_lines: int) -> DataError:
+    """Build the one DataError that lists every bad line (the first MAX_SHOWN of them)."""
+    lines = [f"{path}: {len(problems)} bad line(s) of {n_lines}:"]
+    lines += [f"  {path}:{line}: {problem}" for line, problem in problems[:MAX_SHOWN]]
+    if len(problems) > MAX_SHOWN:
+        lines.append(f"  ... and {len(problems) - MAX_SHOWN} more")
+    lines.append(SKIP_HINT)
+    return DataError("\n".join(lines))
+
+
+def read_lines(path: str | Path) -> list[tuple[int, bytes]]:
+    """The non-blank lines of a jsonl file as (line number, raw bytes); parsing is left to the workers."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (check --data_path)")
+    with open(path, "rb") as f:  # bytes, so one bad UTF-8 line is reported instead of failing the whole read
+        lines = [(n, raw) for n, raw in enumerate(f, 1) if raw.strip()]
+    if not lines:
+        raise DataError(f"{path}: the file is empty (expected one JSON object per line)")
+    return lines
+
+
+def parse_line(raw: bytes) -> Any:
+    """Decode one jsonl line; raise BadRecord naming the problem."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a byte-order mark written by some editors is not part of the JSON
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecord(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRecord(f"invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def parse_text(obj: Any) -> str:
+    """The text of a pretraining record {"text": ...}; raise BadRecord if invalid."""
+    if not isinstance(obj, dict) or "text" not in obj:
+        raise BadRecord('expected a JSON object with a "text" key')
+    if not isinstance(obj["text"], str):
+        raise BadRecord(f'"text" must be a string, got {type(obj["text"]).__name__}')
+    if not obj["text"].strip():
+        raise BadRecord('"text" is empty')
+    return obj["text"]
+
+
+def read_conversations(path: str | Path) -> tuple[list[Conversation], Problems]:
+    """Read a chat jsonl file into normalised conversations, collecting (line, problem) for bad lines."""
+    conversations, problems = [], []
+    for line, raw in read_lines(path):
+        try:
+            conversations.append(Conversation(line, *parse_conversation(parse_line(raw))))
+        except BadRecord as e:
+            problems.append((line, str(e)))
+    return conversations, problems
+
+
+def read_texts(path: str | Path) -> tuple[list[str], Problems]:
+    """Read a pretraining jsonl file of {"text": ...} lines, collecting (line, problem) for bad lines."""
+    texts, problems = [], []
+    for line, raw in read_lines(path):
+        try:
+            texts.append(parse_text(parse_line(raw)))
+        except BadRecord as e:
+            problems.append((line, str(e)))
+    return texts, problems
+
+
+def parse_conversation(obj: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Normalise one record of any supported format to (messages, tools); raise BadRecord if invalid."""
+    if not isinstance(obj, dict):
+        raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+    tools = _tools(obj.get("tools"), "top-level 'tools'")
+    if "conversations" in obj or "messages" in obj:
+        key = "conversations" if "conversations" in obj else "messages"
+        turns = obj[key]
+        if not isinstance(turns, list) or not turns:
+            raise BadRecord(f"'{key}' must be a non-empty list of messages")
+        if all(isinstance(t, dict) and "from" in t for t in turns):
+            messages = _sharegpt(turns, obj.get("system"))
+        else:
+            messages, tools_in_system = _role_messages(turns)
+            tools = tools or tools_in_system
+    elif "instruction" in obj or "output" in obj:
+        messages = _alpaca(obj)
+    elif "text" in obj:
+        raise BadRecord('this is a pretraining record {"text": ...}; SFT needs conversations')
+    else:
+        raise BadRecord(f"no 'conversations', 'messages' or 'instruction'/'output' key (keys: {sorted(obj)})")
+    _check_order(messages)
+    return messages, tools
+
+
+def _role_messages(turns: list) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    # MiniMind and OpenAI share this schema; MiniMind keeps the tool schemas on the system message
+    messages, tools = [], None
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadRecord(f"message {i}: expected an object, got {type(turn).__name__}")
+        role = turn.get("role")
+        if role not in ROLES:
+            raise BadRecord(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if role == "system":
+            tools = _tools(turn.get("tools") or turn.get("functions"), f"message {i} 'tools'") or tools
+        messages.append(
+            _message(i, role, turn.get("content"), turn.get("reasoning_content"), turn.get("tool_calls"))
+        )
+    return messages, tools
+
+
+def _sharegpt(turns: list, system: Any) -> list[dict[str, Any]]:
+    messages = []
+    if system is not None:
+        messages.append(_message(-1, "system", system, None, None))
+    for i, turn in enumerate(turns):
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise BadRecord(
+                f"message {i}: unknown 'from' {turn['from']!r} (expected one of {', '.join(SHAREGPT_ROLES)})"
+            )
+        if turn["from"] == "function_call":  # the value is the JSON of the call(s) the assistant makes
+            messages.append(_message(i, role, "", None, turn.get("value")))
+        else:
+            messages.append(_message(i, role, turn.get("value"), None, None))
+    return messages
+
+
+def _alpaca(obj: dict) -> list[dict[str, Any]]:
+    for key in ("instruction", "input", "output", "system"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise BadRecord(f"'{key}' must be a string, got {type(obj[key]).__name__}")
+    messages = [_message(-1, "system", obj["system"], None, None)] if obj.get("system") else []
+    history = obj.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
+        raise BadRecord("'history' must be a list of [user, assistant] pairs")
+    for i, (user, assistant) in enumerate(history):
+        messages += [_message(i, "user", user, None, None), _message(i, "assistant", assistant, None, None)]
+    prompt = "\n".join(p for p in (obj.get("instruction"), obj.get("input")) if p and p.strip())
+    messages.append(_message(len(history), "user", prompt, None, None))
+    messages.append(_message(len(history), "assistant", obj.get("output"), None, None))
+    return messages
+
+
+def _message(i: int, role: str, content: Any, reasoning: Any, tool_calls: Any) -> dict[str, Any]:
+    where = f"message {i} ({role})" if i >= 0 else role
+    calls = _tool_calls(tool_calls, where)
+    if calls and role != "assistant":
+        raise BadRecord(f"{where}: only assistant messages may have 'tool_calls'")
+    if content is None and calls:
+        content = ""  # OpenAI writes content: null on a message that only calls tools
+    if not isinstance(content, str):
+        raise BadRecord(f"{where}: content must be a string, got {type(content).__name__}")
+    if not content.strip() and not calls:
+        raise BadRecord(f"{where}: empty content")
+    message: dict[str, Any] = {"role": role, "content": content}
+    if reasoning is not None:
+        if not isinstance(reasoning, str):
+            raise BadRecord(f"{where}: reasoning_content must be a string, got {type(reasoning).__name__}")
+        if reasoning.strip():
+            message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    # Normalised to the transformers convention {"type": "function", "function": {"name", "arguments": dict}},
+    # which every chat template that supports tools reads
+    if value is None or value == "" or value == []:
+        return []
+    value = _json_value(value, f"{where}: tool_calls")
+    calls = value if isinstance(value, list) else [value]
+    out = []
+    for call in calls:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRecord(
+                f"{where}: each tool call needs a 'name' string (or a 'function' object with one)"
+            )
+        args = _json_value(fn.get("arguments", {}), f"{where}: arguments of tool call {fn['name']!r}")
+        if not isinstance(args, dict):
+            raise BadRecord(f"{where}: arguments of tool call {fn['name']!r} must be a JSON object")
+        out.append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def _tools(value: Any, where: str) -> list[dict[str, Any]] | None:
+    if value is None or value == "" or value == []:
+        return None
+    value = _json_value(value, where)
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise BadRecord(f"{where} must be a list of tool schemas (objects)")
+    return value
+
+
+def _json_value(value: Any, where: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:  # MiniMind stores tools and tool calls as JSON strings
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise BadRecord(f"{where} is a string but not valid JSON: {e.msg}") from None
+
+
+def _check_order(messages: list[dict[str, Any]]) -> None:
+    # Templates disagree on everything else, but none can render these, and none should learn from them
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i > 0:
+            raise BadRecord(f"message {i}: a system message may only come first")
+        if m["role"] == "tool" and (
+            i == 0 or not (messages[i - 1].get("tool_calls") or messages[i - 1]["role"] == "tool")
+        ):
+            raise BadRecord(f"message {i}: a tool message must follow an assistant tool call")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord("no assistant turn: nothing to learn from this conversation")
+    first = next(m["role"] for m in messages if m["role"] != "system")
+    if first != "user":
+        raise BadRecord(f"the first non-system message must be from the user, not the {first}")
