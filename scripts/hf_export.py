@@ -13,6 +13,7 @@ transformers 5 keeps MoE experts fused as 3-D tensors (`mlp.experts.gate_up_proj
 on-disk format.
 """
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -94,8 +95,9 @@ def transformers_config(sd: dict[str, Tensor], cfg: object) -> PretrainedConfig:
         output_router_logits=False,
     )
     if gen == "minimind3":
-        # minimind-3 always renormalises its top-k weights.
-        return Qwen3MoeConfig(norm_topk_prob=True, attention_bias=False, **moe_common, **common)
+        # minimind-3 renormalises its top-k weights (with top-1 that makes the weight 1), as Qwen3-MoE does.
+        norm = getattr(cfg, "norm_topk_prob", True)
+        return Qwen3MoeConfig(norm_topk_prob=norm, attention_bias=False, **moe_common, **common)
     n_shared = _n_experts(sd, "shared_experts")
     shared_inter = (
         n_shared * sd["model.layers.0.mlp.shared_experts.0.gate_proj.weight"].shape[0] if n_shared else 0
@@ -163,7 +165,12 @@ def save_transformers(
 ) -> None:
     """Write `sd` (transformers keys) as a model directory through transformers' own save_pretrained."""
     config.architectures = [_ARCH[config.model_type]]
-    with torch.device("meta"):  # no random init and no second copy of the weights
+    with (
+        torch.device("meta"),
+        warnings.catch_warnings(),
+    ):  # meta: no random init, no second copy of the weights
+        # A minimind2 MoE without shared experts gets an empty (0-wide) shared MLP, which torch warns about.
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     sd = {k: v.to(dtype) for k, v in sd.items()}
     if config.tie_word_embeddings:

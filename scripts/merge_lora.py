@@ -1,0 +1,130 @@
+"""Merge a LoRA into its base and export: a MiniMind `.pth` and a model directory plain transformers opens.
+
+    # the demo base + a LoRA trained on it → out/merged_64.pth and out/merged_64_hf/
+    python scripts/merge_lora.py --lora_path out/lora_identity_64.pth
+    # a MiniMind release: MiniMind's tokenizer is copied into the transformers directory
+    python scripts/merge_lora.py --from_weight out/full_sft_768.pth --tokenizer_path model/tokenizer \\
+        --lora_path out/lora_medical_768.pth --save_weight full_sft_medical
+    # a transformers base (e.g. Qwen3): merged and written back as the same architecture
+    python scripts/merge_lora.py --from_weight ~/models/Qwen3-0.6B --lora_path out/lora_qwen --save_weight qwen_merged
+
+    # then, with no MiniLoRA code at all:
+    python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('out/merged_64_hf')"
+
+A MiniMind base is written as `{save_dir}/{save_weight}_{hidden}{_moe}.pth` (loads with MiniMind's own
+eval_llm.py and with load_minimind) and as `{save_dir}/{save_weight}_{hidden}{_moe}_hf/`, a transformers
+architecture that computes the same function: minimind-3 → Qwen3ForCausalLM / Qwen3MoeForCausalLM,
+minimind2 → LlamaForCausalLM / Qwen2MoeForCausalLM (see scripts/hf_export.py). A transformers base is
+written as `{save_dir}/{save_weight}_hf/` in its own architecture. The merge runs in float32; the files
+are then cast to --dtype.
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.errors import UserError
+from model.model_lora import load_lora, merge_lora
+from scripts.hf_export import export_minimind
+from scripts.load import add_base_flags, is_minimind, load_base
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Everything a tokenizer folder may hold; copied as-is so the export tokenizes exactly like the base.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+)
+
+
+def merged_model(args: argparse.Namespace) -> tuple[nn.Module, Path]:
+    """The base (float32, CPU) with the LoRA folded into its weights and plain nn.Linear layers back."""
+    model, _, tokenizer_dir = load_base(args, torch.device("cpu"), torch.float32)
+    load_lora(model, args.lora_path)
+    merge_lora(model, unload=True)
+    return model, tokenizer_dir
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files of `src` into `dst`; return their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def export(args: argparse.Namespace) -> list[Path]:
+    """Merge and write every output for the base's kind; return the paths written."""
+    model, tokenizer_dir = merged_model(args)
+    dtype = DTYPES[args.dtype]
+    save_dir = Path(args.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if is_minimind(model):
+        cfg = model.config
+        stem = f"{args.save_weight}_{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}"
+        sd = {k: v.detach() for k, v in model.state_dict().items()}
+        pth = save_dir / f"{stem}.pth"
+        tmp = pth.with_name(pth.name + ".tmp")  # write then rename: never a half-written checkpoint
+        torch.save({k: v.to(dtype).clone() for k, v in sd.items()}, tmp)
+        tmp.replace(pth)
+        hf_dir = save_dir / f"{stem}_hf"
+        arch = export_minimind(sd, cfg, hf_dir, dtype)
+        outputs = [pth, hf_dir]
+    else:
+        hf_dir = save_dir / f"{args.save_weight}_hf"
+        model.to(dtype).save_pretrained(hf_dir)
+        arch = type(model).__name__
+        outputs = [hf_dir]
+    copied = copy_tokenizer(tokenizer_dir, hf_dir)
+    print(f"merged {args.lora_path} into the base")
+    if len(outputs) == 2:
+        print(f"MiniMind checkpoint ({args.dtype}): {outputs[0]}")
+    print(f"transformers model directory ({arch}, {args.dtype}, tokenizer: {', '.join(copied)}): {hf_dir}")
+    return outputs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The merge flags: the base, the LoRA and the outputs."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_base_flags(p, device=False)  # merging is cheap: always on CPU, in float32
+    g = p.add_argument_group("LoRA and outputs")
+    g.add_argument(
+        "--lora_path", required=True, help="the LoRA: a MiniMind .pth LoRA file or a PEFT adapter directory"
+    )
+    g.add_argument(
+        "--save_weight",
+        default="merged",
+        help="output name: {save_dir}/{save_weight}_{hidden}{_moe}.pth and ..._hf/ (default merged)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float16",
+        help="dtype of the written weights (default float16, like MiniMind's releases)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line and exit 2."""
+    args = parse_args(argv)
+    try:
+        export(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

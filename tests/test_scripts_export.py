@@ -1,0 +1,255 @@
+"""merge_lora.py: the exported transformers directory and .pth compute exactly base + LoRA.
+
+Every export is opened in a fresh Python process that imports only transformers (never this repo's model
+code), and its logits are compared with base + LoRA (unmerged) in this repo and, for the fixtures, with
+the logits MiniMind's own code produced.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, Qwen3Config, Qwen3ForCausalLM
+
+from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_minimind
+from scripts.merge_lora import main
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+TOKENIZER = SHARED / "tokenizers" / "minimind"
+FIXTURES = ["minimind2_dense", "minimind2_moe", "minimind3_dense", "minimind3_moe"]
+IDS = torch.randint(0, 6400, (2, 16), generator=torch.Generator().manual_seed(0))
+
+# Tiny random MiniMind variants: (config, expected transformers class). MoE variants use top-2 so the
+# renormalisation of the top-k weights is exercised; minimind2 also gets 2 shared experts (concatenated
+# into Qwen2-MoE's one) and a top-1 variant without shared experts (no renormalisation, empty shared MLP).
+VARIANTS = {
+    "mm3_dense": (dict(generation=3), "Qwen3ForCausalLM"),
+    "mm3_moe": (
+        dict(generation=3, use_moe=True, num_experts=4, num_experts_per_tok=2),
+        "Qwen3MoeForCausalLM",
+    ),
+    "mm2_dense": (dict(generation=2), "LlamaForCausalLM"),
+    "mm2_moe": (
+        dict(generation=2, use_moe=True, num_experts=4, num_experts_per_tok=2, n_shared_experts=2),
+        "Qwen2MoeForCausalLM",
+    ),
+    "mm2_moe_top1": (
+        dict(generation=2, use_moe=True, num_experts=3, num_experts_per_tok=1, n_shared_experts=0),
+        "Qwen2MoeForCausalLM",
+    ),
+}
+FIXTURE_ARCH = {
+    "minimind2_dense": "LlamaForCausalLM",
+    "minimind2_moe": "Qwen2MoeForCausalLM",
+    "minimind3_dense": "Qwen3ForCausalLM",
+    "minimind3_moe": "Qwen3MoeForCausalLM",
+}
+
+# Runs in a fresh interpreter: plain transformers only, and it checks that nothing from this repo got in.
+REFERENCE_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM
+    jobs = json.loads(sys.argv[1])
+    ids = torch.load(sys.argv[2])
+    out = {}
+    for name, folder in jobs.items():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        assert type(model).__module__.startswith("transformers."), type(model).__module__
+        with torch.no_grad():
+            out[name] = (type(model).__name__, model(ids[name]).logits)
+    assert not any(m == "model" or m.startswith(("model.", "scripts.")) for m in sys.modules), "repo code imported"
+    torch.save(out, sys.argv[3])
+""")
+
+
+def need_fixtures() -> None:
+    if not (TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip(f"fixtures not found at {SHARED}")
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Random weights everywhere (norm weights too, which init leaves at 1 and would hide a mix-up)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if name.endswith("norm.weight") else 0.0
+            p.copy_(base + torch.randn(p.shape, generator=g) * (0.2 if "norm" in name else 0.05))
+
+
+def randomize_lora(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def minimind_logits(pth: Path, lora: Path | None, ids: torch.Tensor = IDS, **overrides) -> torch.Tensor:
+    """base (+ LoRA, unmerged) in this repo's model, fp32."""
+    model = load_minimind(pth, dtype=torch.float32, **overrides)
+    if lora is not None:
+        load_lora(model, lora)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def merge(base: Path, lora: Path, out: Path, *extra: str) -> None:
+    main(
+        [
+            "--from_weight",
+            str(base),
+            "--lora_path",
+            str(lora),
+            "--tokenizer_path",
+            str(TOKENIZER),
+            "--save_dir",
+            str(out),
+            "--dtype",
+            "float32",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Build every case, export it, and run the plain-transformers reference once for all of them."""
+    need_fixtures()
+    tmp = tmp_path_factory.mktemp("export")
+    cases = {}  # name -> dict(hf=dir, pth=file or None, overrides, expected logits, arch)
+
+    for name, (kw, arch) in VARIANTS.items():
+        torch.manual_seed(0)
+        cfg = MiniMindConfig(
+            vocab_size=6400,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            **kw,
+        )
+        model = MiniMindForCausalLM(cfg).eval()
+        randomize(model, seed=1)
+        torch.save(model.state_dict(), tmp / f"{name}_base.pth")
+        apply_lora(model, rank=4, alpha=8)  # every linear layer, experts included; scale 2
+        randomize_lora(model, seed=2)
+        lora = tmp / (f"{name}_peft" if name == "mm3_dense" else f"{name}_lora.pth")  # one PEFT adapter dir
+        save_lora(model, lora)
+        overrides = {"num_attention_heads": 4, "num_experts_per_tok": cfg.num_experts_per_tok}
+        flags = ["--num_attention_heads", "4", "--num_experts_per_tok", str(cfg.num_experts_per_tok)]
+        merge(tmp / f"{name}_base.pth", lora, tmp / name, *flags)
+        stem = f"merged_64{'_moe' if cfg.use_moe else ''}"
+        cases[name] = dict(
+            hf=tmp / name / f"{stem}_hf",
+            pth=tmp / name / f"{stem}.pth",
+            overrides=overrides,
+            expected=minimind_logits(tmp / f"{name}_base.pth", lora, **overrides),
+            arch=arch,
+        )
+
+    for gen in FIXTURES:
+        d = SHARED / "minimind" / gen
+        merge(d / "weights.pth", d / "lora_rank4.pth", tmp / gen)
+        stem = f"merged_64{'_moe' if gen.endswith('moe') else ''}"
+        vectors = torch.load(d / "vectors.pt")
+        ids = vectors["input_ids"]
+        cases[gen] = dict(
+            hf=tmp / gen / f"{stem}_hf",
+            pth=tmp / gen / f"{stem}.pth",
+            overrides={},
+            ids=ids,
+            expected=minimind_logits(d / "weights.pth", d / "lora_rank4.pth", ids),
+            upstream=vectors["lora_logits"],
+            arch=FIXTURE_ARCH[gen],
+        )
+
+    # A transformers base: a tiny Qwen3 directory and a PEFT adapter, merged back into Qwen3.
+    torch.manual_seed(0)
+    qcfg = Qwen3Config(
+        vocab_size=6400,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+    )
+    qwen = Qwen3ForCausalLM(qcfg).eval()
+    randomize(qwen, seed=3)
+    qwen.save_pretrained(tmp / "qwen_base")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / f, tmp / "qwen_base" / f)
+    apply_lora(qwen, rank=4, alpha=16, targets="q_proj,v_proj,up_proj")
+    randomize_lora(qwen, seed=4)
+    save_lora(qwen, tmp / "qwen_peft")
+    main(
+        [
+            "--from_weight",
+            str(tmp / "qwen_base"),
+            "--lora_path",
+            str(tmp / "qwen_peft"),
+            "--save_dir",
+            str(tmp / "qwen"),
+            "--dtype",
+            "float32",
+        ]
+    )
+    with torch.no_grad():
+        expected = qwen(IDS).logits
+    cases["qwen3_dir"] = dict(
+        hf=tmp / "qwen" / "merged_hf",
+        pth=None,
+        expected=expected,
+        arch="Qwen3ForCausalLM",
+        peft=(tmp / "qwen_base", tmp / "qwen_peft"),
+    )
+
+    torch.save({name: c.get("ids", IDS) for name, c in cases.items()}, tmp / "ids.pt")
+    jobs = {name: str(c["hf"]) for name, c in cases.items()}
+    subprocess.run(
+        [sys.executable, "-c", REFERENCE_SCRIPT, json.dumps(jobs), str(tmp / "ids.pt"), str(tmp / "out.pt")],
+        check=True,
+        cwd=tmp,
+    )
+    got = torch.load(tmp / "out.pt")
+    return cases, got
+
+
+@pytest.mark.parametrize("name", [*VARIANTS, *FIXTURES, "qwen3_dir"])
+def test_transformers_export_matches_base_plus_lora(exports, name):
+    cases, got = exports
+    arch, logits = got[name]
+    assert arch == cases[name]["arch"]
+    assert AutoConfig.from_pretrained(cases[name]["hf"]).architectures == [arch]
+    torch.testing.assert_close(logits, cases[name]["expected"], rtol=0, atol=1e-4)
+    if "upstream" in cases[name]:  # and what MiniMind's own code computes for base + this LoRA
+        torch.testing.assert_close(logits, cases[name]["upstream"], rtol=0, atol=1e-4)
+    assert (cases[name]["hf"] / "tokenizer.json").is_file()
+
+
+def test_transformers_base_matches_peft(exports):
+    """The merged transformers directory equals PEFT's own base + adapter."""
+    from peft import PeftModel
+
+    cases, got = exports
+    base_dir, adapter = cases["qwen3_dir"]["peft"]
+    reference = PeftModel.from_pretrained(Qwen3ForCausalLM.from_pretrained(base_dir), adapter).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(got["qwen3_dir"][1], reference(IDS).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [*VARIANTS, *FIXTURES])
+def test_minimind_pth_export_matches_base_plus_lora(exports, name):
+    cases, _ = exports
+    c = cases[name]
+    merged = load_minimind(c["pth"], **c["overrides"])
+    assert all(v.dtype == torch.float32 for v in torch.load(c["pth"]).values())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(c.get("ids", IDS)).logits, c["expected"], rtol=0, atol=1e-4)
