@@ -1,0 +1,139 @@
+"""Find and load the model to train (`--from_weight`) and its tokenizer."""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+import model.model_minimind  # noqa: F401  (registers "minimind" with AutoModelForCausalLM)
+from model.errors import UserError
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_minimind
+from trainer.args import REPO_ROOT
+
+DEMO_BASE = REPO_ROOT / "model" / "demo"
+REPO_TOKENIZER = REPO_ROOT / "model" / "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class BaseModelError(UserError):
+    """A --from_weight / --tokenizer_path that cannot be found or does not fit the flags."""
+
+
+@dataclass
+class BaseModel:
+    """The model to train, its tokenizer, and what names its outputs."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    source: str  # the file or directory it came from ("new" for a fresh random model)
+    hidden_size: int
+    use_moe: bool
+
+
+def resolve_weight(from_weight: str | None, save_dir: str, hidden_size: int | None,
+                   use_moe: bool | None) -> Path:
+    """--from_weight as a path: an existing file/directory, or a MiniMind name looked up in save_dir."""
+    if from_weight is None:
+        if not (DEMO_BASE / "config.json").is_file():
+            raise BaseModelError(f"no --from_weight given and the demo base model {DEMO_BASE} is missing; pass "
+                                 "--from_weight <name in --save_dir | file.pth | model directory>")
+        return DEMO_BASE
+    path = Path(from_weight).expanduser()
+    if path.exists():
+        return path
+    if path.suffix or len(path.parts) > 1:
+        raise BaseModelError(f"--from_weight {from_weight}: no such file or directory")
+    name_re = re.compile(rf"{re.escape(from_weight)}_(\d+)(_moe)?\.pth")
+    found = sorted(p for p in Path(save_dir).glob(f"{from_weight}_*.pth") if name_re.fullmatch(p.name))
+    if hidden_size is not None:
+        wanted = Path(save_dir) / f"{from_weight}_{hidden_size}{'_moe' if use_moe else ''}.pth"
+        if wanted.is_file():
+            return wanted
+        problem = f"{wanted} does not exist"
+    else:
+        matches = [p for p in found if use_moe is None or bool(name_re.fullmatch(p.name).group(2)) == use_moe]
+        if len(matches) == 1:
+            return matches[0]
+        problem = (f"{len(matches)} files match {save_dir}/{from_weight}_*.pth; pick one with --hidden_size "
+                   f"(and --use_moe)" if matches else f"no {save_dir}/{from_weight}_*.pth")
+    listing = ", ".join(p.name for p in found) or "none"
+    raise BaseModelError(f"--from_weight {from_weight}: {problem}. Candidates in --save_dir {save_dir}: {listing}. "
+                         "Pass --hidden_size/--use_moe to match one, a path to a .pth, or a model directory.")
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """A fast tokenizer from a directory (tokenizer.json + tokenizer_config.json)."""
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:
+        raise BaseModelError(f"{path}: cannot load a tokenizer from it ({err}); pass --tokenizer_path") from err
+
+
+def pick_tokenizer(weight: Path | None, tokenizer_path: str | None) -> PreTrainedTokenizerBase:
+    """--tokenizer_path, else the model directory's or the one beside the .pth, else the repo's (warned)."""
+    if tokenizer_path:
+        return load_tokenizer(Path(tokenizer_path))
+    if weight is not None:
+        folder = weight if weight.is_dir() else weight.parent
+        if any((folder / f).is_file() for f in TOKENIZER_FILES):
+            return load_tokenizer(folder)
+    print(f"warning: using the repo's tokenizer {REPO_TOKENIZER}; MiniMind's released weights need MiniMind's own "
+          "tokenizer (pass --tokenizer_path <dir>)", flush=True)
+    return load_tokenizer(REPO_TOKENIZER)
+
+
+def _check_flags(config: object, source: Path, hidden_size: int | None, layers: int | None,
+                 use_moe: bool | None) -> None:
+    """Flags that contradict a model directory's config.json stop the run (as load_minimind does for .pth)."""
+    for flag, wanted, actual in (("hidden_size", hidden_size, getattr(config, "hidden_size", None)),
+                                 ("num_hidden_layers", layers, getattr(config, "num_hidden_layers", None)),
+                                 ("use_moe", use_moe, bool(getattr(config, "use_moe", False)))):
+        if wanted is not None and actual is not None and wanted != actual:
+            raise BaseModelError(f"{source}/config.json has {flag}={actual}, but --{flag} {wanted} was given; "
+                                 f"drop the flag or pick the matching model")
+
+
+def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden_size: int | None = None,
+              num_hidden_layers: int | None = None, use_moe: bool | None = None,
+              tokenizer_path: str | None = None) -> BaseModel:
+    """Load --from_weight (MiniMind .pth, MiniMind or transformers model directory) in `dtype`, plus tokenizer."""
+    path = resolve_weight(from_weight, save_dir, hidden_size, use_moe)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BaseModelError(f"--from_weight {path}: a model directory needs config.json (and weights)")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+        except Exception as err:
+            raise BaseModelError(f"--from_weight {path}: cannot load it as a causal LM ({err})") from err
+        _check_flags(model.config, path, hidden_size, num_hidden_layers, use_moe)
+    else:
+        overrides = {k: v for k, v in (("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers),
+                                       ("use_moe", use_moe)) if v is not None}
+        model = load_minimind(path, dtype=dtype, **overrides)
+    tokenizer = pick_tokenizer(path, tokenizer_path)
+    check_vocab(model, tokenizer)
+    cfg = model.config
+    return BaseModel(model, tokenizer, str(path), cfg.hidden_size, bool(getattr(cfg, "use_moe", False)))
+
+
+def new_minimind(tokenizer: PreTrainedTokenizerBase, hidden_size: int | None, num_hidden_layers: int | None,
+                 use_moe: bool | None) -> BaseModel:
+    """A freshly initialised MiniMind (minimind-3 layout) sized by the flags, vocabulary by the tokenizer."""
+    config = MiniMindConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                            num_hidden_layers=num_hidden_layers or 8, use_moe=bool(use_moe),
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    model = MiniMindForCausalLM(config)
+    return BaseModel(model, tokenizer, "new", config.hidden_size, config.use_moe)
+
+
+def check_vocab(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A tokenizer with ids beyond the embedding table would index out of range mid-run: refuse it now."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise BaseModelError(f"the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) has {len(tokenizer)} "
+                             f"tokens but the model's vocabulary has {rows}; pass the model's own tokenizer "
+                             "with --tokenizer_path")

@@ -1,0 +1,172 @@
+"""Which samples go into which optimizer step, on which rank: a shuffled, resumable, re-shardable order.
+
+Each epoch has one global order (a permutation seeded by seed and epoch). Optimizer steps take
+consecutive slices of it of world_size × batch_size × accumulation_steps samples; inside a step,
+rank r takes every world_size-th sample and cuts them into micro-batches. The position in the epoch
+is a single number (samples consumed), so a resumed run, even on a different number of GPUs,
+continues with exactly the samples not yet seen.
+"""
+
+import math
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from trainer.loss import IGNORE_INDEX, supervision
+
+MicroBatch = list[tuple[int, bool]]  # (sample index, live); a dead sample only keeps ranks in step
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's global sample order: the same on every rank and after a resume."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def split_step(samples: list[int], rank: int, world_size: int, batch_size: int) -> list[MicroBatch]:
+    """This rank's micro-batches for one optimizer step made of `samples` (all ranks' samples).
+
+    Every rank gets the same number of micro-batches (DDP needs the same number of backward passes
+    everywhere). When the epoch's last step runs short, a rank with nothing left gets a dead sample:
+    its labels are all ignored, so it adds nothing but keeps the gradient all-reduce in step.
+    """
+    mine = samples[rank::world_size]
+    n_micro = math.ceil(math.ceil(len(samples) / world_size) / batch_size)
+    micro = [mine[i * batch_size:(i + 1) * batch_size] for i in range(n_micro)]
+    return [[(i, True) for i in mb] if mb else [(samples[0], False)] for mb in micro]
+
+
+class StepSampler:
+    """A batch sampler for DataLoader that yields this rank's micro-batches, step after step.
+
+    `set_epoch(epoch, start)` is DistributedSampler's set_epoch plus a start position (samples of
+    the epoch already consumed), which is what resuming needs.
+    """
+
+    def __init__(self, n_samples: int, batch_size: int, accumulation_steps: int, rank: int, world_size: int,
+                 seed: int) -> None:
+        self.n, self.batch_size, self.rank, self.world_size, self.seed = (
+            n_samples, batch_size, rank, world_size, seed)
+        self.global_batch = world_size * batch_size * accumulation_steps
+        self.steps: list[list[MicroBatch]] = []
+        self.step_sizes: list[int] = []  # global samples per step, to advance the epoch position
+
+    def steps_in_epoch(self, start: int = 0) -> int:
+        """Optimizer steps left in an epoch from position `start`."""
+        return math.ceil(max(0, self.n - start) / self.global_batch)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Plan the rest of `epoch` from sample position `start`."""
+        order = epoch_order(self.n, self.seed, epoch)[start:]
+        slices = [order[i:i + self.global_batch] for i in range(0, len(order), self.global_batch)]
+        self.steps = [split_step(s, self.rank, self.world_size, self.batch_size) for s in slices]
+        self.step_sizes = [len(s) for s in slices]
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        for step in self.steps:
+            yield from step
+
+    def __len__(self) -> int:
+        return sum(len(step) for step in self.steps)
+
+
+class _Keyed(Dataset):
+    """Looks up (index, live) keys; a dead sample keeps its tokens but has every label ignored."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, bool]) -> tuple:
+        index, live = key
+        sample = self.dataset[index]  # (input_ids, labels) or, packed, (input_ids, labels, position_ids)
+        if not live:
+            input_ids, labels, *rest = sample
+            sample = (input_ids, torch.full_like(labels, IGNORE_INDEX), *rest)
+        return sample
+
+
+def collate_supervised(samples: list[tuple], collate_fn: Callable[[list[tuple]], dict]) -> dict:
+    """Collate, then add the supervised positions and token counts (on the CPU, in the worker)."""
+    batch = collate_fn(samples)
+    batch["sup_index"], batch["sup_targets"] = supervision(batch["labels"])
+    mask = batch.get("attention_mask")
+    batch["n_tokens"] = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return batch
+
+
+def _quiet_worker(_: int) -> None:
+    # Ctrl-C reaches the whole process group: workers ignore it so the main process can finish the step.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(dataset: Dataset, batch_sampler: object, collate_fn: Callable, num_workers: int,
+                pin_memory: bool) -> DataLoader:
+    """A DataLoader that yields collated micro-batches in the sampler's order."""
+    # Its own generator: creating a loader iterator draws a worker seed, which must not advance the
+    # global RNG (dropout uses it), or a resumed run would drift from an uninterrupted one.
+    return DataLoader(_Keyed(dataset), batch_sampler=batch_sampler,
+                      collate_fn=partial(collate_supervised, collate_fn=collate_fn),
+                      num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
+                      worker_init_fn=_quiet_worker if num_workers > 0 else None)
+
+
+def training_steps(dataset: Dataset, sampler: StepSampler, first_epoch: int, position: int, epochs: int,
+                   loader_for: Callable[[], DataLoader]) -> Iterator[tuple[int, list[dict], int]]:
+    """(epoch, this rank's micro-batches of one optimizer step, samples in the step over all ranks),
+    from `position` in `first_epoch` to the end of the last epoch."""
+    for epoch in range(first_epoch, epochs):
+        if hasattr(dataset, "set_epoch"):  # packed rows are re-drawn each epoch
+            dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, start=position if epoch == first_epoch else 0)
+        batches = iter(loader_for())
+        for step, size in zip(sampler.steps, sampler.step_sizes):
+            yield epoch, [next(batches) for _ in step], size
+
+
+def count_steps(sampler: StepSampler, epochs: int, epoch: int, position: int, done: int,
+                max_steps: int | None) -> int:
+    """Total optimizer steps of the run: those done, plus the rest of this epoch, plus later epochs."""
+    total = done + sampler.steps_in_epoch(position) + (epochs - epoch - 1) * sampler.steps_in_epoch(0)
+    return min(total, max_steps) if max_steps else total
+
+
+def eval_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, collate_fn: Callable) -> DataLoader:
+    """This rank's share of the validation set, in order."""
+    keys = [(i, True) for i in range(rank, len(dataset), world_size)]
+    batches = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+    return DataLoader(_Keyed(dataset), batch_sampler=batches,
+                      collate_fn=partial(collate_supervised, collate_fn=collate_fn))
+
+
+class _Part(Subset):
+    """A Subset that keeps the sample lengths (packing needs them)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        super().__init__(dataset, indices)
+        self.lengths = np.asarray(dataset.lengths)[indices]
+
+
+def load_split(make: Callable[[str], Dataset], data_path: str, val_data_path: str | None, val_fraction: float,
+               seed: int) -> tuple[Dataset, Dataset | None]:
+    """(train, validation or None): a separate file, or a fixed seeded `val_fraction` held out of the data."""
+    train = make(data_path)
+    if val_data_path:
+        return train, make(val_data_path)
+    n_val = int(len(train) * val_fraction)
+    if n_val == 0:
+        return train, None
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    return _Part(train, sorted(order[n_val:])), _Part(train, sorted(order[:n_val]))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a collated micro-batch's tensors (pinned on CUDA) without blocking the host."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -1,0 +1,106 @@
+"""One process per GPU under torchrun (or a single process): device, ranks and the few collectives we use."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from model.errors import UserError
+
+
+class DistributedError(UserError):
+    """A multi-process setup that cannot work (e.g. --ddp without torchrun)."""
+
+
+@dataclass
+class DistInfo:
+    """Where this process runs and how many others run with it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    # A gloo group for small host-side numbers (token counts, stop flags): reducing them on the CPU
+    # never waits for the GPU, so the GPU queue stays full.
+    host_group: object | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 prints, logs and saves."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True under torchrun with more than one process."""
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    """torchrun (and torch.distributed.launch) export these for every worker."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def _pick_device(flag: str | None, local_rank: int) -> torch.device:
+    """`--device` as given; under torchrun a CUDA device is replaced by this worker's own GPU."""
+    if flag is None:
+        flag = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(flag)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DistributedError(f"--device {flag}: no CUDA GPU is visible here; use --device cpu")
+        device = torch.device("cuda", local_rank if local_rank >= 0 else (device.index or 0))
+        torch.cuda.set_device(device)
+    return device
+
+
+def setup_distributed(device_flag: str | None, ddp_flag: bool) -> DistInfo:
+    """Join the process group if torchrun started us (NCCL on CUDA, gloo on CPU), else run alone."""
+    if not launched_by_torchrun():
+        if ddp_flag:
+            raise DistributedError(
+                "--ddp needs several processes started by torchrun, e.g.\n"
+                "  torchrun --nproc_per_node 2 trainer/train_lora.py <your flags>\n"
+                "(for one GPU, drop --ddp)")
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=_pick_device(device_flag, -1))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = _pick_device(device_flag, local_rank)
+    if device.type == "cuda":
+        dist.init_process_group("nccl", device_id=device)
+        host_group = dist.new_group(backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+        host_group = dist.group.WORLD
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, host_group=host_group)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (safe to call when none was joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def host_sum(values: list[float], info: DistInfo) -> list[float]:
+    """Sum small host-side numbers over all ranks (one gloo all_reduce; no GPU sync)."""
+    if not info.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=info.host_group)
+    return t.tolist()
+
+
+def device_sum_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """In-place sum of a device tensor over all ranks (no-op alone)."""
+    if info.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather_objects(obj: object, info: DistInfo) -> list[object]:
+    """Every rank's `obj`, in rank order (used for per-rank RNG states when saving)."""
+    if not info.distributed:
+        return [obj]
+    out: list[object] = [None] * info.world_size
+    dist.all_gather_object(out, obj, group=info.host_group)
+    return out

@@ -1,0 +1,240 @@
+"""The loop pieces the training jobs share: precision, one optimizer step, evaluation, stops, the entry point."""
+
+import contextlib
+import math
+import shlex
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model.errors import UserError
+from trainer.data import to_device
+from trainer.distributed import DistInfo, cleanup_distributed, device_sum_, host_sum
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class TrainingDiverged(UserError):
+    """The loss stayed nan/inf for several optimizer steps in a row."""
+
+
+# ------------------------------------------------------------------------- precision and optimizer
+
+def pick_dtype(flag: str | None, device: torch.device) -> torch.dtype:
+    """--dtype, defaulting to bfloat16 on GPU and float32 on CPU (CPU autocast is slow and lossy)."""
+    if flag is not None:
+        return DTYPES[flag]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass; a no-op in float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler | None:
+    """A GradScaler for float16 only (bfloat16 has float32's range and needs none)."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """Fused AdamW: one kernel for all tensors, and it can skip a bad step on the device (found_inf)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
+
+
+def wrap_ddp(module: nn.Module, info: DistInfo, find_unused: bool) -> nn.Module:
+    """DDP over the loss module when several ranks run (gradients of trainable parameters are averaged)."""
+    if not info.distributed:
+        return module
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    # MoE: experts that a micro-batch never routes to get no gradient, which DDP must be told about.
+    return DDP(module, device_ids=ids, find_unused_parameters=find_unused)
+
+
+# ------------------------------------------------------------------------- one optimizer step
+
+def step_begin(micro_batches: list[dict], stop_requested: bool, info: DistInfo) -> tuple[int, int, bool]:
+    """(supervised tokens, input tokens, stop?) summed over all ranks: one host all_reduce per step.
+
+    The token counts are known on the CPU before any forward pass, so the loss can be normalised by
+    the whole step's count up front; the stop flag rides along so that all ranks stop together.
+    """
+    sup = sum(b["sup_targets"].numel() for b in micro_batches)
+    tokens = sum(b["n_tokens"] for b in micro_batches)
+    sup, tokens, stop = host_sum([sup, tokens, float(stop_requested)], info)
+    return int(sup), int(tokens), stop > 0
+
+
+def train_step(step_module: nn.Module, micro_batches: list[dict], n_supervised: int, info: DistInfo,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, params: list[nn.Parameter],
+               lr: float, grad_clip: float, amp_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward over the step's micro-batches, then one (skippable) optimizer update.
+
+    Each micro-batch's summed token loss is divided by the step's supervised-token count over all
+    micro-batches and ranks, and multiplied by world_size because DDP averages gradients: the
+    result is the gradient of one big batch. Returns this rank's share of the loss and the gradient
+    norm, both still on the device (no host sync here).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scale = info.world_size / max(n_supervised, 1)
+    n_micro = len(micro_batches)
+    total = torch.zeros((), device=info.device)
+    for i, cpu_batch in enumerate(micro_batches):
+        batch = to_device(cpu_batch, info.device)
+        # Gradients are all-reduced only on the last micro-batch (no_sync on the others).
+        sync = contextlib.nullcontext() if i == n_micro - 1 or not isinstance(step_module, DDP) \
+            else step_module.no_sync()
+        with sync:
+            with autocast(info.device, amp_dtype):
+                ce_sum, aux = step_module(batch["input_ids"], batch["sup_index"], batch["sup_targets"],
+                                          attention_mask=batch.get("attention_mask"),
+                                          position_ids=batch.get("position_ids"))
+            loss = ce_sum * scale + aux / n_micro
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf, foreach=True)
+    if scaler is not None:
+        scaler.step(optimizer)  # skips on inf/nan gradients and lowers the scale (normal in float16)
+        scaler.update()
+    else:
+        # Fused AdamW reads `found_inf`: a nan/inf step leaves weights and moments untouched, decided
+        # on the device, so the host never waits for the GPU here.
+        optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        optimizer.step()
+        del optimizer.found_inf
+    optimizer.zero_grad(set_to_none=True)
+    return total, grad_norm
+
+
+class NonFiniteGuard:
+    """Reports nan/inf steps (already skipped on the device) and stops after `limit` in a row."""
+
+    def __init__(self, limit: int = 5) -> None:
+        self.limit, self.in_a_row = limit, 0
+
+    def check(self, rows: Iterable[tuple[int, float, float]], write: Callable[[str], None],
+              check_grads: bool) -> None:
+        """rows: (step, loss, grad_norm) as read back by the logger."""
+        for step, loss, grad_norm in rows:
+            bad_grad = check_grads and not math.isfinite(grad_norm)
+            if math.isfinite(loss) and not bad_grad:
+                self.in_a_row = 0
+                continue
+            self.in_a_row += 1
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+            write(f"step {step}: {what}; skipped this step (no weight update)")
+            if self.in_a_row >= self.limit:
+                raise TrainingDiverged(
+                    f"the loss was nan/inf for {self.in_a_row} optimizer steps in a row (last: step {step}); "
+                    "stopping. Try a lower --learning_rate (or more --warmup_iters), check the data for "
+                    "broken samples, and use --dtype bfloat16 rather than float16. The last good weights "
+                    "are in the last checkpoint (continue with --from_resume 1).")
+
+
+# ------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(loss_module: nn.Module, batches: Iterable[dict], info: DistInfo, amp_dtype: torch.dtype) -> float:
+    """Token-weighted mean loss over the validation set (all ranks' shares together)."""
+    was_training = loss_module.training
+    loss_module.eval()
+    sums = torch.zeros(2, device=info.device, dtype=torch.float64)
+    for cpu_batch in batches:
+        batch = to_device(cpu_batch, info.device)
+        with autocast(info.device, amp_dtype):
+            ce_sum, _ = loss_module(batch["input_ids"], batch["sup_index"], batch["sup_targets"],
+                                    attention_mask=batch.get("attention_mask"),
+                                    position_ids=batch.get("position_ids"))
+        sums[0] += ce_sum.double()
+        sums[1] += batch["sup_targets"].numel()
+    loss_module.train(was_training)
+    total, count = device_sum_(sums, info).tolist()
+    return total / max(count, 1)
+
+
+# ------------------------------------------------------------------------- stopping and the entry point
+
+class StopSignal:
+    """SIGINT/SIGTERM ask the run to finish its current step, save, and exit; a second Ctrl-C aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a resume checkpoint "
+              "(Ctrl-C again to abort without saving)", flush=True)
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def resume_command(info: DistInfo) -> str:
+    """The command line that continues this run (`--from_resume 1` added or switched on)."""
+    argv, out, skip = sys.argv[1:], [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--from_resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            continue
+        if a.startswith("--from_resume="):
+            continue
+        out.append(a)
+    launcher = ["python"] if not info.distributed else ["torchrun", f"--nproc_per_node={info.world_size}"]
+    return shlex.join([*launcher, sys.argv[0], *out, "--from_resume", "1"])
+
+
+def run_job(main: Callable[[], int | None]) -> None:
+    """Run a job's main(): a UserError is printed without a traceback (exit 2); the process group is
+    always left, so no rank hangs on exit."""
+    try:
+        code = main() or 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        code = 2
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        code = 130
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    finally:
+        cleanup_distributed()
+    sys.exit(code)
+
+
+# ------------------------------------------------------------------------- what a checkpoint says about itself
+
+def autocast_note(amp_dtype: torch.dtype, base_dtype: torch.dtype) -> str:
+    """One line on precision for the start-up banner."""
+    if amp_dtype == torch.float32:
+        return "float32"
+    return f"autocast {str(amp_dtype).removeprefix('torch.')}, base weights {str(base_dtype).removeprefix('torch.')}"
+
+
+def run_config(args: object, info: DistInfo, source: str, model: nn.Module, step: int, total_steps: int,
+               **extra: object) -> dict:
+    """The run's full config for the JSON beside every checkpoint: flags, model config, progress, versions."""
+    cfg = getattr(model, "config", None)
+    return {
+        "args": vars(args), "base_model": source, "world_size": info.world_size, "step": step,
+        "total_steps": total_steps, "model_config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
+        **extra, "torch": torch.__version__,
+    }

@@ -1,0 +1,135 @@
+"""Progress on rank 0: a tqdm bar on a terminal, plain lines in a log file, optional wandb, a loss plot."""
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.distributed import DistInfo, device_sum_
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def start_wandb(project: str, run_name: str, config: dict, run_id: str | None) -> object | None:
+    """A wandb run (the same one again when `run_id` is given), or None with a warning if wandb is missing."""
+    try:
+        import wandb  # lazy: GPU boxes often lack it, and importing it is slow
+    except ImportError:
+        print("warning: --use_wandb given but wandb is not installed (pip install wandb); continuing without it",
+              flush=True)
+        return None
+    return wandb.init(project=project, name=run_name, config=config, id=run_id, resume="allow" if run_id else None)
+
+
+class RunLogger:
+    """Collects per-step values on the device and reads them back once per log line (one host sync).
+
+    Every rank calls `step` (the logged loss is all-reduced over ranks); only rank 0 prints.
+    """
+
+    def __init__(self, info: DistInfo, total_steps: int, start_step: int, log_interval: int,
+                 history: dict | None = None, wandb_run: object | None = None) -> None:
+        self.info, self.total, self.log_interval, self.wandb = info, total_steps, log_interval, wandb_run
+        self.history = history or {"train": [], "val": []}  # [(step, loss)], kept in the resume file
+        self.pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor, int]] = []
+        self.start_step, self.t0 = start_step, time.perf_counter()
+        self.tokens_since, self.t_last = 0, self.t0
+        self.bar = None
+        if info.is_main and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
+
+    def step(self, step: int, epoch: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+             n_tokens: int, force: bool = False) -> list[tuple[int, float, float]]:
+        """Record optimizer step `step` (1-based); on a log line return [(step, loss, grad_norm)] read back."""
+        self.pending.append((step, epoch, lr, loss.detach(), grad_norm.detach(), n_tokens))
+        self.tokens_since += n_tokens
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.log_interval and not force and step != self.total:
+            return []
+        return self._flush()
+
+    def _flush(self) -> list[tuple[int, float, float]]:
+        values = torch.stack([torch.stack([p[3].float(), p[4].float()]) for p in self.pending])
+        losses = device_sum_(values[:, 0].contiguous(), self.info) / self.info.world_size
+        rows = [(p[0], loss, float(norm)) for p, loss, norm in zip(self.pending, losses.tolist(), values[:, 1].tolist())]
+        step, epoch, lr = self.pending[-1][:3]
+        self.pending.clear()
+        finite = [r[1] for r in rows if math.isfinite(r[1])]
+        self.history["train"].extend((s, v) for s, v, _ in rows if math.isfinite(v))
+        if self.info.is_main:
+            self._print(step, epoch, lr, sum(finite) / len(finite) if finite else float("nan"), rows[-1][2])
+        return rows
+
+    def _print(self, step: int, epoch: int, lr: float, loss: float, grad_norm: float) -> None:
+        now = time.perf_counter()
+        tok_s = self.tokens_since / max(now - self.t_last, 1e-9)
+        self.tokens_since, self.t_last = 0, now
+        done = step - self.start_step
+        eta = (now - self.t0) / max(done, 1) * (self.total - step)
+        mem = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GB" if self.info.device.type == "cuda" else ""
+        fields = dict(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        if self.bar is not None:
+            self.bar.set_postfix(epoch=epoch, **fields, refresh=False)
+        else:
+            print(f"step {step}/{self.total} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | grad_norm "
+                  f"{grad_norm:.3f} | {tok_s:,.0f} tok/s | eta {_duration(eta)}{mem}", flush=True)
+        if self.wandb is not None:
+            self.wandb.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                            "train/tokens_per_s": tok_s, "train/epoch": epoch}, step=step)
+
+    def val(self, step: int, loss: float) -> None:
+        """Record and show a validation loss."""
+        self.history["val"].append((step, loss))
+        if self.info.is_main:
+            self.write(f"step {step}/{self.total} | val_loss {loss:.4f}")
+            if self.wandb is not None:
+                self.wandb.log({"val/loss": loss}, step=step)
+
+    def write(self, text: str) -> None:
+        """Print a line on rank 0 without breaking the progress bar."""
+        if not self.info.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        """Close the bar and the wandb run."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_losses(history: dict, path: Path, title: str) -> None:
+    """Train (and validation) loss against the optimizer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history["train"]:
+        steps, losses = zip(*history["train"])
+        ax.plot(steps, losses, label="train", linewidth=1)
+    if history["val"]:
+        steps, losses = zip(*history["val"])
+        ax.plot(steps, losses, "o-", label="val")
+    ax.set(xlabel="optimizer step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,175 @@
+"""LoRA fine-tuning of a causal LM: a MiniMind .pth, or a MiniMind / transformers model directory.
+
+One GPU (or CPU with --device cpu), from the repo root or from inside trainer/:
+    python trainer/train_lora.py --from_weight full_sft --hidden_size 512 --data_path dataset/lora_identity.jsonl
+Several GPUs of one machine:
+    torchrun --nproc_per_node 4 trainer/train_lora.py --from_weight full_sft --hidden_size 512
+In the background, MiniMind style (from inside trainer/):
+    nohup python train_lora.py --epochs 20 --hidden_size 2048 --device "cuda:0" --batch_size 16 \\
+        --learning_rate 1e-4 --accumulation_steps 8 --log_interval 10 --save_interval 100 \\
+        --data_path ../dataset/lora_identity.jsonl --num_hidden_layers 20 --use_wandb --from_resume 1 \\
+        --from_weight full_sft > train_lora.log 2>&1 &
+Ctrl-C / kill (SIGTERM) finish the current step, save, and print the command that resumes (--from_resume 1).
+
+Writes, in --save_dir: {lora_name}_{hidden}{_moe}.pth (MiniMind's LoRA layout), {...}/ (a PEFT adapter
+directory), {...}.json (this run's config), {...}_loss.png and {...}_resume.pth (to continue the run).
+"""
+
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from dataset.lm_dataset import PackedDataset, SFTDataset, collate_packed, collate_padded
+from model.model_lora import apply_lora, load_lora_state_dict, lora_parameters, lora_state_dict, save_lora
+from trainer.args import parse_args
+from trainer.base_model import load_base
+from trainer.checkpoint import (
+    TrainState,
+    capture_rng,
+    load_resume,
+    output_stem,
+    restore_resume,
+    save_resume,
+    seed_everything,
+    sibling,
+    write_dir,
+    write_json,
+)
+from trainer.data import StepSampler, count_steps, eval_loader, load_split, make_loader, training_steps
+from trainer.distributed import gather_objects, setup_distributed
+from trainer.engine import (
+    NonFiniteGuard,
+    StopSignal,
+    autocast_note,
+    evaluate,
+    make_optimizer,
+    make_scaler,
+    pick_dtype,
+    resume_command,
+    run_config,
+    run_job,
+    step_begin,
+    train_step,
+    wrap_ddp,
+)
+from trainer.logger import RunLogger, plot_losses, start_wandb
+from trainer.loss import SupervisedLoss
+from trainer.schedule import lr_at
+
+
+def main() -> int:
+    """Train LoRA adapters; returns the exit status."""
+    # ------------------------------------------------------------------ config
+    args = parse_args("lora", __doc__.splitlines()[0])
+    info = setup_distributed(args.device, args.ddp)
+    amp_dtype = pick_dtype(args.dtype, info.device)
+    seed_everything(args.seed + info.rank)  # dropout differs per rank; the data order depends on args.seed only
+
+    # ------------------------------------------------------------------ model
+    # On a GPU with bf16 the frozen base is held in bf16 (half the memory); LoRA weights and AdamW state stay fp32.
+    base_dtype = torch.bfloat16 if amp_dtype == torch.bfloat16 and info.device.type == "cuda" else torch.float32
+    base = load_base(args.from_weight, args.save_dir, base_dtype, args.hidden_size, args.num_hidden_layers,
+                     args.use_moe, args.tokenizer_path)
+    model = base.model
+    targets = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                         targets=args.lora_targets)
+    model.to(info.device).train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.use_compile:
+        model.model.compile()  # in place: parameter names (and so the saved files) stay unchanged
+    params = lora_parameters(model)
+    loss_module = SupervisedLoss(model)
+    step_module = wrap_ddp(loss_module, info, find_unused=base.use_moe)
+    optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
+    scaler = make_scaler(info.device, amp_dtype)
+    stem = output_stem(args.save_dir, args.lora_name, base.hidden_size, base.use_moe)
+    if info.is_main:
+        print(f"base {base.source}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, LoRA on "
+              f"{len(targets)} layers: {sum(p.numel() for p in params) / 1e6:.3f}M trainable; "
+              f"{info.world_size} process(es) on {info.device}, {autocast_note(amp_dtype, base_dtype)}", flush=True)
+
+    # ------------------------------------------------------------------ data
+    template = Path(args.chat_template).read_text() if args.chat_template else None
+    make = partial(SFTDataset, tokenizer=base.tokenizer, max_length=args.max_seq_len, skip_invalid=args.skip_bad_data,
+                   chat_template=template, log=print if info.is_main else None)
+    train_set, val_set = load_split(make, args.data_path, args.val_data_path, args.val_fraction, args.seed)
+    pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
+    collate = partial(collate_padded, pad_id=pad_id)
+    if args.packing:
+        train_set = PackedDataset(train_set, args.max_seq_len, args.seed)
+    sampler = StepSampler(len(train_set), args.batch_size, args.accumulation_steps, info.rank, info.world_size,
+                          args.seed)
+    loader_for = partial(make_loader, train_set, sampler, partial(collate_packed, pad_id=pad_id) if args.packing
+                         else collate, args.num_workers, info.device.type == "cuda")
+    val_batches = eval_loader(val_set, args.batch_size, info.rank, info.world_size, collate) if val_set else None
+
+    # ------------------------------------------------------------------ resume
+    resume_path = sibling(stem, "_resume.pth")
+    ckpt = load_resume(resume_path) if args.from_resume else None
+    if ckpt is None:
+        state = TrainState(world_size=info.world_size)
+        if args.from_resume and info.is_main:
+            print(f"--from_resume 1: no {resume_path} yet, starting a fresh run", flush=True)
+    else:
+        state = restore_resume(ckpt, resume_path, partial(load_lora_state_dict, model, source=str(resume_path)),
+                               optimizer, scaler, info.rank, info.world_size, args.seed)
+        if info.is_main:
+            print(f"resuming from {resume_path}: step {state.step}, epoch {state.epoch + 1}", flush=True)
+    total_steps = count_steps(sampler, args.epochs, state.epoch, state.position, state.step, args.max_steps)
+    wandb_run = None
+    if args.use_wandb and info.is_main:
+        wandb_run = start_wandb(args.wandb_project, stem.name, vars(args), state.wandb_id)
+        state.wandb_id = getattr(wandb_run, "id", None)
+
+    def save(final: bool) -> None:
+        """LoRA files + config JSON + resume file (rank 0 writes; every rank hands over its RNG state)."""
+        rng = gather_objects(capture_rng(), info)
+        if not info.is_main:
+            return
+        config = run_config(args, info, base.source, model, state.step, total_steps, lora_targets=targets)
+        save_lora(model, sibling(stem, ".pth"))
+        write_dir(stem, lambda d: save_lora(model, d, base_model_name_or_path=base.source))
+        write_json(sibling(stem, ".json"), config)
+        save_resume(resume_path, lora_state_dict(model), optimizer, scaler, state, rng, config)
+        if final:
+            plot_losses(state.history, sibling(stem, "_loss.png"), f"LoRA {stem.name}")
+
+    # ------------------------------------------------------------------ loop
+    stop, guard = StopSignal(), NonFiniteGuard()
+    log = RunLogger(info, total_steps, state.step, args.log_interval, state.history, wandb_run)
+    steps = training_steps(train_set, sampler, state.epoch, state.position, args.epochs, loader_for)
+    stopped = False
+    for epoch, micro_batches, n_samples in steps if state.step < total_steps else ():
+        n_supervised, n_tokens, stopped = step_begin(micro_batches, stop.requested, info)
+        if stopped:
+            break
+        lr = lr_at(state.step, total_steps, args.learning_rate, args.warmup_iters)
+        loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params, lr,
+                                     args.grad_clip, amp_dtype)
+        state.advance(epoch, n_samples, len(train_set))
+        guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write, scaler is None)
+        if state.step >= total_steps:
+            break
+        if val_batches is not None and state.step % args.eval_interval == 0:
+            log.val(state.step, evaluate(loss_module, val_batches, info, amp_dtype))
+        if state.step % args.save_interval == 0:
+            save(final=False)
+
+    # ------------------------------------------------------------------ finish
+    if val_batches is not None and not stopped:
+        log.val(state.step, evaluate(loss_module, val_batches, info, amp_dtype))
+    save(final=True)
+    log.close()
+    stop.restore()
+    if info.is_main:
+        if stopped:
+            print(f"stopped at step {state.step}/{total_steps}; resume with:\n  {resume_command(info)}", flush=True)
+        else:
+            print(f"done: {sibling(stem, '.pth')} and {stem}/ (step {state.step}/{total_steps})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_job(main)
