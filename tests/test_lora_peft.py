@@ -1,0 +1,86 @@
+"""Our adapter files against PEFT itself, both directions, on a tiny random Qwen3ForCausalLM."""
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny random Qwen3 saved as a model directory, loaded fresh by each side."""
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    path = tmp_path_factory.mktemp("qwen3_tiny")
+    Qwen3ForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def load_base(path) -> Qwen3ForCausalLM:
+    return Qwen3ForCausalLM.from_pretrained(path).eval()
+
+
+def randomize(params, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def logits(model, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+CASES = {
+    "plain": {"rank": 4, "alpha": 8, "targets": "q_proj,k_proj,v_proj,o_proj"},
+    "rslora": {"rank": 8, "alpha": 4, "use_rslora": True, "targets": None},
+    "rank_pattern": {"rank": 4, "alpha": 16, "targets": "q_proj,o_proj,gate_proj,down_proj",
+                     "rank_pattern": {"mlp": 8, "layers.1.self_attn.q_proj": 2}, "alpha_pattern": {"o_proj": 2}},
+    # layer 0's q_proj only: PEFT's target_modules must not widen that to every q_proj
+    "some_layers": {"rank": 4, "targets": "layers.0.self_attn.q_proj,mlp.down_proj"},
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_peft_loads_our_adapter(base_dir, tmp_path, case):
+    ours = load_base(base_dir)
+    apply_lora(ours, **CASES[case])
+    randomize(lora_parameters(ours))
+    save_lora(ours, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(load_base(base_dir), tmp_path / "adapter").eval()
+    n_lora = sum(1 for n, _ in theirs.named_modules() if n.endswith(".lora_A.default"))
+    assert n_lora == len(lora_parameters(ours)) // 2  # PEFT adapted exactly our layers
+    base = logits(load_base(base_dir))
+    want = logits(ours)
+    assert (want - base).abs().max() > 1e-2
+    assert (logits(theirs) - want).abs().max() <= 1e-5
+
+
+PEFT_CASES = {
+    "plain": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
+    "rslora": {"r": 8, "lora_alpha": 4, "use_rslora": True, "target_modules": "all-linear"},
+    "rank_pattern": {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "o_proj", "gate_proj"],
+                     "rank_pattern": {"gate_proj": 8, "model.layers.1.self_attn.k_proj": 2},
+                     "alpha_pattern": {"o_proj": 4}},
+}
+
+
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_we_load_peft_adapter(base_dir, tmp_path, case):
+    theirs = peft.get_peft_model(load_base(base_dir), peft.LoraConfig(task_type="CAUSAL_LM", **PEFT_CASES[case]))
+    randomize(p for n, p in theirs.named_parameters() if "lora_" in n)
+    theirs.eval()
+    want = logits(theirs)
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = load_base(base_dir)
+    names = load_lora(ours, tmp_path / "adapter")
+    assert len(names) == sum(1 for n, _ in theirs.named_modules() if n.endswith(".lora_A.default"))
+    assert (want - logits(load_base(base_dir))).abs().max() > 1e-2
+    assert (logits(ours) - want).abs().max() <= 1e-5
