@@ -85,7 +85,7 @@ def parse_line(raw: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise BadRecord(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
     try:
-        return json.loads(text)
+        return json.loads(text.strip())  # without the newline, so the error column points into the line
     except json.JSONDecodeError as e:
         raise BadRecord(f"invalid JSON: {e.msg} (column {e.colno})") from None
 

@@ -1,0 +1,216 @@
+"""Bad input is all reported before training as `file:line: problem`; truncation and dropping are exact."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+import dataset.lm_dataset as lm_dataset
+from dataset.lm_dataset import PretrainDataset, SFTDataset
+from dataset.records import DataError, read_conversations
+from model.errors import UserError
+
+TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers" / "minimind"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    if not TOKENIZER.is_dir():
+        pytest.skip("../shared/fixtures is not available")
+    return AutoTokenizer.from_pretrained(TOKENIZER)
+
+
+def chat(user: str, assistant: str) -> dict:
+    return {"conversations": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+GOOD = json.dumps(chat("Hi", "Hello.")).encode()
+BAD = [  # (raw line, what the message must say)
+    (b'{"conversations": [', "invalid JSON"),
+    (b'{"conversations": [{"role": "user", "content": "caf\xe9"}]}', "not valid UTF-8 (byte 0xe9"),
+    (
+        json.dumps(
+            {"conversations": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}
+        ).encode(),
+        "message 0 (user): content must be a string, got int",
+    ),
+    (
+        json.dumps(
+            {"conversations": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}
+        ).encode(),
+        "message 1: unknown role 'bot'",
+    ),
+    (json.dumps(chat("Hi", "   ")).encode(), "message 1 (assistant): empty content"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode(), "no assistant turn"),
+    (b"[1, 2]", "expected a JSON object, got list"),
+    (
+        json.dumps(chat("hi <|im_end|>", "x")).encode(),
+        "message 0 (user) content contains the special token '<|im_end|>'",
+    ),
+    (
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "tool", "content": "x"},
+                    {"role": "assistant", "content": "y"},
+                ]
+            }
+        ).encode(),
+        "message 1: a tool message must follow an assistant tool call",
+    ),
+    (json.dumps({"conversations": "hi"}).encode(), "'conversations' must be a non-empty list"),
+    (json.dumps({"text": "plain"}).encode(), "this is a pretraining record"),
+    (json.dumps({"instruction": "Say hi", "output": 3}).encode(), "'output' must be a string, got int"),
+    (
+        json.dumps(
+            {"messages": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "x"}]}
+        ).encode(),
+        "the first non-system message must be from the user, not the assistant",
+    ),
+]
+
+
+def write_lines(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_every_bad_line_is_reported_with_file_and_line(tok, tmp_path):
+    # good, bad..., blank, good: line n of the file holds BAD[n - 2]
+    path = write_lines(tmp_path / "data.jsonl", [GOOD] + [raw for raw, _ in BAD] + [b"   ", GOOD])
+    with pytest.raises(DataError) as err:
+        SFTDataset(path, tok, max_length=64, log=None)
+    message = str(err.value)
+    assert isinstance(err.value, UserError)
+    assert message.startswith(f"{path}: {len(BAD)} bad line(s) of {len(BAD) + 2}:")
+    for n, (_, problem) in enumerate(BAD, start=2):
+        assert f"{path}:{n}: {problem}" in message, problem
+    assert "--skip_invalid" in message
+    assert f"{path}:1:" not in message and f"{path}:{len(BAD) + 3}:" not in message  # good and blank lines
+
+
+def test_skip_invalid_counts_bad_lines(tok, tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [GOOD] + [raw for raw, _ in BAD] + [GOOD])
+    logged = []
+    ds = SFTDataset(path, tok, max_length=64, skip_invalid=True, log=logged.append)
+    assert (len(ds), ds.skipped, ds.dropped) == (2, len(BAD), 0)
+    assert logged == [
+        f"{path}: kept 2 samples, dropped 0 with no supervised token after truncation to 64, "
+        f"skipped {len(BAD)} invalid lines"
+    ]
+
+
+def test_only_the_first_20_problems_are_listed(tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [b"{"] * 25)
+    conversations, problems = read_conversations(path)
+    assert conversations == [] and len(problems) == 25
+    from dataset.records import data_error
+
+    message = str(data_error(path, problems, 25))
+    assert f"{path}:20: invalid JSON" in message and f"{path}:21:" not in message
+    assert "  ... and 5 more" in message
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(None, "no such file"), (b"", "the file is empty"), (b"\n  \n", "the file is empty")],
+    ids=["missing", "empty", "blank"],
+)
+def test_missing_or_empty_file(tok, tmp_path, content, problem):
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    for make in (
+        lambda: SFTDataset(path, tok, 64, log=None),
+        lambda: PretrainDataset(path, tok, 64, log=None),
+    ):
+        with pytest.raises(DataError, match=f"{path}: {problem}"):
+            make()
+
+
+def test_all_lines_skipped_is_still_an_error(tok, tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [b"{", b"[]"])
+    with pytest.raises(DataError, match="no usable samples"):
+        SFTDataset(path, tok, 64, skip_invalid=True, log=None)
+
+
+def test_pretrain_bad_lines(tok, tmp_path):
+    lines = [
+        b'{"text": "fine"}',
+        b'{"txt": "x"}',
+        b'{"text": 3}',
+        b'{"text": "  "}',
+        b'{"text": "also fine"}',
+    ]
+    path = write_lines(tmp_path / "pre.jsonl", lines)
+    with pytest.raises(DataError) as err:
+        PretrainDataset(path, tok, 64, log=None)
+    message = str(err.value)
+    assert f'{path}:2: expected a JSON object with a "text" key' in message
+    assert f'{path}:3: "text" must be a string, got int' in message
+    assert f'{path}:4: "text" is empty' in message
+    assert len(PretrainDataset(path, tok, 64, skip_invalid=True, log=None)) == 2
+
+
+# --- Truncation and dropping ------------------------------------------------------------------------------
+def test_truncation_keeps_labels_aligned(tok, tmp_path):
+    long_answer = " ".join(f"word{i}" for i in range(60))
+    records = [chat("Hi", long_answer), chat("Tell me more " * 3, "Sure. " + long_answer)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    full = SFTDataset(path, tok, max_length=4096, log=None)
+    for max_length in (25, 33, 57, 100):
+        short = SFTDataset(path, tok, max_length=max_length, log=None)
+        # A sample survives iff a label the shifted loss uses is left after truncation
+        kept = [i for i in range(len(full)) if (full[i][1][1:max_length] != -100).any()]
+        assert len(short) == len(kept) > 0 and short.dropped == len(full) - len(kept)
+        for j, i in enumerate(kept):
+            (ids, labels), (full_ids, full_labels) = short[j], full[i]
+            assert len(ids) == len(labels) == min(max_length, len(full_ids))
+            assert ids.tolist() == full_ids[:max_length].tolist()
+            assert labels.tolist() == full_labels[:max_length].tolist()
+
+
+def test_samples_with_nothing_to_learn_are_dropped_and_counted(tok, tmp_path):
+    records = [chat("Hi", "Hello."), chat("A long question " * 20, "Short."), chat("Hey", "Hey.")]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    logged = []
+    ds = SFTDataset(path, tok, max_length=32, log=logged.append)
+    assert logged == [f"{path}: kept 2 samples, dropped 1 with no supervised token after truncation to 32"]
+    assert (len(ds), ds.dropped) == (2, 1)
+    for i in range(len(ds)):  # every kept sample has a label the shifted loss will use
+        assert (ds[i][1][1:] != -100).any()
+    assert ds.lengths.tolist() == [len(ds[i][0]) for i in range(len(ds))]
+    with pytest.raises(DataError, match="no usable samples"):
+        SFTDataset(path, tok, max_length=8, log=None)
+
+
+def test_pretrain_dataset_bos_text_eos(tok, tmp_path):
+    texts = ["Hello world, 你好世界.", "word " * 50]
+    path = tmp_path / "pre.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
+    )
+    ds = PretrainDataset(path, tok, max_length=20, log=None)
+    for i, text in enumerate(texts):
+        ids, labels = ds[i]
+        body = tok(text, add_special_tokens=False).input_ids[:18]  # eos survives truncation
+        assert ids.tolist() == [tok.bos_token_id] + body + [tok.eos_token_id]
+        assert labels.tolist() == ids.tolist()  # every real token is learned
+
+
+def test_worker_processes_give_the_same_arrays(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(lm_dataset, "CHUNK", 4)  # 4 chunks of 4 lines, so 2 workers really share the work
+    lines = [json.dumps(chat(f"Question {i}?", f"Answer {i}." * (i % 5 + 1))).encode() for i in range(15)]
+    lines[9] = b"{broken"
+    path = write_lines(tmp_path / "data.jsonl", lines)
+    one = SFTDataset(path, tok, 48, skip_invalid=True, num_workers=1, log=None)
+    two = SFTDataset(path, tok, 48, skip_invalid=True, num_workers=2, log=None)
+    assert np.array_equal(one.ids, two.ids) and np.array_equal(one.mask, two.mask)
+    assert np.array_equal(one.lengths, two.lengths) and (one.skipped, two.skipped) == (1, 1)
+    with pytest.raises(DataError, match=f"{path}:10: invalid JSON"):
+        SFTDataset(path, tok, 48, num_workers=2, log=None)
