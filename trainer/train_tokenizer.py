@@ -1,0 +1,168 @@
+"""Train the demo tokenizer: byte-level BPE with MiniMind's special tokens and a ChatML chat template.
+
+    python dataset/make_demo_data.py        # writes the demo corpus first (dataset/*_demo.jsonl)
+    python trainer/train_tokenizer.py       # -> model/tokenizer/ (tokenizer.json + tokenizer_config.json)
+    python trainer/train_tokenizer.py --data_path my_pretrain.jsonl my_sft.jsonl --vocab_size 8000 \\
+        --out_dir out/my_tokenizer
+
+Special tokens keep MiniMind's ids, so models and data made for MiniMind line up with it:
+0 <|endoftext|> (pad and unk), 1 <|im_start|> (bos), 2 <|im_end|> (eos). Byte-level BPE never meets an
+unknown character: any UTF-8 text, Chinese or emoji, encodes and decodes back exactly. The result loads
+offline with `transformers.AutoTokenizer.from_pretrained(out_dir)`.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from dataset.records import data_error, parse_line, read_conversations, read_lines, read_texts
+from model.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = [REPO_ROOT / "dataset" / "pretrain_demo.jsonl", REPO_ROOT / "dataset" / "sft_demo.jsonl"]
+DEFAULT_OUT = REPO_ROOT / "model" / "tokenizer"
+
+# Order matters: the trainer gives special tokens the first ids, in this order (MiniMind's ids 0, 1, 2).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # the specials plus one token per byte
+
+# ChatML, as MiniMind writes it, minus tools: `<|im_start|>{role}\n{content}<|im_end|>\n` per message
+# (a system message is just the first message, if there is one). An assistant message with a non-empty
+# `reasoning_content` gets MiniMind's think block before its content; without one, no block is written,
+# so the generation prompt is only `<|im_start|>assistant\n`.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- set content = message.content if message.content is string else '' %}"
+    "{%- if message.role == 'assistant' and message.reasoning_content is string and message.reasoning_content %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + message.reasoning_content.strip('\\n') + '\\n</think>\\n\\n'"
+    " + content.lstrip('\\n') + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+class TokenizerError(UserError):
+    """A tokenizer that cannot be trained as asked (the message names the flag and what to do)."""
+
+
+def corpus_texts(path: str | Path) -> list[str]:
+    """The training text of one jsonl file: pretraining {"text"} lines, or chats in any records.py format."""
+    path = Path(path)
+    lines = read_lines(path)
+    if not lines:
+        return []
+    try:
+        first = parse_line(lines[0][1])
+    except UserError as e:
+        raise data_error(path, [(lines[0][0], str(e))], len(lines)) from None
+    if isinstance(first, dict) and "text" in first:
+        texts, problems = read_texts(path)
+    else:
+        conversations, problems = read_conversations(path)
+        # The role names go in too: they follow <|im_start|> in every rendered chat.
+        texts = ["\n".join(f"{m['role']}\n{m.get('reasoning_content') or ''}{m.get('content') or ''}" for m in c.messages)
+                 for c in conversations]
+    if problems:
+        raise data_error(path, problems, len(lines))
+    return texts
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE whose first ids are SPECIAL_TOKENS (0, 1, 2)."""
+    if vocab_size < MIN_VOCAB:
+        raise TokenizerError(f"--vocab_size {vocab_size} is too small: it must be at least {MIN_VOCAB} "
+                             f"({len(SPECIAL_TOKENS)} special tokens + 256 bytes)")
+    tokenizer = Tokenizer(models.BPE())
+    # No prefix space: " cat" and "cat" stay different tokens, as in MiniMind's and GPT-2's tokenizers.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even those the corpus lacks
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+    assert ids == [0, 1, 2], f"special tokens got ids {ids}"  # the trainer's contract; a library change would break it
+    return tokenizer
+
+
+def tokenizer_config(model_max_length: int) -> dict:
+    """tokenizer_config.json: which special token is which, and the chat template."""
+    pad = unk = SPECIAL_TOKENS[0]
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": SPECIAL_TOKENS[1],
+        "eos_token": SPECIAL_TOKENS[2],
+        "pad_token": pad,
+        "unk_token": unk,
+        "add_bos_token": False,  # the chat template writes <|im_start|> itself
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,  # decode must give back the exact text
+        "model_max_length": model_max_length,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: int = 32768) -> Path:
+    """Write tokenizer.json and tokenizer_config.json into out_dir (created if needed); return it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_dir / "tokenizer.json"), pretty=False)  # one line: 330 KB instead of 580 KB
+    config = json.dumps(tokenizer_config(model_max_length), ensure_ascii=False, indent=2)
+    (out_dir / "tokenizer_config.json").write_text(config + "\n", encoding="utf-8")
+    return out_dir
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags: corpus, vocabulary size, output directory."""
+    p = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer with MiniMind's special tokens "
+                                            "(0 <|endoftext|>, 1 <|im_start|>, 2 <|im_end|>) and a ChatML template.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_path", nargs="+", type=Path, default=DEFAULT_DATA,
+                   help="jsonl files to learn from: pretraining {\"text\"} lines and/or chats (MiniMind "
+                        "conversations, OpenAI messages, ShareGPT, Alpaca); default: the demo corpus that "
+                        "dataset/make_demo_data.py writes")
+    p.add_argument("--vocab_size", type=int, default=6400,
+                   help=f"tokens in the vocabulary, special tokens included (at least {MIN_VOCAB}); "
+                        "MiniMind's models use 6400")
+    p.add_argument("--out_dir", type=Path, default=DEFAULT_OUT,
+                   help="directory to write tokenizer.json and tokenizer_config.json to")
+    p.add_argument("--model_max_length", type=int, default=32768,
+                   help="longest sequence the tokenizer reports to transformers (tokenizer_config.json)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train and save; return the exit status (2 for a user error, printed without a traceback)."""
+    args = parse_args(argv)
+    try:
+        texts = []
+        for path in args.data_path:
+            if not Path(path).is_file() and Path(path).resolve() in DEFAULT_DATA:
+                raise TokenizerError(f"{path}: not found; write the demo corpus first with "
+                                     "`python dataset/make_demo_data.py`, or pass --data_path")
+            texts += corpus_texts(path)
+        tokenizer = train_bpe(texts, args.vocab_size)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = save_tokenizer(tokenizer, args.out_dir, args.model_max_length)
+    size = tokenizer.get_vocab_size()
+    print(f"trained on {len(texts)} texts from {len(args.data_path)} file(s): {size} tokens -> {out}")
+    if size < args.vocab_size:
+        print(f"note: the corpus only supports {size} tokens, fewer than --vocab_size {args.vocab_size}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
