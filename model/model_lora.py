@@ -50,8 +50,8 @@ class _FusedLoRA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
         A, sB = lora_A.to(x.dtype), (lora_B * scale).to(x.dtype)
         merged = torch.addmm(weight.to(x.dtype), sB, A)  # W + s·B·A, rounded once
         y = F.linear(x, merged, None if bias is None else bias.to(x.dtype))
@@ -61,7 +61,7 @@ class _FusedLoRA(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor) -> tuple:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
         x2, weight, A, sB, z = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
         gB = g @ sB  # [N, r] = s·(dy·B)
@@ -474,6 +474,15 @@ def _pair_up(path: Path, pairs: dict, alpha_of: Callable[[str, int], float]) -> 
         (key, A), (_, B) = ab["A"], ab["B"]
         adapters[name] = _Adapter(key, A, B, alpha_of(name, A.shape[0]))
     return adapters
+
+
+def read_lora(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Each adapted module's (A, B, scale) as a `.pth` file or PEFT directory means them, without a model."""
+    path = Path(path)
+    if not path.exists():
+        raise LoRAError(f"{path}: no such LoRA file or adapter directory")
+    adapters, use_rslora, _ = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
+    return {n: (a.A, a.B, lora_scale(a.A.shape[0], a.alpha, use_rslora)) for n, a in adapters.items()}
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:

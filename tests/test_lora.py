@@ -20,7 +20,9 @@ from model.model_lora import (
     lora_parameters,
     lora_state_dict,
     merge_lora,
+    read_lora,
     save_lora,
+    set_lora_fused,
     unmerge_lora,
 )
 from model.model_minimind import load_minimind
@@ -159,6 +161,26 @@ def test_gradients_match_float64_and_only_lora_trains():
             assert p.grad is None, n
 
 
+def test_fused_training_path_matches_float64():
+    """set_lora_fused's autograd Function (merged-weight GEMM, hand-written backward) against float64."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 8), rank=4, alpha=6, use_rslora=True)
+    randomize_lora(layer)
+    set_lora_fused(layer)
+    assert "fused" in repr(layer)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    g = torch.randn(3, 5, 8)
+    out = layer.train()(x)
+    (out * g).sum().backward()
+    xd, gd, A, B, W = (t.detach().double() for t in (x, g, layer.lora_A, layer.lora_B, layer.weight))
+    s = 6 / 2  # alpha / √r
+    assert (out.double() - (xd @ W.T + layer.bias.double() + s * xd @ A.T @ B.T)).abs().max() < 1e-5
+    assert (x.grad.double() - gd @ (W + s * B @ A)).abs().max() < 1e-5
+    assert (layer.lora_A.grad.double() - s * torch.einsum("bto,or,bti->ri", gd, B, xd)).abs().max() < 1e-5
+    assert (layer.lora_B.grad.double() - s * torch.einsum("bto,bti,ri->or", gd, xd, A)).abs().max() < 1e-5
+    assert layer.weight.grad is None
+
+
 def test_fresh_lora_model_equals_base():
     model = tiny_qwen()
     base = logits(model, IDS)
@@ -277,6 +299,10 @@ def test_peft_directory_round_trip(tmp_path):
     assert sorted(cfg["target_modules"]) == ["down_proj", "q_proj", "up_proj", "v_proj"]
     assert cfg["rank_pattern"] == {f"model.layers.{i}.mlp.{p}": 16 for i in range(2) for p in ("up_proj", "down_proj")}
     assert cfg["lora_dropout"] == 0.05
+
+    factors = read_lora(tmp_path / "adapter")
+    A, B, scale = factors["model.layers.1.mlp.down_proj"]
+    assert len(factors) == 8 and torch.equal(B, model.model.layers[1].mlp.down_proj.lora_B) and scale == 2
 
     fresh = tiny_qwen()
     names = load_lora(fresh, tmp_path / "adapter")
