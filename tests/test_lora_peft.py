@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
 
@@ -22,8 +22,20 @@ def base_dir(tmp_path_factory):
     return path
 
 
-def load_base(path) -> Qwen3ForCausalLM:
-    return Qwen3ForCausalLM.from_pretrained(path).eval()
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny random Llama with biases on attention and MLP (the LoRA layer must keep the base bias)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    path = tmp_path_factory.mktemp("llama_tiny")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def load_base(path):
+    cls = LlamaForCausalLM if "llama" in path.name else Qwen3ForCausalLM
+    return cls.from_pretrained(path).eval()
 
 
 def randomize(params, seed: int = 1) -> None:
@@ -84,3 +96,22 @@ def test_we_load_peft_adapter(base_dir, tmp_path, case):
     assert len(names) == sum(1 for n, _ in theirs.named_modules() if n.endswith(".lora_A.default"))
     assert (want - logits(load_base(base_dir))).abs().max() > 1e-2
     assert (logits(ours) - want).abs().max() <= 1e-5
+
+
+def test_llama_with_biases_both_ways(llama_dir, tmp_path):
+    ours = load_base(llama_dir)
+    apply_lora(ours, rank=4, alpha=8, targets="q_proj,v_proj,down_proj")
+    randomize(lora_parameters(ours))
+    want = logits(ours)
+    assert (want - logits(load_base(llama_dir))).abs().max() > 1e-2
+    save_lora(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(load_base(llama_dir), tmp_path / "ours").eval()
+    assert (logits(theirs) - want).abs().max() <= 1e-5
+
+    theirs = peft.get_peft_model(load_base(llama_dir), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=2, lora_alpha=6, target_modules=["k_proj", "o_proj", "up_proj"]))
+    randomize((p for n, p in theirs.named_parameters() if "lora_" in n), seed=2)
+    theirs.eval().save_pretrained(tmp_path / "theirs")
+    ours = load_base(llama_dir)
+    load_lora(ours, tmp_path / "theirs")
+    assert (logits(ours) - logits(theirs)).abs().max() <= 1e-5
