@@ -1,8 +1,12 @@
 """Next-token loss computed only where labels are supervised, so prompt tokens never get vocabulary logits."""
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import FunctionCtx
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
@@ -25,6 +29,49 @@ def _chunk_ce(hidden: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, 
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _ce_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE of one chunk of logits and its gradient w.r.t. them (softmax − one-hot), in their dtype."""
+    logits32 = logits.float()  # fp32 for a stable softmax, as in _chunk_ce
+    lse = torch.logsumexp(logits32, dim=-1, keepdim=True)
+    picked = logits32.gather(1, targets[:, None])
+    grad = torch.exp(logits32 - lse).scatter_add_(1, targets[:, None], torch.full_like(picked, -1.0))
+    return (lse - picked).sum(), grad.to(logits.dtype)
+
+
+@functools.cache
+def _ce_and_grad_compiled() -> Callable:
+    # One fused pass over each chunk's logits instead of ~6 eager ones; dynamic: chunk sizes vary.
+    return torch.compile(_ce_and_grad, dynamic=True)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed CE of `hidden @ weightᵀ (+ bias)` for a frozen head, with the hidden gradient made in forward.
+
+    Each chunk's logits give their gradient right away (softmax − one-hot), which times the head weight
+    is the chunk's share of d(hidden). So the head GEMM runs once (checkpointed chunks run it again in
+    backward), no logits outlive their chunk, and backward is one scale.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        ce_and_grad = _ce_and_grad_compiled() if hidden.is_cuda else _ce_and_grad
+        grad_hidden = torch.empty_like(hidden)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            ce, grad_logits = ce_and_grad(F.linear(hidden[sl], weight, bias), targets[sl])
+            total += ce
+            grad_hidden[sl] = grad_logits @ weight.to(grad_logits.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_total: torch.Tensor) -> tuple:
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+
+
 class SupervisedLoss(nn.Module):
     """Wraps a causal LM: forward returns (sum of token CE at supervised positions, MoE aux loss).
 
@@ -32,9 +79,10 @@ class SupervisedLoss(nn.Module):
     graph. The sum is divided by the step's global token count by the caller.
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int | None = None) -> None:
+    def __init__(self, model: nn.Module, chunk_tokens: int | None = None, fused: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.fused = fused  # _LinearCrossEntropy when the head is frozen (False: the checkpointed chunks)
         vocab = model.lm_head.weight.shape[0]
         # ~128M logits (512 MB in fp32) per chunk: big enough to be fast, small enough for 150k vocabularies.
         self.chunk_tokens = chunk_tokens or max(256, (1 << 27) // vocab)
@@ -52,7 +100,11 @@ class SupervisedLoss(nn.Module):
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         lm_head = self.model.lm_head
         n = sup_index.numel()
-        if n <= self.chunk_tokens:
+        frozen_head = type(lm_head) is nn.Linear and not any(p.requires_grad for p in lm_head.parameters())
+        if self.fused and frozen_head and torch.is_grad_enabled() and hidden.requires_grad:
+            ce_sum = _LinearCrossEntropy.apply(hidden.index_select(0, sup_index), lm_head.weight, lm_head.bias,
+                                               sup_targets, self.chunk_tokens)
+        elif n <= self.chunk_tokens:
             # An empty selection still returns a zero connected to the graph, so DDP's hooks fire.
             ce_sum = _chunk_ce(hidden, sup_index, sup_targets, lm_head)
         else:
