@@ -101,7 +101,7 @@ class TrainState:
     epoch: int = 0  # current epoch (0-based)
     position: int = 0  # samples (packed rows) of `epoch` already consumed, summed over all ranks
     world_size: int = 1
-    history: dict = field(default_factory=lambda: {"train": [], "val": []})
+    history: dict = field(default_factory=lambda: {"train": [], "val": [], "grad_norm": []})
     wandb_id: str | None = None
 
     def advance(self, epoch: int, n_samples: int, epoch_len: int) -> None:

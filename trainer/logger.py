@@ -35,7 +35,8 @@ class RunLogger:
     def __init__(self, info: DistInfo, total_steps: int, start_step: int, log_interval: int,
                  history: dict | None = None, wandb_run: object | None = None) -> None:
         self.info, self.total, self.log_interval, self.wandb = info, total_steps, log_interval, wandb_run
-        self.history = history or {"train": [], "val": []}  # [(step, loss)], kept in the resume file
+        # [(step, value)] lists, kept in the resume file so a resumed run plots its whole curve
+        self.history = history or {"train": [], "val": [], "grad_norm": []}
         self.pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor, int]] = []
         self.start_step, self.t0 = start_step, time.perf_counter()
         self.tokens_since, self.t_last = 0, self.t0
@@ -64,6 +65,7 @@ class RunLogger:
         self.pending.clear()
         finite = [r[1] for r in rows if math.isfinite(r[1])]
         self.history["train"].extend((s, v) for s, v, _ in rows if math.isfinite(v))
+        self.history.setdefault("grad_norm", []).extend((s, g) for s, _, g in rows)
         if self.info.is_main:
             self._print(step, epoch, lr, sum(finite) / len(finite) if finite else float("nan"), rows[-1][2])
         return rows

@@ -58,10 +58,10 @@ from trainer.loss import SupervisedLoss
 from trainer.schedule import lr_at
 
 
-def main() -> int:
-    """Train LoRA adapters; returns the exit status."""
+def main(argv: list[str] | None = None) -> int:
+    """Train LoRA adapters (flags from `argv`, default sys.argv); returns the exit status."""
     # ------------------------------------------------------------------ config
-    args = parse_args("lora", __doc__.splitlines()[0])
+    args = parse_args("lora", __doc__.splitlines()[0], argv)
     info = setup_distributed(args.device, args.ddp)
     amp_dtype = pick_dtype(args.dtype, info.device)
     seed_everything(args.seed + info.rank)  # dropout differs per rank; the data order depends on args.seed only

@@ -1,0 +1,202 @@
+"""The trainer's pieces against references: LR endpoints, flags, loss vs float64, sharding, nan skipping."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dataset.lm_dataset import collate_padded
+from model.model_lora import apply_lora, lora_parameters
+from model.model_minimind import MiniMindForCausalLM
+from tests.train_utils import save_tiny_minimind, tiny_config
+from trainer.args import FlagError, parse_args
+from trainer.base_model import BaseModelError, resolve_weight
+from trainer.data import StepSampler, collate_supervised, epoch_order
+from trainer.distributed import DistInfo
+from trainer.engine import NonFiniteGuard, TrainingDiverged, make_optimizer, train_step
+from trainer.logger import RunLogger
+from trainer.loss import IGNORE_INDEX, SupervisedLoss
+from trainer.schedule import lr_at
+
+VOCAB = 512  # these tests need no real tokenizer: a small vocabulary keeps them fast
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+NOHUP_FLAGS = ("--epochs 20 --hidden_size 2048 --device cpu --batch_size 16 --learning_rate 1e-4 "
+               "--accumulation_steps 8 --log_interval 10 --save_interval 100 --data_path ../dataset/lora_identity.jsonl "
+               "--num_hidden_layers 20 --use_wandb --from_resume 1 --from_weight full_sft").split()
+
+
+# ------------------------------------------------------------------------- schedule and flags
+
+def test_lr_schedule_endpoints():
+    peak, total, warm = 1e-3, 100, 10
+    assert lr_at(0, total, peak, warm) == pytest.approx(peak / 11)  # warmup starts small but non-zero
+    assert lr_at(warm - 1, total, peak, warm) == pytest.approx(peak * 10 / 11)
+    assert lr_at(warm, total, peak, warm) == pytest.approx(peak)  # peak right after warmup
+    assert lr_at(total - 1, total, peak, warm) == pytest.approx(peak / 10)  # MiniMind's floor on the last step
+    lrs = [lr_at(s, total, peak, warm) for s in range(warm, total)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(0, 5, peak) == pytest.approx(peak) and lr_at(4, 5, peak) == pytest.approx(peak / 10)
+    assert lr_at(0, 1, peak) == pytest.approx(peak)  # a one-step run does not divide by zero
+
+
+def test_flags_accept_minimind_spellings():
+    a = parse_args("lora", "t", NOHUP_FLAGS)
+    assert (a.epochs, a.hidden_size, a.num_hidden_layers, a.batch_size, a.accumulation_steps) == (20, 2048, 20, 16, 8)
+    assert a.use_wandb is True and a.from_resume is True and a.from_weight == "full_sft"
+    assert a.eval_interval == a.save_interval == 100
+    b = parse_args("lora", "t", ["--out_dir", "x", "--dim", "768", "--n_layers", "16", "--use_moe", "True",
+                                 "--use_wandb", "0", "--use_compile", "1", "--from_resume", "0", "--ddp",
+                                 "--local-rank", "3", "--skip_invalid"])
+    assert (b.save_dir, b.hidden_size, b.num_hidden_layers, b.use_moe) == ("x", 768, 16, True)
+    assert (b.use_wandb, b.use_compile, b.from_resume, b.ddp, b.local_rank, b.skip_bad_data) == (
+        False, True, False, True, 3, True)
+    with pytest.raises(FlagError, match="--accumulation_steps"):
+        parse_args("lora", "t", ["--accumulation_steps", "0"])
+    with pytest.raises(SystemExit):  # argparse: a switch value that is not 0/1/true/false
+        parse_args("lora", "t", ["--use_moe", "maybe"])
+
+
+def test_from_weight_names_resolve_like_minimind(tmp_path):
+    save_tiny_minimind(tmp_path / "full_sft_64.pth")
+    assert resolve_weight("full_sft", str(tmp_path), None, None) == tmp_path / "full_sft_64.pth"
+    assert resolve_weight("full_sft", str(tmp_path), 64, False) == tmp_path / "full_sft_64.pth"
+    with pytest.raises(BaseModelError, match=r"full_sft_768\.pth does not exist.*full_sft_64\.pth"):
+        resolve_weight("full_sft", str(tmp_path), 768, None)
+    (tmp_path / "full_sft_128_moe.pth").write_bytes(b"")
+    with pytest.raises(BaseModelError, match=r"2 files match.*full_sft_128_moe\.pth, full_sft_64\.pth"):
+        resolve_weight("full_sft", str(tmp_path), None, None)
+    assert resolve_weight("full_sft", str(tmp_path), None, True) == tmp_path / "full_sft_128_moe.pth"
+    with pytest.raises(BaseModelError, match="no such file"):
+        resolve_weight(str(tmp_path / "nope.pth"), str(tmp_path), None, None)
+
+
+# ------------------------------------------------------------------------- data order
+
+@pytest.mark.parametrize("n,world,batch,accum", [(23, 1, 4, 1), (23, 2, 3, 2), (10, 3, 2, 2), (5, 4, 2, 1)])
+def test_each_sample_once_per_epoch_and_ranks_stay_in_step(n, world, batch, accum):
+    ranks = [StepSampler(n, batch, accum, r, world, seed=7) for r in range(world)]
+    for s in ranks:
+        s.set_epoch(2)
+    seen = [i for s in ranks for step in s.steps for mb in step for i, live in mb if live]
+    assert sorted(seen) == list(range(n))
+    assert len({len(s.steps) for s in ranks}) == 1 and len(ranks[0].steps) == ranks[0].steps_in_epoch()
+    for k in range(len(ranks[0].steps)):  # same number of micro-batches on every rank (DDP needs it)
+        assert len({len(s.steps[k]) for s in ranks}) == 1
+        assert all(len(mb) <= batch for s in ranks for mb in s.steps[k])
+    assert sum(ranks[0].step_sizes) == n
+    # A resume on a different number of ranks continues with exactly the unseen samples.
+    done = sum(ranks[0].step_sizes[:1])
+    other = [StepSampler(n, batch, accum, r, world + 1, seed=7) for r in range(world + 1)]
+    for s in other:
+        s.set_epoch(2, start=done)
+    rest = [i for s in other for step in s.steps for mb in step for i, live in mb if live]
+    assert sorted(rest) == sorted(epoch_order(n, 7, 2)[done:])
+
+
+# ------------------------------------------------------------------------- loss and gradients vs float64
+
+def _samples(n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(4, 20, (), generator=g))
+        ids = torch.randint(3, VOCAB, (length,), generator=g)
+        prompt = int(torch.randint(1, length - 1, (), generator=g))
+        labels = ids.clone()
+        labels[:prompt] = IGNORE_INDEX
+        out.append((ids, labels))
+    return out
+
+
+def _lora_model(seed: int = 0) -> MiniMindForCausalLM:
+    torch.manual_seed(seed)
+    model = MiniMindForCausalLM(tiny_config(vocab_size=VOCAB))
+    apply_lora(model, rank=4)
+    with torch.no_grad():  # B = 0 would give A no gradient at all
+        for p in lora_parameters(model):
+            p.normal_(0, 0.05)
+    return model.train()
+
+
+def _reference_grads(model: MiniMindForCausalLM, samples: list) -> tuple[float, list[torch.Tensor]]:
+    """One big batch in float64, sample by sample (no padding): mean CE over all supervised tokens."""
+    ref = _lora_model()
+    ref.load_state_dict(model.state_dict())
+    ref.double()
+    total, count = 0.0, 0
+    for ids, labels in samples:
+        logits = ref(ids[None]).logits[0, :-1]
+        total = total + F.cross_entropy(logits, labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
+        count += int((labels[1:] != IGNORE_INDEX).sum())
+    loss = total / count
+    loss.backward()
+    return loss.item(), [p.grad for p in lora_parameters(ref)]
+
+
+def test_supervised_loss_matches_float64_full_logits():
+    model, samples = _lora_model(), _samples(5)
+    batch = collate_supervised(samples, lambda s: collate_padded(s, pad_id=0))
+    ref_loss, ref_grads = _reference_grads(model, samples)
+    n = batch["sup_targets"].numel()
+    for chunk in (None, 7):  # one chunk, and chunks recomputed in backward (checkpointed)
+        model.zero_grad()
+        ce_sum, aux = SupervisedLoss(model, chunk_tokens=chunk)(
+            batch["input_ids"], batch["sup_index"], batch["sup_targets"], attention_mask=batch["attention_mask"])
+        (ce_sum / n).backward()
+        assert (ce_sum / n).item() == pytest.approx(ref_loss, abs=1e-5) and aux.item() == 0
+        for p, g in zip(lora_parameters(model), ref_grads):
+            torch.testing.assert_close(p.grad.double(), g, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [8, 2, 3])
+def test_accumulated_step_is_one_big_batch(batch_size):
+    """SGD with lr 1 makes the update the gradient itself: micro-batches and padding must not change it."""
+    model, samples = _lora_model(), _samples(8, seed=1)
+    _, ref_grads = _reference_grads(model, samples)
+    before = [p.detach().clone() for p in lora_parameters(model)]
+    micro = [collate_supervised(samples[i:i + batch_size], lambda s: collate_padded(s, pad_id=0))
+             for i in range(0, 8, batch_size)]
+    n_sup = sum(b["sup_targets"].numel() for b in micro)
+    params = lora_parameters(model)
+    opt = torch.optim.SGD(params, lr=1.0, fused=True)
+    loss, norm = train_step(SupervisedLoss(model), micro, n_sup, CPU, opt, None, params, 1.0, 0.0, torch.float32)
+    grads = [b - p.detach() for b, p in zip(before, params)]
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=2e-6, rtol=1e-4)
+    assert norm.item() == pytest.approx(math.sqrt(sum((r ** 2).sum().item() for r in ref_grads)), rel=1e-5)
+
+
+# ------------------------------------------------------------------------- non-finite steps
+
+def test_nan_step_is_skipped_and_reported(capsys):
+    model, samples = _lora_model(), _samples(4, seed=2)
+    poison = int(samples[0][0][0])
+    # Untie the head first, so only samples containing the poisoned token get a nan loss.
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[poison] = float("nan")
+    clean = [(ids, lab) for ids, lab in _samples(30, seed=3) if poison not in ids][:4]
+    params = lora_parameters(model)
+    opt = make_optimizer(params, 1e-2, 0.01)
+    log = RunLogger(CPU, total_steps=10, start_step=0, log_interval=1)
+    guard = NonFiniteGuard(limit=2)
+
+    def step(k: int, batch: list) -> None:
+        b = collate_supervised(batch, lambda s: collate_padded(s, pad_id=0))
+        loss, norm = train_step(SupervisedLoss(model), [b], b["sup_targets"].numel(), CPU, opt, None, params,
+                                1e-2, 1.0, torch.float32)
+        guard.check(log.step(k, 1, loss, norm, 1e-2, 10), log.write, check_grads=True)
+
+    before = [p.detach().clone() for p in params]
+    step(1, samples)
+    assert all(torch.equal(b, p) for b, p in zip(before, params))  # no update at all ...
+    assert all(float(opt.state[p]["step"]) == 0 and not opt.state[p]["exp_avg"].any() for p in params)  # ... nor moments
+    assert "step 1: loss is nan; skipped this step" in capsys.readouterr().out
+    step(2, clean)
+    assert not all(torch.equal(b, p) for b, p in zip(before, params))
+    assert all(float(opt.state[p]["step"]) == 1 for p in params)
+    step(3, samples)
+    with pytest.raises(TrainingDiverged, match=r"2 optimizer steps in a row.*lower --learning_rate.*bfloat16"):
+        step(4, samples)
+    assert [s for s, _ in log.history["train"]] == [2]  # nan losses stay out of the curve
