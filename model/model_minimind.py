@@ -299,9 +299,9 @@ def build_attention_mask(attention_mask: torch.Tensor | None, position_ids: torc
     k_pos = torch.arange(past_len + seq_len, device=device)
     causal = k_pos[None, :] <= q_pos[:, None]                           # [T, K]
     if attention_mask is not None:
-        if attention_mask.shape[-1] != past_len + seq_len:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, expected "
-                             f"{past_len + seq_len} (cached + new)")
+        if attention_mask.dim() != 2 or attention_mask.shape[-1] != past_len + seq_len:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected 2-D "
+                             f"[batch, {past_len + seq_len}] (cached + new tokens, 1 = token, 0 = pad)")
         allowed = causal[None] & attention_mask[:, None, :].bool()
         # Every query may always see itself, so a query row is never fully masked (that gives NaN);
         # this only changes outputs at pad positions, which are ignored anyway.
@@ -368,10 +368,10 @@ class MiniMindModel(nn.Module):
         """Run the decoder; see `build_attention_mask` for how padding and packing are read."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         bsz, seq_len, _ = x.shape
+        # A cache only when one is passed in or asked for (generate does both): a training forward
+        # should not build one, whatever config.use_cache says.
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        if not use_cache:
-            past_key_values = None
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         attn_mask, is_causal = build_attention_mask(attention_mask, position_ids, seq_len, past_len, x.device)
         if position_ids is None:

@@ -148,7 +148,7 @@ def test_chunked_prefill_with_cache_matches_full_forward():
         full = model(ids).logits
         first = model(ids[:, :10], use_cache=True)
         one = model(ids[:, 10:11], past_key_values=first.past_key_values, use_cache=True)   # no mask given
-        rest = model(ids[:, 11:], past_key_values=first.past_key_values, use_cache=True)
+        rest = model(ids[:, 11:], past_key_values=first.past_key_values)         # a given cache is used
     assert first.past_key_values.get_seq_length() == 16
     assert (torch.cat([first.logits, one.logits, rest.logits], 1) - full).abs().max() <= 1e-4
 
