@@ -68,9 +68,8 @@ class SFTDataset(TokenizedDataset):
         chat_template: str | None = None,
         log: Callable[[str], None] | None = print,
     ) -> None:
-        encode = _ChatEncoder(
-            tokenizer, chat_template, max_length
-        )  # a bad template fails before the data is read
+        # The template is checked first: a tokenizer that cannot make a mask fails before any data is read
+        encode = _ChatEncoder(tokenizer, chat_template, max_length)
         lines = read_lines(data_path)
         chunks = _map_chunks(encode, lines, num_workers)
         self.skipped, self.dropped = _check(data_path, chunks, len(lines), skip_invalid)
@@ -143,9 +142,8 @@ class _ChatEncoder:
             texts.append(text)
             spans.append(turn_spans)
         # The template already wrote bos/eos where it wants them, so no special tokens are added here
-        for encoding, turn_spans in zip(
-            self._fmt.backend.encode_batch(texts, add_special_tokens=False), spans
-        ):
+        encodings = self._fmt.backend.encode_batch(texts, add_special_tokens=False)
+        for encoding, turn_spans in zip(encodings, spans):
             ids = np.asarray(encoding.ids[: self.max_length], dtype=np.int32)
             chunk.add(ids, token_mask(encoding, turn_spans)[: self.max_length])
         return chunk
@@ -173,9 +171,8 @@ class _TextEncoder:
         return chunk
 
 
-_worker: dict[
-    str, Any
-] = {}  # the encoder and items of a pool worker (inherited by fork, pickled once by spawn)
+# The encoder and items of a pool worker (inherited by fork, pickled once by spawn)
+_worker: dict[str, Any] = {}
 
 
 def _init_worker(encode: Callable, items: Sequence) -> None:
@@ -247,9 +244,8 @@ def pack_indices(lengths: np.ndarray, max_length: int, seed: int, epoch: int) ->
     order = order[np.argsort(-lengths[order], kind="stable")]
     rows: list[list[int]] = []
     free_rows: dict[int, list[int]] = {}  # free space -> rows with exactly that much space left
-    spaces: list[
-        int
-    ] = []  # sorted distinct keys of free_rows: at most max_length of them, so bisect is cheap
+    # Sorted distinct keys of free_rows: at most max_length of them, so bisect and insert stay cheap
+    spaces: list[int] = []
     for i in order.tolist():
         need = int(lengths[i])
         k = bisect.bisect_left(spaces, need)
