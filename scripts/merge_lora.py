@@ -30,7 +30,7 @@ from torch import nn
 from model.errors import UserError
 from model.model_lora import load_lora, merge_lora
 from scripts.hf_export import export_minimind
-from scripts.load import add_base_flags, is_minimind, load_base
+from scripts.load import add_base_flags, is_minimind, load_from_flags
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Everything a tokenizer folder may hold; copied as-is so the export tokenizes exactly like the base.
@@ -46,27 +46,28 @@ TOKENIZER_FILES = (
 )
 
 
-def merged_model(args: argparse.Namespace) -> tuple[nn.Module, Path]:
+def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object]:
     """The base (float32, CPU) with the LoRA folded into its weights and plain nn.Linear layers back."""
-    model, _, tokenizer_dir = load_base(args, torch.device("cpu"), torch.float32)
+    model, tokenizer = load_from_flags(args, torch.device("cpu"), torch.float32)
     load_lora(model, args.lora_path)
     merge_lora(model, unload=True)
-    return model, tokenizer_dir
+    return model, tokenizer
 
 
-def copy_tokenizer(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer files of `src` into `dst`; return their names."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
+def copy_tokenizer(tokenizer: object, dst: Path) -> list[str]:
+    """Copy the tokenizer's own files into `dst` (byte for byte); return their names."""
+    src = Path(tokenizer.name_or_path)
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    for name in copied:
+        shutil.copy2(src / name, dst / name)
+    if not copied:  # not loaded from a folder we can see: let transformers write it
+        copied = [Path(f).name for f in tokenizer.save_pretrained(dst)]
     return copied
 
 
 def export(args: argparse.Namespace) -> list[Path]:
     """Merge and write every output for the base's kind; return the paths written."""
-    model, tokenizer_dir = merged_model(args)
+    model, tokenizer = merged_model(args)
     dtype = DTYPES[args.dtype]
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,7 @@ def export(args: argparse.Namespace) -> list[Path]:
         model.to(dtype).save_pretrained(hf_dir)
         arch = type(model).__name__
         outputs = [hf_dir]
-    copied = copy_tokenizer(tokenizer_dir, hf_dir)
+    copied = copy_tokenizer(tokenizer, hf_dir)
     print(f"merged {args.lora_path} into the base")
     if len(outputs) == 2:
         print(f"MiniMind checkpoint ({args.dtype}): {outputs[0]}")

@@ -4,13 +4,15 @@
     python scripts/visualize_lora.py --lora_path out/lora_identity_768.pth --out_dir out/plots
     python scripts/visualize_lora.py --lora_path out/lora_identity_768 --out_dir out/plots   # PEFT dir
 
-    # loss curves of one or more runs on one plot (each run: its save_dir, or the metrics file itself)
-    python scripts/visualize_lora.py --runs out/run_r8 out/run_r16 --out_dir out/plots
+    # loss curves of one or more runs on one plot (a run's .pth or PEFT dir, or a save_dir of runs)
+    python scripts/visualize_lora.py --runs out/lora_r8_64.pth out/lora_r16_64.pth --out_dir out/plots
+    python scripts/visualize_lora.py --runs out/ --out_dir out/plots
 
 Writes `<name>_delta_norms.png`, `<name>_singular_values.png` and `loss_curves.png` into --out_dir.
 """
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -23,20 +25,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from model.errors import UserError  # noqa: E402
-from model.model_lora import LoRAError, _read_minimind, _read_peft, lora_scale  # noqa: E402
+from model.model_lora import LoRAError, read_lora  # noqa: E402
+from trainer.checkpoint import load_resume  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- ΔW statistics
-
-
-def read_lora(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Read a MiniMind `.pth` LoRA file or a PEFT adapter dir into {module: (A, B, scale)}."""
-    path = Path(path)
-    if not path.exists():
-        raise LoRAError(f"{path}: no such LoRA file or adapter directory")
-    adapters, use_rslora, _ = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
-    return {n: (a.A, a.B, lora_scale(a.A.shape[0], a.alpha, use_rslora)) for n, a in adapters.items()}
 
 
 def delta_singular_values(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
@@ -142,6 +136,77 @@ def plot_lora(lora_path: str | Path, out_dir: str | Path, top: int = 8) -> list[
     return [norms_png, sv_png]
 
 
+# ----------------------------------------------------------------------------- loss curves
+
+
+def run_stems(path: str | Path) -> list[Path]:
+    """The run stems (`{save_dir}/{lora_name}_{hidden}{_moe}`) a --runs entry names.
+
+    Any file of a run (.pth, .json, _resume.pth, _loss.png), its PEFT adapter directory (the stem
+    itself), or a save_dir holding one or more runs.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / "adapter_config.json").is_file():
+        stems = sorted(p.with_name(p.name[: -len("_resume.pth")]) for p in path.glob("*_resume.pth"))
+        if not stems:
+            raise UserError(f"{path}: no training run in it (no *_resume.pth written by the trainer)")
+        return stems
+    for suffix in ("_resume.pth", "_loss.png", ".pth", ".json"):
+        if path.name.endswith(suffix):
+            return [path.with_name(path.name[: -len(suffix)])]
+    return [path]
+
+
+def read_history(stem: Path) -> tuple[str, dict]:
+    """A run's label and loss history {"train": [(step, loss)], "val": [(step, loss)]}."""
+    config_path = stem.with_name(stem.name + ".json")
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    history = config.get("history")
+    if history is None:
+        # The trainer keeps the history in its resume file, written with every checkpoint.
+        resume = load_resume(stem.with_name(stem.name + "_resume.pth"))
+        if resume is None:
+            raise UserError(
+                f"{stem}: found no loss history ({stem.name}_resume.pth or a 'history' in "
+                f"{stem.name}.json, both written by trainer/train_lora.py)"
+            )
+        history = resume["state"]["history"]
+    flags = config.get("args", {})
+    # The legend tells runs apart by what is usually varied between them.
+    details = [
+        f"{short}={flags[flag]:g}"
+        for short, flag in (("r", "lora_rank"), ("lr", "learning_rate"))
+        if isinstance(flags.get(flag), (int, float))
+    ]
+    label = f"{stem.name} ({', '.join(details)})" if details else stem.name
+    return label, {"train": list(history.get("train", [])), "val": list(history.get("val", []))}
+
+
+def plot_loss_curves(runs: list[tuple[str, dict]], out_png: Path, smooth: float = 0.6) -> None:
+    """Train loss (raw, faint, and an EMA, solid) and validation loss (markers) of every run on one plot."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    colors = plt.get_cmap("tab10")
+    for i, (label, history) in enumerate(runs):
+        color = colors(i % 10)
+        if history["train"]:
+            steps, losses = map(np.array, zip(*history["train"]))
+            ema, value = np.empty_like(losses), losses[0]
+            for j, x in enumerate(losses):  # an exponential moving average shows the trend through the noise
+                value = smooth * value + (1 - smooth) * x
+                ema[j] = value
+            ax.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(steps, ema, color=color, linewidth=1.8, label=f"{label} train")
+        if history["val"]:
+            steps, losses = zip(*history["val"])
+            ax.plot(steps, losses, "o--", color=color, markersize=4, label=f"{label} val")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (supervised tokens)")
+    ax.set_title(f"Loss curves (train: EMA {smooth:.2f} over the faint raw values; val: markers)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, out_png)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -154,19 +219,39 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="LoRA(s) to plot: a MiniMind .pth LoRA file or a PEFT adapter directory",
     )
+    p.add_argument(
+        "--runs",
+        nargs="*",
+        default=[],
+        help="training runs whose loss curves go on one plot: a run's .pth/.json/_resume.pth, its "
+        "PEFT directory, or a save_dir (every run in it)",
+    )
     p.add_argument("--top", type=int, default=8, help="how many singular values per module to plot")
+    p.add_argument(
+        "--smooth",
+        type=float,
+        default=0.6,
+        help="EMA factor for the train curves in [0, 1); 0 = raw values only",
+    )
     p.add_argument(
         "--out_dir",
         default=str(REPO_ROOT / "out" / "plots"),
         help="folder for the PNGs (created if missing; default <repo>/out/plots)",
     )
     args = p.parse_args(argv)
-    if not args.lora_path:
-        p.error("nothing to plot: give --lora_path")
+    if not args.lora_path and not args.runs:
+        p.error("nothing to plot: give --lora_path and/or --runs")
+    if not 0 <= args.smooth < 1:
+        p.error(f"--smooth must be in [0, 1), got {args.smooth}")
     try:
         for path in args.lora_path:
             for png in plot_lora(path, args.out_dir, args.top):
                 print(f"wrote {png}")
+        if args.runs:
+            runs = [read_history(stem) for path in args.runs for stem in run_stems(path)]
+            png = Path(args.out_dir) / "loss_curves.png"
+            plot_loss_curves(runs, png, args.smooth)
+            print(f"wrote {png} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

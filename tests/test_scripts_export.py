@@ -136,20 +136,24 @@ def exports(tmp_path_factory):
         )
         model = MiniMindForCausalLM(cfg).eval()
         randomize(model, seed=1)
-        torch.save(model.state_dict(), tmp / f"{name}_base.pth")
+        # A MiniMind model directory: its config.json carries what a .pth cannot (heads, top-k).
+        model.save_pretrained(tmp / f"{name}_base")
         apply_lora(model, rank=4, alpha=8)  # every linear layer, experts included; scale 2
         randomize_lora(model, seed=2)
         lora = tmp / (f"{name}_peft" if name == "mm3_dense" else f"{name}_lora.pth")  # one PEFT adapter dir
         save_lora(model, lora)
-        overrides = {"num_attention_heads": 4, "num_experts_per_tok": cfg.num_experts_per_tok}
-        flags = ["--num_attention_heads", "4", "--num_experts_per_tok", str(cfg.num_experts_per_tok)]
-        merge(tmp / f"{name}_base.pth", lora, tmp / name, *flags)
+        merge(tmp / f"{name}_base", lora, tmp / name)
+        reference = MiniMindForCausalLM.from_pretrained(tmp / f"{name}_base").eval()
+        load_lora(reference, lora)
+        with torch.no_grad():
+            expected = reference(IDS).logits
         stem = f"merged_64{'_moe' if cfg.use_moe else ''}"
+        overrides = {"num_attention_heads": 4, "num_experts_per_tok": cfg.num_experts_per_tok}
         cases[name] = dict(
             hf=tmp / name / f"{stem}_hf",
             pth=tmp / name / f"{stem}.pth",
             overrides=overrides,
-            expected=minimind_logits(tmp / f"{name}_base.pth", lora, **overrides),
+            expected=expected,
             arch=arch,
         )
 

@@ -4,9 +4,17 @@ import matplotlib.image as mpimg
 import pytest
 import torch
 
-from model.model_lora import apply_lora, lora_parameters, save_lora
+from model.model_lora import apply_lora, lora_parameters, read_lora, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from scripts.visualize_lora import delta_singular_values, delta_table, main, plot_lora, read_lora
+from scripts.visualize_lora import (
+    delta_singular_values,
+    delta_table,
+    main,
+    plot_lora,
+    read_history,
+    run_stems,
+)
+from trainer.checkpoint import TrainState, save_resume, write_json
 
 
 def tiny_lora_model(alpha: float) -> MiniMindForCausalLM:
@@ -75,3 +83,46 @@ def test_cli_reports_a_missing_file(tmp_path, capsys):
         main(["--lora_path", str(tmp_path / "nope.pth"), "--out_dir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no such LoRA file" in capsys.readouterr().err
+
+
+def write_run(save_dir, name: str, rank: int, decay: float) -> None:
+    """The files trainer/train_lora.py leaves for a run, written with the trainer's own writers."""
+    history = {
+        "train": [(s, 5.0 * decay**s) for s in range(1, 41)],
+        "val": [(20, 5.0 * decay**20), (40, 1.0)],
+        "grad_norm": [],
+    }
+    state = TrainState(step=40, history=history)
+    config = {"args": {"lora_rank": rank, "learning_rate": 1e-4}, "step": 40}
+    stem = save_dir / name
+    save_resume(
+        stem.with_name(name + "_resume.pth"),
+        {},
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)]),
+        None,
+        state,
+        [],
+        config,
+    )
+    write_json(stem.with_name(name + ".json"), config)
+    torch.save({}, stem.with_name(name + ".pth"))
+
+
+def test_loss_curves_of_several_runs(tmp_path, capsys):
+    write_run(tmp_path, "lora_r4_64", 4, 0.95)
+    write_run(tmp_path, "lora_r8_64", 8, 0.9)
+    assert run_stems(tmp_path) == [tmp_path / "lora_r4_64", tmp_path / "lora_r8_64"]
+    assert run_stems(tmp_path / "lora_r8_64.pth") == [tmp_path / "lora_r8_64"]
+    label, history = read_history(tmp_path / "lora_r8_64")
+    assert label == "lora_r8_64 (r=8, lr=0.0001)"
+    assert history["train"][0] == (1, 5.0 * 0.9) and history["val"][-1] == (40, 1.0)
+    main(["--runs", str(tmp_path), "--out_dir", str(tmp_path / "plots")])
+    assert "(2 runs)" in capsys.readouterr().out
+    assert_real_plot(tmp_path / "plots" / "loss_curves.png")
+
+
+def test_runs_without_history_are_reported(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--runs", str(tmp_path), "--out_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "no training run" in capsys.readouterr().err

@@ -1,0 +1,201 @@
+"""chat.py: cached decoding equals a plain greedy loop, top-p keeps the nucleus, and the CLI compares."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from scripts.chat import PROMPTS, generate_reply, parse_args, sample_next
+
+TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers" / "minimind"
+CHAT_PY = Path(__file__).resolve().parents[1] / "scripts" / "chat.py"
+MESSAGES = [
+    {"role": "user", "content": "who are you?"},
+    {"role": "assistant", "content": "I am a tiny model."},
+    {"role": "user", "content": "你好，请介绍一下你自己。"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    if not (TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip(f"fixtures not found at {TOKENIZER}")
+    return AutoTokenizer.from_pretrained(TOKENIZER)
+
+
+def tiny_minimind(generation: int = 3, use_moe: bool = False) -> MiniMindForCausalLM:
+    torch.manual_seed(0)
+    cfg = MiniMindConfig(
+        generation=generation,
+        vocab_size=6400,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_moe=use_moe,
+        num_experts_per_tok=2,
+    )
+    return MiniMindForCausalLM(cfg).eval()
+
+
+def tiny_qwen() -> Qwen3ForCausalLM:
+    torch.manual_seed(0)
+    cfg = Qwen3Config(
+        vocab_size=6400,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        eos_token_id=2,
+    )
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def with_random_lora(model: torch.nn.Module) -> torch.nn.Module:
+    apply_lora(model, rank=4, alpha=8)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+@torch.no_grad()
+def manual_greedy(model, tokenizer, messages, max_new_tokens: int) -> list[int]:
+    """The reference: re-run the whole sequence every step (no cache), take the argmax, stop at <|im_end|>."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    out = []
+    for _ in range(max_new_tokens):
+        token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+        if token == tokenizer.convert_tokens_to_ids("<|im_end|>"):
+            break
+        out.append(token)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["minimind3", "minimind2_moe", "minimind3_lora", "qwen3"])
+def test_greedy_reply_equals_manual_loop(tokenizer, kind):
+    model = {
+        "minimind3": lambda: tiny_minimind(3),
+        "minimind2_moe": lambda: tiny_minimind(2, use_moe=True),
+        "minimind3_lora": lambda: with_random_lora(tiny_minimind(3)),
+        "qwen3": tiny_qwen,
+    }[kind]()
+    expected = manual_greedy(model, tokenizer, MESSAGES, max_new_tokens=20)
+    pieces, stats = [], {}
+    reply = generate_reply(model, tokenizer, MESSAGES, max_new_tokens=20, on_text=pieces.append, stats=stats)
+    assert reply == tokenizer.decode(expected, skip_special_tokens=True)
+    assert stats["tokens"] == len(expected) > 0
+    assert "".join(pieces) == reply  # the streamed pieces add up to the reply
+
+
+def test_near_zero_top_p_is_greedy(tokenizer):
+    model = tiny_minimind(3)
+    greedy = generate_reply(model, tokenizer, MESSAGES[:1], max_new_tokens=10)
+    sampled = generate_reply(
+        model, tokenizer, MESSAGES[:1], max_new_tokens=10, temperature=1.0, top_p=1e-6, seed=3
+    )
+    assert sampled == greedy
+
+
+def test_top_p_samples_only_the_nucleus():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    gen = torch.Generator().manual_seed(0)
+    picks = [sample_next(probs.log(), 1.0, 0.7, gen) for _ in range(300)]
+    # Sorted: 0.5 (token 1), 0.3 (token 3) reach 0.8 ≥ 0.7, so only tokens 1 and 3 may be drawn,
+    # with odds 0.5 : 0.3 after renormalisation.
+    assert set(picks) == {1, 3}
+    assert 0.5 < picks.count(1) / 300 < 0.75
+    assert sample_next(torch.tensor([0.1, 2.0, -1.0]), 0.0, 0.5, None) == 1
+
+
+def test_every_flag_has_help():
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    with pytest.raises(SystemExit):
+        parse_args(["--compare"])  # --compare without --lora_path is refused
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    """A tiny MiniMind model directory with MiniMind's tokenizer, and a LoRA trained on nothing."""
+    tmp = tmp_path_factory.mktemp("chat")
+    base = tiny_minimind(3)
+    base.save_pretrained(tmp / "base")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / f, tmp / "base" / f)
+    save_lora(with_random_lora(tiny_minimind(3)), tmp / "lora.pth")
+    return tmp
+
+
+def run_cli(*flags: str, stdin: str = "") -> str:
+    result = subprocess.run(
+        [sys.executable, str(CHAT_PY), *flags], input=stdin, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_cli_compare_prints_both_answers(model_dir, tokenizer):
+    prompts = PROMPTS[:2]  # "who are you?" and a Chinese one; all six would only cost time
+    out = run_cli(
+        "--from_weight",
+        str(model_dir / "base"),
+        "--lora_path",
+        str(model_dir / "lora.pth"),
+        "--compare",
+        "--max_new_tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--prompt",
+        prompts[0],
+        "--prompt",
+        prompts[1],
+    )
+    base = MiniMindForCausalLM.from_pretrained(model_dir / "base").eval()
+    tuned = MiniMindForCausalLM.from_pretrained(model_dir / "base").eval()
+    load_lora(tuned, model_dir / "lora.pth")
+    for prompt in prompts:
+        assert f"user: {prompt}\n" in out
+        messages = [{"role": "user", "content": prompt}]
+        base_reply = generate_reply(base, tokenizer, messages, max_new_tokens=8)
+        lora_reply = generate_reply(tuned, tokenizer, messages, max_new_tokens=8)
+        assert base_reply != lora_reply  # otherwise the comparison would show nothing
+        # The CLI merges the LoRA into the weights; the unmerged reference must still agree.
+        assert f"base: {base_reply}\n  [" in out
+        assert f"lora: {lora_reply}\n  [" in out
+    assert out.count("tokens/s]") == 2 * len(prompts)
+
+
+def test_cli_interactive_keeps_history(model_dir, tokenizer):
+    out = run_cli(
+        "--from_weight",
+        str(model_dir / "base"),
+        "--interactive",
+        "--max_new_tokens",
+        "6",
+        "--device",
+        "cpu",
+        stdin="hello\nwhat did I say?\n\n",
+    )
+    base = MiniMindForCausalLM.from_pretrained(model_dir / "base").eval()
+    first = generate_reply(base, tokenizer, [{"role": "user", "content": "hello"}], max_new_tokens=6)
+    history = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "what did I say?"},
+    ]
+    second = generate_reply(base, tokenizer, history, max_new_tokens=6)
+    assert f"base: {first}\n  [" in out
+    assert f"base: {second}\n  [" in out
