@@ -1,0 +1,115 @@
+"""train_lora.py end to end on a tiny MiniMind (in-process, through the script's own entry point)."""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.model_lora import apply_lora, load_lora_state_dict
+from model.model_minimind import load_minimind
+from tests.train_utils import lora_args, run_inprocess, save_tiny_minimind, tokenizer_dir, write_chat_data
+from trainer.train_lora import main
+
+
+@pytest.fixture()
+def world(tmp_path):
+    """A tiny base .pth and 9 conversations of different lengths (a global batch of 8 leaves 1 for step 2)."""
+    tokenizer_dir()
+    return tmp_path, save_tiny_minimind(tmp_path / "full_sft_64.pth"), write_chat_data(tmp_path / "data.jsonl", 9)
+
+
+def _peft_weights(out):
+    return load_file(out / "lora_identity_64" / "adapter_model.safetensors")
+
+
+def test_batch_8_equals_batch_2_times_accumulation_4(world):
+    tmp, weight, data = world
+    results = []
+    for name, batch, accum in (("a", 8, 1), ("b", 2, 4)):
+        out = tmp / name
+        argv = lora_args(tmp, weight, data, save_dir=out, batch_size=batch, accumulation_steps=accum, epochs=1,
+                         learning_rate=1e-2)
+        assert run_inprocess(main, argv) == 0
+        history = torch.load(out / "lora_identity_64_resume.pth", weights_only=False)["state"]["history"]
+        results.append((_peft_weights(out), history))
+    (wa, ha), (wb, hb) = results
+    assert wa.keys() == wb.keys() and len(wa) == 2 * 7 * 2  # A and B on the 7 linears of both layers
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0)
+    assert [s for s, _ in ha["train"]] == [1, 2]
+    # Adam hides a wrong gradient scale; the loss and the gradient norm do not.
+    for name in ("train", "grad_norm"):
+        for (_, x), (_, y) in zip(ha[name], hb[name]):
+            assert x == pytest.approx(y, rel=1e-5)
+
+
+def test_outputs_lora_pth_peft_dir_config_plot_resume(world, capsys):
+    tmp, weight, data = world
+    out = tmp / "out"
+    argv = lora_args(tmp, weight, data, batch_size=4, max_steps=3, save_interval=2, val_fraction=0.25,
+                     eval_interval=2, learning_rate=1e-2, lora_rank=8, lora_alpha=16)
+    assert run_inprocess(main, argv) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"step 2/3 \| val_loss \d+\.\d+", printed) and "step 3/3 | val_loss" in printed
+
+    # MiniMind's LoRA layout: only `<module>.lora.A/B.weight`, fp16, scale folded into B.
+    pth = torch.load(out / "lora_identity_64.pth", weights_only=True)
+    assert pth and all(re.fullmatch(r"model\.layers\.\d\.\w+\.\w+_proj\.lora\.[AB]\.weight", k) for k in pth)
+    assert all(v.dtype == torch.float16 for v in pth.values())
+
+    # The resume file: LoRA weights (fp32), optimizer, position, RNG; never the frozen base.
+    resume = torch.load(out / "lora_identity_64_resume.pth", weights_only=False)
+    assert resume["trainable"] and all("lora_" in k for k in resume["trainable"])
+    assert resume["state"]["step"] == 3 and resume["optimizer"]["state"] and resume["rng"]
+    for key, value in resume["trainable"].items():
+        module, ab = re.fullmatch(r"(.+)\.lora_([AB])", key).groups()
+        expected = value * 2.0 if ab == "B" else value  # scale alpha/r = 2 goes into MiniMind's B
+        torch.testing.assert_close(pth[f"{module}.lora.{ab}.weight"].float(), expected, atol=2e-3, rtol=1e-3)
+
+    config = json.loads((out / "lora_identity_64.json").read_text())
+    assert config["args"]["lora_rank"] == 8 and config["step"] == 3 and config["total_steps"] == 3
+    assert config["model_config"]["hidden_size"] == 64 and len(config["lora_targets"]) == 14
+    assert (out / "lora_identity_64_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(resume["state"]["history"]["val"]) == 2
+
+    # The PEFT directory: PEFT itself loads it and computes the trained model's function.
+    peft = pytest.importorskip("peft")
+    ids = torch.randint(3, 6400, (2, 12))
+    ours = load_minimind(weight)
+    apply_lora(ours, rank=8, alpha=16)
+    load_lora_state_dict(ours, resume["trainable"])
+    theirs = peft.PeftModel.from_pretrained(load_minimind(weight), str(out / "lora_identity_64")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(load_minimind(weight)(ids).logits, ours(ids).logits, atol=1e-4)  # it did train
+
+
+def test_bad_data_exits_2_with_file_and_line(world, capsys):
+    tmp, weight, data = world
+    lines = data.read_text().splitlines()
+    lines[2] = '{"conversations": [{"role": "user", "content": "hi"}'  # truncated JSON on line 3
+    data.write_text("\n".join(lines) + "\n")
+    assert run_inprocess(main, lora_args(tmp, weight, data)) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:3:" in err and "Traceback" not in err
+
+
+def test_ddp_without_torchrun_is_a_clear_error(world, capsys, monkeypatch):
+    tmp, weight, data = world
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert run_inprocess(main, lora_args(tmp, weight, data) + ["--ddp"]) == 2
+    err = capsys.readouterr().err
+    assert "--ddp needs several processes started by torchrun" in err and "Traceback" not in err
+
+
+def test_flags_that_contradict_the_file_stop_with_its_message(world, capsys):
+    tmp, weight, data = world
+    assert run_inprocess(main, lora_args(tmp, weight, data, hidden_size=128)) == 2
+    err = capsys.readouterr().err
+    assert "hidden_size=64" in err and "--hidden_size 64" in err and "Traceback" not in err
+    assert run_inprocess(main, lora_args(tmp, "full_sft", data, save_dir=tmp, hidden_size=768)) == 2
+    err = capsys.readouterr().err
+    assert "full_sft_768.pth does not exist" in err and "full_sft_64.pth" in err
