@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers.utils import logging as transformers_logging
 
 from model.errors import UserError
 from model.model_lora import load_lora, merge_lora
@@ -255,6 +256,7 @@ def chat(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2."""
     args = parse_args(argv)
+    transformers_logging.disable_progress_bar()  # keep the terminal for the conversation
     try:
         chat(args)
     except UserError as e:

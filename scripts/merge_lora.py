@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import logging as transformers_logging
 
 from model.errors import UserError
 from model.model_lora import load_lora, merge_lora
@@ -59,7 +60,7 @@ def copy_tokenizer(tokenizer: object, dst: Path) -> list[str]:
     src = Path(tokenizer.name_or_path)
     copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
     for name in copied:
-        shutil.copy2(src / name, dst / name)
+        shutil.copyfile(src / name, dst / name)  # contents only, not the source's (maybe read-only) mode
     if not copied:  # not loaded from a folder we can see: let transformers write it
         copied = [Path(f).name for f in tokenizer.save_pretrained(dst)]
     return copied
@@ -120,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2."""
     args = parse_args(argv)
+    transformers_logging.disable_progress_bar()  # one-line-per-output report instead of loading bars
     try:
         export(args)
     except UserError as e:

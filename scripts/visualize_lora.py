@@ -67,7 +67,7 @@ def delta_table(
 
 def plot_delta_norms(table: dict[str, dict[int, torch.Tensor]], out_png: Path, title: str) -> None:
     """Heatmap of ‖ΔW‖_F (= sqrt(Σ σ²)) with layers as rows and module kinds as columns."""
-    kinds = sorted(table)
+    kinds = list(table)  # model order (q, k, v, o, gate, up, down), as the file lists them
     n_layers = 1 + max(max(per_layer) for per_layer in table.values())
     grid = np.full((n_layers, len(kinds)), np.nan)  # NaN (blank) where a layer has no LoRA on that module
     for j, kind in enumerate(kinds):
@@ -84,7 +84,8 @@ def plot_delta_norms(table: dict[str, dict[int, torch.Tensor]], out_png: Path, t
     if grid.size <= 160:  # small enough to print the numbers in the cells
         for (i, j), v in np.ndenumerate(grid):
             if not np.isnan(v):
-                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7, color="w")
+                bright = im.norm(v) > 0.6  # viridis turns yellow: dark text there
+                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7, color="k" if bright else "w")
     _save(fig, out_png)
 
 
@@ -92,7 +93,7 @@ def plot_singular_values(
     table: dict[str, dict[int, torch.Tensor]], out_png: Path, title: str, top: int
 ) -> None:
     """One panel per module kind: the top singular values of ΔW, one line per layer (colour = depth)."""
-    kinds = sorted(table)
+    kinds = list(table)  # model order (q, k, v, o, gate, up, down), as the file lists them
     cols = min(3, len(kinds))
     rows = (len(kinds) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
@@ -109,13 +110,21 @@ def plot_singular_values(
             ax.set_yscale("log")
         ax.set_title(kind)
         ax.set_xlabel("singular value index")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel("σ")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(kinds) :]:
         ax.axis("off")
     fig.suptitle(f"Top {top} singular values of ΔW per module\n{title}")
     fig.tight_layout()
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="layer (line colour)")
+    bar = fig.colorbar(
+        plt.cm.ScalarMappable(norm=norm, cmap=cmap),
+        ax=axes,
+        label="layer (line colour)",
+        shrink=min(1.0, 0.9 / rows + 0.3),
+    )
+    bar.locator = matplotlib.ticker.MaxNLocator(integer=True)
+    bar.update_ticks()
     _save(fig, out_png)
 
 

@@ -15,6 +15,7 @@ from scripts.chat import PROMPTS, generate_reply, parse_args, sample_next
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers" / "minimind"
 CHAT_PY = Path(__file__).resolve().parents[1] / "scripts" / "chat.py"
+REPO_TOKENIZER = Path(__file__).resolve().parents[1] / "model" / "tokenizer"
 MESSAGES = [
     {"role": "user", "content": "who are you?"},
     {"role": "assistant", "content": "I am a tiny model."},
@@ -73,9 +74,9 @@ def manual_greedy(model, tokenizer, messages, max_new_tokens: int) -> list[int]:
     """The reference: re-run the whole sequence every step (no cache), take the argmax, stop at <|im_end|>."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    out = []
+    out, device = [], next(model.parameters()).device
     for _ in range(max_new_tokens):
-        token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+        token = int(model(torch.tensor([ids + out], device=device)).logits[0, -1].argmax())
         if token == tokenizer.convert_tokens_to_ids("<|im_end|>"):
             break
         out.append(token)
@@ -96,6 +97,23 @@ def test_greedy_reply_equals_manual_loop(tokenizer, kind):
     assert reply == tokenizer.decode(expected, skip_special_tokens=True)
     assert stats["tokens"] == len(expected) > 0
     assert "".join(pieces) == reply  # the streamed pieces add up to the reply
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reply_on_gpu():
+    tokenizer = AutoTokenizer.from_pretrained(REPO_TOKENIZER)  # the repo's own: no shared fixtures needed
+    model = with_random_lora(tiny_minimind(3)).cuda()
+    expected = manual_greedy(model, tokenizer, MESSAGES, max_new_tokens=20)
+    assert generate_reply(model, tokenizer, MESSAGES, max_new_tokens=20) == tokenizer.decode(
+        expected, skip_special_tokens=True
+    )
+    model.to(torch.bfloat16)  # the chat default on GPU; sampling draws on the CPU generator
+    stats = {}
+    generate_reply(
+        model, tokenizer, MESSAGES, max_new_tokens=8, temperature=0.8, top_p=0.9, seed=0, stats=stats
+    )
+    assert stats["tokens"] <= 8
 
 
 def test_near_zero_top_p_is_greedy(tokenizer):
