@@ -1,0 +1,97 @@
+"""A run killed (SIGKILL) or stopped (SIGTERM) and resumed ends exactly where an uninterrupted run ends."""
+
+import random
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.train_utils import (
+    REPO,
+    lora_args,
+    python,
+    run_inprocess,
+    save_tiny_minimind,
+    tokenizer_dir,
+    write_chat_data,
+)
+from trainer.train_lora import main
+
+TOTAL = 24  # 24 samples, batch 2, 2 epochs -> 24 optimizer steps
+
+
+def _wait_for(proc: subprocess.Popen, pattern: str, seen: list[str], timeout: float = 240) -> re.Match:
+    """Read the run's output line by line until `pattern` matches a line."""
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    pytest.fail(f"never saw {pattern!r}; output:\n{''.join(seen)[-3000:]}")
+
+
+def _final(out):
+    weights = load_file(out / "lora_identity_64" / "adapter_model.safetensors")
+    resume = torch.load(out / "lora_identity_64_resume.pth", weights_only=False)
+    return weights, torch.load(out / "lora_identity_64.pth", weights_only=True), resume["state"]
+
+
+@pytest.mark.slow
+def test_sigkill_and_sigterm_then_resume_give_the_uninterrupted_result(tmp_path):
+    tokenizer_dir()
+    weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
+    data = write_chat_data(tmp_path / "data.jsonl", 24)
+    # Dropout on: resuming must also restore the RNG, not just weights, optimizer and data position.
+    flags = dict(batch_size=2, epochs=2, save_interval=3, lora_dropout=0.1, learning_rate=5e-3, warmup_iters=2)
+    assert run_inprocess(main, lora_args(tmp_path, weight, data, save_dir=tmp_path / "ref", **flags)) == 0
+
+    out = tmp_path / "run"
+    argv = [python(), str(REPO / "trainer" / "train_lora.py"), *lora_args(tmp_path, weight, data, save_dir=out, **flags)]
+    popen = dict(cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+
+    # 1. SIGKILL at a random step after the first save (step 3 is saved before step 4 is logged).
+    kill_at = random.randint(4, 16)
+    proc = subprocess.Popen(argv, **popen)
+    _wait_for(proc, rf"^step {kill_at}/{TOTAL} ", seen)
+    proc.kill()
+    proc.wait()
+    saved = torch.load(out / "lora_identity_64_resume.pth", weights_only=False)["state"]["step"]
+    assert 3 <= saved <= kill_at + 3 and saved % 3 == 0, f"killed at {kill_at}, saved {saved}"
+
+    # 2. Resume, then SIGTERM: it finishes the step, saves, prints how to resume, exits 0.
+    proc = subprocess.Popen([*argv, "--from_resume", "1"], **popen)
+    _wait_for(proc, rf"resuming from .*_resume\.pth: step {saved},", seen)
+    _wait_for(proc, rf"^step {saved + 2}/{TOTAL} ", seen)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, rest
+    assert "SIGTERM received" in rest
+    stopped = int(re.search(rf"stopped at step (\d+)/{TOTAL}; resume with:\n  (.+)", rest).group(1))
+    command = re.search(r"resume with:\n  (.+)", rest).group(1)
+    assert command.endswith("--from_resume 1") and command.count("--from_resume") == 1
+    assert saved + 2 <= stopped < TOTAL
+    assert torch.load(out / "lora_identity_64_resume.pth", weights_only=False)["state"]["step"] == stopped
+
+    # 3. Resume to the end (in-process, through the same entry point).
+    assert run_inprocess(main, lora_args(tmp_path, weight, data, save_dir=out, **flags) + ["--from_resume", "1"]) == 0
+
+    ref_w, ref_pth, ref_state = _final(tmp_path / "ref")
+    got_w, got_pth, got_state = _final(out)
+    assert got_state["step"] == ref_state["step"] == TOTAL
+    for key in ref_w:
+        torch.testing.assert_close(got_w[key], ref_w[key], atol=1e-6, rtol=0)
+    for key in ref_pth:
+        torch.testing.assert_close(got_pth[key], ref_pth[key], atol=1e-6, rtol=0)
+    # The loss curve survives the interruptions: one value per step, the same values.
+    assert [s for s, _ in got_state["history"]["train"]] == list(range(1, TOTAL + 1))
+    for (_, a), (_, b) in zip(got_state["history"]["train"], ref_state["history"]["train"]):
+        assert a == pytest.approx(b, abs=1e-6)
