@@ -75,7 +75,7 @@ def transformers_config(sd: dict[str, Tensor], cfg: object) -> PretrainedConfig:
         tie_word_embeddings=torch.equal(sd["lm_head.weight"], embed),
         bos_token_id=getattr(cfg, "bos_token_id", 1),
         eos_token_id=getattr(cfg, "eos_token_id", 2),
-        pad_token_id=0,
+        pad_token_id=getattr(cfg, "pad_token_id", 0),
     )
     if not moe:
         common["intermediate_size"] = sd["model.layers.0.mlp.gate_proj.weight"].shape[0]
@@ -94,11 +94,20 @@ def transformers_config(sd: dict[str, Tensor], cfg: object) -> PretrainedConfig:
         mlp_only_layers=[],
         output_router_logits=False,
     )
+    n_shared = _n_experts(sd, "shared_experts")
     if gen == "minimind3":
+        if n_shared:  # Qwen3-MoE has no shared expert, and Qwen2-MoE (which has one) no q/k norm
+            raise ExportError(
+                "a minimind-3 MoE with shared experts has no exact transformers architecture; "
+                "export the MiniMind .pth only"
+            )
         # minimind-3 renormalises its top-k weights (with top-1 that makes the weight 1), as Qwen3-MoE does.
         norm = getattr(cfg, "norm_topk_prob", True)
         return Qwen3MoeConfig(norm_topk_prob=norm, attention_bias=False, **moe_common, **common)
-    n_shared = _n_experts(sd, "shared_experts")
+    if head_dim * heads != hidden:
+        raise ExportError(
+            f"Qwen2-MoE needs head_dim = hidden / heads ({hidden // heads}); this minimind2 MoE has {head_dim}"
+        )
     shared_inter = (
         n_shared * sd["model.layers.0.mlp.shared_experts.0.gate_proj.weight"].shape[0] if n_shared else 0
     )

@@ -30,7 +30,7 @@ from transformers.utils import logging as transformers_logging
 
 from model.errors import UserError
 from model.model_lora import load_lora, merge_lora
-from scripts.hf_export import export_minimind
+from scripts.hf_export import ExportError, export_minimind
 from scripts.load import add_base_flags, is_minimind, load_from_flags
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -66,32 +66,39 @@ def copy_tokenizer(tokenizer: object, dst: Path) -> list[str]:
     return copied
 
 
+def save_minimind_pth(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
+    """The merged model as MiniMind's own checkpoint: a plain state dict (tied head included), in `dtype`."""
+    tmp = path.with_name(path.name + ".tmp")  # write then rename: never a half-written checkpoint
+    torch.save({k: v.detach().to(dtype).clone() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(path)
+
+
 def export(args: argparse.Namespace) -> list[Path]:
-    """Merge and write every output for the base's kind; return the paths written."""
+    """Merge and write every output for the base's kind; print and return the paths written."""
     model, tokenizer = merged_model(args)
     dtype = DTYPES[args.dtype]
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
+    print(f"merged {args.lora_path} into the base")
+    outputs = []
     if is_minimind(model):
         cfg = model.config
         stem = f"{args.save_weight}_{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}"
-        sd = {k: v.detach() for k, v in model.state_dict().items()}
-        pth = save_dir / f"{stem}.pth"
-        tmp = pth.with_name(pth.name + ".tmp")  # write then rename: never a half-written checkpoint
-        torch.save({k: v.to(dtype).clone() for k, v in sd.items()}, tmp)
-        tmp.replace(pth)
+        save_minimind_pth(model, save_dir / f"{stem}.pth", dtype)
+        outputs.append(save_dir / f"{stem}.pth")
+        print(f"MiniMind checkpoint ({args.dtype}): {outputs[-1]}")
         hf_dir = save_dir / f"{stem}_hf"
-        arch = export_minimind(sd, cfg, hf_dir, dtype)
-        outputs = [pth, hf_dir]
+        try:
+            arch = export_minimind(model.state_dict(), cfg, hf_dir, dtype)
+        except ExportError as e:  # the .pth is still a complete result
+            print(f"no transformers model directory: {e}")
+            return outputs
     else:
         hf_dir = save_dir / f"{args.save_weight}_hf"
         model.to(dtype).save_pretrained(hf_dir)
         arch = type(model).__name__
-        outputs = [hf_dir]
     copied = copy_tokenizer(tokenizer, hf_dir)
-    print(f"merged {args.lora_path} into the base")
-    if len(outputs) == 2:
-        print(f"MiniMind checkpoint ({args.dtype}): {outputs[0]}")
+    outputs.append(hf_dir)
     print(f"transformers model directory ({arch}, {args.dtype}, tokenizer: {', '.join(copied)}): {hf_dir}")
     return outputs
 

@@ -257,3 +257,70 @@ def test_minimind_pth_export_matches_base_plus_lora(exports, name):
     assert all(v.dtype == torch.float32 for v in torch.load(c["pth"]).values())
     with torch.no_grad():
         torch.testing.assert_close(merged(c.get("ids", IDS)).logits, c["expected"], rtol=0, atol=1e-4)
+
+
+def tiny_dir(path: Path, **kw) -> MiniMindForCausalLM:
+    """A tiny random MiniMind model directory (with MiniMind's tokenizer) at `path`."""
+    need_fixtures()
+    torch.manual_seed(0)
+    cfg = MiniMindConfig(
+        vocab_size=6400,
+        hidden_size=kw.pop("hidden_size", 64),
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **kw,
+    )
+    model = MiniMindForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_no_exact_architecture_still_writes_the_pth(tmp_path, capsys):
+    # minimind-3 MoE + shared experts: Qwen3-MoE has no shared expert, so only the .pth is written.
+    model = tiny_dir(tmp_path / "base", generation=3, use_moe=True, num_experts=2, n_shared_experts=1)
+    apply_lora(model, rank=2, targets="q_proj")
+    save_lora(model, tmp_path / "lora.pth")
+    main(
+        [
+            "--from_weight",
+            str(tmp_path / "base"),
+            "--lora_path",
+            str(tmp_path / "lora.pth"),
+            "--tokenizer_path",
+            str(TOKENIZER),
+            "--save_dir",
+            str(tmp_path / "out"),
+        ]
+    )  # default dtype float16
+    assert "no transformers model directory: a minimind-3 MoE with shared experts" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "merged_64_moe_hf").exists()
+    sd = torch.load(tmp_path / "out" / "merged_64_moe.pth")
+    assert all(v.dtype == torch.float16 for v in sd.values())  # MiniMind's release dtype
+    assert "model.layers.0.mlp.shared_experts.0.up_proj.weight" in sd
+
+
+def test_lora_of_another_model_exits_2(tmp_path, capsys):
+    tiny_dir(tmp_path / "base", generation=3)
+    other = MiniMindForCausalLM(
+        MiniMindConfig(
+            vocab_size=6400, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2
+        )
+    )
+    apply_lora(other, rank=2, targets="q_proj")
+    save_lora(other, tmp_path / "lora.pth")
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "--from_weight",
+                str(tmp_path / "base"),
+                "--lora_path",
+                str(tmp_path / "lora.pth"),
+                "--tokenizer_path",
+                str(TOKENIZER),
+                "--save_dir",
+                str(tmp_path / "out"),
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert "do not fit" in capsys.readouterr().err
