@@ -7,10 +7,10 @@
     # your own prompts, one answer per model each
     python scripts/chat.py --lora_path out/lora_identity_64.pth --compare --prompt "who are you?" --prompt "hi"
     # a MiniMind release (.pth) with MiniMind's tokenizer, on GPU, talking with history
-    python scripts/chat.py --from_weight out/full_sft_768.pth --tokenizer_path model/tokenizer \\
+    python scripts/chat.py --from_weight out/full_sft_768.pth --tokenizer_path ~/minimind/model \\
         --lora_path out/lora_medical_768.pth --device cuda --interactive
     # any transformers model directory (e.g. a merged export), sampling instead of greedy
-    python scripts/chat.py --from_weight out/merged_hf --temperature 0.8 --top_p 0.9
+    python scripts/chat.py --from_weight out/merged_64_hf --temperature 0.8 --top_p 0.9
 
 Replies stream token by token as they decode; each ends with its length and speed in tokens/s.
 """
@@ -152,7 +152,7 @@ def stream_reply(
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The chat flags, grouped by topic."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_base_flags(p)
@@ -168,17 +168,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="answer every prompt twice, with the base alone and with the LoRA (needs --lora_path)",
     )
     g = p.add_argument_group("decoding")
-    g.add_argument("--max_new_tokens", type=int, default=256, help="longest reply, in tokens")
+    g.add_argument("--max_new_tokens", type=int, default=256, help="longest reply, in tokens (default 256)")
     g.add_argument(
         "--temperature",
         type=float,
         default=0.0,
-        help="0 = greedy (reproducible); > 0 samples from softmax(logits / temperature)",
+        help="0 = greedy, reproducible (default); > 0 samples from softmax(logits / temperature)",
     )
     g.add_argument(
-        "--top_p", type=float, default=1.0, help="nucleus sampling mass (used when temperature > 0)"
+        "--top_p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling mass, used when temperature > 0 (default 1.0: off)",
     )
-    g.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     g.add_argument(
         "--think",
         action="store_true",
@@ -200,11 +203,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--history_turns",
         type=int,
         default=8,
-        help="in --interactive mode, how many past user/assistant turns to send along",
+        help="in --interactive mode, how many past user/assistant turns to send along (default 8)",
     )
     g.add_argument(
         "--system", default=None, help="an optional system message at the start of every conversation"
     )
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the chat flags."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.compare and not args.lora_path:
         p.error("--compare needs --lora_path")

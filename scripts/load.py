@@ -27,7 +27,8 @@ def add_base_flags(p: argparse.ArgumentParser, device: bool = True) -> None:
     g.add_argument(
         "--save_dir",
         default=str(default_save_dir()),
-        help="where MiniMind names are looked up (default: $MINILORA_OUT_DIR or <repo>/out)",
+        help="folder of MiniMind checkpoints: --from_weight names are looked up there, and merge_lora.py "
+        "writes its outputs there (default: $MINILORA_OUT_DIR or <repo>/out)",
     )
     g.add_argument(
         "--hidden_size",

@@ -3,7 +3,7 @@
     # the demo base + a LoRA trained on it → out/merged_64.pth and out/merged_64_hf/
     python scripts/merge_lora.py --lora_path out/lora_identity_64.pth
     # a MiniMind release: MiniMind's tokenizer is copied into the transformers directory
-    python scripts/merge_lora.py --from_weight out/full_sft_768.pth --tokenizer_path model/tokenizer \\
+    python scripts/merge_lora.py --from_weight out/full_sft_768.pth --tokenizer_path ~/minimind/model \\
         --lora_path out/lora_medical_768.pth --save_weight full_sft_medical
     # a transformers base (e.g. Qwen3): merged and written back as the same architecture
     python scripts/merge_lora.py --from_weight ~/models/Qwen3-0.6B --lora_path out/lora_qwen --save_weight qwen_merged
@@ -11,8 +11,8 @@
     # then, with no MiniLoRA code at all:
     python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('out/merged_64_hf')"
 
-A MiniMind base is written as `{save_dir}/{save_weight}_{hidden}{_moe}.pth` (loads with MiniMind's own
-eval_llm.py and with load_minimind) and as `{save_dir}/{save_weight}_{hidden}{_moe}_hf/`, a transformers
+A MiniMind base is written as `{save_dir}/{save_weight}_{hidden}{_moe}.pth` (MiniMind's own state-dict
+layout and naming, as its eval_llm.py loads them; load_minimind opens it too) and as `{save_dir}/{save_weight}_{hidden}{_moe}_hf/`, a transformers
 architecture that computes the same function: minimind-3 → Qwen3ForCausalLM / Qwen3MoeForCausalLM,
 minimind2 → LlamaForCausalLM / Qwen2MoeForCausalLM (see scripts/hf_export.py). A transformers base is
 written as `{save_dir}/{save_weight}_hf/` in its own architecture. The merge runs in float32; the files
@@ -103,7 +103,7 @@ def export(args: argparse.Namespace) -> list[Path]:
     return outputs
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The merge flags: the base, the LoRA and the outputs."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_base_flags(p, device=False)  # merging is cheap: always on CPU, in float32
@@ -122,7 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="float16",
         help="dtype of the written weights (default float16, like MiniMind's releases)",
     )
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the merge flags."""
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

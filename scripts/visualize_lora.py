@@ -219,8 +219,8 @@ def plot_loss_curves(runs: list[tuple[str, dict]], out_png: Path, smooth: float 
 # ----------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse flags and write the requested plots."""
+def build_parser() -> argparse.ArgumentParser:
+    """The plotting flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--lora_path",
@@ -235,18 +235,26 @@ def main(argv: list[str] | None = None) -> None:
         help="training runs whose loss curves go on one plot: a run's .pth/.json/_resume.pth, its "
         "PEFT directory, or a save_dir (every run in it)",
     )
-    p.add_argument("--top", type=int, default=8, help="how many singular values per module to plot")
+    p.add_argument(
+        "--top", type=int, default=8, help="how many singular values per module to plot (default 8)"
+    )
     p.add_argument(
         "--smooth",
         type=float,
         default=0.6,
-        help="EMA factor for the train curves in [0, 1); 0 = raw values only",
+        help="EMA factor for the train curves in [0, 1); 0 = raw values only (default 0.6)",
     )
     p.add_argument(
         "--out_dir",
         default=str(REPO_ROOT / "out" / "plots"),
         help="folder for the PNGs (created if missing; default <repo>/out/plots)",
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags and write the requested plots."""
+    p = build_parser()
     args = p.parse_args(argv)
     if not args.lora_path and not args.runs:
         p.error("nothing to plot: give --lora_path and/or --runs")

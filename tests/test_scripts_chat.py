@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from scripts import chat, merge_lora, visualize_lora
 from scripts.chat import PROMPTS, generate_reply, parse_args, sample_next
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers" / "minimind"
@@ -136,12 +137,24 @@ def test_top_p_samples_only_the_nucleus():
     assert sample_next(torch.tensor([0.1, 2.0, -1.0]), 0.0, 0.5, None) == 1
 
 
-def test_every_flag_has_help():
+@pytest.mark.parametrize("script", [chat, merge_lora, visualize_lora])
+def test_every_flag_has_help(script, capsys):
+    parser = script.build_parser()
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, (
+            f"{script.__name__}: {action.option_strings} has no help"
+        )
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--help"])
+        parser.parse_args(["--help"])
     assert exit_info.value.code == 0
-    with pytest.raises(SystemExit):
-        parse_args(["--compare"])  # --compare without --lora_path is refused
+    out = capsys.readouterr().out
+    assert "python scripts/" in out  # the docstring's example commands are part of --help
+
+
+def test_compare_needs_a_lora():
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--compare"])
+    assert exit_info.value.code == 2
 
 
 @pytest.fixture(scope="module")
