@@ -11,8 +11,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Per-job defaults; everything else is shared. Paths are absolute so a job runs from any directory.
 JOB_DEFAULTS = {
     "lora": dict(learning_rate=1e-4, epochs=10, data_path=REPO_ROOT / "dataset" / "lora_identity.jsonl"),
-    "full_sft": dict(learning_rate=1e-5, epochs=2, data_path=REPO_ROOT / "dataset" / "sft_mini.jsonl"),
-    "pretrain": dict(learning_rate=5e-4, epochs=1, data_path=REPO_ROOT / "dataset" / "pretrain_mini.jsonl"),
+    "full_sft": dict(learning_rate=1e-5, epochs=2, data_path=REPO_ROOT / "dataset" / "sft_demo.jsonl"),
+    "pretrain": dict(learning_rate=5e-4, epochs=1, data_path=REPO_ROOT / "dataset" / "pretrain_demo.jsonl"),
 }
 
 

@@ -169,7 +169,10 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        # A signal the launcher set to be ignored stays ignored (bash does that to SIGINT for `cmd &`).
+        wanted = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+        for s in wanted:
+            signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested and signum == signal.SIGINT:
@@ -177,11 +180,6 @@ class StopSignal:
         self.requested = True
         print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a resume checkpoint "
               "(Ctrl-C again to abort without saving)", flush=True)
-
-    def restore(self) -> None:
-        """Put the previous handlers back."""
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
 
 
 def resume_command(info: DistInfo) -> str:
@@ -203,7 +201,8 @@ def resume_command(info: DistInfo) -> str:
 
 def run_job(main: Callable[[], int | None]) -> None:
     """Run a job's main(): a UserError is printed without a traceback (exit 2); the process group is
-    always left, so no rank hangs on exit."""
+    always left, so no rank hangs on exit; signal handlers are put back as they were."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = main() or 0
     except UserError as err:
@@ -217,6 +216,8 @@ def run_job(main: Callable[[], int | None]) -> None:
         code = 1
     finally:
         cleanup_distributed()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     sys.exit(code)
 
 

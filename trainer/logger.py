@@ -53,11 +53,15 @@ class RunLogger:
         self.tokens_since += n_tokens
         if self.bar is not None:
             self.bar.update(1)
-        if step % self.log_interval and not force and step != self.total:
+        # The run's first step is always shown: it proves the setup works long before step log_interval.
+        if step % self.log_interval and not force and step not in (self.total, self.start_step + 1):
             return []
-        return self._flush()
+        return self.flush()
 
-    def _flush(self) -> list[tuple[int, float, float]]:
+    def flush(self) -> list[tuple[int, float, float]]:
+        """Read back and log the steps recorded since the last log line (every rank must call it)."""
+        if not self.pending:
+            return []
         values = torch.stack([torch.stack([p[3].float(), p[4].float()]) for p in self.pending])
         losses = device_sum_(values[:, 0].contiguous(), self.info) / self.info.world_size
         rows = [(p[0], loss, float(norm)) for p, loss, norm in zip(self.pending, losses.tolist(), values[:, 1].tolist())]

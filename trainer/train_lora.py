@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     base = load_base(args.from_weight, args.save_dir, base_dtype, args.hidden_size, args.num_hidden_layers,
                      args.use_moe, args.tokenizer_path)
     model = base.model
+    n_base = sum(p.numel() for p in model.parameters())
     targets = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                          targets=args.lora_targets)
     model.to(info.device).train()
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     scaler = make_scaler(info.device, amp_dtype)
     stem = output_stem(args.save_dir, args.lora_name, base.hidden_size, base.use_moe)
     if info.is_main:
-        print(f"base {base.source}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, LoRA on "
+        print(f"base {base.source}: {n_base / 1e6:.1f}M parameters, LoRA on "
               f"{len(targets)} layers: {sum(p.numel() for p in params) / 1e6:.3f}M trainable; "
               f"{info.world_size} process(es) on {info.device}, {autocast_note(amp_dtype, base_dtype)}", flush=True)
 
@@ -139,9 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------ loop
     stop, guard = StopSignal(), NonFiniteGuard()
     log = RunLogger(info, total_steps, state.step, args.log_interval, state.history, wandb_run)
-    steps = training_steps(train_set, sampler, state.epoch, state.position, args.epochs, loader_for)
+    log.write(f"training steps {state.step + 1}..{total_steps} ({sampler.steps_in_epoch()} per epoch); Ctrl-C or "
+              "kill stops after the current step and saves" if state.step < total_steps else
+              f"nothing to train: the run already reached step {total_steps}")
     stopped = False
-    for epoch, micro_batches, n_samples in steps if state.step < total_steps else ():
+    for epoch, micro_batches, n_samples in training_steps(train_set, sampler, state.epoch, state.position,
+                                                          args.epochs, loader_for):
+        if state.step >= total_steps:  # --max_steps reached, or a finished run resumed
+            break
         n_supervised, n_tokens, stopped = step_begin(micro_batches, stop.requested, info)
         if stopped:
             break
@@ -150,19 +156,17 @@ def main(argv: list[str] | None = None) -> int:
                                      args.grad_clip, amp_dtype)
         state.advance(epoch, n_samples, len(train_set))
         guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write, scaler is None)
-        if state.step >= total_steps:
-            break
-        if val_batches is not None and state.step % args.eval_interval == 0:
+        if state.step < total_steps and val_batches is not None and state.step % args.eval_interval == 0:
             log.val(state.step, evaluate(loss_module, val_batches, info, amp_dtype))
-        if state.step % args.save_interval == 0:
+        if state.step < total_steps and state.step % args.save_interval == 0:
             save(final=False)
 
     # ------------------------------------------------------------------ finish
     if val_batches is not None and not stopped:
         log.val(state.step, evaluate(loss_module, val_batches, info, amp_dtype))
+    guard.check(log.flush(), log.write, scaler is None)  # steps since the last log line, e.g. when stopped
     save(final=True)
     log.close()
-    stop.restore()
     if info.is_main:
         if stopped:
             print(f"stopped at step {state.step}/{total_steps}; resume with:\n  {resume_command(info)}", flush=True)
