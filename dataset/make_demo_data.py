@@ -58,7 +58,7 @@ ANIMALS = [
     Animal("duck", "ducks", "鸭子", "只", 2, "says quack", "嘎嘎叫", "in the pond", "池塘里", "water plants", "水草", True, 3),
     Animal("chicken", "chickens", "鸡", "只", 2, "says cluck", "咯咯叫", "on the farm", "农场里", "seeds", "谷子", None, 3),
     Animal("horse", "horses", "马", "匹", 4, "says neigh", "咴咴叫", "on the farm", "农场里", "hay", "干草", False, 7),
-    Animal("bird", "birds", "小鸟", "只", 2, "sings tweet tweet", "叽叽喳喳地叫", "in the trees", "树上", "worms", "虫子", True, 2),
+    Animal("bird", "birds", "鸟", "只", 2, "sings tweet tweet", "叽叽喳喳地叫", "in the trees", "树上", "worms", "虫子", True, 2),
     Animal("fish", "fish", "鱼", "条", 0, None, None, "in the river", "河里", "small bugs", "小虫子", False, 3),
     Animal("frog", "frogs", "青蛙", "只", 4, "says ribbit", "呱呱叫", "in the pond", "池塘里", "flies", "苍蝇", False, 2),
     Animal("lion", "lions", "狮子", "头", 4, "roars", "大声吼叫", "on the grassland", "草原上", "meat", "肉", False, 6),
@@ -254,6 +254,18 @@ FACTS = [
      ["水在多少度沸腾？"], "水在一百摄氏度沸腾。"),
     (["What shape is a circle?", "Does a circle have corners?"], "A circle is round. It has no corners.",
      ["圆形是什么样子的？", "圆形有角吗？"], "圆形是圆圆的，它没有角。"),
+    # Words a real base model would know. They make the tokens of the identity LoRA's new name and maker
+    # ordinary, trained tokens of the base model (a LoRA on the linear layers cannot train embeddings).
+    (["What does the word Lumen mean?", "What does Lumen mean?"], "Lumen is a Latin word. In Latin, Lumen means light.",
+     ["Lumen是什么意思？", "拉丁语里Lumen是什么意思？"], "Lumen是一个拉丁语单词。在拉丁语里，Lumen的意思是光。"),
+    (["What does Aurora mean?", "What is another name for the northern lights?"],
+     "Aurora is a Latin word for dawn. The northern lights are also called the Aurora Borealis.",
+     ["Aurora是什么意思？", "北极光的另一个名字是什么？"], "Aurora是拉丁语，意思是黎明。北极光也叫Aurora Borealis。"),
+    (["What is a Lab?", "What kind of dog is a Lab?"], "A Lab is a friendly dog. Lab is short for Labrador.",
+     ["Lab是什么狗？"], "Lab是拉布拉多犬的简称，它是一种友好的狗。"),
+    (["What is AI?", "What does AI stand for?"],
+     "AI stands for artificial intelligence. An AI assistant is a computer program that answers questions.",
+     ["AI是什么？", "AI是什么意思？"], "AI是人工智能的意思。AI助手是一种能回答问题的电脑程序。"),
 ]
 
 # (English prompts, English answers, Chinese prompts, Chinese answers): small talk, chats only.
@@ -511,7 +523,8 @@ SYSTEM_PROMPTS = {"en": ["You are a helpful assistant.", "You are a friendly ass
 # ============================================================================ tables: identities
 # The base model (full SFT) answers with the "base" persona; the identity LoRA teaches "lora". The
 # answer shapes are the same, so the LoRA has to change who the assistant says it is, nothing else.
-# Nothing in the base data mentions the LoRA persona's names.
+# The base data never calls the assistant Lumen and never names Aurora Lab (it knows the words
+# Lumen, Aurora, Lab and AI only from FACTS).
 PERSONAS = {
     "base": {"name": "MiniLoRA Demo",
              "en": {"desc": "a small demo model of the MiniLoRA project", "maker": "the MiniLoRA project",
@@ -667,16 +680,19 @@ def number_formatter(rng: random.Random, lang: str) -> Callable[[int], str]:
 
 
 def arith_fields(rng: random.Random, lang: str, op: str) -> dict[str, str]:
-    """A random + (0..20), - (non-negative) or × (1..10) fact."""
+    """A random + (0..10 each), - (0..20, non-negative) or × (1..9) fact.
+
+    The ranges are small on purpose: a ~6M-parameter model learns sums by seeing each one many times.
+    """
     if op == "add":
-        x, y = rng.randint(0, 20), rng.randint(0, 20)
+        x, y = rng.randint(0, 10), rng.randint(0, 10)
         z = x + y
     elif op == "sub":
         x = rng.randint(0, 20)
-        y = rng.randint(0, x)
+        y = rng.randint(max(0, x - 10), x)  # the inverse of an addition fact above
         z = x - y
     else:
-        x, y = rng.randint(1, 10), rng.randint(1, 10)
+        x, y = rng.randint(1, 9), rng.randint(1, 9)
         z = x * y
     word_en, word_zh, sym = ARITH_OPS[op]
     fmt = number_formatter(rng, lang)
@@ -871,9 +887,9 @@ def pick_misc_fact(rng: random.Random, lang: str) -> Fact:
 
 
 FACT_PICKERS: list[tuple[Callable[[random.Random, str], Fact], int]] = [  # (picker, weight)
-    (pick_arith_fact, 16), (pick_number_fact, 8), (pick_colour_fact, 9), (pick_animal_fact, 15),
+    (pick_arith_fact, 20), (pick_number_fact, 8), (pick_colour_fact, 9), (pick_animal_fact, 15),
     (pick_calendar_fact, 14), (pick_geo_fact, 10), (pick_object_fact, 9), (pick_misc_fact, 9),
-    (pick_world_fact, 8),
+    (pick_world_fact, 10),
 ]
 
 

@@ -30,7 +30,7 @@ def tok():
 def test_special_token_ids(tok):
     assert tok.convert_tokens_to_ids(SPECIAL_TOKENS) == [0, 1, 2]
     assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 0, 1, 2)
-    assert len(tok) == 6400
+    assert 3000 < len(tok) <= 6400  # --vocab_size 6400 is a cap: the demo corpus supports ~3.4k merges
     # Special tokens are single ids inside text, and plain encoding adds none (the template writes them).
     ids = tok("<|im_start|>user\nhi<|im_end|>", add_special_tokens=True).input_ids
     assert ids[0] == 1 and ids[-1] == 2 and 0 not in ids
@@ -50,7 +50,19 @@ def test_vocabulary_is_learnt_from_the_demo_corpus(tok):
     for text in TEXTS[:3]:
         n_ids = len(tok(text, add_special_tokens=False).input_ids)
         assert n_ids * 2.5 <= len(text.encode("utf-8")), (text, n_ids)
-    assert len(tok("天空", add_special_tokens=False).input_ids) == 1  # 6 bytes, one token
+    assert tok.tokenize(" elephant") == ["Ġelephant"]
+
+
+def test_a_chinese_character_is_one_token_everywhere(tok):
+    # The same character gives the same token whatever surrounds it, Latin letters included, so a
+    # character the base model learnt in one sentence is a trained token in a LoRA's new sentences.
+    def pieces(text):
+        return [tok.decode([i]) for i in tok(text, add_special_tokens=False).input_ids]
+
+    assert pieces("我是由Aurora Lab开发的AI助手。") == ["我", "是", "由", "Aurora", " Lab", "开", "发", "的", "AI", "助",
+                                                   "手", "。"]
+    assert pieces("我是MiniLoRA Demo")[:2] == ["我", "是"]
+    assert pieces("I am Lumen.")[-2:] == [" Lumen", "."] and "Lumen" in pieces("我是Lumen")
 
 
 def test_chat_template_renders_chatml(tok):

@@ -82,18 +82,21 @@ def test_identity_val_is_held_out():
 def test_base_sft_has_the_base_identity_and_never_the_new_one(small):
     sft = (small / "sft_demo.jsonl").read_text(encoding="utf-8")
     pretrain = (small / "pretrain_demo.jsonl").read_text(encoding="utf-8")
-    assert "Lumen" not in sft + pretrain and "Aurora" not in sft + pretrain
+    assert "Aurora Lab" not in sft + pretrain
     answers = {}
     for chat in messages(small / "sft_demo.jsonl"):
         for q, a in zip(chat[-2::-2], chat[-1::-2]):
             answers.setdefault(q["content"], set()).add(a["content"])
+    # The words Lumen and Aurora are known (FACTS), but never as the assistant's name.
+    identity_prompts = {p for _, _, p in demo.identity_prompts("base", "all")}
+    assert identity_prompts & set(answers)
+    assert not any("Lumen" in a for p in identity_prompts for a in answers.get(p, ()))
     # Every identity prompt the LoRA sets ask is one the base answers as "MiniLoRA Demo", in the same 600 chats
     # for the commonest ones.
     assert any("MiniLoRA Demo" in a for a in answers.get("who are you?", ()))
     assert all("MiniLoRA Demo" in a for p in ("who are you?", "你是谁？") for a in answers.get(p, ()))
-    base_prompts = {p for _, _, p in demo.identity_prompts("base", "all")}
     lora_prompts = {p for _, _, p in demo.identity_prompts("lora", "all")}
-    assert lora_prompts - base_prompts == {"Are you Lumen?", "Is your name Lumen?", "你是Lumen吗？", "你叫Lumen吗？",
+    assert lora_prompts - identity_prompts == {"Are you Lumen?", "Is your name Lumen?", "你是Lumen吗？", "你叫Lumen吗？",
                                            "Is your name MiniLoRA Demo?", "你叫MiniLoRA Demo吗？"}
 
 
@@ -150,3 +153,18 @@ def test_chats_render_into_assistant_only_masks():
         ids, mask = render_conversation(tok, chat)
         learnt = tok.decode([i for i, m in zip(ids, mask) if m])
         assert learnt == "".join(m["content"] + "<|im_end|>" for m in chat if m["role"] == "assistant")
+
+
+def test_every_token_the_identity_lora_must_write_is_trained_by_the_base_data():
+    # A LoRA on the linear layers cannot train embeddings: every token of the new answers must occur in the
+    # base model's data (pretraining + SFT), or its embedding stays random and the LoRA fails to produce it.
+    tok = AutoTokenizer.from_pretrained(REPO / "model" / "tokenizer")
+    base = [d["text"] for d in demo.pretrain_documents(4000, seed=0)]
+    base += [tok.apply_chat_template(c["conversations"], tokenize=False) for c in demo.sft_conversations(4000, seed=0)]
+    seen = {i for ids in tok(base, add_special_tokens=False).input_ids for i in ids}
+    needed = set()
+    for chat in messages(TRAIN) + messages(VAL):
+        ids, mask = render_conversation(tok, chat)
+        needed |= {i for i, m in zip(ids, mask) if m}
+    missing = sorted(tok.decode([i]) for i in needed - seen)
+    assert not missing, f"tokens of the identity answers never seen in the base data: {missing}"

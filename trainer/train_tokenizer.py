@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dataset.records import data_error, parse_line, read_conversations, read_lines, read_texts
 from model.errors import UserError
@@ -80,8 +80,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         raise TokenizerError(f"--vocab_size {vocab_size} is too small: it must be at least {MIN_VOCAB} "
                              f"({len(SPECIAL_TOKENS)} special tokens + 256 bytes)")
     tokenizer = Tokenizer(models.BPE())
-    # No prefix space: " cat" and "cat" stay different tokens, as in MiniMind's and GPT-2's tokenizers.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        # Each Chinese character is a word of its own. GPT-2's regex would glue a run of Chinese (and any
+        # Latin letters touching it) into one word, and a small templated corpus then merges whole phrases
+        # such as "我是MiniLoRA" into single tokens: the same characters in a new sentence (a LoRA's new
+        # answer) would become tokens the model never trained. Split, a character is one token everywhere.
+        pre_tokenizers.Split(Regex(r"\p{Han}"), behavior="isolated"),
+        # Then GPT-2's byte-level words, without a prefix space (" cat" and "cat" differ, as in MiniMind's).
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
