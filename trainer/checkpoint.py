@@ -149,3 +149,36 @@ def restore_resume(ckpt: dict, path: Path, load_trainable: Callable[[dict], None
         seed_everything(seed + 1000 * state.step + rank)
     state.world_size = world_size
     return state
+
+
+def start_or_resume(path: Path, from_resume: bool, load_trainable: Callable[[dict], None],
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, rank: int,
+                    world_size: int, seed: int) -> TrainState:
+    """A fresh TrainState, or the one in `path` (with everything loaded) when --from_resume 1 finds it."""
+    ckpt = load_resume(path) if from_resume else None
+    if ckpt is None:
+        if from_resume and rank == 0:
+            print(f"--from_resume 1: no {path} yet, starting a fresh run", flush=True)
+        return TrainState(world_size=world_size)
+    state = restore_resume(ckpt, path, load_trainable, optimizer, scaler, rank, world_size, seed)
+    if rank == 0:
+        print(f"resuming from {path}: step {state.step}, epoch {state.epoch + 1}", flush=True)
+    return state
+
+
+def save_full_model(model: torch.nn.Module, tokenizer: object, stem: Path, minimind: bool) -> None:
+    """A fully trained model: MiniMind's `{stem}.pth` (fp16 state dict, as MiniMind saves) for MiniMind
+    models, and a model directory `{stem}/` (config, safetensors, tokenizer) that --from_weight loads."""
+    if minimind:
+        atomic_save({k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()},
+                    sibling(stem, ".pth"))
+
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # its bar would litter nohup logs
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    write_dir(stem, fill)

@@ -7,14 +7,18 @@ is a single number (samples consumed), so a resumed run, even on a different num
 continues with exactly the samples not yet seen.
 """
 
+import argparse
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from dataset.lm_dataset import PackedDataset, collate_packed, collate_padded
+from trainer.distributed import DistInfo
 from trainer.loss import IGNORE_INDEX, supervision
 
 MicroBatch = list[tuple[int, bool]]  # (sample index, live); a dead sample only keeps ranks in step
@@ -170,3 +174,34 @@ def load_split(make: Callable[[str], Dataset], data_path: str, val_data_path: st
 def to_device(batch: dict, device: torch.device) -> dict:
     """Move a collated micro-batch's tensors (pinned on CUDA) without blocking the host."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@dataclass
+class TrainData:
+    """What the loop needs from the data: the training set, its step plan, loaders, validation batches."""
+
+    train: Dataset
+    sampler: StepSampler
+    loader_for: Callable[[], DataLoader]  # a fresh loader over the sampler's current plan
+    val_batches: DataLoader | None
+
+    def steps(self, epoch: int, position: int, epochs: int) -> Iterator[tuple[int, list[dict], int]]:
+        """(epoch, this rank's micro-batches, global samples) for each optimizer step from `position` on."""
+        return training_steps(self.train, self.sampler, epoch, position, epochs, self.loader_for)
+
+    def total_steps(self, epochs: int, epoch: int, position: int, done: int, max_steps: int | None) -> int:
+        """Optimizer steps of the whole run (see count_steps)."""
+        return count_steps(self.sampler, epochs, epoch, position, done, max_steps)
+
+
+def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info: DistInfo, pad_id: int) -> TrainData:
+    """Tokenized training (and validation) data from the flags, padded or packed, sharded for this rank."""
+    train, val = load_split(make, args.data_path, args.val_data_path, args.val_fraction, args.seed)
+    collate = partial(collate_padded, pad_id=pad_id)
+    if args.packing:  # validation stays padded: the loss is the same, and it is simpler
+        train = PackedDataset(train, args.max_seq_len, args.seed)
+    sampler = StepSampler(len(train), args.batch_size, args.accumulation_steps, info.rank, info.world_size, args.seed)
+    train_collate = partial(collate_packed, pad_id=pad_id) if args.packing else collate
+    loader_for = partial(make_loader, train, sampler, train_collate, args.num_workers, info.device.type == "cuda")
+    val_batches = eval_loader(val, args.batch_size, info.rank, info.world_size, collate) if val is not None else None
+    return TrainData(train, sampler, loader_for, val_batches)

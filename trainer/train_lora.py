@@ -20,23 +20,21 @@ from pathlib import Path
 
 import torch
 
-from dataset.lm_dataset import PackedDataset, SFTDataset, collate_packed, collate_padded
+from dataset.lm_dataset import SFTDataset
 from model.model_lora import apply_lora, load_lora_state_dict, lora_parameters, lora_state_dict, save_lora
 from trainer.args import parse_args
 from trainer.base_model import load_base
 from trainer.checkpoint import (
-    TrainState,
     capture_rng,
-    load_resume,
     output_stem,
-    restore_resume,
     save_resume,
     seed_everything,
     sibling,
+    start_or_resume,
     write_dir,
     write_json,
 )
-from trainer.data import StepSampler, count_steps, eval_loader, load_split, make_loader, training_steps
+from trainer.data import prepare_data
 from trainer.distributed import gather_objects, setup_distributed
 from trainer.engine import (
     NonFiniteGuard,
@@ -95,30 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     template = Path(args.chat_template).read_text() if args.chat_template else None
     make = partial(SFTDataset, tokenizer=base.tokenizer, max_length=args.max_seq_len, skip_invalid=args.skip_bad_data,
                    chat_template=template, log=print if info.is_main else None)
-    train_set, val_set = load_split(make, args.data_path, args.val_data_path, args.val_fraction, args.seed)
-    pad_id = base.tokenizer.pad_token_id if base.tokenizer.pad_token_id is not None else 0
-    collate = partial(collate_padded, pad_id=pad_id)
-    if args.packing:
-        train_set = PackedDataset(train_set, args.max_seq_len, args.seed)
-    sampler = StepSampler(len(train_set), args.batch_size, args.accumulation_steps, info.rank, info.world_size,
-                          args.seed)
-    loader_for = partial(make_loader, train_set, sampler, partial(collate_packed, pad_id=pad_id) if args.packing
-                         else collate, args.num_workers, info.device.type == "cuda")
-    val_batches = eval_loader(val_set, args.batch_size, info.rank, info.world_size, collate) if val_set else None
+    data = prepare_data(make, args, info, pad_id=base.tokenizer.pad_token_id or 0)
 
     # ------------------------------------------------------------------ resume
     resume_path = sibling(stem, "_resume.pth")
-    ckpt = load_resume(resume_path) if args.from_resume else None
-    if ckpt is None:
-        state = TrainState(world_size=info.world_size)
-        if args.from_resume and info.is_main:
-            print(f"--from_resume 1: no {resume_path} yet, starting a fresh run", flush=True)
-    else:
-        state = restore_resume(ckpt, resume_path, partial(load_lora_state_dict, model, source=str(resume_path)),
-                               optimizer, scaler, info.rank, info.world_size, args.seed)
-        if info.is_main:
-            print(f"resuming from {resume_path}: step {state.step}, epoch {state.epoch + 1}", flush=True)
-    total_steps = count_steps(sampler, args.epochs, state.epoch, state.position, state.step, args.max_steps)
+    state = start_or_resume(resume_path, args.from_resume, partial(load_lora_state_dict, model, source=str(resume_path)),
+                            optimizer, scaler, info.rank, info.world_size, args.seed)
+    total_steps = data.total_steps(args.epochs, state.epoch, state.position, state.step, args.max_steps)
     wandb_run = None
     if args.use_wandb and info.is_main:
         wandb_run = start_wandb(args.wandb_project, stem.name, vars(args), state.wandb_id)
@@ -140,12 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------ loop
     stop, guard = StopSignal(), NonFiniteGuard()
     log = RunLogger(info, total_steps, state.step, args.log_interval, state.history, wandb_run)
-    log.write(f"training steps {state.step + 1}..{total_steps} ({sampler.steps_in_epoch()} per epoch); Ctrl-C or "
+    log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
               "kill stops after the current step and saves" if state.step < total_steps else
               f"nothing to train: the run already reached step {total_steps}")
     stopped = False
-    for epoch, micro_batches, n_samples in training_steps(train_set, sampler, state.epoch, state.position,
-                                                          args.epochs, loader_for):
+    for epoch, micro_batches, n_samples in data.steps(state.epoch, state.position, args.epochs):
         if state.step >= total_steps:  # --max_steps reached, or a finished run resumed
             break
         n_supervised, n_tokens, stopped = step_begin(micro_batches, stop.requested, info)
@@ -154,16 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         lr = lr_at(state.step, total_steps, args.learning_rate, args.warmup_iters)
         loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params, lr,
                                      args.grad_clip, amp_dtype)
-        state.advance(epoch, n_samples, len(train_set))
+        state.advance(epoch, n_samples, len(data.train))
         guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write, scaler is None)
-        if state.step < total_steps and val_batches is not None and state.step % args.eval_interval == 0:
-            log.val(state.step, evaluate(loss_module, val_batches, info, amp_dtype))
+        if state.step < total_steps and data.val_batches is not None and state.step % args.eval_interval == 0:
+            log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
         if state.step < total_steps and state.step % args.save_interval == 0:
             save(final=False)
 
     # ------------------------------------------------------------------ finish
-    if val_batches is not None and not stopped:
-        log.val(state.step, evaluate(loss_module, val_batches, info, amp_dtype))
+    if data.val_batches is not None and not stopped:
+        log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
     guard.check(log.flush(), log.write, scaler is None)  # steps since the last log line, e.g. when stopped
     save(final=True)
     log.close()

@@ -1,0 +1,93 @@
+"""The other jobs on the same engine: pretrain a new MiniMind -> full SFT -> LoRA, and LoRA on a transformers dir."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+from model.model_minimind import load_minimind
+from tests.train_utils import REPO, run_inprocess, tokenizer_dir, write_chat_data
+from trainer import train_full_sft, train_lora, train_pretrain
+
+
+def _flags(**kw: object) -> list[str]:
+    base = {"device": "cpu", "num_workers": 0, "log_interval": 1, "batch_size": 4, "seed": 3}
+    return [x for k, v in {**base, **kw}.items() for x in (f"--{k}", str(v))]
+
+
+def _write_texts(path, n: int) -> None:
+    words = "the cat sat on a mat and one two three four five is after before".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(5 + i % 9))}) + "\n")
+
+
+def test_pretrain_then_full_sft_then_lora(tmp_path, capsys):
+    tok = tokenizer_dir()
+    out = tmp_path / "out"
+    _write_texts(tmp_path / "text.jsonl", 12)
+    write_chat_data(tmp_path / "chat.jsonl", 8)
+
+    # A new MiniMind sized by the flags, vocabulary from the tokenizer.
+    assert run_inprocess(train_pretrain.main, _flags(
+        save_dir=out, data_path=tmp_path / "text.jsonl", hidden_size=64, num_hidden_layers=2, tokenizer_path=tok,
+        max_steps=3, learning_rate=1e-3)) == 0
+    trained = torch.load(out / "pretrain_64_resume.pth", weights_only=False)["trainable"]
+    pth = load_minimind(out / "pretrain_64.pth")  # MiniMind's layout, fp16 like MiniMind's own files
+    assert pth.config.hidden_size == 64 and pth.config.num_hidden_layers == 2 and pth.config.vocab_size == 6400
+    for key, value in pth.state_dict().items():
+        torch.testing.assert_close(value.float(), trained[key], atol=1e-3, rtol=1e-3)
+    folder = AutoModelForCausalLM.from_pretrained(out / "pretrain_64")  # the model directory, fp32
+    for key, value in folder.state_dict().items():
+        torch.testing.assert_close(value, trained[key], atol=0, rtol=0)
+    assert AutoTokenizer.from_pretrained(out / "pretrain_64").get_vocab() == AutoTokenizer.from_pretrained(tok).get_vocab()
+
+    # Full SFT continues from it by MiniMind name: every tensor trains.
+    assert run_inprocess(train_full_sft.main, _flags(
+        save_dir=out, from_weight="pretrain", data_path=tmp_path / "chat.jsonl", tokenizer_path=tok, max_steps=2,
+        learning_rate=1e-3)) == 0
+    sft = torch.load(out / "full_sft_64_resume.pth", weights_only=False)
+    assert sft["state"]["step"] == 2 and sft["config"]["base_model"] == str(out / "pretrain_64.pth")
+    changed = [k for k in trained if not torch.equal(sft["trainable"][k], trained[k])]
+    assert set(changed) == set(trained)
+    assert (out / "full_sft_64.pth").is_file() and (out / "full_sft_64_loss.png").is_file()
+
+    # LoRA on the full-SFT model directory: its own tokenizer, so no warning about the repo's.
+    capsys.readouterr()
+    assert run_inprocess(train_lora.main, _flags(
+        save_dir=out, from_weight=out / "full_sft_64", data_path=tmp_path / "chat.jsonl", max_steps=2,
+        lora_rank=4)) == 0
+    printed = capsys.readouterr().out
+    assert "warning: using the repo's tokenizer" not in printed and "done:" in printed
+    assert (out / "lora_identity_64.pth").is_file()
+
+
+def test_lora_on_a_transformers_model_directory(tmp_path):
+    tok = tokenizer_dir()
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    model.save_pretrained(tmp_path / "qwen3")
+    AutoTokenizer.from_pretrained(tok).save_pretrained(tmp_path / "qwen3")
+    data = write_chat_data(tmp_path / "chat.jsonl", 6)
+    assert run_inprocess(train_lora.main, _flags(
+        save_dir=tmp_path / "out", from_weight=tmp_path / "qwen3", data_path=data, max_steps=2, lora_rank=4,
+        lora_targets="q_proj,v_proj")) == 0
+    sd = torch.load(tmp_path / "out" / "lora_identity_32.pth", weights_only=True)
+    assert len(sd) == 2 * 2 * 2 and all(".q_proj." in k or ".v_proj." in k for k in sd)
+    peft = pytest.importorskip("peft")
+    loaded = peft.PeftModel.from_pretrained(Qwen3ForCausalLM.from_pretrained(tmp_path / "qwen3"),
+                                            str(tmp_path / "out" / "lora_identity_32"))
+    assert sorted(loaded.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
+
+
+def test_default_paths_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    from trainer.args import parse_args
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MINILORA_OUT_DIR", raising=False)
+    args = parse_args("lora", "t", [])
+    assert args.save_dir == str(REPO / "out") and args.data_path == str(REPO / "dataset" / "lora_identity.jsonl")
+    assert parse_args("full_sft", "t", []).data_path == str(REPO / "dataset" / "sft_demo.jsonl")
+    assert parse_args("pretrain", "t", []).data_path == str(REPO / "dataset" / "pretrain_demo.jsonl")
