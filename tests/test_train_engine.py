@@ -14,7 +14,13 @@ from trainer.args import FlagError, parse_args
 from trainer.base_model import BaseModelError, resolve_weight
 from trainer.data import StepSampler, collate_supervised, epoch_order
 from trainer.distributed import DistInfo
-from trainer.engine import NonFiniteGuard, TrainingDiverged, make_optimizer, train_step
+from trainer.engine import (
+    NonFiniteGuard,
+    TrainingDiverged,
+    enable_activation_checkpointing,
+    make_optimizer,
+    train_step,
+)
 from trainer.logger import RunLogger
 from trainer.loss import IGNORE_INDEX, SupervisedLoss
 from trainer.schedule import lr_at
@@ -200,3 +206,50 @@ def test_nan_step_is_skipped_and_reported(capsys):
     with pytest.raises(TrainingDiverged, match=r"2 optimizer steps in a row.*lower --learning_rate.*bfloat16"):
         step(4, samples)
     assert [s for s, _ in log.history["train"]] == [2]  # nan losses stay out of the curve
+
+
+# ------------------------------------------------------------------------- MoE aux loss, gradient checkpointing
+
+def _collate(samples: list) -> dict:
+    return collate_supervised(samples, lambda s: collate_padded(s, pad_id=0))
+
+
+def test_moe_aux_loss_is_averaged_over_micro_batches():
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(tiny_config(vocab_size=VOCAB, use_moe=True))
+    apply_lora(model, rank=4)  # all linears, experts included (some get no gradient in a step)
+    model.train()
+    samples = _samples(6, seed=4)
+    micro = [_collate(samples[:4]), _collate(samples[4:])]
+    ce, aux, count = 0.0, [], 0
+    with torch.no_grad():  # the reference: the model's own logits and aux loss, batch by batch
+        for b in micro:
+            out = model(b["input_ids"], attention_mask=b["attention_mask"])
+            labels = b["labels"][:, 1:]
+            ce += F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB).double(), labels.reshape(-1),
+                                  ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += int((labels != IGNORE_INDEX).sum())
+            aux.append(out.aux_loss.item())
+    assert min(aux) > 0
+    params = lora_parameters(model)
+    loss, _ = train_step(SupervisedLoss(model), micro, count, CPU, make_optimizer(params, 1e-3, 0.0), None, params,
+                         1e-3, 1.0, torch.float32)
+    assert loss.item() == pytest.approx(ce / count + sum(aux) / len(aux), rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_step():
+    samples = _samples(4, seed=5)
+    grads = []
+    for checkpointing in (False, True):
+        model = _lora_model()
+        if checkpointing:
+            enable_activation_checkpointing(model)
+            assert model.model.gradient_checkpointing
+        params = lora_parameters(model)
+        before = [p.detach().clone() for p in params]
+        b = _collate(samples)
+        train_step(SupervisedLoss(model), [b], b["sup_targets"].numel(), CPU, torch.optim.SGD(params, lr=1.0, fused=True),
+                   None, params, 1.0, 0.0, torch.float32)
+        grads.append([x - p.detach() for x, p in zip(before, params)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -49,6 +49,16 @@ def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=True)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in backward instead of keeping them (transformers' switch,
+    renamed from gradient_checkpointing_enable in recent versions; non-reentrant, so frozen inputs work)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def wrap_ddp(module: nn.Module, info: DistInfo, find_unused: bool) -> nn.Module:
     """DDP over the loss module when several ranks run (gradients of trainable parameters are averaged)."""
     if not info.distributed:

@@ -34,6 +34,7 @@ from trainer.engine import (
     NonFiniteGuard,
     StopSignal,
     autocast_note,
+    enable_activation_checkpointing,
     evaluate,
     make_optimizer,
     make_scaler,
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                      args.use_moe, args.tokenizer_path)
     model = base.model.to(info.device).train()
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if args.use_compile:
         model.model.compile()
     params = [p for p in model.parameters() if p.requires_grad]

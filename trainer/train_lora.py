@@ -40,6 +40,7 @@ from trainer.engine import (
     NonFiniteGuard,
     StopSignal,
     autocast_note,
+    enable_activation_checkpointing,
     evaluate,
     make_optimizer,
     make_scaler,
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                          targets=args.lora_targets)
     model.to(info.device).train()
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if args.use_compile:
         model.model.compile()  # in place: parameter names (and so the saved files) stay unchanged
     params = lora_parameters(model)

@@ -35,6 +35,7 @@ from trainer.engine import (
     NonFiniteGuard,
     StopSignal,
     autocast_note,
+    enable_activation_checkpointing,
     evaluate,
     make_optimizer,
     make_scaler,
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed + info.rank)
     model = base.model.to(info.device).train()
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if args.use_compile:
         model.model.compile()
     params = [p for p in model.parameters() if p.requires_grad]
