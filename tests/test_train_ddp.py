@@ -20,7 +20,7 @@ from trainer.train_lora import main
 
 
 @pytest.mark.slow
-def test_two_ranks_batch_4_equal_one_process_batch_8(tmp_path):
+def test_two_ranks_batch_4_equal_one_process_batch_8(tmp_path, capsys):
     tokenizer_dir()
     weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
     # 9 samples: step 1 takes 8 (4 per rank), step 2 takes the last one, so rank 1 runs a dead
@@ -51,3 +51,13 @@ def test_two_ranks_batch_4_equal_one_process_batch_8(tmp_path):
         assert [s for s, _ in h2[name]] == [1, 2]
         for (_, x), (_, y) in zip(h1[name], h2[name]):
             assert y == pytest.approx(x, rel=1e-5)
+
+    # The 2-rank run's resume file continues on 1 process: same step and epoch, the next epoch planned for
+    # the new world size (9 samples / global batch 8 -> 2 steps again), RNG re-seeded, and said so.
+    argv = lora_args(tmp_path, weight, data, save_dir=tmp_path / "two", batch_size=8, **{**flags, "epochs": 2})
+    capsys.readouterr()
+    assert run_inprocess(main, argv + ["--from_resume", "1"]) == 0
+    assert "was written by 2 process(es), this run has 1" in capsys.readouterr().out
+    state = torch.load(tmp_path / "two" / "lora_identity_64_resume.pth", weights_only=False)["state"]
+    assert state["step"] == 4 and state["epoch"] == 2 and state["world_size"] == 1
+    assert [s for s, _ in state["history"]["train"]] == [1, 2, 3, 4]
