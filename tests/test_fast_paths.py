@@ -108,3 +108,13 @@ def test_fused_lora_compiles_without_graph_breaks():
         layer.fused = True
     for a, b in zip(*outs):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_unmasked_gqa_attention_matches_the_repeated_kv_path():
+    """No mask: SDPA reads the shared kv heads (enable_gqa); an all-ones mask takes the repeat_interleave path."""
+    model = tiny_model().eval()
+    ids, _ = batch()
+    with torch.no_grad():
+        fast = model(ids).logits
+        plain = model(ids, attention_mask=torch.ones_like(ids)).logits
+    assert (fast - plain).abs().max() <= 1e-5 * plain.abs().max()
