@@ -118,3 +118,18 @@ def test_unmasked_gqa_attention_matches_the_repeated_kv_path():
         fast = model(ids).logits
         plain = model(ids, attention_mask=torch.ones_like(ids)).logits
     assert (fast - plain).abs().max() <= 1e-5 * plain.abs().max()
+
+
+def test_bench_script_tiny_smoke(tmp_path):
+    """scripts/bench_lora.py --tiny runs every stack and layout on the CPU and writes its JSON."""
+    import json
+
+    from scripts.bench_lora import main
+
+    assert main(["--tiny", "--json", str(tmp_path / "bench.json")]) == 0
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["name"] for r in results["steps"]] == ["peft", "ours-eager", "ours"]
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in results["steps"])
+    assert all("error" not in r and r["samples_per_s"] > 0 for r in results["sft_mix"])
+    sft = {r["name"]: r["loss"] for r in results["sft_mix"]}
+    assert abs(sft["ours-pad-max"] - sft["minimind-pad-max"]) < 1e-4  # same batches, same loss
