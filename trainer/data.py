@@ -111,26 +111,30 @@ def _quiet_worker(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset: Dataset, batch_sampler: object, collate_fn: Callable, num_workers: int,
+def make_loader(dataset: Dataset, batch_sampler: StepSampler, collate_fn: Callable, num_workers: int,
                 pin_memory: bool) -> DataLoader:
-    """A DataLoader that yields collated micro-batches in the sampler's order."""
+    """One DataLoader for the whole run; each iter() walks the sampler's current plan (set_epoch)."""
+    # Workers outlive an epoch (no re-fork per epoch), except for packed rows: a worker holds its own copy of
+    # the dataset, which must see set_epoch's new rows, so those workers are forked again each epoch.
+    persistent = num_workers > 0 and not hasattr(dataset, "set_epoch")
     # Its own generator: creating a loader iterator draws a worker seed, which must not advance the
     # global RNG (dropout uses it), or a resumed run would drift from an uninterrupted one.
     return DataLoader(_Keyed(dataset), batch_sampler=batch_sampler,
                       collate_fn=partial(collate_supervised, collate_fn=collate_fn),
-                      num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
+                      num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent,
+                      generator=torch.Generator().manual_seed(0),
                       worker_init_fn=_quiet_worker if num_workers > 0 else None)
 
 
 def training_steps(dataset: Dataset, sampler: StepSampler, first_epoch: int, position: int, epochs: int,
-                   loader_for: Callable[[], DataLoader]) -> Iterator[tuple[int, list[dict], int]]:
+                   loader: DataLoader) -> Iterator[tuple[int, list[dict], int]]:
     """(epoch, this rank's micro-batches of one optimizer step, samples in the step over all ranks),
     from `position` in `first_epoch` to the end of the last epoch."""
     for epoch in range(first_epoch, epochs):
         if hasattr(dataset, "set_epoch"):  # packed rows are re-drawn each epoch
             dataset.set_epoch(epoch)
         sampler.set_epoch(epoch, start=position if epoch == first_epoch else 0)
-        batches = iter(loader_for())
+        batches = iter(loader)
         for step, size in zip(sampler.steps, sampler.step_sizes):
             yield epoch, [next(batches) for _ in step], size
 
@@ -182,12 +186,12 @@ class TrainData:
 
     train: Dataset
     sampler: StepSampler
-    loader_for: Callable[[], DataLoader]  # a fresh loader over the sampler's current plan
+    loader: DataLoader  # yields the sampler's current plan
     val_batches: DataLoader | None
 
     def steps(self, epoch: int, position: int, epochs: int) -> Iterator[tuple[int, list[dict], int]]:
         """(epoch, this rank's micro-batches, global samples) for each optimizer step from `position` on."""
-        return training_steps(self.train, self.sampler, epoch, position, epochs, self.loader_for)
+        return training_steps(self.train, self.sampler, epoch, position, epochs, self.loader)
 
     def total_steps(self, epochs: int, epoch: int, position: int, done: int, max_steps: int | None) -> int:
         """Optimizer steps of the whole run (see count_steps)."""
@@ -202,6 +206,6 @@ def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info:
         train = PackedDataset(train, args.max_seq_len, args.seed)
     sampler = StepSampler(len(train), args.batch_size, args.accumulation_steps, info.rank, info.world_size, args.seed)
     train_collate = partial(collate_packed, pad_id=pad_id) if args.packing else collate
-    loader_for = partial(make_loader, train, sampler, train_collate, args.num_workers, info.device.type == "cuda")
+    loader = make_loader(train, sampler, train_collate, args.num_workers, info.device.type == "cuda")
     val_batches = eval_loader(val, args.batch_size, info.rank, info.world_size, collate) if val is not None else None
-    return TrainData(train, sampler, loader_for, val_batches)
+    return TrainData(train, sampler, loader, val_batches)
