@@ -90,8 +90,8 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
                        help="scale = alpha / r (default: alpha = r, scale 1, as in MiniMind)")
         g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
         g.add_argument("--lora_targets", default=None,
-                       help="comma-separated module names to adapt, e.g. q_proj,o_proj "
-                            "(default: model.model_lora's default targets)")
+                       help="comma-separated module names to adapt, e.g. q_proj,v_proj; 'square' = MiniMind's "
+                            "choice (q_proj,o_proj) (default: every linear layer but lm_head and MoE routers)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=str(d["data_path"]), help="training jsonl")
