@@ -96,7 +96,8 @@ class SupervisedLoss(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed CE over the supervised positions, aux loss or 0)."""
-        out = self.model.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        # use_cache=False: with a KV cache transformers models skip the check that keeps packed samples apart.
+        out = self.model.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         lm_head = self.model.lm_head
         n = sup_index.numel()

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = gather_objects(capture_rng(), info)
         if not info.is_main:
             return
-        config = run_config(args, info, base.source, model, state.step, total_steps)
+        config = run_config(args, info, base.source, model, state.step, total_steps, history=state.history)
         save_full_model(model, base.tokenizer, stem, minimind=getattr(model.config, "model_type", "") == "minimind")
         write_json(sibling(stem, ".json"), config)
         save_resume(resume_path, model.state_dict(), optimizer, scaler, state, rng, config)

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         rng = gather_objects(capture_rng(), info)
         if not info.is_main:
             return
-        config = run_config(args, info, base.source, model, state.step, total_steps, lora_targets=targets)
+        config = run_config(args, info, base.source, model, state.step, total_steps, lora_targets=targets,
+                            history=state.history)
         save_lora(model, sibling(stem, ".pth"))
         write_dir(stem, lambda d: save_lora(model, d, base_model_name_or_path=base.source))
         write_json(sibling(stem, ".json"), config)
