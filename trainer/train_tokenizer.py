@@ -7,8 +7,10 @@
 
 Special tokens keep MiniMind's ids, so models and data made for MiniMind line up with it:
 0 <|endoftext|> (pad and unk), 1 <|im_start|> (bos), 2 <|im_end|> (eos). Byte-level BPE never meets an
-unknown character: any UTF-8 text, Chinese or emoji, encodes and decodes back exactly. The result loads
-offline with `transformers.AutoTokenizer.from_pretrained(out_dir)`.
+unknown character: any UTF-8 text, Chinese or emoji, encodes and decodes back exactly. Unlike MiniMind's
+tokenizer, each Chinese character is kept a token of its own (see train_bpe), so --vocab_size is a cap:
+the demo corpus has ~3.4k tokens' worth of merges. The result loads offline with
+`transformers.AutoTokenizer.from_pretrained(out_dir)`.
 """
 
 import argparse
@@ -133,19 +135,20 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags: corpus, vocabulary size, output directory."""
     p = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer with MiniMind's special tokens "
-                                            "(0 <|endoftext|>, 1 <|im_start|>, 2 <|im_end|>) and a ChatML template.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "(0 <|endoftext|>, 1 <|im_start|>, 2 <|im_end|>) and a ChatML template.")
     p.add_argument("--data_path", nargs="+", type=Path, default=DEFAULT_DATA,
                    help="jsonl files to learn from: pretraining {\"text\"} lines and/or chats (MiniMind "
-                        "conversations, OpenAI messages, ShareGPT, Alpaca); default: the demo corpus that "
-                        "dataset/make_demo_data.py writes")
+                        "conversations, OpenAI messages, ShareGPT, Alpaca) (default: dataset/pretrain_demo.jsonl "
+                        "dataset/sft_demo.jsonl, written by dataset/make_demo_data.py)")
     p.add_argument("--vocab_size", type=int, default=6400,
-                   help=f"tokens in the vocabulary, special tokens included (at least {MIN_VOCAB}); "
-                        "MiniMind's models use 6400")
+                   help=f"most tokens in the vocabulary, special tokens included (at least {MIN_VOCAB}); BPE "
+                        "stops earlier when the corpus has nothing left to merge (the demo corpus gives ~3.4k) "
+                        "(default: 6400)")
     p.add_argument("--out_dir", type=Path, default=DEFAULT_OUT,
-                   help="directory to write tokenizer.json and tokenizer_config.json to")
+                   help="directory to write tokenizer.json and tokenizer_config.json to (default: model/tokenizer)")
     p.add_argument("--model_max_length", type=int, default=32768,
-                   help="longest sequence the tokenizer reports to transformers (tokenizer_config.json)")
+                   help="longest sequence the tokenizer reports to transformers, in tokenizer_config.json "
+                        "(default: 32768)")
     return p.parse_args(argv)
 
 
