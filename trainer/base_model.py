@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 import model.model_minimind  # noqa: F401  (registers "minimind" with AutoModelForCausalLM)
 from model.errors import UserError
@@ -101,6 +102,7 @@ def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden
               tokenizer_path: str | None = None) -> BaseModel:
     """Load --from_weight (MiniMind .pth, MiniMind or transformers model directory) in `dtype`, plus tokenizer."""
     path = resolve_weight(from_weight, save_dir, hidden_size, use_moe)
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would litter nohup logs
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BaseModelError(f"--from_weight {path}: a model directory needs config.json (and weights)")
