@@ -45,9 +45,9 @@ SHAPES = {  # minimind-3 layout; generation 3 with these sizes is exactly Qwen3'
 # stack: "peft" (transformers Qwen3ForCausalLM + PEFT, model(labels=...) loss) or "ours" (MiniMindForCausalLM +
 # apply_lora + SupervisedLoss + fused AdamW). The ours-* ablations switch our fast paths off one at a time.
 VARIANTS = {
-    "peft": dict(stack="peft"),
+    "peft": dict(stack="peft", compile=False),
     "peft-compile": dict(stack="peft", compile=True),
-    "peft-ckpt": dict(stack="peft", ckpt=True),
+    "peft-ckpt": dict(stack="peft", compile=False, ckpt=True),
     "ours-eager": dict(stack="ours", compile=False, fused_lora=False, fused_ce=False),
     "ours-compile": dict(stack="ours", fused_lora=False, fused_ce=False),
     "ours-nofusedce": dict(stack="ours", fused_ce=False),
