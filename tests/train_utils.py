@@ -1,8 +1,14 @@
 """Shared pieces of the trainer tests: a tiny MiniMind on disk, tiny chat data, in-process runs."""
 
 import json
+import os
 import random
+import socket
+import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -76,3 +82,115 @@ def run_inprocess(main: object, argv: list[str]) -> int:
 def python() -> str:
     """The interpreter running the tests (for subprocess runs)."""
     return sys.executable
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a job run as a subprocess: this checkout first on the path (an editable install
+    may point at another copy of the repo) and one thread per process (several ranks share 2 cores)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
+def torchrun(*args: str) -> list[str]:
+    """`torchrun <args>` through this interpreter."""
+    return [python(), "-m", "torch.distributed.run", *args]
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on right now (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Finished:
+    """A subprocess run to its end: exit status, merged output, seconds, and seconds from `done:` to exit."""
+
+    returncode: int
+    output: str
+    seconds: float
+    exit_lag: float | None  # None when no line starting with "done:" was printed
+
+
+def run_timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 240) -> Finished:
+    """Run `cmd`, timestamping its output lines, so a test can say how fast it exits after finishing."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    lines, done_at = [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if done_at is None and line.startswith("done: "):
+            done_at = time.monotonic()
+    proc.wait()
+    killer.cancel()
+    end = time.monotonic()
+    return Finished(proc.returncode, "".join(lines), end - start, None if done_at is None else end - done_at)
+
+
+# A job launcher for fault and data tests: runs trainer/train_lora.py's main() as its entry point does,
+# after wrapping the engine's step so that rank 1 raises at step $FAIL_AT, and recording every sample key
+# this rank loads into $KEYS_FILE.<rank>. Its pid goes to $PID_FILE.<rank>.
+LAUNCHER = '''
+import os
+import sys
+
+import trainer.data
+import trainer.train_lora as job
+from trainer.engine import run_job
+
+rank = os.environ.get("RANK", "0")
+if os.environ.get("PID_FILE"):
+    with open(f"{os.environ['PID_FILE']}.{rank}", "w") as f:
+        f.write(str(os.getpid()))
+
+fail_at = int(os.environ.get("FAIL_AT", "0"))
+real_step, steps = job.train_step, 0
+
+
+def train_step(*args, **kwargs):
+    global steps
+    steps += 1
+    if rank == "1" and steps == fail_at:
+        raise RuntimeError(f"injected failure in step call {steps}")
+    return real_step(*args, **kwargs)
+
+
+job.train_step = train_step
+
+if os.environ.get("KEYS_FILE"):
+    real_getitem = trainer.data._Keyed.__getitem__
+    keys = open(f"{os.environ['KEYS_FILE']}.{rank}", "w", buffering=1)
+
+    def getitem(self, key):
+        keys.write(f"{key[0]} {int(key[1])}\\n")
+        return real_getitem(self, key)
+
+    trainer.data._Keyed.__getitem__ = getitem
+
+run_job(lambda: job.main(sys.argv[1:]))
+'''
+
+
+def write_launcher(folder: Path) -> Path:
+    """LAUNCHER as a script file in `folder`."""
+    path = folder / "launch_lora.py"
+    path.write_text(LAUNCHER)
+    return path
+
+
+def read_keys(prefix: Path, rank: int) -> list[tuple[int, bool]]:
+    """The (sample index, live) keys a LAUNCHER run's rank loaded, in order."""
+    path = prefix.parent / f"{prefix.name}.{rank}"
+    return [(int(i), live == "1") for i, live in (line.split() for line in path.read_text().splitlines())]
+
+
+def alive(pid: int) -> bool:
+    """True while process `pid` exists and is not a zombie (Linux /proc)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"

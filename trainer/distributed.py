@@ -2,6 +2,7 @@
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -54,8 +55,12 @@ def _pick_device(flag: str | None, local_rank: int) -> torch.device:
     return device
 
 
-def setup_distributed(device_flag: str | None, ddp_flag: bool) -> DistInfo:
-    """Join the process group if torchrun started us (NCCL on CUDA, gloo on CPU), else run alone."""
+def setup_distributed(device_flag: str | None, ddp_flag: bool, timeout_s: float = 600) -> DistInfo:
+    """Join the process group if torchrun started us (NCCL on CUDA, gloo on CPU), else run alone.
+
+    A collective that some rank never joins (it died, or hangs) fails after `timeout_s` instead of
+    blocking its peers forever.
+    """
     if not launched_by_torchrun():
         if ddp_flag:
             raise DistributedError(
@@ -66,11 +71,14 @@ def setup_distributed(device_flag: str | None, ddp_flag: bool) -> DistInfo:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     device = _pick_device(device_flag, local_rank)
+    timeout = timedelta(seconds=timeout_s)
     if device.type == "cuda":
-        dist.init_process_group("nccl", device_id=device)
-        host_group = dist.new_group(backend="gloo")
+        # 1 = TearDown: on an error or a timeout NCCL's watchdog aborts the communicators and ends the process.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
+        host_group = dist.new_group(backend="gloo", timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
         host_group = dist.group.WORLD
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, host_group=host_group)
 

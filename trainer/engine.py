@@ -2,19 +2,28 @@
 
 import contextlib
 import math
+import os
 import shlex
 import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.errors import UserError
 from trainer.data import to_device
-from trainer.distributed import DistInfo, cleanup_distributed, device_sum_, host_sum
+from trainer.distributed import (
+    DistInfo,
+    cleanup_distributed,
+    device_sum_,
+    host_sum,
+    launched_by_torchrun,
+)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -175,21 +184,54 @@ def evaluate(loss_module: nn.Module, batches: Iterable[dict], info: DistInfo, am
 # ------------------------------------------------------------------------- stopping and the entry point
 
 class StopSignal:
-    """SIGINT/SIGTERM ask the run to finish its current step, save, and exit; a second Ctrl-C aborts."""
+    """SIGINT/SIGTERM ask the run to finish its current step, save, and exit.
 
-    def __init__(self) -> None:
+    A second signal ends the process at once, without saving. Under torchrun a rank that has not
+    finished `deadline_s` after the first signal also exits (status 1): when torchrun tears the group
+    down after another rank failed, this rank may be blocked in a collective that will never complete.
+    """
+
+    def __init__(self, deadline_s: float = 120) -> None:
         self.requested = False
+        self.deadline_s = deadline_s
         # A signal the launcher set to be ignored stays ignored (bash does that to SIGINT for `cmd &`).
-        wanted = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
-        for s in wanted:
+        self.signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+        for s in self.signals:
             signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
         self.requested = True
+        # The next signal takes the default action (the process ends), even while the main thread is stuck
+        # in C++ (a collective, a kernel), where a Python handler would not run until it returned.
+        for s in self.signals:
+            signal.signal(s, signal.SIG_DFL)
         print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a resume checkpoint "
-              "(Ctrl-C again to abort without saving)", flush=True)
+              "(a second Ctrl-C or kill aborts without saving)", flush=True)
+        if launched_by_torchrun():
+            rank = os.environ.get("RANK")
+            timer = threading.Timer(self.deadline_s, _exit_now, (1, f"rank {rank}: the step did not finish within "
+                                    f"{self.deadline_s:g} s of the stop signal (is a peer rank gone?); exiting "
+                                    "without saving"))
+            timer.daemon = True
+            timer.start()
+
+
+def _exit_now(code: int, message: str) -> None:
+    """End the process immediately from any thread (no cleanup that could block), saying why."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+@contextlib.contextmanager
+def at_step(step: int) -> Iterator[None]:
+    """Tag an exception raised inside with optimizer step `step` (run_job's failure line names it)."""
+    try:
+        yield
+    except Exception as err:
+        if not hasattr(err, "failed_step"):
+            err.failed_step = step
+        raise
 
 
 def resume_command(info: DistInfo) -> str:
@@ -209,10 +251,17 @@ def resume_command(info: DistInfo) -> str:
     return shlex.join([*launcher, sys.argv[0], *out, "--from_resume", "1"])
 
 
+EXIT_GRACE_S = 30  # seconds an exiting rank may spend leaving the process group
+# What gloo and NCCL say when a peer process is gone or never answers.
+PEER_LOST = ("closed by peer", "Connection reset by peer", "remote process exited", "Timed out", "timed out")
+
+
 def run_job(main: Callable[[], int | None]) -> None:
-    """Run a job's main(): a UserError is printed without a traceback (exit 2); the process group is
-    always left, so no rank hangs on exit; signal handlers are put back as they were."""
+    """Run a job's main(): a UserError is printed without a traceback (exit 2); under torchrun a failure
+    is reported as `rank R failed at step N: ...` (the launcher only says which rank exited); the process
+    group is left without hanging on a dead peer; signal handlers are put back as they were."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 1
     try:
         code = main() or 0
     except UserError as err:
@@ -221,14 +270,41 @@ def run_job(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         code = 130
-    except Exception:
+    except Exception as err:
         traceback.print_exc()
+        if dist.is_available() and dist.is_initialized():
+            print(_failure_line(err), file=sys.stderr, flush=True)
         code = 1
     finally:
-        cleanup_distributed()
+        _leave_process_group(code)
         for s, handler in handlers.items():
             signal.signal(s, handler)
     sys.exit(code)
+
+
+def _leave_process_group(code: int) -> None:
+    """cleanup_distributed(), for at most EXIT_GRACE_S: leaving a broken NCCL group (a peer died in the
+    middle of a collective) can block, and an exiting rank must not hang."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    timer = threading.Timer(EXIT_GRACE_S, _exit_now, (code, "could not leave the process group in time; exiting"))
+    timer.daemon = True
+    timer.start()
+    try:
+        cleanup_distributed()
+    finally:
+        timer.cancel()
+
+
+def _failure_line(err: BaseException) -> str:
+    """`rank R failed at step N: Type: message`, with a hint when it only saw a peer's failure."""
+    step = getattr(err, "failed_step", None)
+    where = f" at step {step}" if step is not None else ""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    line = f"rank {dist.get_rank()} failed{where}: {type(err).__name__}: {text}"
+    if isinstance(err, dist.DistError) or any(t in str(err) for t in PEER_LOST):
+        line += " (a collective failed: another rank probably failed first; see its message)"
+    return line
 
 
 # ------------------------------------------------------------------------- what a checkpoint says about itself

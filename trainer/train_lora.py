@@ -39,6 +39,7 @@ from trainer.distributed import gather_objects, setup_distributed
 from trainer.engine import (
     NonFiniteGuard,
     StopSignal,
+    at_step,
     autocast_note,
     enable_activation_checkpointing,
     evaluate,
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train LoRA adapters (flags from `argv`, default sys.argv); returns the exit status."""
     # ------------------------------------------------------------------ config
     args = parse_args("lora", __doc__.splitlines()[0], argv)
-    info = setup_distributed(args.device, args.ddp)
+    info = setup_distributed(args.device, args.ddp, args.dist_timeout)
     amp_dtype = pick_dtype(args.dtype, info.device)
     seed_everything(args.seed + info.rank)  # dropout differs per rank; the data order depends on args.seed only
 
@@ -134,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         if stopped:
             break
         lr = lr_at(state.step, total_steps, args.learning_rate, args.warmup_iters)
-        loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params, lr,
-                                     args.grad_clip, amp_dtype)
+        with at_step(state.step + 1):  # a failure names its rank and step (see run_job)
+            loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params,
+                                         lr, args.grad_clip, amp_dtype)
         state.advance(epoch, n_samples, len(data.train))
         guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write, scaler is None)
         if state.step < total_steps and data.val_batches is not None and state.step % args.eval_interval == 0:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     """Pretrain a causal LM (flags from `argv`, default sys.argv); returns the exit status."""
     # ------------------------------------------------------------------ config
     args = parse_args(JOB, __doc__.splitlines()[0], argv)
-    info = setup_distributed(args.device, args.ddp)
+    info = setup_distributed(args.device, args.ddp, args.dist_timeout)
     amp_dtype = pick_dtype(args.dtype, info.device)
 
     # ------------------------------------------------------------------ model
