@@ -4,6 +4,9 @@ One GPU (or CPU with --device cpu), from the repo root or from inside trainer/:
     python trainer/train_lora.py --from_weight full_sft --hidden_size 512 --data_path dataset/lora_identity.jsonl
 Several GPUs of one machine:
     torchrun --nproc_per_node 4 trainer/train_lora.py --from_weight full_sft --hidden_size 512
+Two machines with 8 GPUs each: this on the machine at --master_addr, the same with --node_rank 1 on the other:
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr 10.0.0.1 --master_port 29500 \\
+        trainer/train_lora.py --from_weight full_sft --hidden_size 512
 In the background, MiniMind style (from inside trainer/):
     nohup python train_lora.py --epochs 20 --hidden_size 2048 --device "cuda:0" --batch_size 16 \\
         --learning_rate 1e-4 --accumulation_steps 8 --log_interval 10 --save_interval 100 \\
