@@ -1,7 +1,9 @@
-"""Two gloo ranks under a real torchrun give the same step as one process with the whole batch."""
+"""Two gloo ranks under a real torchrun give the same steps as one process with the whole batch; resume
+files move between one process and two ranks."""
 
-import os
-import subprocess
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,43 +12,73 @@ from safetensors.torch import load_file
 from tests.train_utils import (
     REPO,
     lora_args,
-    python,
+    read_keys,
     run_inprocess,
+    run_timed,
     save_tiny_minimind,
+    subprocess_env,
     tokenizer_dir,
+    torchrun,
     write_chat_data,
+    write_launcher,
 )
 from trainer.train_lora import main
 
+SCRIPT = str(REPO / "trainer" / "train_lora.py")
+# 9 samples: step 1 takes 8 (4 per rank), step 2 takes the last one, so rank 1 runs a dead (all-ignored)
+# sample to keep the gradient all-reduce in step.
+FLAGS = dict(epochs=1, learning_rate=1e-2, lora_dropout=0.0)
+PROMPT_EXIT_S = 10  # a finished run must not linger (e.g. a rank stuck leaving the process group)
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "lora_identity_64" / "adapter_model.safetensors")
+
+
+def _resume(out: Path) -> dict:
+    return torch.load(out / "lora_identity_64_resume.pth", weights_only=False)
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        assert type(got[key]) is torch.Tensor, f"{key} is a {type(got[key]).__name__}, not a plain tensor"
+        torch.testing.assert_close(got[key], want[key], atol=atol, rtol=0)
+
+
+def _two_ranks(tmp: Path, weight: Path, data: Path, out: Path, *extra: str, **flags: object):
+    """torchrun --nproc_per_node 2 train_lora.py on CPU; the run must succeed and exit promptly."""
+    cmd = torchrun("--standalone", "--nproc_per_node", "2", SCRIPT,
+                   *lora_args(tmp, weight, data, save_dir=out, **flags), *extra)
+    run = run_timed(cmd, cwd=tmp, env=subprocess_env())
+    assert run.returncode == 0, run.output[-4000:]
+    assert run.exit_lag is not None and run.exit_lag < PROMPT_EXIT_S, (run.exit_lag, run.output[-2000:])
+    return run
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory) -> SimpleNamespace:
+    """One process × batch 8 and two DDP ranks × batch 4 on the same 9 samples, one epoch (2 steps)."""
+    tokenizer_dir()
+    tmp = tmp_path_factory.mktemp("ddp")
+    weight = save_tiny_minimind(tmp / "full_sft_64.pth")
+    data = write_chat_data(tmp / "data.jsonl", 9)
+    assert run_inprocess(main, lora_args(tmp, weight, data, save_dir=tmp / "one", batch_size=8, **FLAGS)) == 0
+    run = _two_ranks(tmp, weight, data, tmp / "two", batch_size=4, **FLAGS)
+    # Kept before any test resumes (and so overwrites) these runs.
+    return SimpleNamespace(tmp=tmp, weight=weight, data=data, run=run,
+                           one=_adapter(tmp / "one"), one_resume=_resume(tmp / "one"),
+                           two=_adapter(tmp / "two"), two_resume=_resume(tmp / "two"))
+
 
 @pytest.mark.slow
-def test_two_ranks_batch_4_equal_one_process_batch_8(tmp_path, capsys):
-    tokenizer_dir()
-    weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
-    # 9 samples: step 1 takes 8 (4 per rank), step 2 takes the last one, so rank 1 runs a dead
-    # (all-ignored) sample to keep DDP's all-reduce in step.
-    data = write_chat_data(tmp_path / "data.jsonl", 9)
-    flags = dict(epochs=1, learning_rate=1e-2, lora_dropout=0.0)
-
-    assert run_inprocess(main, lora_args(tmp_path, weight, data, save_dir=tmp_path / "one", batch_size=8, **flags)) == 0
-    cmd = [python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "trainer" / "train_lora.py"),
-           *lora_args(tmp_path, weight, data, save_dir=tmp_path / "two", batch_size=4, **flags)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on two cores
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 process(es) on cpu" in proc.stdout
-    assert proc.stdout.count("step 1/2 | epoch 1") == 1  # only rank 0 logs
-
-    one = load_file(tmp_path / "one" / "lora_identity_64" / "adapter_model.safetensors")
-    two = load_file(tmp_path / "two" / "lora_identity_64" / "adapter_model.safetensors")
-    assert one.keys() == two.keys()
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0)
+def test_two_ranks_batch_4_equal_one_process_batch_8(ddp, capsys):
+    assert "2 process(es) on cpu" in ddp.run.output
+    assert ddp.run.output.count("step 1/2 | epoch 1") == 1  # only rank 0 logs
+    _assert_same(ddp.two, ddp.one)
     # Adam is blind to a constant gradient factor (e.g. a missing ×world_size); the logged global loss and
     # the pre-clip gradient norm are not.
-    h1, h2 = (torch.load(tmp_path / d / "lora_identity_64_resume.pth", weights_only=False)["state"]["history"]
-              for d in ("one", "two"))
+    h1, h2 = ddp.one_resume["state"]["history"], ddp.two_resume["state"]["history"]
     for name in ("train", "grad_norm"):
         assert [s for s, _ in h2[name]] == [1, 2]
         for (_, x), (_, y) in zip(h1[name], h2[name]):
@@ -54,10 +86,55 @@ def test_two_ranks_batch_4_equal_one_process_batch_8(tmp_path, capsys):
 
     # The 2-rank run's resume file continues on 1 process: same step and epoch, the next epoch planned for
     # the new world size (9 samples / global batch 8 -> 2 steps again), RNG re-seeded, and said so.
-    argv = lora_args(tmp_path, weight, data, save_dir=tmp_path / "two", batch_size=8, **{**flags, "epochs": 2})
+    out = ddp.tmp / "two_then_one"
+    shutil.copytree(ddp.tmp / "two", out)
+    argv = lora_args(ddp.tmp, ddp.weight, ddp.data, save_dir=out, batch_size=8, **{**FLAGS, "epochs": 2})
     capsys.readouterr()
     assert run_inprocess(main, argv + ["--from_resume", "1"]) == 0
     assert "was written by 2 process(es), this run has 1" in capsys.readouterr().out
-    state = torch.load(tmp_path / "two" / "lora_identity_64_resume.pth", weights_only=False)["state"]
+    state = _resume(out)["state"]
     assert state["step"] == 4 and state["epoch"] == 2 and state["world_size"] == 1
     assert [s for s, _ in state["history"]["train"]] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_one_process_run_resumes_on_two_ranks(ddp, tmp_path, monkeypatch, capsys):
+    """1 process stops mid-epoch; 2 ranks continue at the next step with exactly the epoch's unseen samples."""
+    import trainer.data
+
+    # Record every sample the one-process run loads (in-process, no DataLoader workers).
+    first: list[tuple[int, bool]] = []
+    real_getitem = trainer.data._Keyed.__getitem__
+
+    def getitem(self, key):
+        first.append(key)
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(trainer.data._Keyed, "__getitem__", getitem)
+    out = tmp_path / "run"
+    flags = dict(FLAGS, learning_rate=1e-3)
+    argv = lora_args(tmp_path, ddp.weight, ddp.data, save_dir=out, batch_size=2, max_steps=2, **flags)
+    assert run_inprocess(main, argv) == 0
+    monkeypatch.undo()
+    # 2 steps × batch 2 trained (the loop fetched step 3's batch before it saw that --max_steps was reached).
+    first = first[:4]
+    assert all(live for _, live in first)
+
+    # The same global batch of 2 on two ranks: the 5 unseen samples are steps 3, 4 and 5 (2 + 2 + 1; in the
+    # last one rank 1 gets a dead sample).
+    cmd = torchrun("--standalone", "--nproc_per_node", "2", str(write_launcher(tmp_path)),
+                   *lora_args(tmp_path, ddp.weight, ddp.data, save_dir=out, batch_size=1, **flags),
+                   "--from_resume", "1")
+    run = run_timed(cmd, cwd=tmp_path, env=subprocess_env(KEYS_FILE=str(tmp_path / "keys")))
+    assert run.returncode == 0, run.output[-4000:]
+    assert "was written by 1 process(es), this run has 2: continuing at step 2" in run.output
+    assert "training steps 3..5 (" in run.output
+
+    rank0, rank1 = (read_keys(tmp_path / "keys", r) for r in (0, 1))
+    live0, live1 = [i for i, live in rank0 if live], [i for i, live in rank1 if live]
+    assert (len(live0), len(live1), len(rank1) - len(live1)) == (3, 2, 1)
+    seen = [i for i, _ in first] + live0 + live1
+    assert sorted(seen) == list(range(9)), f"each sample of the epoch exactly once: {seen}"
+    state = _resume(out)["state"]
+    assert (state["step"], state["epoch"], state["position"], state["world_size"]) == (5, 1, 0, 2)
+    assert [s for s, _ in state["history"]["train"]] == [1, 2, 3, 4, 5]
