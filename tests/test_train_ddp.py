@@ -1,5 +1,5 @@
-"""Two gloo ranks under a real torchrun give the same steps as one process with the whole batch; resume
-files move between one process and two ranks."""
+"""Two gloo ranks under a real torchrun (DDP, or --fsdp) give the same steps as one process with the whole
+batch; resume files move between one process and two ranks."""
 
 import shutil
 from pathlib import Path
@@ -138,3 +138,37 @@ def test_one_process_run_resumes_on_two_ranks(ddp, tmp_path, monkeypatch, capsys
     state = _resume(out)["state"]
     assert (state["step"], state["epoch"], state["position"], state["world_size"]) == (5, 1, 0, 2)
     assert [s for s, _ in state["history"]["train"]] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_fsdp_equals_ddp_and_one_process_and_resumes(ddp, tmp_path, capsys):
+    """--fsdp (frozen base sharded over 2 ranks) trains the same LoRA as DDP and one process, writes the
+    same files, and continues from its resume file like a single process does."""
+    argv = lora_args(tmp_path, ddp.weight, ddp.data, save_dir=tmp_path / "alone", batch_size=4, **FLAGS)
+    assert run_inprocess(main, argv + ["--fsdp"]) == 2  # nothing to shard over: a clear error
+    assert "--fsdp shards the base over several processes; start it with torchrun" in capsys.readouterr().err
+
+    out = tmp_path / "fsdp"
+    run = _two_ranks(tmp_path, ddp.weight, ddp.data, out, "--fsdp", batch_size=4, **FLAGS)
+    assert "2 process(es) on cpu, float32; --fsdp: each holds 50% of the base" in run.output, run.output[:2000]
+
+    _assert_same(_adapter(out), ddp.two)
+    _assert_same(_adapter(out), ddp.one)
+    pth = torch.load(out / "lora_identity_64.pth", weights_only=True)
+    _assert_same(pth, torch.load(ddp.tmp / "one" / "lora_identity_64.pth", weights_only=True), atol=1e-3)  # fp16
+    # The resume file holds whole tensors, as DDP's does: LoRA weights and AdamW moments.
+    resume = _resume(out)
+    _assert_same(resume["trainable"], ddp.two_resume["trainable"])
+    for key, moments in ddp.two_resume["optimizer"]["state"].items():
+        _assert_same(resume["optimizer"]["state"][key], moments)
+
+    # Resume for a second epoch with --fsdp == the one-process run resumed the same way.
+    one = tmp_path / "one"
+    shutil.copytree(ddp.tmp / "one", one)
+    assert run_inprocess(main, lora_args(tmp_path, ddp.weight, ddp.data, save_dir=one, batch_size=8,
+                                         **{**FLAGS, "epochs": 2}) + ["--from_resume", "1"]) == 0
+    run = _two_ranks(tmp_path, ddp.weight, ddp.data, out, "--fsdp", "--from_resume", "1", batch_size=4,
+                     **{**FLAGS, "epochs": 2})
+    assert "resuming from" in run.output and "step 2, epoch 2" in run.output
+    _assert_same(_adapter(out), _adapter(one))
+    assert _resume(out)["state"]["step"] == 4

@@ -126,6 +126,9 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--use_compile", type=str2bool, default=False, help="torch.compile the model (0/1)")
     _switch(g, "--gradient_checkpointing", help="recompute activations in backward to save memory")
     _switch(g, "--ddp", help="multi-GPU run; needs torchrun (detected from the environment anyway)")
+    if job == "lora":
+        _switch(g, "--fsdp", help="under torchrun: shard the frozen base over the GPUs (FSDP2) instead of a "
+                                  "whole copy per GPU; LoRA weights and checkpoints stay as with DDP")
     g.add_argument("--dist_timeout", type=float, default=600,
                    help="seconds a rank waits in a collective for the others before it fails (a dead or hung "
                         "peer ends the run instead of hanging it)")

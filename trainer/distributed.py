@@ -105,6 +105,21 @@ def device_sum_(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
+def average_gradients_(params: list[torch.Tensor], info: DistInfo) -> None:
+    """Average the parameters' gradients over all ranks in place, with one flat all-reduce (what DDP does)."""
+    if not info.distributed:
+        return
+    for p in params:
+        if p.grad is None:  # e.g. an MoE expert no token was routed to on this rank; DDP counts it as 0 too
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(averaged.view_as(g))
+
+
 def gather_objects(obj: object, info: DistInfo) -> list[object]:
     """Every rank's `obj`, in rank order (used for per-rank RNG states when saving)."""
     if not info.distributed:

@@ -19,6 +19,7 @@ from model.errors import UserError
 from trainer.data import to_device
 from trainer.distributed import (
     DistInfo,
+    average_gradients_,
     cleanup_distributed,
     device_sum_,
     host_sum,
@@ -119,6 +120,10 @@ def train_step(step_module: nn.Module, micro_batches: list[dict], n_supervised: 
             loss = ce_sum * scale + aux / n_micro
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
+    if info.distributed and not isinstance(step_module, DDP):
+        # --fsdp shards only the frozen base; the LoRA factors are replicated, so average their gradients
+        # here, as DDP would have in the last backward.
+        average_gradients_(params, info)
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf, foreach=True)

@@ -2,7 +2,7 @@
 
 One GPU (or CPU with --device cpu), from the repo root or from inside trainer/:
     python trainer/train_lora.py --from_weight full_sft --hidden_size 512 --data_path dataset/lora_identity.jsonl
-Several GPUs of one machine:
+Several GPUs of one machine (add --fsdp to shard a base too big for one GPU):
     torchrun --nproc_per_node 4 trainer/train_lora.py --from_weight full_sft --hidden_size 512
 Two machines with 8 GPUs each: this on the machine at --master_addr, the same with --node_rank 1 on the other:
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr 10.0.0.1 --master_port 29500 \\
@@ -56,6 +56,7 @@ from trainer.engine import (
     train_step,
     wrap_ddp,
 )
+from trainer.fsdp import parameters_held, shard_frozen_base
 from trainer.logger import RunLogger, plot_losses, start_wandb
 from trainer.loss import SupervisedLoss
 from trainer.schedule import lr_at
@@ -78,21 +79,26 @@ def main(argv: list[str] | None = None) -> int:
     n_base = sum(p.numel() for p in model.parameters())
     targets = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                          targets=args.lora_targets)
-    model.to(info.device).train()
+    model.train()
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
     if args.use_compile:
         model.model.compile()  # in place: parameter names (and so the saved files) stay unchanged
-    params = lora_parameters(model)
     loss_module = SupervisedLoss(model)
-    step_module = wrap_ddp(loss_module, info, find_unused=base.use_moe)
+    # Onto this rank's device: the whole model (DDP averages the LoRA gradients), or with --fsdp only this
+    # rank's shard of the frozen base (trainer/fsdp.py).
+    step_module = (shard_frozen_base(loss_module, info) if args.fsdp else
+                   wrap_ddp(loss_module.to(info.device), info, find_unused=base.use_moe))
+    params = lora_parameters(model)
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
     scaler = make_scaler(info.device, amp_dtype)
     stem = output_stem(args.save_dir, args.lora_name, base.hidden_size, base.use_moe)
     if info.is_main:
-        print(f"base {base.source}: {n_base / 1e6:.1f}M parameters, LoRA on "
-              f"{len(targets)} layers: {sum(p.numel() for p in params) / 1e6:.3f}M trainable; "
-              f"{info.world_size} process(es) on {info.device}, {autocast_note(amp_dtype, base_dtype)}", flush=True)
+        n_lora = sum(p.numel() for p in params)
+        sharded = f"; --fsdp: each holds {(parameters_held(model) - n_lora) / n_base:.0%} of the base" if args.fsdp else ""
+        print(f"base {base.source}: {n_base / 1e6:.1f}M parameters, LoRA on {len(targets)} layers: "
+              f"{n_lora / 1e6:.3f}M trainable; {info.world_size} process(es) on {info.device}, "
+              f"{autocast_note(amp_dtype, base_dtype)}{sharded}", flush=True)
 
     # ------------------------------------------------------------------ data
     template = Path(args.chat_template).read_text() if args.chat_template else None
