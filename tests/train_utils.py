@@ -105,16 +105,18 @@ def free_port() -> int:
 
 @dataclass
 class Finished:
-    """A subprocess run to its end: exit status, merged output, seconds, and seconds from `done:` to exit."""
+    """A subprocess run to its end: exit status, merged output, seconds, and seconds from `mark` to exit."""
 
     returncode: int
     output: str
     seconds: float
-    exit_lag: float | None  # None when no line starting with "done:" was printed
+    exit_lag: float | None  # None when no line started with the mark
 
 
-def run_timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 240) -> Finished:
-    """Run `cmd`, timestamping its output lines, so a test can say how fast it exits after finishing."""
+def run_timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 240,
+              mark: str = "done: ") -> Finished:
+    """Run `cmd`, timestamping its output lines, so a test can say how fast it exits after the first line
+    that starts with `mark` (by default, the line a finished run prints)."""
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killer = threading.Timer(timeout, proc.kill)
@@ -122,7 +124,7 @@ def run_timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 2
     lines, done_at = [], None
     for line in proc.stdout:
         lines.append(line)
-        if done_at is None and line.startswith("done: "):
+        if done_at is None and line.startswith(mark):
             done_at = time.monotonic()
     proc.wait()
     killer.cancel()
@@ -131,11 +133,13 @@ def run_timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 2
 
 
 # A job launcher for fault and data tests: runs trainer/train_lora.py's main() as its entry point does,
-# after wrapping the engine's step so that rank 1 raises at step $FAIL_AT, and recording every sample key
-# this rank loads into $KEYS_FILE.<rank>. Its pid goes to $PID_FILE.<rank>.
+# after wrapping the engine's step so that rank 1 raises at step $FAIL_AT (and rank 0 is stuck for 5 minutes
+# at step $STUCK_AT, as a rank waiting in an NCCL collective for a dead peer would be), and recording every
+# sample key this rank loads into $KEYS_FILE.<rank>. Its pid goes to $PID_FILE.<rank>.
 LAUNCHER = '''
 import os
 import sys
+import time
 
 import trainer.data
 import trainer.train_lora as job
@@ -146,7 +150,7 @@ if os.environ.get("PID_FILE"):
     with open(f"{os.environ['PID_FILE']}.{rank}", "w") as f:
         f.write(str(os.getpid()))
 
-fail_at = int(os.environ.get("FAIL_AT", "0"))
+fail_at, stuck_at = int(os.environ.get("FAIL_AT", "0")), int(os.environ.get("STUCK_AT", "0"))
 real_step, steps = job.train_step, 0
 
 
@@ -155,6 +159,8 @@ def train_step(*args, **kwargs):
     steps += 1
     if rank == "1" and steps == fail_at:
         raise RuntimeError(f"injected failure in step call {steps}")
+    if rank == "0" and steps == stuck_at:
+        time.sleep(300)
     return real_step(*args, **kwargs)
 
 

@@ -1,6 +1,10 @@
 """One process per GPU under torchrun (or a single process): device, ranks and the few collectives we use."""
 
+import contextlib
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -80,6 +84,7 @@ def setup_distributed(device_flag: str | None, ddp_flag: bool, timeout_s: float 
     else:
         dist.init_process_group("gloo", timeout=timeout)
         host_group = dist.group.WORLD
+    watch_peers(rank)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, host_group=host_group)
 
 
@@ -87,6 +92,64 @@ def cleanup_distributed() -> None:
     """Leave the process group (safe to call when none was joined)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------- a rank fails: everyone hears it
+
+PEER_FAILURE_GRACE_S = 5  # time a rank gets to fail on its own (with its own message) after a peer failed
+
+
+def _job_store() -> dist.Store | None:
+    """A client of the key-value store torchrun keeps for this job (None when there is none to reach)."""
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=10))
+    except (KeyError, ValueError, RuntimeError):
+        return None
+    # Keyed by run and restart, so that a restarted job does not see its previous attempt's failure.
+    attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return dist.PrefixStore(f"minilora/{attempt}/", store)
+
+
+def announce_failure(line: str) -> None:
+    """Tell the other ranks (their watch_peers thread) that this rank failed; the first failure is kept."""
+    store = _job_store()
+    if store is not None:
+        with contextlib.suppress(RuntimeError):
+            store.compare_set("failure", "", line)
+
+
+def watch_peers(rank: int) -> None:
+    """End this process soon after another rank announces a failure, whatever this rank is doing.
+
+    A rank waiting for a dead peer inside an NCCL collective waits until the collective times out, and
+    while its host thread is blocked on the GPU its Python signal handlers do not run. This thread polls
+    torchrun's store instead (no collective), so such a rank ends within seconds, saying why.
+    """
+
+    def watch() -> None:
+        store = _job_store()
+        while store is not None:
+            time.sleep(1)
+            try:
+                if not store.check(["failure"]):
+                    continue
+                line = store.get("failure").decode()
+            except RuntimeError:  # the launcher, and its store, are gone: nothing left to watch
+                return
+            if line.startswith(f"rank {rank} "):
+                return  # this rank's own failure: its main thread reports it and exits
+            time.sleep(PEER_FAILURE_GRACE_S)
+            exit_now(1, f"rank {rank}: stopping because {line}")
+
+    threading.Thread(target=watch, name="minilora-watch-peers", daemon=True).start()
+
+
+def exit_now(code: int, message: str) -> None:
+    """End the process at once from any thread (no cleanup that could block), saying why on stderr."""
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def host_sum(values: list[float], info: DistInfo) -> list[float]:

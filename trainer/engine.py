@@ -19,9 +19,11 @@ from model.errors import UserError
 from trainer.data import to_device
 from trainer.distributed import (
     DistInfo,
+    announce_failure,
     average_gradients_,
     cleanup_distributed,
     device_sum_,
+    exit_now,
     host_sum,
     launched_by_torchrun,
 )
@@ -214,18 +216,11 @@ class StopSignal:
               "(a second Ctrl-C or kill aborts without saving)", flush=True)
         if launched_by_torchrun():
             rank = os.environ.get("RANK")
-            timer = threading.Timer(self.deadline_s, _exit_now, (1, f"rank {rank}: the step did not finish within "
+            timer = threading.Timer(self.deadline_s, exit_now, (1, f"rank {rank}: the step did not finish within "
                                     f"{self.deadline_s:g} s of the stop signal (is a peer rank gone?); exiting "
                                     "without saving"))
             timer.daemon = True
             timer.start()
-
-
-def _exit_now(code: int, message: str) -> None:
-    """End the process immediately from any thread (no cleanup that could block), saying why."""
-    print(message, file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(code)
 
 
 @contextlib.contextmanager
@@ -272,14 +267,17 @@ def run_job(main: Callable[[], int | None]) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = 2
-    except KeyboardInterrupt:
+        _tell_peers(err)
+    except KeyboardInterrupt as err:
         print("aborted", file=sys.stderr)
         code = 130
+        _tell_peers(err)
     except Exception as err:
         traceback.print_exc()
         if dist.is_available() and dist.is_initialized():
             print(_failure_line(err), file=sys.stderr, flush=True)
         code = 1
+        _tell_peers(err)
     finally:
         _leave_process_group(code)
         for s, handler in handlers.items():
@@ -292,13 +290,19 @@ def _leave_process_group(code: int) -> None:
     middle of a collective) can block, and an exiting rank must not hang."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    timer = threading.Timer(EXIT_GRACE_S, _exit_now, (code, "could not leave the process group in time; exiting"))
+    timer = threading.Timer(EXIT_GRACE_S, exit_now, (code, "could not leave the process group in time; exiting"))
     timer.daemon = True
     timer.start()
     try:
         cleanup_distributed()
     finally:
         timer.cancel()
+
+
+def _tell_peers(err: BaseException) -> None:
+    """Under torchrun, let the other ranks know at once (see distributed.watch_peers) that this one failed."""
+    if dist.is_available() and dist.is_initialized():
+        announce_failure(_failure_line(err))
 
 
 def _failure_line(err: BaseException) -> str:
