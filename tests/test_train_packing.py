@@ -45,3 +45,27 @@ def test_packed_loss_equals_padded_loss(tmp_path, family):
         # Packing labels each sample's first token -100; that label is never a target when padded either.
         assert supervision(packed["labels"])[0].numel() == supervision(padded["labels"])[0].numel()
         torch.testing.assert_close(summed_ce(model, packed), summed_ce(model, padded), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "minimind"])
+def test_right_padding_needs_no_mask(family):
+    """The trainer drops the padding mask of right-padded batches (faster kernels): the loss must not move."""
+    torch.manual_seed(0)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16, attn_implementation="sdpa"))
+    else:
+        model = MiniMindForCausalLM(MiniMindConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2))
+    model.eval()
+    samples = [(torch.randint(3, 100, (n,)), torch.randint(3, 100, (n,))) for n in (5, 17, 9)]
+    batch = collate_padded(samples, pad_id=0)
+    loss = SupervisedLoss(model)
+    assert loss.drop_padding_mask
+    index, targets = supervision(batch["labels"])
+    with torch.no_grad():
+        ours, _ = loss(batch["input_ids"], index, targets, attention_mask=batch["attention_mask"])
+        # Reference: each sample alone, no padding at all
+        alone = sum(summed_ce(model, collate_padded([s], pad_id=0)) for s in samples)
+    torch.testing.assert_close(ours, alone, rtol=1e-5, atol=1e-4)

@@ -72,6 +72,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
 
 
+def is_moe(model: nn.Module) -> bool:
+    """Whether a MiniMind or transformers causal LM routes tokens to experts."""
+    cfg = model.config
+    if hasattr(cfg, "use_moe"):  # MiniMind (its config lists num_experts even for dense models)
+        return bool(cfg.use_moe)
+    return bool(getattr(cfg, "num_experts", 0) or getattr(cfg, "num_local_experts", 0))
+
+
 class SupervisedLoss(nn.Module):
     """Wraps a causal LM: forward returns (sum of token CE at supervised positions, MoE aux loss).
 
@@ -83,6 +91,11 @@ class SupervisedLoss(nn.Module):
         super().__init__()
         self.model = model
         self.fused = fused  # _LinearCrossEntropy when the head is frozen (False: the checkpointed chunks)
+        # The trainer's batches are right-padded, and under causal attention no real token can see a pad to
+        # its right, so the padding mask changes nothing at supervised positions; dropping it lets attention
+        # run the fast unmasked causal kernel. MoE keeps it: pads would otherwise join the routing statistics
+        # of the aux loss.
+        self.drop_padding_mask = not is_moe(model)
         vocab = model.lm_head.weight.shape[0]
         # ~128M logits (512 MB in fp32) per chunk: big enough to be fast, small enough for 150k vocabularies.
         self.chunk_tokens = chunk_tokens or max(256, (1 << 27) // vocab)
@@ -96,6 +109,8 @@ class SupervisedLoss(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed CE over the supervised positions, aux loss or 0)."""
+        if self.drop_padding_mask:
+            attention_mask = None
         # use_cache=False: with a KV cache transformers models skip the check that keeps packed samples apart.
         out = self.model.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
