@@ -1,0 +1,120 @@
+"""The loop of the full-parameter jobs (train_full_sft.py, train_pretrain.py): every weight trains.
+
+Those two jobs differ only in their data and where the model comes from, so they share this function.
+train_lora.py keeps its own copy of the loop in full view: it is the script a newcomer reads top to bottom.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from trainer.base_model import BaseModel
+from trainer.checkpoint import (
+    capture_rng,
+    output_stem,
+    save_full_model,
+    save_resume,
+    sibling,
+    start_or_resume,
+    write_json,
+)
+from trainer.data import prepare_data
+from trainer.distributed import DistInfo, gather_objects
+from trainer.engine import (
+    NonFiniteGuard,
+    StopSignal,
+    autocast_note,
+    enable_activation_checkpointing,
+    evaluate,
+    make_optimizer,
+    make_scaler,
+    resume_command,
+    run_config,
+    step_begin,
+    train_step,
+    wrap_ddp,
+)
+from trainer.logger import RunLogger, plot_losses, start_wandb
+from trainer.loss import SupervisedLoss
+from trainer.schedule import lr_at
+
+
+def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base: BaseModel,
+                      make_dataset: Callable, job: str, title: str) -> int:
+    """Train every weight of `base` on the datasets `make_dataset(path)` builds; saves `{job}_{hidden}` files."""
+    # Every weight trains, so every weight stays fp32 (AdamW's updates would round away in bf16); autocast
+    # still runs the matmuls in --dtype.
+    model = base.model.to(info.device).train()
+    if args.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    if args.use_compile:
+        model.model.compile()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_module = SupervisedLoss(model)
+    step_module = wrap_ddp(loss_module, info, find_unused=base.use_moe)
+    optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
+    scaler = make_scaler(info.device, amp_dtype)
+    stem = output_stem(args.save_dir, job, base.hidden_size, base.use_moe)
+    if info.is_main:
+        print(f"model {base.source}: {sum(p.numel() for p in params) / 1e6:.1f}M parameters, all trained; "
+              f"{info.world_size} process(es) on {info.device}, {autocast_note(amp_dtype, torch.float32)}", flush=True)
+
+    data = prepare_data(make_dataset, args, info, pad_id=base.tokenizer.pad_token_id or 0)
+
+    # ------------------------------------------------------------------ resume
+    resume_path = sibling(stem, "_resume.pth")
+    state = start_or_resume(resume_path, args.from_resume, model.load_state_dict, optimizer, scaler, info.rank,
+                            info.world_size, args.seed)
+    total_steps = data.total_steps(args.epochs, state.epoch, state.position, state.step, args.max_steps)
+    wandb_run = None
+    if args.use_wandb and info.is_main:
+        wandb_run = start_wandb(args.wandb_project, stem.name, vars(args), state.wandb_id)
+        state.wandb_id = getattr(wandb_run, "id", None)
+
+    def save(final: bool) -> None:
+        """Model files + config JSON + resume file (rank 0 writes; every rank hands over its RNG state)."""
+        rng = gather_objects(capture_rng(), info)
+        if not info.is_main:
+            return
+        config = run_config(args, info, base.source, model, state.step, total_steps, history=state.history)
+        save_full_model(model, base.tokenizer, stem, minimind=getattr(model.config, "model_type", "") == "minimind")
+        write_json(sibling(stem, ".json"), config)
+        save_resume(resume_path, model.state_dict(), optimizer, scaler, state, rng, config)
+        if final:
+            plot_losses(state.history, sibling(stem, "_loss.png"), f"{title} {stem.name}")
+
+    # ------------------------------------------------------------------ loop
+    stop, guard = StopSignal(), NonFiniteGuard()
+    log = RunLogger(info, total_steps, state.step, args.log_interval, state.history, wandb_run)
+    log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
+              "kill stops after the current step and saves" if state.step < total_steps else
+              f"nothing to train: the run already reached step {total_steps}")
+    stopped = False
+    for epoch, micro_batches, n_samples in data.steps(state.epoch, state.position, args.epochs):
+        if state.step >= total_steps:
+            break
+        n_supervised, n_tokens, stopped = step_begin(micro_batches, stop.requested, info)
+        if stopped:
+            break
+        lr = lr_at(state.step, total_steps, args.learning_rate, args.warmup_iters)
+        loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params, lr,
+                                     args.grad_clip, amp_dtype)
+        state.advance(epoch, n_samples, len(data.train))
+        guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write, scaler is None)
+        if state.step < total_steps and data.val_batches is not None and state.step % args.eval_interval == 0:
+            log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
+        if state.step < total_steps and state.step % args.save_interval == 0:
+            save(final=False)
+
+    # ------------------------------------------------------------------ finish
+    if data.val_batches is not None and not stopped:
+        log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
+    guard.check(log.flush(), log.write, scaler is None)
+    save(final=True)
+    log.close()
+    if info.is_main:
+        if stopped:
+            print(f"stopped at step {state.step}/{total_steps}; resume with:\n  {resume_command(info)}", flush=True)
+        else:
+            print(f"done: {stem}/ (step {state.step}/{total_steps})", flush=True)
+    return 0
