@@ -24,7 +24,14 @@ from pathlib import Path
 import torch
 
 from dataset.lm_dataset import SFTDataset
-from model.model_lora import apply_lora, load_lora_state_dict, lora_parameters, lora_state_dict, save_lora
+from model.model_lora import (
+    apply_lora,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    save_lora,
+    set_lora_fused,
+)
 from trainer.args import parse_args
 from trainer.base_model import load_base
 from trainer.checkpoint import (
@@ -80,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     targets = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                          targets=args.lora_targets)
     model.train()
+    if info.device.type == "cuda" and not args.fsdp:
+        # One merged-weight GEMM per layer instead of a separate LoRA branch: 1.12x faster steps and 3 GiB
+        # less at the Qwen3-0.6B shape (docs/PERF.md). LoRA math then runs in the base dtype, as in PEFT
+        # under autocast; on CPU the plain path keeps it in fp32. FSDP frees the gathered weight the fused
+        # backward would reuse, so sharded runs keep the plain path.
+        set_lora_fused(model)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
     if args.use_compile:
