@@ -105,10 +105,13 @@ def collate_supervised(samples: list[tuple], collate_fn: Callable[[list[tuple]],
 
 
 def _quiet_worker(_: int) -> None:
-    # Ctrl-C reaches the whole process group: workers ignore it so the main process can finish the step.
+    # Stop signals reach the whole process group (Ctrl-C; torchrun stops its workers with os.killpg): the
+    # loader workers ignore them so that the main process can finish the step with them and save. They
+    # exit with the main process.
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset: Dataset, batch_sampler: StepSampler, collate_fn: Callable, num_workers: int,
