@@ -1,0 +1,462 @@
+"""Multi-GPU check, run once on a 2-GPU machine: DDP matches one GPU and scales, --fsdp shards, failures end.
+
+    PYTHONPATH=$PWD python scripts/multi_gpu_check.py --out $OUT       # 2 GPUs, about 6 minutes
+    python scripts/multi_gpu_check.py --cpu-smoke --out /tmp/check     # the same logic, tiny shapes, CPU + gloo
+
+(a) minimind-3 64M shape, 200 steps: `train_lora.py` on 1 GPU (batch B × accumulation 2) against `torchrun
+    --nproc_per_node 2` (batch B per GPU): the same global batch, so the same loss curve up to bf16
+    rounding. Reports max |loss difference| over the curve and the tokens/s ratio.
+(b) the same on a Qwen3-0.6B shape (fewer steps).
+(c) an 8B shape (Qwen3-8B dims; MiniMind ties the head, so 7.6B parameters), random bf16 weights made on the
+    GPUs (meta device, then to_empty): peak memory per GPU of a few LoRA steps with --fsdp and with DDP.
+(d) rank 1 raises at step 5 of a 2-GPU run: the exit status, the seconds until every process is gone and
+    whether our own `rank 1 failed at step 5` line was printed; (a)/(b) give the clean-exit lag.
+
+Random bases (MiniMind .pth files) and synthetic chat data go to a temporary folder. Results: --out gets
+summary.txt (the table printed at the end), results.json and one log per part.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {  # minimind-3 layout (generation 3); with these sizes it is exactly Qwen3's architecture
+    "minimind3-64m": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                          head_dim=96, intermediate_size=2432, vocab_size=6400),
+    "qwen3-0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, intermediate_size=3072, vocab_size=151936),
+    "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, intermediate_size=12288, vocab_size=151936),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 intermediate_size=128, vocab_size=6400),
+}
+# What each part runs: on 2 GPUs, and in --cpu-smoke (tiny, to check the logic end to end in < 60 s).
+PLAN = {
+    "gpu": dict(a=dict(shape="minimind3-64m", steps=200, batch=16, seq=1024, samples=3000),
+                b=dict(shape="qwen3-0.6b", steps=60, batch=8, seq=1024, samples=3000),
+                c=dict(shape="qwen3-8b", steps=4, batch=4, seq=512),
+                d=dict(shape="minimind3-64m", fail_at=5, batch=8, seq=1024)),
+    "cpu": dict(a=dict(shape="tiny", steps=4, batch=2, seq=128, samples=40),
+                b=None,  # the same code as (a) with another shape: not worth another 20 s here
+                c=dict(shape="tiny", steps=2, batch=2, seq=64),
+                d=dict(shape="tiny", fail_at=2, batch=2, seq=128)),
+}
+WORDS = ("the model learns to answer short questions about numbers colours animals and places with clear "
+         "sentences that are easy to check while the data stays synthetic random and free of any license").split()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of the check (and of its worker modes, which it starts itself under torchrun)."""
+    # allow_abbrev=False: a fail worker passes train_lora.py's flags through (parse_known_args).
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "out" / "multi_gpu_check"),
+                   help="folder for summary.txt, results.json and the logs (default: $OUT, else out/multi_gpu_check)")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU with gloo: checks the script itself")
+    p.add_argument("--parts", default="acdb", help="which parts to run, in this order (default: acdb, the long "
+                                                  "part b last)")
+    p.add_argument("--worker", choices=["memory", "fail"], default=None,
+                   help="internal: run one rank of part (c) or (d) (started by this script under torchrun)")
+    p.add_argument("--json", default=None, help="internal: where a memory worker writes its result")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def child_env(cpu: bool) -> dict[str, str]:
+    """Environment for every run: this checkout importable, no network services, NVLink multicast off."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    for key, value in dict(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
+                           WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false").items():
+        env.setdefault(key, value)
+    if cpu:
+        env["OMP_NUM_THREADS"] = "1"  # two ranks share the cores
+    return env
+
+
+def launcher(nproc: int) -> list[str]:
+    """python, or torchrun with `nproc` processes on this machine."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
+def run_logged(cmd: list[str], env: dict[str, str], log: Path, timeout: float, marks: tuple[str, ...] = ()) -> dict:
+    """Run `cmd` to its end (killed after `timeout` s), appending its output to `log`. Returns the exit
+    status, output, seconds, and for each mark the seconds from the first line containing it to the exit."""
+    start = time.monotonic()
+    seen: dict[str, float] = {}
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        killer = threading.Timer(max(timeout, 1), lambda: os.killpg(proc.pid, 9))
+        killer.start()
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            f.write(line)
+            for mark in marks:
+                if mark in line and mark not in seen:
+                    seen[mark] = time.monotonic()
+        proc.wait()
+        timed_out = not killer.is_alive() and proc.returncode == -9
+        killer.cancel()
+    end = time.monotonic()
+    return dict(returncode=proc.returncode, output="".join(lines), seconds=end - start, timed_out=timed_out,
+                after={m: end - t for m, t in seen.items()})
+
+
+def write_random_base(path: Path, shape: dict) -> Path:
+    """A MiniMind .pth with N(0, 0.02) weights (tiled from one random block: fast for any size), unit norms."""
+    import torch
+
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in MiniMindForCausalLM(MiniMindConfig(generation=3, **shape)).state_dict().items()}
+    block = torch.randn(1_000_003, generator=torch.Generator().manual_seed(0)).mul_(0.02).to(torch.bfloat16)
+    state = {}
+    for key, size in shapes.items():
+        if key == "lm_head.weight":
+            continue
+        n = math.prod(size)
+        state[key] = (block.repeat(n // block.numel() + 1)[:n].view(size).clone() if len(size) > 1
+                      else torch.ones(size, dtype=torch.bfloat16))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied, as MiniMind saves it
+    torch.save(state, path)
+    return path
+
+
+def write_chat_data(path: Path, n: int, long: bool) -> Path:
+    """n synthetic chats of random words (a few hundred tokens each when `long`, a few dozen otherwise)."""
+    import random
+
+    rng = random.Random(0)
+    q_len, a_len = ((20, 60), (150, 400)) if long else ((3, 10), (5, 30))
+    with open(path, "w") as f:
+        for _ in range(n):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*q_len)))
+            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*a_len)))
+            f.write(json.dumps({"conversations": [{"role": "user", "content": q},
+                                                  {"role": "assistant", "content": a}]}) + "\n")
+    return path
+
+
+def lora_flags(base: Path, data: Path, save_dir: Path, cpu: bool, **flags: object) -> list[str]:
+    """train_lora.py flags shared by every run (packed rows, so every step has the same token count)."""
+    common = dict(from_weight=base, data_path=data, tokenizer_path=REPO / "model" / "tokenizer", save_dir=save_dir,
+                  epochs=1000, learning_rate=1e-4, warmup_iters=10, log_interval=10, save_interval=100_000,
+                  lora_rank=16, device="cpu" if cpu else "cuda", num_workers=0 if cpu else 2)
+    argv = ["--packing"]
+    for key, value in {**common, **flags}.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def read_history(save_dir: Path) -> dict[int, float]:
+    """{step: global loss} from the run's config JSON (train_lora.py writes it next to the LoRA)."""
+    (config,) = [p for p in save_dir.glob("*.json")]
+    return {int(s): float(v) for s, v in json.loads(config.read_text())["history"]["train"]}
+
+
+def tokens_per_s(output: str, skip_steps: int) -> float | None:
+    """Median tokens/s of the log lines after `skip_steps` (warm-up: allocator, CE kernel compile)."""
+    rates = [float(m.group(2).replace(",", "")) for m in re.finditer(r"^step (\d+)/\d+ \|.*\| ([\d,.]+) tok/s",
+                                                                     output, re.M) if int(m.group(1)) > skip_steps]
+    return statistics.median(rates) if rates else None
+
+
+# ----------------------------------------------------------------------------------------------- parts
+
+def compare_one_and_two(name: str, spec: dict, work: Path, out: Path, cpu: bool, deadline: float) -> dict:
+    """(a)/(b): the same global batch on 1 device (accumulation 2) and on 2 ranks; loss curves and tokens/s."""
+    base = write_random_base(work / f"{name}.pth", SHAPES[spec["shape"]])
+    data = write_chat_data(work / f"{name}.jsonl", spec["samples"], long=not cpu)
+    log, env = out / f"{name}.log", child_env(cpu)
+    runs = {}
+    for nproc, accum in ((1, 2), (2, 1)):
+        save_dir = work / f"{name}_{nproc}"
+        flags = lora_flags(base, data, save_dir, cpu, max_steps=spec["steps"], batch_size=spec["batch"],
+                           accumulation_steps=accum, max_seq_len=spec["seq"], lora_name=name,
+                           log_interval=1 if cpu else 10)
+        run = run_logged([*launcher(nproc), str(REPO / "trainer" / "train_lora.py"), *flags], env, log,
+                         timeout=deadline - time.monotonic(), marks=("done: ",))
+        runs[nproc] = dict(returncode=run["returncode"], seconds=round(run["seconds"], 1), timed_out=run["timed_out"],
+                           tokens_per_s=tokens_per_s(run["output"], skip_steps=1 if cpu else 20),
+                           exit_after_done_s=_seconds(run["after"].get("done: ")))
+        if run["returncode"] == 0:
+            runs[nproc]["history"] = read_history(save_dir)
+    result = dict(shape=spec["shape"], steps=spec["steps"], per_device_batch=f"{spec['batch']} x {spec['seq']}",
+                  one=runs[1], two=runs[2])
+    if "history" in runs[1] and "history" in runs[2]:
+        h1, h2 = runs[1].pop("history"), runs[2].pop("history")
+        common = sorted(set(h1) & set(h2))
+        result["steps_compared"] = len(common)
+        result["max_abs_loss_diff"] = max(abs(h1[s] - h2[s]) for s in common) if common else None
+        result["loss_first_last"] = [h1[common[0]], h1[common[-1]]] if common else None
+        if runs[1]["tokens_per_s"] and runs[2]["tokens_per_s"]:
+            result["speedup"] = runs[2]["tokens_per_s"] / runs[1]["tokens_per_s"]
+    return result
+
+
+def memory(spec: dict, out: Path, cpu: bool, deadline: float) -> dict:
+    """(c): one torchrun job of 2 ranks measures --fsdp, then DDP, on the same shape (see memory_worker)."""
+    result_file = out / "c_memory.json"
+    cmd = [*launcher(2), str(Path(__file__).resolve()), "--worker", "memory", "--json", str(result_file)]
+    cmd += ["--cpu-smoke"] if cpu else []
+    env = child_env(cpu) | {"CHECK_SPEC": json.dumps(spec)}
+    run = run_logged(cmd, env, out / "c_memory.log", timeout=deadline - time.monotonic())
+    result = dict(shape=spec["shape"], returncode=run["returncode"], seconds=round(run["seconds"], 1),
+                  timed_out=run["timed_out"])
+    if result_file.is_file():
+        result.update(json.loads(result_file.read_text()))
+        result_file.unlink()  # folded into results.json
+    return result
+
+
+def failure(spec: dict, work: Path, out: Path, cpu: bool, deadline: float) -> dict:
+    """(d): rank 1 raises at step `fail_at` (the engine's step function wrapped, see fail_worker)."""
+    base, data = work / "d.pth", work / "d.jsonl"
+    write_random_base(base, SHAPES[spec["shape"]])
+    write_chat_data(data, 200, long=not cpu)
+    flags = lora_flags(base, data, work / "d_run", cpu, batch_size=spec["batch"], max_seq_len=spec["seq"],
+                       max_steps=spec["fail_at"] + 20, log_interval=1, lora_name="d")
+    pid_file = work / "d_pid"
+    cmd = [*launcher(2), str(Path(__file__).resolve()), "--worker", "fail", *flags]
+    env = child_env(cpu) | {"CHECK_FAIL_AT": str(spec["fail_at"]), "CHECK_PID_FILE": str(pid_file)}
+    ours = f"rank 1 failed at step {spec['fail_at']}"
+    run = run_logged(cmd, env, out / "d_failure.log", timeout=min(120, deadline - time.monotonic()), marks=(ours,))
+    pids = [int(p.read_text()) for p in work.glob("d_pid.*")]
+    return dict(fail_at=spec["fail_at"], returncode=run["returncode"], seconds=round(run["seconds"], 1),
+                timed_out=run["timed_out"], our_line=ours in run["output"],
+                exit_after_failure_s=_seconds(run["after"].get(ours)),
+                processes_left=sum(_alive(pid) for pid in pids), ranks_seen=len(pids))
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+def memory_worker(result_file: str, cpu: bool) -> None:
+    """One rank of part (c): build the shape on the meta device, materialise it on this rank's device
+    (--fsdp: only its shards), run a few LoRA steps through the trainer's own step, report peak memory."""
+    import gc
+
+    import torch
+
+    from model.model_lora import apply_lora, lora_parameters
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+    from trainer.distributed import cleanup_distributed, gather_objects, setup_distributed
+    from trainer.engine import make_optimizer, train_step, wrap_ddp
+    from trainer.fsdp import parameters_held, shard_frozen_base
+    from trainer.loss import SupervisedLoss, supervision
+
+    spec = json.loads(os.environ["CHECK_SPEC"])
+    info = setup_distributed("cpu" if cpu else "cuda", True, timeout_s=180)
+    dtype = torch.float32 if cpu else torch.bfloat16
+    shape = SHAPES[spec["shape"]]
+    results = {}
+    for mode in ("fsdp", "ddp"):
+        gc.collect()
+        if not cpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() if not cpu else 0
+        row: dict = {}
+        try:
+            with torch.device("meta"):
+                model = MiniMindForCausalLM(MiniMindConfig(generation=3, **shape)).to(dtype)
+            apply_lora(model, rank=16)
+            model.train()
+            loss_module = SupervisedLoss(model)
+            step_module = shard_frozen_base(loss_module, info) if mode == "fsdp" else loss_module
+            loss_module.to_empty(device=info.device)
+            if mode == "ddp":  # to_empty gave the tied head a tensor of its own; FSDP's swap kept the tie
+                model.lm_head.weight = model.model.embed_tokens.weight
+            row["head_tied"] = model.lm_head.weight is model.model.embed_tokens.weight
+            _init_random_(loss_module, seed=info.rank)
+            if mode == "ddp":
+                step_module = wrap_ddp(loss_module, info, find_unused=False)
+            params = lora_parameters(model)
+            optimizer = make_optimizer(params, 1e-4, 0.0)
+            row["params_held"], row["lora_params"] = parameters_held(model), sum(p.numel() for p in params)
+            row["weights_gib"] = round((torch.cuda.memory_allocated() - before) / 2**30, 2) if not cpu else None
+            g = torch.Generator().manual_seed(100 + info.rank)
+            ids = torch.randint(0, shape["vocab_size"], (spec["batch"], spec["seq"]), generator=g)
+            labels = ids.clone()
+            labels[:, : spec["seq"] // 2] = -100  # first half is prompt
+            sup_index, sup_targets = supervision(labels)
+            batch = dict(input_ids=ids, sup_index=sup_index, sup_targets=sup_targets, n_tokens=ids.numel())
+            times, losses = [], []
+            for _ in range(spec["steps"]):
+                t0 = time.perf_counter()
+                loss, _ = train_step(step_module, [batch], sup_targets.numel() * info.world_size, info, optimizer,
+                                     None, params, 1e-4, 1.0, dtype)
+                losses.append(float(loss))  # a host sync: the step is done
+                times.append(time.perf_counter() - t0)
+            row["loss"] = [round(v, 4) for v in losses]
+            row["step_s"] = round(statistics.median(times[1:] or times), 3)
+            row["peak_gib"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 2) if not cpu else None
+            del step_module, loss_module, model, optimizer, params
+        except torch.OutOfMemoryError as err:
+            row["error"] = f"OOM: {str(err).splitlines()[0]}"
+        results[mode] = gather_objects(row, info)
+    if info.is_main:
+        Path(result_file).write_text(json.dumps(results, indent=2))
+    cleanup_distributed()
+
+
+def _init_random_(module: object, seed: int) -> None:
+    """Random weights in place (each rank its own shards): N(0, 0.02) matrices, unit norms, LoRA B = 0."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if "lora_B" in name:
+                local.zero_()
+            elif local.dim() == 1:
+                local.fill_(1.0)
+            else:  # generated on the CPU in chunks would be slow for 8B: draw on the device
+                local.normal_(0.0, 0.02, generator=g if local.device.type == "cpu" else None)
+
+
+def fail_worker(argv: list[str]) -> None:
+    """One rank of part (d): train_lora.py's main(), with the step function raising on rank 1 at step N."""
+    import trainer.train_lora as job
+    from trainer.engine import run_job
+
+    rank, fail_at = os.environ.get("RANK", "0"), int(os.environ["CHECK_FAIL_AT"])
+    Path(f"{os.environ['CHECK_PID_FILE']}.{rank}").write_text(str(os.getpid()))
+    real_step, calls = job.train_step, [0]
+
+    def train_step(*args: object, **kwargs: object) -> object:
+        calls[0] += 1
+        if rank == "1" and calls[0] == fail_at:
+            raise RuntimeError(f"injected failure (multi_gpu_check) in step call {calls[0]}")
+        return real_step(*args, **kwargs)
+
+    job.train_step = train_step
+    run_job(lambda: job.main(argv))
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def _memory_cell(r: dict) -> str:
+    memory = "" if r["peak_gib"] is None else f"peak {r['peak_gib']} GiB (weights {r['weights_gib']}), "
+    return f"{memory}{r['params_held'] / 1e6:,.1f}M params held, {r['step_s']} s/step"
+
+
+def table(results: dict) -> str:
+    """The summary table (plain text)."""
+    rows = [f"multi_gpu_check on {results['device']} (torch {results['torch']}), {results['seconds']:.0f} s"]
+    for part in ("a", "b"):
+        r = results.get(part)
+        if r is None:
+            continue
+        if "skipped" in r:
+            rows.append(f"({part}) {r['skipped']}")
+            continue
+        one, two = r["one"], r["two"]
+        speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "n/a"
+        diff = f"{r['max_abs_loss_diff']:.2e}" if r.get("max_abs_loss_diff") is not None else "n/a"
+        rows.append(f"({part}) {r['shape']}, {r['steps']} steps, {r['per_device_batch']} per device: "
+                    f"1 dev {one['tokens_per_s'] or 0:,.0f} tok/s (rc {one['returncode']}), "
+                    f"2 dev {two['tokens_per_s'] or 0:,.0f} tok/s (rc {two['returncode']}): {speed}; "
+                    f"max |loss diff| {diff} over {r.get('steps_compared', 0)} steps; "
+                    f"2-dev exit {two['exit_after_done_s']} s after done")
+    for part in ("c", "d"):
+        if "skipped" in results.get(part, {}):
+            rows.append(f"({part}) {results[part]['skipped']}")
+    c = results.get("c")
+    if c is not None and "skipped" not in c:
+        cells = []
+        for mode in ("fsdp", "ddp"):
+            per_rank = c.get(mode)
+            if not per_rank:
+                cells.append(f"{mode}: no result (rc {c['returncode']})")
+                continue
+            cells.append(f"{mode}: " + " / ".join(r.get("error") or _memory_cell(r) for r in per_rank))
+        rows.append(f"(c) {c['shape']} per GPU: " + "; ".join(cells))
+    d = results.get("d")
+    if d is not None and "skipped" not in d:
+        rows.append(f"(d) rank 1 raises at step {d['fail_at']}: exit status {d['returncode']} after {d['seconds']} s "
+                    f"({d['exit_after_failure_s']} s after our line; our line printed: {d['our_line']}; "
+                    f"processes left: {d['processes_left']} of {d['ranks_seen']})")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the parts, write summary.txt and results.json, print the table."""
+    args, rest = build_parser().parse_known_args(argv)
+    if args.worker == "memory":
+        memory_worker(args.json, args.cpu_smoke)
+        return 0
+    if args.worker == "fail":
+        fail_worker(rest)
+        return 0
+    import torch
+
+    cpu = args.cpu_smoke
+    if not cpu and torch.cuda.device_count() < 2:
+        print("needs 2 GPUs (or --cpu-smoke)", file=sys.stderr)
+        return 2
+    plan, out, start = PLAN["cpu" if cpu else "gpu"], Path(args.out), time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = dict(device="cpu (gloo)", torch=torch.__version__)
+    # The whole check must fit the lead's 8-minute slot: each run gets the time left, a part that cannot
+    # start with 30 s left is skipped (and says so).
+    budget = 120 if cpu else 450
+    deadline = start + budget
+    with tempfile.TemporaryDirectory(prefix="multi_gpu_check_") as tmp:
+        work = Path(tmp)
+        for part in args.parts:
+            spec = plan[part]
+            if spec is None:
+                results[part] = dict(skipped="skipped in --cpu-smoke (the same code as (a))")
+            elif deadline - time.monotonic() < 30:
+                results[part] = dict(skipped=f"skipped: the {budget} s budget was spent")
+            elif part in "ab":
+                results[part] = compare_one_and_two(part, spec, work, out, cpu, deadline)
+            elif part == "c":
+                results[part] = memory(spec, out, cpu, deadline)
+            else:
+                results[part] = failure(spec, work, out, cpu, deadline)
+            print(f"({part}) finished at {time.monotonic() - start:.0f} s: {json.dumps(results[part])[:300]}",
+                  flush=True)
+    results["seconds"] = time.monotonic() - start
+    if not cpu:  # only now: this process should not hold a CUDA context on GPU 0 while the runs measure
+        results["device"] = f"2 x {torch.cuda.get_device_name(0)}"
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = table(results)
+    (out / "summary.txt").write_text(text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""scripts/multi_gpu_check.py (run once by hand on 2 GPUs) keeps working: its --cpu-smoke mode runs every
+part end to end with tiny shapes on CPU (gloo), through the same code."""
+
+import json
+import math
+import subprocess
+
+import pytest
+
+from tests.train_utils import REPO, python, subprocess_env
+
+
+@pytest.mark.slow
+def test_cpu_smoke_runs_every_part(tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run([python(), str(REPO / "scripts" / "multi_gpu_check.py"), "--cpu-smoke", "--out", str(out)],
+                         cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+
+    a = results["a"]  # 1 process × accumulation 2 == 2 ranks (fp32 here: equal up to rounding)
+    assert (a["one"]["returncode"], a["two"]["returncode"], a["steps_compared"]) == (0, 0, 4)
+    assert a["max_abs_loss_diff"] < 1e-5
+    assert a["speedup"] > 0 and a["two"]["exit_after_done_s"] < 10
+
+    c = results["c"]  # --fsdp holds about half of the base on each rank, DDP all of it
+    assert c["returncode"] == 0
+    for fsdp, ddp in zip(c["fsdp"], c["ddp"]):
+        base = ddp["params_held"] - ddp["lora_params"]
+        assert fsdp["params_held"] - fsdp["lora_params"] == pytest.approx(base / 2, rel=0.02)
+        assert fsdp["head_tied"] and ddp["head_tied"]
+        assert all(math.isfinite(v) for v in fsdp["loss"] + ddp["loss"])
+
+    d = results["d"]  # rank 1 raises at step 2: everything ends, and says so
+    assert d["returncode"] != 0 and d["our_line"] and not d["timed_out"]
+    assert d["processes_left"] == 0 and d["ranks_seen"] == 2 and d["exit_after_failure_s"] < 30
+
+    summary = (out / "summary.txt").read_text()
+    assert summary == run.stdout[-len(summary):]  # the table is also what it prints last
+    for part in "abcd":
+        assert f"\n({part}) " in summary
+    assert len(list(out.iterdir())) <= 8
