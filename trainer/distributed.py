@@ -94,6 +94,16 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def same_on_all_ranks(value: object, what: str, hint: str, info: DistInfo) -> None:
+    """Raise DistributedError (on every rank) unless all ranks hold the same `value`."""
+    if not info.distributed:
+        return
+    values = gather_objects(value, info)
+    if len(set(values)) > 1:
+        per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+        raise DistributedError(f"the ranks disagree on {what} ({per_rank}); {hint}")
+
+
 # ------------------------------------------------------------------------- a rank fails: everyone hears it
 
 PEER_FAILURE_GRACE_S = 5  # time a rank gets to fail on its own (with its own message) after a peer failed

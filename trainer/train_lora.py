@@ -45,7 +45,7 @@ from trainer.checkpoint import (
     write_json,
 )
 from trainer.data import prepare_data
-from trainer.distributed import gather_objects, setup_distributed
+from trainer.distributed import gather_objects, same_on_all_ranks, setup_distributed
 from trainer.engine import (
     NonFiniteGuard,
     StopSignal,
@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     resume_path = sibling(stem, "_resume.pth")
     state = start_or_resume(resume_path, args.from_resume, partial(load_lora_state_dict, model, source=str(resume_path)),
                             optimizer, scaler, info.rank, info.world_size, args.seed)
+    # Every rank reads the resume file: on several machines they must all see the same one.
+    same_on_all_ranks(state.step, "the step to continue from", f"each reads {resume_path}: on several machines, "
+                      "--save_dir must be a folder that all of them see (shared storage)", info)
     total_steps = data.total_steps(args.epochs, state.epoch, state.position, state.step, args.max_steps)
     wandb_run = None
     if args.use_wandb and info.is_main:
