@@ -183,7 +183,7 @@ def average_gradients_(params: list[torch.Tensor], info: DistInfo) -> None:
     if not info.distributed:
         return
     for p in params:
-        if p.grad is None:  # e.g. an MoE expert no token was routed to on this rank; DDP counts it as 0 too
+        if p.grad is None:  # not used on this rank (an MoE expert no token was routed to): a zero gradient
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
