@@ -17,7 +17,6 @@ Replies stream token by token as they decode; each ends with its length and spee
 
 import argparse
 import copy
-import sys
 import time
 from collections.abc import Callable
 
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
-from model.errors import UserError
+from model.errors import UserError, exit_on_user_error
 from model.model_lora import load_lora, merge_lora
 from scripts.load import add_base_flags, load_from_flags, resolve_device
 
@@ -266,11 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2."""
     args = parse_args(argv)
     transformers_logging.disable_progress_bar()  # keep the terminal for the conversation
-    try:
-        chat(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(lambda: chat(args))
 
 
 if __name__ == "__main__":

@@ -21,14 +21,13 @@ are then cast to --dtype.
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
-from model.errors import UserError
+from model.errors import exit_on_user_error
 from model.model_lora import load_lora, merge_lora
 from scripts.hf_export import ExportError, export_minimind
 from scripts.load import add_base_flags, is_minimind, load_from_flags
@@ -134,11 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2."""
     args = parse_args(argv)
     transformers_logging.disable_progress_bar()  # one-line-per-output report instead of loading bars
-    try:
-        export(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(lambda: export(args))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Writes `<name>_delta_norms.png`, `<name>_singular_values.png` and `loss_curves.p
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -24,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model.errors import UserError  # noqa: E402
+from model.errors import UserError, exit_on_user_error  # noqa: E402
 from model.model_lora import LoRAError, read_lora  # noqa: E402
 from trainer.checkpoint import load_resume  # noqa: E402
 
@@ -260,18 +259,19 @@ def main(argv: list[str] | None = None) -> None:
         p.error("nothing to plot: give --lora_path and/or --runs")
     if not 0 <= args.smooth < 1:
         p.error(f"--smooth must be in [0, 1), got {args.smooth}")
-    try:
-        for path in args.lora_path:
-            for png in plot_lora(path, args.out_dir, args.top):
-                print(f"wrote {png}")
-        if args.runs:
-            runs = [read_history(stem) for path in args.runs for stem in run_stems(path)]
-            png = Path(args.out_dir) / "loss_curves.png"
-            plot_loss_curves(runs, png, args.smooth)
-            print(f"wrote {png} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(lambda: plot(args))
+
+
+def plot(args: argparse.Namespace) -> None:
+    """Write the PNGs the flags ask for, printing each path."""
+    for path in args.lora_path:
+        for png in plot_lora(path, args.out_dir, args.top):
+            print(f"wrote {png}")
+    if args.runs:
+        runs = [read_history(stem) for path in args.runs for stem in run_stems(path)]
+        png = Path(args.out_dir) / "loss_curves.png"
+        plot_loss_curves(runs, png, args.smooth)
+        print(f"wrote {png} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
 
 
 if __name__ == "__main__":
