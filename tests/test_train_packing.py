@@ -69,3 +69,22 @@ def test_right_padding_needs_no_mask(family):
         # Reference: each sample alone, no padding at all
         alone = sum(summed_ce(model, collate_padded([s], pad_id=0)) for s in samples)
     torch.testing.assert_close(ours, alone, rtol=1e-5, atol=1e-4)
+
+
+def test_transformers_moe_counts_as_moe(tmp_path):
+    """A transformers MoE directory keeps its padding mask and gets DDP's unused-parameter search (use_moe)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from trainer.base_model import load_base
+
+    tok = AutoTokenizer.from_pretrained(REPO_TOKENIZER)
+    Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                       moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                       head_dim=16)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    base = load_base(str(tmp_path), str(tmp_path), torch.float32)
+    assert base.use_moe and not SupervisedLoss(base.model).drop_padding_mask
+    dense = MiniMindForCausalLM(MiniMindConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1,
+                                               num_attention_heads=4, num_key_value_heads=2))
+    assert SupervisedLoss(dense).drop_padding_mask  # MiniMind lists num_experts even when dense

@@ -97,6 +97,14 @@ def _check_flags(config: object, source: Path, hidden_size: int | None, layers: 
                                  f"drop the flag or pick the matching model")
 
 
+def is_moe(model: nn.Module) -> bool:
+    """Whether a MiniMind or transformers causal LM routes tokens to experts."""
+    cfg = model.config
+    if hasattr(cfg, "use_moe"):  # MiniMind (its config lists num_experts even for dense models)
+        return bool(cfg.use_moe)
+    return bool(getattr(cfg, "num_experts", 0) or getattr(cfg, "num_local_experts", 0))
+
+
 def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden_size: int | None = None,
               num_hidden_layers: int | None = None, use_moe: bool | None = None,
               tokenizer_path: str | None = None) -> BaseModel:
@@ -118,7 +126,7 @@ def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden
     tokenizer = pick_tokenizer(path, tokenizer_path)
     check_vocab(model, tokenizer)
     cfg = model.config
-    return BaseModel(model, tokenizer, str(path), cfg.hidden_size, bool(getattr(cfg, "use_moe", False)))
+    return BaseModel(model, tokenizer, str(path), cfg.hidden_size, is_moe(model))
 
 
 def new_minimind(tokenizer: PreTrainedTokenizerBase, hidden_size: int | None, num_hidden_layers: int | None,

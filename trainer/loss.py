@@ -9,6 +9,8 @@ from torch import nn
 from torch.autograd.function import FunctionCtx
 from torch.utils.checkpoint import checkpoint
 
+from trainer.base_model import is_moe
+
 IGNORE_INDEX = -100
 
 
@@ -70,14 +72,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_total: torch.Tensor) -> tuple:
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
-
-
-def is_moe(model: nn.Module) -> bool:
-    """Whether a MiniMind or transformers causal LM routes tokens to experts."""
-    cfg = model.config
-    if hasattr(cfg, "use_moe"):  # MiniMind (its config lists num_experts even for dense models)
-        return bool(cfg.use_moe)
-    return bool(getattr(cfg, "num_experts", 0) or getattr(cfg, "num_local_experts", 0))
 
 
 class SupervisedLoss(nn.Module):
