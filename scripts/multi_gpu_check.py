@@ -43,7 +43,7 @@ SHAPES = {  # minimind-3 layout (generation 3); with these sizes it is exactly Q
 # What each part runs: on 2 GPUs, and in --cpu-smoke (tiny, to check the logic end to end in < 60 s).
 PLAN = {
     "gpu": dict(a=dict(shape="minimind3-64m", steps=200, batch=16, seq=1024, samples=3000),
-                b=dict(shape="qwen3-0.6b", steps=60, batch=8, seq=1024, samples=3000),
+                b=dict(shape="qwen3-0.6b", steps=60, batch=8, seq=1024, samples=3000, repeats=2),
                 c=dict(shape="qwen3-8b", steps=4, batch=4, seq=512),
                 d=dict(shape="minimind3-64m", fail_at=5, batch=8, seq=1024)),
     "cpu": dict(a=dict(shape="tiny", steps=4, batch=2, seq=128, samples=40),
@@ -172,43 +172,54 @@ def read_history(save_dir: Path) -> dict[int, float]:
     return {int(s): float(v) for s, v in json.loads(config.read_text())["history"]["train"]}
 
 
-def tokens_per_s(output: str, skip_steps: int) -> float | None:
-    """Median tokens/s of the log lines after `skip_steps` (warm-up: allocator, CE kernel compile)."""
-    rates = [float(m.group(2).replace(",", "")) for m in re.finditer(r"^step (\d+)/\d+ \|.*\| ([\d,.]+) tok/s",
-                                                                     output, re.M) if int(m.group(1)) > skip_steps]
-    return statistics.median(rates) if rates else None
+def window_rates(output: str, skip_steps: int) -> list[float]:
+    """tokens/s of each log line (a window of log_interval steps) after `skip_steps` (warm-up: allocator,
+    CE kernel compile)."""
+    return [float(m.group(2).replace(",", "")) for m in re.finditer(r"^step (\d+)/\d+ \|.*\| ([\d,.]+) tok/s",
+                                                                    output, re.M) if int(m.group(1)) > skip_steps]
 
 
 # ----------------------------------------------------------------------------------------------- parts
 
-def compare_one_and_two(name: str, spec: dict, work: Path, out: Path, cpu: bool, deadline: float) -> dict:
-    """(a)/(b): the same global batch on 1 device (accumulation 2) and on 2 ranks; loss curves and tokens/s."""
+def compare_one_and_two(name: str, spec: dict, work: Path, out: Path, cpu: bool, deadline: float,
+                        repeats: int = 1) -> dict:
+    """(a)/(b): the same global batch on 1 device (accumulation 2) and on 2 ranks; loss curves and tokens/s.
+
+    With `repeats` > 1 the pair runs that many times, alternating 1, 2, 1, 2, ...: a GPU shared with other
+    work (or a clock that drifts) then slows both sides alike, and tokens/s is the median over all runs.
+    """
     base = write_random_base(work / f"{name}.pth", SHAPES[spec["shape"]])
     data = write_chat_data(work / f"{name}.jsonl", spec["samples"], long=not cpu)
     log, env = out / f"{name}.log", child_env(cpu)
-    runs = {}
-    for nproc, accum in ((1, 2), (2, 1)):
-        save_dir = work / f"{name}_{nproc}"
-        flags = lora_flags(base, data, save_dir, cpu, max_steps=spec["steps"], batch_size=spec["batch"],
-                           accumulation_steps=accum, max_seq_len=spec["seq"], lora_name=name,
-                           log_interval=1 if cpu else 10)
-        run = run_logged([*launcher(nproc), str(REPO / "trainer" / "train_lora.py"), *flags], env, log,
-                         timeout=deadline - time.monotonic(), marks=("done: ",))
-        runs[nproc] = dict(returncode=run["returncode"], seconds=round(run["seconds"], 1), timed_out=run["timed_out"],
-                           tokens_per_s=tokens_per_s(run["output"], skip_steps=1 if cpu else 20),
-                           exit_after_done_s=_seconds(run["after"].get("done: ")))
-        if run["returncode"] == 0:
-            runs[nproc]["history"] = read_history(save_dir)
+    runs: dict[int, dict] = {}
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    for repeat in range(repeats):
+        for nproc, accum in ((1, 2), (2, 1)):
+            save_dir = work / f"{name}_{nproc}_{repeat}"
+            flags = lora_flags(base, data, save_dir, cpu, max_steps=spec["steps"], batch_size=spec["batch"],
+                               accumulation_steps=accum, max_seq_len=spec["seq"], lora_name=name,
+                               log_interval=1 if cpu else 10)
+            run = run_logged([*launcher(nproc), str(REPO / "trainer" / "train_lora.py"), *flags], env, log,
+                             timeout=deadline - time.monotonic(), marks=("done: ",))
+            rates[nproc] += window_rates(run["output"], skip_steps=1 if cpu else 20)
+            if repeat == 0:
+                runs[nproc] = dict(returncode=run["returncode"], seconds=round(run["seconds"], 1),
+                                   timed_out=run["timed_out"], exit_after_done_s=_seconds(run["after"].get("done: ")))
+                if run["returncode"] == 0:
+                    runs[nproc]["history"] = read_history(save_dir)
+    for nproc in (1, 2):
+        runs[nproc]["tokens_per_s"] = statistics.median(rates[nproc]) if rates[nproc] else None
+        runs[nproc]["window_rates"] = rates[nproc]
     result = dict(shape=spec["shape"], steps=spec["steps"], per_device_batch=f"{spec['batch']} x {spec['seq']}",
-                  one=runs[1], two=runs[2])
+                  repeats=repeats, one=runs[1], two=runs[2])
     if "history" in runs[1] and "history" in runs[2]:
         h1, h2 = runs[1].pop("history"), runs[2].pop("history")
         common = sorted(set(h1) & set(h2))
         result["steps_compared"] = len(common)
         result["max_abs_loss_diff"] = max(abs(h1[s] - h2[s]) for s in common) if common else None
         result["loss_first_last"] = [h1[common[0]], h1[common[-1]]] if common else None
-        if runs[1]["tokens_per_s"] and runs[2]["tokens_per_s"]:
-            result["speedup"] = runs[2]["tokens_per_s"] / runs[1]["tokens_per_s"]
+    if runs[1]["tokens_per_s"] and runs[2]["tokens_per_s"]:
+        result["speedup"] = runs[2]["tokens_per_s"] / runs[1]["tokens_per_s"]
     return result
 
 
@@ -384,7 +395,8 @@ def table(results: dict) -> str:
         one, two = r["one"], r["two"]
         speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "n/a"
         diff = f"{r['max_abs_loss_diff']:.2e}" if r.get("max_abs_loss_diff") is not None else "n/a"
-        rows.append(f"({part}) {r['shape']}, {r['steps']} steps, {r['per_device_batch']} per device: "
+        repeats = "" if r.get("repeats", 1) == 1 else f", median of {r['repeats']} alternating runs each"
+        rows.append(f"({part}) {r['shape']}, {r['steps']} steps, {r['per_device_batch']} per device{repeats}: "
                     f"1 dev {one['tokens_per_s'] or 0:,.0f} tok/s (rc {one['returncode']}), "
                     f"2 dev {two['tokens_per_s'] or 0:,.0f} tok/s (rc {two['returncode']}): {speed}; "
                     f"max |loss diff| {diff} over {r.get('steps_compared', 0)} steps; "
@@ -441,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             elif deadline - time.monotonic() < 30:
                 results[part] = dict(skipped=f"skipped: the {budget} s budget was spent")
             elif part in "ab":
-                results[part] = compare_one_and_two(part, spec, work, out, cpu, deadline)
+                results[part] = compare_one_and_two(part, spec, work, out, cpu, deadline, spec.get("repeats", 1))
             elif part == "c":
                 results[part] = memory(spec, out, cpu, deadline)
             else:
