@@ -141,6 +141,21 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE tables `[B, T, head_dim]` for the given positions, in the rotate-half layout."""
+    return _rope_tables(position_ids, head_dim, theta, dtype)
+
+
+# A custom op, opaque to torch.compile: Inductor would otherwise inline cos/sin into every kernel that
+# reads the tables (each layer's q and k norm+rope, forward and backward) and recompute them per head
+# there, 4 ms of a 72 ms Qwen3-0.6B step (docs/PERF.md). Opaque, they are computed once per forward and
+# read from memory, without the graph break that torch.compiler.disable would cost.
+@torch.library.custom_op("minilora::rope_tables", mutates_args=())
+def _rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_math(position_ids, head_dim, theta, dtype)
+
+
+def _rope_math(position_ids: torch.Tensor, head_dim: int, theta: float,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     # Computed per call from the positions (no cached table): packed rows and KV-cache steps need
     # arbitrary positions anyway, and there is no buffer to re-create after meta-device loading.
     exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
@@ -148,6 +163,13 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
     angles = position_ids.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@_rope_tables.register_fake
+def _rope_tables_shape(position_ids: torch.Tensor, head_dim: int, theta: float,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (*position_ids.shape, head_dim)
+    return position_ids.new_empty(shape, dtype=dtype), position_ids.new_empty(shape, dtype=dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
