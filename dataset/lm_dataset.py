@@ -291,10 +291,14 @@ class PackedDataset(Dataset):
 
 
 def collate_packed(
-    batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_id: int
+    batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_id: int, width: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Stack packed rows: input_ids, labels, position_ids; short rows end in a pad segment of their own."""
-    width = max(len(ids) for ids, _, _ in batch)
+    """Stack packed rows: input_ids, labels, position_ids; short rows end in a pad segment of their own.
+
+    `width` (default: the longest row) fixes the row length, so every step has the same shape, which
+    compiled graphs and CUDA graphs replay without recompiling; packed rows are nearly full anyway.
+    """
+    width = max([len(ids) for ids, _, _ in batch] + [width or 0])
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     # Pads get positions 0, 1, ...: a new segment, so no real token attends to them

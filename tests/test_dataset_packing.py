@@ -75,6 +75,13 @@ def test_packed_rows_restart_positions_and_cut_labels(sft):
         assert (batch["labels"][r, n:] == -100).all() and (
             batch["input_ids"][r, n:] == tok.pad_token_id
         ).all()
+    # A fixed width (the trainer passes --max_seq_len) only adds pad segments: one shape for every step.
+    wide = collate_packed([packed[r] for r in range(len(packed))], pad_id=tok.pad_token_id, width=MAX_LENGTH + 5)
+    width = batch["input_ids"].shape[1]
+    assert wide["input_ids"].shape == (len(packed), MAX_LENGTH + 5)
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(wide[key][:, :width], batch[key])
+    assert (wide["labels"][:, width:] == -100).all()
 
 
 def token_losses(model, batch: dict) -> torch.Tensor:
