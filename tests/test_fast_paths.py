@@ -1,5 +1,6 @@
 """Each fast training path against the plain one it replaces: same loss and LoRA grads (fp32, CPU)."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -133,3 +134,96 @@ def test_bench_script_tiny_smoke(tmp_path):
     assert all("error" not in r and r["samples_per_s"] > 0 for r in results["sft_mix"])
     sft = {r["name"]: r["loss"] for r in results["sft_mix"]}
     assert abs(sft["ours-pad-max"] - sft["minimind-pad-max"]) < 1e-4  # same batches, same loss
+
+
+def test_rope_tables_op_is_registered_correctly_and_exact():
+    """The custom op behind rope_cos_sin: schema, fake (shape) function and autograd registration agree
+    (torch.library.opcheck), and its tables equal a float64 recomputation of RoPE's angles."""
+    from model.model_minimind import rope_cos_sin
+
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1], [5, 6, 7, 8, 9, 10]])
+    torch.library.opcheck(torch.ops.minilora.rope_tables.default, (positions, 16, 1e6, torch.float32))
+    cos, sin = rope_cos_sin(positions, 16, 1e6, torch.float32)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+    angles = positions.double()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    assert cos.shape == (2, 6, 16) and cos.dtype == torch.float32
+    assert (cos.double() - angles.cos()).abs().max() < 1e-6 and (sin.double() - angles.sin()).abs().max() < 1e-6
+
+
+def test_compiled_decoder_gives_eager_loss_and_grads_in_one_graph():
+    """compile_decoder (the trainer's --use_compile) on packed rows: one graph, no break (the RoPE tables
+    are an opaque op, not a torch.compiler.disable island), and the eager loss and LoRA grads."""
+    from torch._dynamo.utils import counters
+
+    from trainer.engine import compile_decoder
+
+    ids, labels = batch()
+    positions = torch.tensor([list(range(12)) + list(range(8))] * 3)  # two samples per row
+    sup_index, sup_targets = supervision(labels)
+
+    def run(model: nn.Module) -> tuple:
+        model.zero_grad(set_to_none=True)
+        ce, _ = SupervisedLoss(model)(ids, sup_index, sup_targets, position_ids=positions)
+        ce.backward()
+        return ce.detach(), [p.grad.clone() for p in lora_parameters(model)]
+
+    eager = run(tiny_model())
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model()
+    assert compile_decoder(model, cuda_graphs=False) == "compiled"
+    assert_close(run(model), eager)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_replay_gives_eager_losses_over_steps():
+    """--use_compile with CUDA graphs: three optimizer steps replayed from the recorded graphs follow the
+    eager run's losses (bf16 autocast, the trainer's GPU setting)."""
+    from trainer.engine import compile_decoder
+
+    def losses(cuda_graphs: bool | None) -> list[float]:
+        model = tiny_model().cuda()
+        if cuda_graphs is not None:
+            compile_decoder(model, cuda_graphs)
+        loss = SupervisedLoss(model)
+        optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+        out = []
+        for step in range(4):
+            ids, labels = batch(seed=step)
+            sup_index, sup_targets = supervision(labels)
+            torch.compiler.cudagraph_mark_step_begin()
+            with torch.autocast("cuda", torch.bfloat16):
+                ce, _ = loss(ids.cuda(), sup_index.cuda(), sup_targets.cuda())
+            ce.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            out.append(ce.item())
+        return out
+
+    eager, graphs = losses(None), losses(True)
+    assert all(abs(a - b) <= 2e-2 * abs(b) for a, b in zip(graphs, eager)), (graphs, eager)
+
+
+def test_evaluate_runs_a_compiled_decoder_eagerly():
+    """Validation batches come in many widths: evaluate must not compile (or record a graph) for each."""
+    from torch._dynamo.utils import counters
+
+    from trainer.distributed import DistInfo
+    from trainer.engine import compile_decoder, evaluate
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    batches = []
+    for seed, width in ((0, 20), (1, 13), (2, 9)):
+        ids, labels = batch(seed, prompt=3)
+        sup_index, sup_targets = supervision(labels[:, :width])
+        batches.append(dict(input_ids=ids[:, :width], sup_index=sup_index, sup_targets=sup_targets))
+    reference = evaluate(SupervisedLoss(tiny_model()), batches, info, torch.float32)
+    model = tiny_model()
+    compile_decoder(model, cuda_graphs=False)
+    torch._dynamo.reset()
+    counters.clear()
+    assert abs(evaluate(SupervisedLoss(model), batches, info, torch.float32) - reference) <= 1e-6 * reference
+    assert counters["stats"]["unique_graphs"] == 0
+    assert model.training  # evaluate puts the mode back

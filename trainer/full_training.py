@@ -24,6 +24,7 @@ from trainer.engine import (
     NonFiniteGuard,
     StopSignal,
     autocast_note,
+    compile_decoder,
     enable_activation_checkpointing,
     evaluate,
     make_optimizer,
@@ -48,7 +49,7 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
     if args.use_compile:
-        model.model.compile()
+        compile_decoder(model, cuda_graphs=False)  # CUDA graphs are measured for LoRA only (train_lora.py)
     params = [p for p in model.parameters() if p.requires_grad]
     loss_module = SupervisedLoss(model)
     step_module = wrap_ddp(loss_module, info, find_unused=base.use_moe)
