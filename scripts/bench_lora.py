@@ -49,15 +49,20 @@ VARIANTS = {
     "peft-compile": dict(stack="peft", compile=True),
     "peft-ckpt": dict(stack="peft", compile=False, ckpt=True),
     "ours-eager": dict(stack="ours", compile=False, fused_lora=False, fused_ce=False),
-    "ours-compile": dict(stack="ours", fused_lora=False, fused_ce=False),
-    "ours-nofusedce": dict(stack="ours", fused_ce=False),
+    "ours-compile": dict(stack="ours", fused_lora=False, fused_ce=False, compile_mode=None),
+    "ours-nofusedce": dict(stack="ours", fused_ce=False, compile_mode=None),
+    "ours-no-cudagraphs": dict(stack="ours", compile_mode=None),
+    "ours-rope-inline": dict(stack="ours", rope_op=False),  # RoPE tables traced into the graph (no custom op)
     "ours": dict(stack="ours"),
-    "ours-blocks": dict(stack="ours", compile="blocks"),
-    "ours-ckpt": dict(stack="ours", ckpt=True),
+    "ours-blocks": dict(stack="ours", compile="blocks", compile_mode=None),
+    "ours-ckpt": dict(stack="ours", ckpt=True, compile_mode=None),
     "ours-qo": dict(stack="ours", targets="q_proj,o_proj"),
 }
-DEFAULT_VARIANTS = "peft,peft-compile,peft-ckpt,ours-eager,ours-compile,ours,ours-qo"
-DEFAULTS = dict(compile="model", ckpt=False, fused_lora=True, fused_ce=True, targets="all-linear", attn=None)
+DEFAULT_VARIANTS = "peft,peft-compile,peft-ckpt,ours-eager,ours-no-cudagraphs,ours,ours-qo"
+# `ours` is what trainer/train_lora.py --use_compile --packing runs on one GPU: bf16 autocast, the whole decoder
+# compiled and replayed as CUDA graphs (mode reduce-overhead), fused LoRA, fused linear CE, fused AdamW.
+DEFAULTS = dict(compile="model", compile_mode="reduce-overhead", ckpt=False, fused_lora=True, fused_ce=True,
+                targets="all-linear", attn=None, rope_op=True, autocast=True)
 
 
 # ------------------------------------------------------------------------- model FLOPs
@@ -86,9 +91,13 @@ def flops_per_step(shape: dict, tokens: int, supervised: int, attn_pairs: int, r
 
 def build_ours(shape: dict, opts: dict, device: torch.device, dtype: torch.dtype) -> tuple:
     """MiniMindForCausalLM + our LoRA + SupervisedLoss; returns (step function, LoRA params)."""
+    from model import model_minimind
     from model.model_lora import apply_lora, lora_parameters, set_lora_fused
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     from trainer.loss import SupervisedLoss
+
+    if not opts["rope_op"]:  # the ablation: the tables' math traced into the graph (this process only)
+        model_minimind._rope_tables = model_minimind._rope_math
 
     with torch.device(device):
         model = MiniMindForCausalLM(MiniMindConfig(generation=3, **shape)).to(dtype)
@@ -101,13 +110,14 @@ def build_ours(shape: dict, opts: dict, device: torch.device, dtype: torch.dtype
         for layer in model.model.layers:
             layer.compile(fullgraph=True)
     elif opts["compile"]:  # the whole decoder as one graph, as trainer/train_lora.py --use_compile does
-        model.model.compile(fullgraph=True)
+        model.model.compile(fullgraph=True, mode=opts["compile_mode"])
     loss_module = SupervisedLoss(model, fused=opts["fused_ce"])
     params = lora_parameters(model)
 
     def step(batch: dict) -> torch.Tensor:
-        ce, aux = loss_module(batch["input_ids"], batch["sup_index"], batch["sup_targets"],
-                              attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"))
+        with torch.autocast(device.type, dtype, enabled=opts["autocast"] and device.type == "cuda"):
+            ce, aux = loss_module(batch["input_ids"], batch["sup_index"], batch["sup_targets"],
+                                  attention_mask=batch.get("attention_mask"), position_ids=batch.get("position_ids"))
         loss = ce / batch["sup_targets"].numel() + aux
         loss.backward()
         return loss.detach()
@@ -534,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sft_mix or args.tiny:
         sft = dict(base, shape="tiny" if args.tiny else "minimind3-64m", batch=32 if not args.tiny else 4,
                    packed_rows=6 if not args.tiny else 1, targets="q_proj,o_proj", lr=5e-4, pad_mask=False,
+                   compile_mode=None, autocast=False,  # as measured in session 1; padded layouts vary in shape
                    samples=args.samples, warmup=args.warmup)
         names = args.variants.split(",") if args.variants and args.sft_mix else list(SFT_VARIANTS)
         configs = [(name, {**DEFAULTS, **sft, **opts}) for name, opts in (parse(s, SFT_VARIANTS) for s in names)]
