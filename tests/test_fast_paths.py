@@ -177,6 +177,24 @@ def test_compiled_decoder_gives_eager_loss_and_grads_in_one_graph():
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
+def test_the_one_graph_check_catches_a_graph_break(monkeypatch):
+    """Negative control for the test above: the tables as a torch.compiler.disable island (session 1's
+    reverted attempt) split the decoder, and the counters the test reads show it."""
+    from torch._dynamo.utils import counters
+
+    from model import model_minimind
+    from trainer.engine import compile_decoder
+
+    monkeypatch.setattr(model_minimind, "_rope_tables", torch.compiler.disable(model_minimind._rope_math))
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model()
+    compile_decoder(model, cuda_graphs=False)
+    ids, labels = batch()
+    SupervisedLoss(model)(ids, *supervision(labels))[0].backward()
+    assert counters["stats"]["unique_graphs"] > 1 or counters["graph_break"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_replay_gives_eager_losses_over_steps():
     """--use_compile with CUDA graphs: three optimizer steps replayed from the recorded graphs follow the
