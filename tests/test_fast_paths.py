@@ -211,7 +211,6 @@ def test_cuda_graphs_replay_gives_eager_losses_over_steps():
         for step in range(4):
             ids, labels = batch(seed=step)
             sup_index, sup_targets = supervision(labels)
-            torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast("cuda", torch.bfloat16):
                 ce, _ = loss(ids.cuda(), sup_index.cuda(), sup_targets.cuda())
             ce.backward()

@@ -123,9 +123,6 @@ def train_step(step_module: nn.Module, micro_batches: list[dict], n_supervised: 
     n_micro = len(micro_batches)
     total = torch.zeros((), device=info.device)
     for i, cpu_batch in enumerate(micro_batches):
-        # Under CUDA graphs (compile_decoder): the previous micro-batch's outputs are dead (its backward
-        # ran), so the next replay may reuse their memory. Without CUDA graphs this does nothing.
-        torch.compiler.cudagraph_mark_step_begin()
         batch = to_device(cpu_batch, info.device)
         # Gradients are all-reduced only on the last micro-batch (no_sync on the others).
         sync = contextlib.nullcontext() if i == n_micro - 1 or not isinstance(step_module, DDP) \
