@@ -297,6 +297,7 @@ def collate_packed(
 
     `width` (default: the longest row) fixes the row length, so every step has the same shape, which
     compiled graphs and CUDA graphs replay without recompiling; packed rows are nearly full anyway.
+    `n_tokens` counts the real tokens (no pad segments), for an honest tokens/s.
     """
     width = max([len(ids) for ids, _, _ in batch] + [width or 0])
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -307,4 +308,5 @@ def collate_packed(
         n = len(ids)
         input_ids[row, :n], labels[row, :n], position_ids[row, :n] = ids, lab, pos
         position_ids[row, n:] = torch.arange(width - n)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "n_tokens": sum(len(ids) for ids, _, _ in batch)}

@@ -305,15 +305,10 @@ def grouped_batches(lengths: np.ndarray, batch: int, seed: int, window: int = 64
 
 
 def pad_to(batch: dict, width: int) -> dict:
-    """Right-pad a collated batch to `width` columns (packed rows get a pad segment of their own)."""
+    """Right-pad a padded batch to `width` columns (MiniMind's pad-to-max_seq_len)."""
     extra = width - batch["input_ids"].shape[1]
     fill = dict(input_ids=0, labels=-100, attention_mask=0)
-    out = {}
-    for k, v in batch.items():
-        pad = (torch.arange(extra).expand(v.shape[0], -1) if k == "position_ids"
-               else torch.full((v.shape[0], extra), fill[k], dtype=v.dtype))
-        out[k] = torch.cat([v, pad], dim=1)
-    return out
+    return {k: torch.cat([v, torch.full((v.shape[0], extra), fill[k], dtype=v.dtype)], dim=1) for k, v in batch.items()}
 
 
 def sft_batches(opts: dict, data: object) -> list[dict]:
@@ -330,8 +325,8 @@ def sft_batches(opts: dict, data: object) -> list[dict]:
         batches = [collate_padded([data[i] for i in idx], pad_id=0) for idx in grouped_batches(data.lengths, batch, 0)]
     else:  # packed rows of max_len, padded to max_len: one static shape
         packed, rows = PackedDataset(data, max_len, seed=0), opts["packed_rows"]
-        batches = [pad_to(collate_packed([packed[r] for r in range(lo, min(lo + rows, len(packed)))], pad_id=0),
-                          max_len) for lo in range(0, len(packed), rows)]
+        batches = [collate_packed([packed[r] for r in range(lo, min(lo + rows, len(packed)))], pad_id=0,
+                                  width=max_len) for lo in range(0, len(packed), rows)]
     for b in batches:
         b["sup_index"], b["sup_targets"] = supervision(b["labels"])
         if layout == "grouped" and not opts["pad_mask"]:
@@ -369,7 +364,7 @@ def run_sft_variant(opts: dict) -> dict:
 
         def step(b: dict) -> torch.Tensor:
             return inner(b) * b["sup_targets"].numel()
-    on_gpu = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    on_gpu = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
     if opts["compile"] and opts["layout"] == "grouped":  # one dynamic graph for every batch shape
         for b in on_gpu:
             for k in ("input_ids", "attention_mask"):

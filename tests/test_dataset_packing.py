@@ -68,7 +68,8 @@ def test_packed_rows_restart_positions_and_cut_labels(sft):
             start += n
         assert start == len(ids) <= MAX_LENGTH
     batch = collate_packed([packed[r] for r in range(len(packed))], pad_id=tok.pad_token_id)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "n_tokens"}
+    assert batch["n_tokens"] == sum(len(packed[r][0]) for r in range(len(packed)))
     for r in range(len(packed)):  # pads form their own segment: positions from 0, nothing learned
         n = len(packed[r][0])
         assert batch["position_ids"][r, n:].tolist() == list(range(batch["input_ids"].shape[1] - n))
@@ -81,6 +82,7 @@ def test_packed_rows_restart_positions_and_cut_labels(sft):
     assert wide["input_ids"].shape == (len(packed), MAX_LENGTH + 5)
     for key in ("input_ids", "labels", "position_ids"):
         assert torch.equal(wide[key][:, :width], batch[key])
+    assert wide["n_tokens"] == batch["n_tokens"]  # the extra pads are not tokens
     assert (wide["labels"][:, width:] == -100).all()
 
 

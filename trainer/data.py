@@ -100,7 +100,8 @@ def collate_supervised(samples: list[tuple], collate_fn: Callable[[list[tuple]],
     batch = collate_fn(samples)
     batch["sup_index"], batch["sup_targets"] = supervision(batch["labels"])
     mask = batch.get("attention_mask")
-    batch["n_tokens"] = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    if "n_tokens" not in batch:  # packed rows count their own (pad segments excluded)
+        batch["n_tokens"] = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     return batch
 
 
