@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python scripts/multi_gpu_check.py --out $OUT       # 2 GPUs, about 8 minutes
     python scripts/multi_gpu_check.py --cpu-smoke --out /tmp/check     # the same logic, tiny shapes, CPU + gloo
+    PYTHONPATH=$PWD python scripts/multi_gpu_check.py --parts b --train-flags "--use_compile 1"   # compiled steps
 
 (a) minimind-3 64M shape, 200 steps: `train_lora.py` on 1 GPU (batch B × accumulation 2) against `torchrun
     --nproc_per_node 2` (batch B per GPU): the same global batch, so the same loss curve up to bf16
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU with gloo: checks the script itself")
     p.add_argument("--parts", default="acdb", help="which parts to run, in this order (default: acdb, the long "
                                                   "part b last)")
+    p.add_argument("--train-flags", default="", help="more train_lora.py flags for parts (a) and (b), e.g. "
+                                                    "'--use_compile 1' (the compiled step instead of eager)")
     p.add_argument("--worker", choices=["memory", "fail"], default=None,
                    help="internal: run one rank of part (c) or (d) (started by this script under torchrun)")
     p.add_argument("--json", default=None, help="internal: where a memory worker writes its result")
@@ -182,7 +186,7 @@ def window_rates(output: str, skip_steps: int) -> list[float]:
 # ----------------------------------------------------------------------------------------------- parts
 
 def compare_one_and_two(name: str, spec: dict, work: Path, out: Path, cpu: bool, deadline: float,
-                        repeats: int = 1) -> dict:
+                        repeats: int = 1, extra_flags: tuple[str, ...] = ()) -> dict:
     """(a)/(b): the same global batch on 1 device (accumulation 2) and on 2 ranks; loss curves and tokens/s.
 
     With `repeats` > 1 the pair runs that many times, alternating 1, 2, 1, 2, ...: a GPU shared with other
@@ -198,7 +202,7 @@ def compare_one_and_two(name: str, spec: dict, work: Path, out: Path, cpu: bool,
             save_dir = work / f"{name}_{nproc}_{repeat}"
             flags = lora_flags(base, data, save_dir, cpu, max_steps=spec["steps"], batch_size=spec["batch"],
                                accumulation_steps=accum, max_seq_len=spec["seq"], lora_name=name,
-                               log_interval=1 if cpu else 10)
+                               log_interval=1 if cpu else 10) + list(extra_flags)
             run = run_logged([*launcher(nproc), str(REPO / "trainer" / "train_lora.py"), *flags], env, log,
                              timeout=deadline - time.monotonic(), marks=("done: ",))
             rates[nproc] += window_rates(run["output"], skip_steps=1 if cpu else 20)
@@ -384,7 +388,8 @@ def _memory_cell(r: dict) -> str:
 
 def table(results: dict) -> str:
     """The summary table (plain text)."""
-    rows = [f"multi_gpu_check on {results['device']} (torch {results['torch']}), {results['seconds']:.0f} s"]
+    flags = f", train_lora.py {results['train_flags']}" if results.get("train_flags") else ""
+    rows = [f"multi_gpu_check on {results['device']} (torch {results['torch']}){flags}, {results['seconds']:.0f} s"]
     for part in ("a", "b"):
         r = results.get(part)
         if r is None:
@@ -439,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plan, out, start = PLAN["cpu" if cpu else "gpu"], Path(args.out), time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = dict(device="cpu (gloo)", torch=torch.__version__)
+    results: dict = dict(device="cpu (gloo)", torch=torch.__version__, train_flags=args.train_flags)
     # The whole check must fit one 10-minute device call: each run gets the time left, a part that cannot
     # start with 30 s left is skipped (and says so).
     budget = 120 if cpu else 540
@@ -453,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
             elif deadline - time.monotonic() < 30:
                 results[part] = dict(skipped=f"skipped: the {budget} s budget was spent")
             elif part in "ab":
-                results[part] = compare_one_and_two(part, spec, work, out, cpu, deadline, spec.get("repeats", 1))
+                results[part] = compare_one_and_two(part, spec, work, out, cpu, deadline, spec.get("repeats", 1),
+                                                    tuple(shlex.split(args.train_flags)))
             elif part == "c":
                 results[part] = memory(spec, out, cpu, deadline)
             else:
