@@ -292,7 +292,7 @@ class PackedDataset(Dataset):
 
 def collate_packed(
     batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_id: int, width: int | None = None
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor | int]:
     """Stack packed rows: input_ids, labels, position_ids; short rows end in a pad segment of their own.
 
     `width` (default: the longest row) fixes the row length, so every step has the same shape, which
