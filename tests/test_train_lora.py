@@ -113,3 +113,26 @@ def test_flags_that_contradict_the_file_stop_with_its_message(world, capsys):
     assert run_inprocess(main, lora_args(tmp, "full_sft", data, save_dir=tmp, hidden_size=768)) == 2
     err = capsys.readouterr().err
     assert "full_sft_768.pth does not exist" in err and "full_sft_64.pth" in err
+
+
+def test_use_compile_with_packing_trains_the_eager_lora(world, capsys):
+    """--use_compile 1 --packing (compile_decoder; CUDA graphs only on a GPU) against the same run eager:
+    the same LoRA and loss history, and validation still runs (eagerly) under the compiled decoder."""
+    tmp, weight, data = world
+    runs = []
+    for name, compile_flag in (("eager", "0"), ("compiled", "1")):
+        out = tmp / name
+        argv = lora_args(tmp, weight, data, save_dir=out, batch_size=2, max_steps=2, packing=True,
+                         max_seq_len=64, val_fraction=0.25, eval_interval=1, learning_rate=1e-2,
+                         use_compile=compile_flag)
+        assert run_inprocess(main, argv) == 0
+        runs.append((_peft_weights(out), torch.load(out / "lora_identity_64_resume.pth",
+                                                    weights_only=False)["state"]["history"]))
+    assert "; compiled" in capsys.readouterr().out
+    (we, he), (wc, hc) = runs
+    for key in we:
+        torch.testing.assert_close(wc[key], we[key], atol=1e-5, rtol=0)
+    for name in ("train", "val"):
+        assert len(hc[name]) == len(he[name]) > 0
+        for (_, x), (_, y) in zip(hc[name], he[name]):
+            assert x == pytest.approx(y, rel=1e-5)
