@@ -31,16 +31,14 @@ import threading
 import time
 from pathlib import Path
 
+from scripts.bench_lora import SHAPES as BENCH_SHAPES
+
 REPO = Path(__file__).resolve().parents[1]
-SHAPES = {  # minimind-3 layout (generation 3); with these sizes it is exactly Qwen3's architecture
-    "minimind3-64m": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                          head_dim=96, intermediate_size=2432, vocab_size=6400),
-    "qwen3-0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       head_dim=128, intermediate_size=3072, vocab_size=151936),
+SHAPES = {  # the benchmark's shapes (minimind-3 layout, exactly Qwen3's architecture at these sizes) plus two
+    **{name: BENCH_SHAPES[name] for name in ("minimind3-64m", "qwen3-0.6b")},
     "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=128, intermediate_size=12288, vocab_size=151936),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                 intermediate_size=128, vocab_size=6400),
+    "tiny": dict(BENCH_SHAPES["tiny"], vocab_size=6400),  # every id of the repo tokenizer fits
 }
 # What each part runs: on 2 GPUs, and in --cpu-smoke (tiny, to check the logic end to end in < 60 s).
 PLAN = {
