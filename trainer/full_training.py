@@ -23,6 +23,7 @@ from trainer.distributed import DistInfo, gather_objects, same_on_all_ranks
 from trainer.engine import (
     NonFiniteGuard,
     StopSignal,
+    at_step,
     autocast_note,
     compile_decoder,
     enable_activation_checkpointing,
@@ -101,8 +102,9 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
         if stopped:
             break
         lr = lr_at(state.step, total_steps, args.learning_rate, args.warmup_iters)
-        loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params, lr,
-                                     args.grad_clip, amp_dtype)
+        with at_step(state.step + 1):  # a failure names its rank and step (see run_job), as in train_lora.py
+            loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params,
+                                         lr, args.grad_clip, amp_dtype)
         state.advance(epoch, n_samples, len(data.train))
         guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write, scaler is None)
         if state.step < total_steps and data.val_batches is not None and state.step % args.eval_interval == 0:
