@@ -7,7 +7,7 @@
 (a) minimind-3 64M shape, 200 steps: `train_lora.py` on 1 GPU (batch B × accumulation 2) against `torchrun
     --nproc_per_node 2` (batch B per GPU): the same global batch, so the same loss curve up to bf16
     rounding. Reports max |loss difference| over the curve and the tokens/s ratio.
-(b) the same on a Qwen3-0.6B shape (fewer steps).
+(b) the same on a Qwen3-0.6B shape.
 (c) an 8B shape (Qwen3-8B dims; MiniMind ties the head, so 7.6B parameters), random bf16 weights made on the
     GPUs (meta device, then to_empty): peak memory per GPU of a few LoRA steps with --fsdp and with DDP.
 (d) rank 1 raises at step 5 of a 2-GPU run: the exit status, the seconds until every process is gone and
@@ -43,7 +43,7 @@ SHAPES = {  # the benchmark's shapes (minimind-3 layout, exactly Qwen3's archite
 # What each part runs: on 2 GPUs, and in --cpu-smoke (tiny, to check the logic end to end in < 60 s).
 PLAN = {
     "gpu": dict(a=dict(shape="minimind3-64m", steps=200, batch=16, seq=1024, samples=3000),
-                b=dict(shape="qwen3-0.6b", steps=60, batch=8, seq=1024, samples=3000, repeats=2),
+                b=dict(shape="qwen3-0.6b", steps=200, batch=8, seq=1024, samples=3000, repeats=2),
                 c=dict(shape="qwen3-8b", steps=4, batch=4, seq=512),
                 d=dict(shape="minimind3-64m", fail_at=5, batch=8, seq=1024)),
     "cpu": dict(a=dict(shape="tiny", steps=4, batch=2, seq=128, samples=40),
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "part b last)")
     p.add_argument("--train-flags", default="", help="more train_lora.py flags for parts (a) and (b), e.g. "
                                                     "'--use_compile 1' (the compiled step instead of eager)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole check; a part that cannot start with 30 s left is skipped "
+                        "(default: 540 on GPUs, to fit one 10-minute device call; 120 with --cpu-smoke)")
     p.add_argument("--worker", choices=["memory", "fail"], default=None,
                    help="internal: run one rank of part (c) or (d) (started by this script under torchrun)")
     p.add_argument("--json", default=None, help="internal: where a memory worker writes its result")
@@ -448,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = dict(device="cpu (gloo)", torch=torch.__version__, train_flags=args.train_flags)
     # The whole check must fit one 10-minute device call: each run gets the time left, a part that cannot
     # start with 30 s left is skipped (and says so).
-    budget = 120 if cpu else 540
+    budget = args.budget or (120 if cpu else 540)
     deadline = start + budget
     with tempfile.TemporaryDirectory(prefix="multi_gpu_check_") as tmp:
         work = Path(tmp)
@@ -457,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             if spec is None:
                 results[part] = dict(skipped="skipped in --cpu-smoke (the same code as (a))")
             elif deadline - time.monotonic() < 30:
-                results[part] = dict(skipped=f"skipped: the {budget} s budget was spent")
+                results[part] = dict(skipped=f"skipped: the {budget:.0f} s budget was spent")
             elif part in "ab":
                 results[part] = compare_one_and_two(part, spec, work, out, cpu, deadline, spec.get("repeats", 1),
                                                     tuple(shlex.split(args.train_flags)))

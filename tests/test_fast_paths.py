@@ -223,6 +223,42 @@ def test_cuda_graphs_replay_gives_eager_losses_over_steps():
     assert all(abs(a - b) <= 2e-2 * abs(b) for a, b in zip(graphs, eager)), (graphs, eager)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_compiled_steps_with_accumulation_follow_eager(device):
+    """Two micro-batches per optimizer step through the trainer's train_step, compiled (on a GPU: CUDA graphs,
+    where each replay reuses the memory that held the previous micro-batch's gradients) against eager."""
+    from trainer.distributed import DistInfo
+    from trainer.engine import compile_decoder, make_optimizer, train_step
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(device))
+
+    def run(compiled: bool) -> tuple[list[float], list[torch.Tensor]]:
+        model = tiny_model().to(device)
+        if compiled:
+            torch._dynamo.reset()
+            compile_decoder(model, cuda_graphs=device == "cuda")
+        params = lora_parameters(model)
+        optimizer = make_optimizer(params, lr=1e-2, weight_decay=0.0)
+        losses = []
+        for step in range(4):  # CUDA graph trees: warm-up call, recording call, then replays
+            micro_batches = []
+            for i in range(2):
+                ids, labels = batch(seed=10 * step + i, prompt=3 + 4 * i)
+                sup_index, sup_targets = supervision(labels)
+                micro_batches.append(dict(input_ids=ids, sup_index=sup_index, sup_targets=sup_targets))
+            n_supervised = sum(b["sup_targets"].numel() for b in micro_batches)
+            loss, _ = train_step(SupervisedLoss(model), micro_batches, n_supervised, info, optimizer, None, params,
+                                 lr=1e-2, grad_clip=1.0, amp_dtype=torch.float32)
+            losses.append(loss.item())
+        return losses, [p.detach().cpu() for p in params]
+
+    (eager_losses, eager_params), (losses, params) = run(False), run(True)
+    assert losses == pytest.approx(eager_losses, rel=1e-4)
+    for got, want in zip(params, eager_params):
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 def test_evaluate_runs_a_compiled_decoder_eagerly():
     """Validation batches come in many widths: evaluate must not compile (or record a graph) for each."""
     from torch._dynamo.utils import counters

@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         enable_activation_checkpointing(model)
     compiled = ""
     if args.use_compile:
-        # CUDA graphs where every step has the same shapes and one process owns the GPU: packed rows are
-        # --max_seq_len wide; MoE routing and activation checkpointing break the graph; DDP and FSDP are
-        # not measured with them yet.
-        cuda_graphs = (info.device.type == "cuda" and args.packing and not info.distributed and not base.use_moe
+        # CUDA graphs where every step has the same shapes: packed rows are --max_seq_len wide. MoE routing
+        # and activation checkpointing break the graph; --fsdp gathers weights inside the forward. Under DDP
+        # the graphs hold one rank's forward/backward; the gradient all-reduce runs after, outside them.
+        cuda_graphs = (info.device.type == "cuda" and args.packing and not args.fsdp and not base.use_moe
                        and not args.gradient_checkpointing)
         compiled = "; " + compile_decoder(model, cuda_graphs)
     loss_module = SupervisedLoss(model)
