@@ -291,19 +291,22 @@ class PackedDataset(Dataset):
 
 
 def collate_packed(
-    batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_id: int, width: int | None = None
+    batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_id: int, width: int | None = None,
+    rows: int | None = None,
 ) -> dict[str, torch.Tensor | int]:
     """Stack packed rows: input_ids, labels, position_ids; short rows end in a pad segment of their own.
 
-    `width` (default: the longest row) fixes the row length, so every step has the same shape, which
-    compiled graphs and CUDA graphs replay without recompiling; packed rows are nearly full anyway.
-    `n_tokens` counts the real tokens (no pad segments), for an honest tokens/s.
+    `width` (default: the longest row) and `rows` (default: the rows given) fix the batch's shape, so that
+    every step has the same one, which compiled graphs and CUDA graphs replay without recompiling; the
+    epoch's last step, which runs short, gets rows of pads only (nothing supervised). Packed rows are nearly
+    full anyway. `n_tokens` counts the real tokens (no pad segments), for an honest tokens/s.
     """
     width = max([len(ids) for ids, _, _ in batch] + [width or 0])
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    n_rows = max(len(batch), rows or 0)
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
     # Pads get positions 0, 1, ...: a new segment, so no real token attends to them
-    position_ids = torch.arange(width).repeat(len(batch), 1)
+    position_ids = torch.arange(width).repeat(n_rows, 1)
     for row, (ids, lab, pos) in enumerate(batch):
         n = len(ids)
         input_ids[row, :n], labels[row, :n], position_ids[row, :n] = ids, lab, pos

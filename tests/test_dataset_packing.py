@@ -84,6 +84,11 @@ def test_packed_rows_restart_positions_and_cut_labels(sft):
         assert torch.equal(wide[key][:, :width], batch[key])
     assert wide["n_tokens"] == batch["n_tokens"]  # the extra pads are not tokens
     assert (wide["labels"][:, width:] == -100).all()
+    # Fixed rows too (the trainer passes --batch_size; an epoch's last step runs short): rows of pads only.
+    full = collate_packed([packed[0]], pad_id=tok.pad_token_id, width=MAX_LENGTH, rows=3)
+    assert full["input_ids"].shape == (3, MAX_LENGTH) and full["n_tokens"] == len(packed[0][0])
+    assert (full["input_ids"][1:] == tok.pad_token_id).all() and (full["labels"][1:] == -100).all()
+    assert full["position_ids"][1:].tolist() == [list(range(MAX_LENGTH))] * 2
 
 
 def token_losses(model, batch: dict) -> torch.Tensor:

@@ -226,8 +226,9 @@ def test_cuda_graphs_replay_gives_eager_losses_over_steps():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 def test_compiled_steps_with_accumulation_follow_eager(device):
-    """Two micro-batches per optimizer step through the trainer's train_step, compiled (on a GPU: CUDA graphs,
-    where each replay reuses the memory that held the previous micro-batch's gradients) against eager."""
+    """Two micro-batches per optimizer step through the trainer's train_step, compiled with the trainer's
+    CUDA-graph settings (on a GPU: graphs, whose replays reuse the memory of the previous micro-batch's
+    gradients, hence grads_in_place) against eager."""
     from trainer.distributed import DistInfo
     from trainer.engine import compile_decoder, make_optimizer, train_step
 
@@ -249,7 +250,7 @@ def test_compiled_steps_with_accumulation_follow_eager(device):
                 micro_batches.append(dict(input_ids=ids, sup_index=sup_index, sup_targets=sup_targets))
             n_supervised = sum(b["sup_targets"].numel() for b in micro_batches)
             loss, _ = train_step(SupervisedLoss(model), micro_batches, n_supervised, info, optimizer, None, params,
-                                 lr=1e-2, grad_clip=1.0, amp_dtype=torch.float32)
+                                 lr=1e-2, grad_clip=1.0, amp_dtype=torch.float32, grads_in_place=compiled)
             losses.append(loss.item())
         return losses, [p.detach().cpu() for p in params]
 

@@ -117,18 +117,27 @@ def test_flags_that_contradict_the_file_stop_with_its_message(world, capsys):
 
 def test_use_compile_with_packing_trains_the_eager_lora(world, capsys):
     """--use_compile 1 --packing (compile_decoder; CUDA graphs only on a GPU) against the same run eager:
-    the same LoRA and loss history, and validation still runs (eagerly) under the compiled decoder."""
+    the same LoRA and loss history, validation still runs (eagerly) under the compiled decoder, and the
+    epoch's short last step (fewer packed rows than --batch_size) reuses the one compiled graph."""
+    from torch._dynamo.utils import counters
+
     tmp, weight, data = world
     runs = []
     for name, compile_flag in (("eager", "0"), ("compiled", "1")):
         out = tmp / name
-        argv = lora_args(tmp, weight, data, save_dir=out, batch_size=2, max_steps=2, packing=True,
+        torch._dynamo.reset()
+        counters.clear()
+        argv = lora_args(tmp, weight, data, save_dir=out, batch_size=4, epochs=1, packing=True,
                          max_seq_len=64, val_fraction=0.25, eval_interval=1, learning_rate=1e-2,
                          use_compile=compile_flag)
         assert run_inprocess(main, argv) == 0
         runs.append((_peft_weights(out), torch.load(out / "lora_identity_64_resume.pth",
                                                     weights_only=False)["state"]["history"]))
-    assert "; compiled" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "; compiled" in out
+    # 7 training samples make 5 to 7 packed rows of 64: 2 steps, the second with fewer than 4 rows
+    assert "training steps 1..2 (2 per epoch)" in out
+    assert counters["stats"]["unique_graphs"] == 1
     (we, he), (wc, hc) = runs
     for key in we:
         torch.testing.assert_close(wc[key], we[key], atol=1e-5, rtol=0)

@@ -209,7 +209,8 @@ def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info:
     if args.packing:  # validation stays padded: the loss is the same, and it is simpler
         train = PackedDataset(train, args.max_seq_len, args.seed)
     sampler = StepSampler(len(train), args.batch_size, args.accumulation_steps, info.rank, info.world_size, args.seed)
-    train_collate = partial(collate_packed, pad_id=pad_id, width=args.max_seq_len) if args.packing else collate
+    train_collate = (partial(collate_packed, pad_id=pad_id, width=args.max_seq_len, rows=args.batch_size)
+                     if args.packing else collate)
     loader = make_loader(train, sampler, train_collate, args.num_workers, info.device.type == "cuda")
     val_batches = eval_loader(val, args.batch_size, info.rank, info.world_size, collate) if val is not None else None
     return TrainData(train, sampler, loader, val_batches)

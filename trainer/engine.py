@@ -109,16 +109,26 @@ def step_begin(micro_batches: list[dict], stop_requested: bool, info: DistInfo) 
 
 def train_step(step_module: nn.Module, micro_batches: list[dict], n_supervised: int, info: DistInfo,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, params: list[nn.Parameter],
-               lr: float, grad_clip: float, amp_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+               lr: float, grad_clip: float, amp_dtype: torch.dtype,
+               grads_in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward over the step's micro-batches, then one (skippable) optimizer update.
 
     Each micro-batch's summed token loss is divided by the step's supervised-token count over all
     micro-batches and ranks, and multiplied by world_size because DDP averages gradients: the
     result is the gradient of one big batch. Returns this rank's share of the loss and the gradient
     norm, both still on the device (no host sync here).
+
+    `grads_in_place` (needed with CUDA graphs): the gradients are summed into buffers that live across
+    steps (zeroed, not freed). A replayed backward writes its gradients to the same memory every time;
+    without own buffers, `.grad` would be that memory, and the next micro-batch's replay would overwrite
+    the gradient it is meant to add to.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
+    if grads_in_place:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
     scale = info.world_size / max(n_supervised, 1)
     n_micro = len(micro_batches)
     total = torch.zeros((), device=info.device)
@@ -151,7 +161,7 @@ def train_step(step_module: nn.Module, micro_batches: list[dict], n_supervised: 
         optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
         optimizer.step()
         del optimizer.found_inf
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not grads_in_place)
     return total, grad_norm
 
 

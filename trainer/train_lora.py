@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         set_lora_fused(model)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    compiled = ""
+    compiled, cuda_graphs = "", False
     if args.use_compile:
         # CUDA graphs where every step has the same shapes: packed rows are --max_seq_len wide. MoE routing
         # and activation checkpointing break the graph; --fsdp gathers weights inside the forward. Under DDP
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         lr = lr_at(state.step, total_steps, args.learning_rate, args.warmup_iters)
         with at_step(state.step + 1):  # a failure names its rank and step (see run_job)
             loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params,
-                                         lr, args.grad_clip, amp_dtype)
+                                         lr, args.grad_clip, amp_dtype, grads_in_place=cuda_graphs)
         state.advance(epoch, n_samples, len(data.train))
         guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write, scaler is None)
         if state.step < total_steps and data.val_batches is not None and state.step % args.eval_interval == 0:
