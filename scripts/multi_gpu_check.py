@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "part b last)")
     p.add_argument("--train-flags", default="", help="more train_lora.py flags for parts (a) and (b), e.g. "
                                                     "'--use_compile 1' (the compiled step instead of eager)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="alternating 1-/2-GPU run pairs in parts (a) and (b) (default: 1 and 2; 1 fits a compiled "
+                        "part (b), --train-flags '--use_compile 1', into one device call)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole check; a part that cannot start with 30 s left is skipped "
                         "(default: 540 on GPUs, to fit one 10-minute device call; 120 with --cpu-smoke)")
@@ -107,7 +111,16 @@ def run_logged(cmd: list[str], env: dict[str, str], log: Path, timeout: float, m
         f.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
-        killer = threading.Timer(max(timeout, 1), lambda: os.killpg(proc.pid, 9))
+        # torchrun starts each worker in a session of its own, so a SIGKILL to torchrun's group would orphan
+        # the workers, which keep our pipe open: the read below would never end. SIGTERM first: torchrun
+        # passes it on (our trainer then saves and exits), and whatever is left is killed 30 s later.
+        expired, ended = threading.Event(), threading.Event()
+
+        def stop() -> None:
+            expired.set()
+            _stop(proc.pid, ended, grace=30)
+
+        killer = threading.Timer(max(timeout, 1), stop)
         killer.start()
         lines = []
         for line in proc.stdout:
@@ -117,11 +130,22 @@ def run_logged(cmd: list[str], env: dict[str, str], log: Path, timeout: float, m
                 if mark in line and mark not in seen:
                     seen[mark] = time.monotonic()
         proc.wait()
-        timed_out = not killer.is_alive() and proc.returncode == -9
+        ended.set()
         killer.cancel()
+        timed_out = expired.is_set()
     end = time.monotonic()
     return dict(returncode=proc.returncode, output="".join(lines), seconds=end - start, timed_out=timed_out,
                 after={m: end - t for m, t in seen.items()})
+
+
+def _stop(pgid: int, ended: threading.Event, grace: float) -> None:
+    """SIGTERM to a process group, then SIGKILL if it has not `ended` within `grace` seconds."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        if not ended.wait(grace):
+            os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
 
 
 def write_random_base(path: Path, shape: dict) -> Path:
@@ -462,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             elif deadline - time.monotonic() < 30:
                 results[part] = dict(skipped=f"skipped: the {budget:.0f} s budget was spent")
             elif part in "ab":
-                results[part] = compare_one_and_two(part, spec, work, out, cpu, deadline, spec.get("repeats", 1),
+                results[part] = compare_one_and_two(part, spec, work, out, cpu, deadline, args.repeats or spec.get("repeats", 1),
                                                     tuple(shlex.split(args.train_flags)))
             elif part == "c":
                 results[part] = memory(spec, out, cpu, deadline)
