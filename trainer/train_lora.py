@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     # rank's shard of the frozen base (trainer/fsdp.py).
     step_module = (shard_frozen_base(loss_module, info) if args.fsdp else
                    wrap_ddp(loss_module.to(info.device), info, find_unused=base.use_moe))
+    # Gradients in buffers that outlive a step: CUDA graphs need them (see train_step), and under DDP they
+    # are the all-reduce buckets themselves, so no gradient is copied into or out of a bucket.
+    grads_in_place = cuda_graphs or (info.distributed and not args.fsdp)
     params = lora_parameters(model)
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
     scaler = make_scaler(info.device, amp_dtype)
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         lr = lr_at(state.step, total_steps, args.learning_rate, args.warmup_iters)
         with at_step(state.step + 1):  # a failure names its rank and step (see run_job)
             loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params,
-                                         lr, args.grad_clip, amp_dtype, grads_in_place=cuda_graphs)
+                                         lr, args.grad_clip, amp_dtype, grads_in_place=grads_in_place)
         state.advance(epoch, n_samples, len(data.train))
         guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write, scaler is None)
         if state.step < total_steps and data.val_batches is not None and state.step % args.eval_interval == 0:
