@@ -2,7 +2,8 @@
 
     PYTHONPATH=$PWD python scripts/multi_gpu_check.py --out $OUT       # 2 GPUs, about 8 minutes
     python scripts/multi_gpu_check.py --cpu-smoke --out /tmp/check     # the same logic, tiny shapes, CPU + gloo
-    PYTHONPATH=$PWD python scripts/multi_gpu_check.py --parts b --train-flags "--use_compile 1"   # compiled steps
+    PYTHONPATH=$PWD python scripts/multi_gpu_check.py --parts b --repeats 1 --train-flags "--use_compile 1"
+                                                                      # (b) with compiled steps, ~5 minutes
 
 (a) minimind-3 64M shape, 200 steps: `train_lora.py` on 1 GPU (batch B × accumulation 2) against `torchrun
     --nproc_per_node 2` (batch B per GPU): the same global batch, so the same loss curve up to bf16
