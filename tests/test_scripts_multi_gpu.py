@@ -40,3 +40,17 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     for part in "abcd":
         assert f"\n({part}) " in summary
     assert len(list(out.iterdir())) <= 8
+
+
+def test_a_run_past_its_time_is_stopped_with_its_torchrun_workers(tmp_path):
+    """torchrun puts each worker in a session of its own: killing torchrun's group alone left the workers
+    holding the output pipe, and the check hung until the device's limit. Now every process ends."""
+    from scripts.multi_gpu_check import _alive, child_env, launcher, run_logged
+
+    worker = tmp_path / "sleeper.py"
+    worker.write_text("import os, time\nprint('worker', os.getpid(), flush=True)\ntime.sleep(120)\n")
+    run = run_logged([*launcher(2), str(worker)], child_env(cpu=True), tmp_path / "log.txt", timeout=5)
+    assert run["timed_out"] and run["returncode"] != 0
+    assert run["seconds"] < 45, run["output"][-2000:]  # SIGTERM, then SIGKILL 30 s later at the latest
+    pids = [int(line.split()[1]) for line in run["output"].splitlines() if line.startswith("worker ")]
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
