@@ -177,12 +177,12 @@ def test_fsdp_equals_ddp_and_one_process_and_resumes(ddp, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_compiled_ranks_equal_one_eager_process_with_packing(ddp, tmp_path):
     """--use_compile 1 --packing under DDP (the decoder compiled inside the DDP module; on GPUs its steps
-    are CUDA graphs, and the all-reduce runs after the compiled backward) trains the one-process eager LoRA."""
-    packed = dict(FLAGS, packing=True, max_seq_len=64, batch_size=2)
+    are CUDA graphs, and the all-reduce runs after the compiled backward) with accumulation (no_sync, then
+    the gradients summed in the all-reduce buckets) trains the one-process eager LoRA."""
+    packed = dict(FLAGS, packing=True, max_seq_len=64, accumulation_steps=2)
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run_inprocess(main, lora_args(tmp_path, ddp.weight, ddp.data, save_dir=one, accumulation_steps=2,
-                                         **packed)) == 0
-    run = _two_ranks(tmp_path, ddp.weight, ddp.data, two, use_compile=1, **packed)
+    assert run_inprocess(main, lora_args(tmp_path, ddp.weight, ddp.data, save_dir=one, batch_size=2, **packed)) == 0
+    run = _two_ranks(tmp_path, ddp.weight, ddp.data, two, use_compile=1, batch_size=1, **packed)
     assert "2 process(es) on cpu, float32; compiled" in run.output, run.output[:2000]
     _assert_same(_adapter(two), _adapter(one))
     h1, h2 = _resume(one)["state"]["history"], _resume(two)["state"]["history"]
