@@ -1,14 +1,16 @@
 """Multi-GPU check, run once on a 2-GPU machine: DDP matches one GPU and scales, --fsdp shards, failures end.
 
-    PYTHONPATH=$PWD python scripts/multi_gpu_check.py --out $OUT       # 2 GPUs, about 8 minutes
-    python scripts/multi_gpu_check.py --cpu-smoke --out /tmp/check     # the same logic, tiny shapes, CPU + gloo
-    PYTHONPATH=$PWD python scripts/multi_gpu_check.py --parts b --repeats 1 --train-flags "--use_compile 1"
-                                                                      # (b) with compiled steps, ~5 minutes
+    PYTHONPATH=$PWD python scripts/multi_gpu_check.py --parts acd --out $OUT   # 2 GPUs, about 5 minutes
+    PYTHONPATH=$PWD python scripts/multi_gpu_check.py --parts b --out $OUT     # about 5 minutes (2 compiles)
+    python scripts/multi_gpu_check.py --cpu-smoke --out /tmp/check             # the same logic, tiny, CPU + gloo
+
+(All parts in one call, `--parts acdb`, need `--budget 700` or so: more than one 10-minute device call.)
 
 (a) minimind-3 64M shape, 200 steps: `train_lora.py` on 1 GPU (batch B × accumulation 2) against `torchrun
     --nproc_per_node 2` (batch B per GPU): the same global batch, so the same loss curve up to bf16
     rounding. Reports max |loss difference| over the curve and the tokens/s ratio.
-(b) the same on a Qwen3-0.6B shape.
+(b) the same on a Qwen3-0.6B shape, with `--use_compile 1` (CUDA graphs), as the README advises for several GPUs:
+    eager, this step is bound by the CPU that launches its kernels.
 (c) an 8B shape (Qwen3-8B dims; MiniMind ties the head, so 7.6B parameters), random bf16 weights made on the
     GPUs (meta device, then to_empty): peak memory per GPU of a few LoRA steps with --fsdp and with DDP.
 (d) rank 1 raises at step 5 of a 2-GPU run: the exit status, the seconds until every process is gone and
@@ -45,7 +47,7 @@ SHAPES = {  # the benchmark's shapes (minimind-3 layout, exactly Qwen3's archite
 # What each part runs: on 2 GPUs, and in --cpu-smoke (tiny, to check the logic end to end in < 60 s).
 PLAN = {
     "gpu": dict(a=dict(shape="minimind3-64m", steps=200, batch=16, seq=1024, samples=3000),
-                b=dict(shape="qwen3-0.6b", steps=200, batch=8, seq=1024, samples=3000, repeats=2),
+                b=dict(shape="qwen3-0.6b", steps=200, batch=8, seq=1024, samples=3000, flags=("--use_compile", "1")),
                 c=dict(shape="qwen3-8b", steps=4, batch=4, seq=512),
                 d=dict(shape="minimind3-64m", fail_at=5, batch=8, seq=1024)),
     "cpu": dict(a=dict(shape="tiny", steps=4, batch=2, seq=128, samples=40),
@@ -66,12 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for summary.txt, results.json and the logs (default: $OUT, else out/multi_gpu_check)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU with gloo: checks the script itself")
     p.add_argument("--parts", default="acdb", help="which parts to run, in this order (default: acdb, the long "
-                                                  "part b last)")
+                                                  "part b last; see --budget)")
     p.add_argument("--train-flags", default="", help="more train_lora.py flags for parts (a) and (b), e.g. "
-                                                    "'--use_compile 1' (the compiled step instead of eager)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="alternating 1-/2-GPU run pairs in parts (a) and (b) (default: 1 and 2; 1 fits a compiled "
-                        "part (b), --train-flags '--use_compile 1', into one device call)")
+                                                    "'--use_compile 1' for (a) too")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="alternating 1-/2-GPU run pairs in parts (a) and (b), whose tokens/s is then the median "
+                        "over all of them (default 1)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole check; a part that cannot start with 30 s left is skipped "
                         "(default: 540 on GPUs, to fit one 10-minute device call; 120 with --cpu-smoke)")
@@ -228,7 +230,7 @@ def compare_one_and_two(name: str, spec: dict, work: Path, out: Path, cpu: bool,
             save_dir = work / f"{name}_{nproc}_{repeat}"
             flags = lora_flags(base, data, save_dir, cpu, max_steps=spec["steps"], batch_size=spec["batch"],
                                accumulation_steps=accum, max_seq_len=spec["seq"], lora_name=name,
-                               log_interval=1 if cpu else 10) + list(extra_flags)
+                               log_interval=1 if cpu else 10) + [*spec.get("flags", ()), *extra_flags]
             run = run_logged([*launcher(nproc), str(REPO / "trainer" / "train_lora.py"), *flags], env, log,
                              timeout=deadline - time.monotonic(), marks=("done: ",))
             rates[nproc] += window_rates(run["output"], skip_steps=1 if cpu else 20)
@@ -241,7 +243,7 @@ def compare_one_and_two(name: str, spec: dict, work: Path, out: Path, cpu: bool,
         runs[nproc]["tokens_per_s"] = statistics.median(rates[nproc]) if rates[nproc] else None
         runs[nproc]["window_rates"] = rates[nproc]
     result = dict(shape=spec["shape"], steps=spec["steps"], per_device_batch=f"{spec['batch']} x {spec['seq']}",
-                  repeats=repeats, one=runs[1], two=runs[2])
+                  flags=" ".join([*spec.get("flags", ()), *extra_flags]), repeats=repeats, one=runs[1], two=runs[2])
     if "history" in runs[1] and "history" in runs[2]:
         h1, h2 = runs[1].pop("history"), runs[2].pop("history")
         common = sorted(set(h1) & set(h2))
@@ -417,8 +419,7 @@ def _memory_cell(r: dict) -> str:
 
 def table(results: dict) -> str:
     """The summary table (plain text)."""
-    flags = f", train_lora.py {results['train_flags']}" if results.get("train_flags") else ""
-    rows = [f"multi_gpu_check on {results['device']} (torch {results['torch']}){flags}, {results['seconds']:.0f} s"]
+    rows = [f"multi_gpu_check on {results['device']} (torch {results['torch']}), {results['seconds']:.0f} s"]
     for part in ("a", "b"):
         r = results.get(part)
         if r is None:
@@ -430,7 +431,8 @@ def table(results: dict) -> str:
         speed = f"{r['speedup']:.2f}x" if r.get("speedup") else "n/a"
         diff = f"{r['max_abs_loss_diff']:.2e}" if r.get("max_abs_loss_diff") is not None else "n/a"
         repeats = "" if r.get("repeats", 1) == 1 else f", median of {r['repeats']} alternating runs each"
-        rows.append(f"({part}) {r['shape']}, {r['steps']} steps, {r['per_device_batch']} per device{repeats}: "
+        flags = f", {r['flags']}" if r.get("flags") else ""
+        rows.append(f"({part}) {r['shape']}{flags}, {r['steps']} steps, {r['per_device_batch']} per device{repeats}: "
                     f"1 dev {one['tokens_per_s'] or 0:,.0f} tok/s (rc {one['returncode']}), "
                     f"2 dev {two['tokens_per_s'] or 0:,.0f} tok/s (rc {two['returncode']}): {speed}; "
                     f"max |loss diff| {diff} over {r.get('steps_compared', 0)} steps; "
@@ -473,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plan, out, start = PLAN["cpu" if cpu else "gpu"], Path(args.out), time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = dict(device="cpu (gloo)", torch=torch.__version__, train_flags=args.train_flags)
+    results: dict = dict(device="cpu (gloo)", torch=torch.__version__)
     # The whole check must fit one 10-minute device call: each run gets the time left, a part that cannot
     # start with 30 s left is skipped (and says so).
     budget = args.budget or (120 if cpu else 540)
@@ -487,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             elif deadline - time.monotonic() < 30:
                 results[part] = dict(skipped=f"skipped: the {budget:.0f} s budget was spent")
             elif part in "ab":
-                results[part] = compare_one_and_two(part, spec, work, out, cpu, deadline, args.repeats or spec.get("repeats", 1),
+                results[part] = compare_one_and_two(part, spec, work, out, cpu, deadline, args.repeats,
                                                     tuple(shlex.split(args.train_flags)))
             elif part == "c":
                 results[part] = memory(spec, out, cpu, deadline)
