@@ -98,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         enable_activation_checkpointing(model)
     compiled, cuda_graphs = "", False
     if args.use_compile:
-        # CUDA graphs where every step has the same shapes: packed rows are --max_seq_len wide. MoE routing
-        # and activation checkpointing break the graph; --fsdp gathers weights inside the forward. Under DDP
-        # the graphs hold one rank's forward/backward; the gradient all-reduce runs after, outside them.
+        # CUDA graphs where every step has the same shapes: packed batches are --batch_size rows of
+        # --max_seq_len. MoE routing and activation checkpointing break the graph; --fsdp gathers weights
+        # inside the forward. Under DDP the graphs hold one rank's forward/backward; the gradient
+        # all-reduce runs after, outside them.
         cuda_graphs = (info.device.type == "cuda" and args.packing and not args.fsdp and not base.use_moe
                        and not args.gradient_checkpointing)
         compiled = "; " + compile_decoder(model, cuda_graphs)
@@ -110,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     step_module = (shard_frozen_base(loss_module, info) if args.fsdp else
                    wrap_ddp(loss_module.to(info.device), info, find_unused=base.use_moe))
     # Gradients in buffers that outlive a step: CUDA graphs need them (see train_step), and under DDP they
-    # are the all-reduce buckets themselves, so no gradient is copied into or out of a bucket.
-    grads_in_place = cuda_graphs or (info.distributed and not args.fsdp)
+    # are the all-reduce buckets themselves, so no gradient is copied into or out of a bucket. Not for MoE:
+    # an expert that no token reached must keep gradient None, which AdamW skips (a zero would still decay it).
+    grads_in_place = cuda_graphs or (info.distributed and not args.fsdp and not base.use_moe)
     params = lora_parameters(model)
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
     scaler = make_scaler(info.device, amp_dtype)
