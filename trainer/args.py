@@ -124,8 +124,8 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="autocast dtype (default: bfloat16 on GPU, float32 on CPU); float16 uses a GradScaler")
     g.add_argument("--use_compile", type=str2bool, default=False,
-                   help="torch.compile the decoder (0/1); with --packing on one GPU also replay it as CUDA graphs "
-                        "(the fastest steps; the first step compiles for a minute or two)")
+                   help="torch.compile the decoder (0/1); with --packing on GPUs (one, or DDP) also replay it as CUDA "
+                        "graphs (the fastest steps; the first step compiles for a minute or two)")
     _switch(g, "--gradient_checkpointing", help="recompute activations in backward to save memory")
     _switch(g, "--ddp", help="multi-GPU run; needs torchrun (detected from the environment anyway)")
     if job == "lora":

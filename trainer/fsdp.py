@@ -6,10 +6,10 @@ model (embeddings, final norm, head: the root group), is one FSDP2 group: its fr
 base too large for one GPU still trains, one layer unsharded at a time.
 
 The LoRA factors are left out of FSDP (`ignored_params`). They are small (rank 16 on every linear layer
-of an 8B base: 44M parameters, 0.6%), so every rank keeps them whole: the optimizer, the LoRA files and the resume file are exactly the ones
-DDP and a single process write (a run may switch between them on resume), and saving needs no
-gather. Their gradients are averaged over the ranks with one all-reduce per optimizer step
-(`average_gradients_`), as DDP would.
+of an 8B base: 44M parameters, 0.6%), so every rank keeps them whole: the optimizer, the LoRA files and
+the resume file are exactly the ones DDP and a single process write (a run may switch between them on
+resume), and saving needs no gather. Their gradients are averaged over the ranks with one all-reduce per
+optimizer step (`average_gradients_`), as DDP would.
 """
 
 import inspect
