@@ -189,3 +189,35 @@ def test_two_compiled_ranks_equal_one_eager_process_with_packing(ddp, tmp_path):
     assert [s for s, _ in h2["train"]] == [s for s, _ in h1["train"]] and len(h1["train"]) >= 2
     for (_, x), (_, y) in zip(h1["train"], h2["train"]):
         assert y == pytest.approx(x, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_moe_ranks_equal_one_process_with_accumulation(tmp_path):
+    """MoE under DDP (find_unused_parameters; each rank routes its own tokens, so an expert can get tokens
+    on one rank and none on the other): 2 ranks × 1 sample train the LoRA and log the losses of 1 process ×
+    1 sample × accumulation 2. Batches of 1 give both runs the same micro-batches (rank r takes samples
+    r::2, accumulation takes them in order), which the per-micro-batch aux loss needs."""
+    weight = save_tiny_minimind(tmp_path / "full_sft_64_moe.pth", use_moe=True, num_experts=4)
+    data = write_chat_data(tmp_path / "data.jsonl", 4, seed=3)
+    flags = dict(FLAGS, batch_size=1, lora_name="moe")
+    one, two = tmp_path / "one", tmp_path / "two"
+    # One thread, as torchrun gives each rank (OMP_NUM_THREADS=1): the same float reduction order. Else the
+    # runs differ by rounding, which Adam blows up to ~0.4% of an update on the few expert LoRA entries
+    # whose gradient is ~eps (1e-8), and a loose tolerance would hide a real error in the same entries.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_inprocess(main, lora_args(tmp_path, weight, data, save_dir=one, accumulation_steps=2,
+                                             **flags)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    run = _two_ranks(tmp_path, weight, data, two, **flags)
+    assert "2 process(es) on cpu" in run.output
+    got, want = (load_file(d / "moe_64_moe" / "adapter_model.safetensors") for d in (two, one))
+    assert any(".experts.3." in key for key in want), "LoRA on the experts' layers"
+    _assert_same(got, want, atol=1e-7)
+    h1, h2 = (torch.load(d / "moe_64_moe_resume.pth", weights_only=False)["state"]["history"] for d in (one, two))
+    assert [s for s, _ in h2["train"]] == [1, 2]
+    for name in ("train", "grad_norm"):
+        for (_, x), (_, y) in zip(h1[name], h2[name]):
+            assert y == pytest.approx(x, rel=1e-5)

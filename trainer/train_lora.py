@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                    wrap_ddp(loss_module.to(info.device), info, find_unused=base.use_moe))
     # Gradients in buffers that outlive a step: CUDA graphs need them (see train_step), and under DDP they
     # are the all-reduce buckets themselves, so no gradient is copied into or out of a bucket. Not for MoE:
-    # an expert that no token reached must keep gradient None, which AdamW skips (a zero would still decay it).
+    # transformers' MoE layers skip an expert that no token reached, whose gradient must then stay None,
+    # which AdamW skips (a kept zero would still decay it). MiniMind's MoE runs every expert, even on 0 tokens.
     grads_in_place = cuda_graphs or (info.distributed and not args.fsdp and not base.use_moe)
     params = lora_parameters(model)
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
