@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
@@ -199,9 +200,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: AttentionMask,
                 is_causal: bool, past_key_values: Cache | None) -> torch.Tensor:
-        """Attend over the current tokens (and the cached ones); `attn_mask` is boolean, True = may attend."""
+        """Attend over the current tokens (and the cached ones); `attn_mask` is boolean (True = may attend)
+        or, for packed rows in a compiled forward, a FlexAttention block mask."""
         bsz, seq_len, _ = x.shape
         q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)
@@ -216,6 +218,9 @@ class Attention(nn.Module):
         # 0.63 ms fwd+bwd per Qwen3-0.6B layer on an H100, docs/PERF.md). The masked (memory-efficient)
         # kernels do not take GQA and would silently fall back to the slow math path: repeat kv heads there.
         n_rep = self.num_heads // self.num_kv_heads
+        if isinstance(attn_mask, BlockMask):  # reads the shared kv heads as they are, like enable_gqa
+            out = flex_attention(q, k, v, block_mask=attn_mask, enable_gqa=n_rep > 1)
+            return self.o_proj(out.transpose(1, 2).reshape(bsz, seq_len, -1))
         gqa = n_rep > 1 and attn_mask is None
         if n_rep > 1 and not gqa:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -306,7 +311,7 @@ class MiniMindBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: AttentionMask,
                 is_causal: bool, past_key_values: Cache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return the layer output and its MoE aux loss (None for a dense layer)."""
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, past_key_values)
@@ -316,9 +321,16 @@ class MiniMindBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h)), None
 
 
+AttentionMask = torch.Tensor | BlockMask | None
+
+
 def build_attention_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                         seq_len: int, past_len: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
-    """Return `(attn_mask, is_causal)` for SDPA: a bool mask `[B|1, 1, T, past+T]`, or None with `is_causal`."""
+                         seq_len: int, past_len: int, device: torch.device,
+                         flex: bool = False) -> tuple[AttentionMask, bool]:
+    """Return `(attn_mask, is_causal)` for SDPA: a bool mask `[B|1, 1, T, past+T]`, or None with `is_causal`.
+
+    With `flex`, packed rows get a FlexAttention block mask instead of the dense one (see `MiniMindModel`).
+    """
     q_pos = torch.arange(past_len, past_len + seq_len, device=device)
     k_pos = torch.arange(past_len + seq_len, device=device)
     causal = k_pos[None, :] <= q_pos[:, None]                           # [T, K]
@@ -336,6 +348,8 @@ def build_attention_mask(attention_mask: torch.Tensor | None, position_ids: torc
         # and attention stays inside each sample. Built without data-dependent branches (compile-friendly).
         start = position_ids[..., :1] - 1
         sample = (torch.diff(position_ids, dim=-1, prepend=start) != 1).cumsum(dim=-1)   # [B, T]
+        if flex:
+            return document_block_mask(sample), False
         same_sample = sample[:, :, None] == sample[:, None, :]
         return (same_sample & causal[None])[:, None], False
     if past_len == 0:
@@ -343,6 +357,17 @@ def build_attention_mask(attention_mask: torch.Tensor | None, position_ids: torc
     if seq_len == 1:
         return None, False                                                # one new token sees the whole cache
     return causal[None, None], False
+
+
+def document_block_mask(sample: torch.Tensor) -> BlockMask:
+    """The packed-row mask (causal, inside each sample; `sample` `[B, T]` numbers the samples of each row)
+    as a FlexAttention block mask: the kernel skips the 128 × 128 tiles that lie wholly outside it."""
+
+    def same_sample_causal(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (sample[b, q] == sample[b, kv]) & (kv <= q)
+
+    bsz, seq_len = sample.shape
+    return create_block_mask(same_sample_causal, bsz, None, seq_len, seq_len, device=sample.device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,6 +409,11 @@ class MiniMindModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # transformers' gradient_checkpointing_enable() sets this flag; so can a trainer, directly.
         self.gradient_checkpointing = False
+        # How packed rows attend when this forward runs under torch.compile: "sdpa" with a dense block-diagonal
+        # mask, or "flex": FlexAttention with a block mask, which skips the masked tiles and keeps GQA (0.65
+        # against 1.37 ms fwd+bwd per Qwen3-0.6B layer, docs/PERF.md). Uncompiled, Flex would materialise
+        # the whole score matrix (and it has no backward on CPU), so eager forwards keep SDPA either way.
+        self.packed_attention = "sdpa"
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
@@ -397,7 +427,8 @@ class MiniMindModel(nn.Module):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        attn_mask, is_causal = build_attention_mask(attention_mask, position_ids, seq_len, past_len, x.device)
+        flex = self.packed_attention == "flex" and torch.compiler.is_compiling()
+        attn_mask, is_causal = build_attention_mask(attention_mask, position_ids, seq_len, past_len, x.device, flex)
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=x.device)[None]
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)

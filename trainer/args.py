@@ -126,6 +126,11 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--use_compile", type=str2bool, default=False,
                    help="torch.compile the decoder (0/1); with --packing on GPUs (one, or DDP) also replay it as CUDA "
                         "graphs (the fastest steps; the first step compiles for a minute or two)")
+    g.add_argument("--attention", default="auto", choices=["auto", "flex", "sdpa"],
+                   help="how packed rows attend in the compiled decoder: flex = FlexAttention, which skips the "
+                        "masked tiles (needs --packing, --use_compile 1, a CUDA device, a MiniMind model); sdpa = "
+                        "a dense block-diagonal mask (e.g. if Flex's kernels do not fit your GPU); auto (default) = "
+                        "flex where it applies")
     _switch(g, "--gradient_checkpointing", help="recompute activations in backward to save memory")
     _switch(g, "--ddp", help="multi-GPU run; needs torchrun (detected from the environment anyway)")
     if job == "lora":

@@ -84,6 +84,25 @@ def compile_decoder(model: nn.Module, cuda_graphs: bool) -> str:
     return "compiled, CUDA graphs" if cuda_graphs else "compiled"
 
 
+def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled: bool, device: torch.device) -> str:
+    """Set how the compiled decoder attends within packed rows (--attention) and return it: "flex"
+    (FlexAttention, block mask) or "sdpa" (dense block-diagonal mask); see MiniMindModel.packed_attention.
+
+    "auto" takes Flex where it pays and trains: packed rows, a compiled decoder, a CUDA device (Flex has no
+    backward on CPU), and MiniMind's decoder (transformers' models attend their own way).
+    """
+    decoder = getattr(model, "model", None)
+    needs = {"--packing": packing, "--use_compile 1": compiled, "a CUDA device": device.type == "cuda",
+             "a MiniMind model (transformers' models keep their own attention)": hasattr(decoder, "packed_attention")}
+    missing = [what for what, ok in needs.items() if not ok]
+    if choice == "flex" and missing:
+        raise UserError(f"--attention flex needs {', '.join(missing)}; use --attention auto or sdpa")
+    chosen = "flex" if choice == "flex" or (choice == "auto" and not missing) else "sdpa"
+    if hasattr(decoder, "packed_attention"):
+        decoder.packed_attention = chosen
+    return chosen
+
+
 def wrap_ddp(module: nn.Module, info: DistInfo, find_unused: bool) -> nn.Module:
     """DDP over the loss module when several ranks run (gradients of trainable parameters are averaged).
 

@@ -30,6 +30,7 @@ from trainer.engine import (
     evaluate,
     make_optimizer,
     make_scaler,
+    pick_packed_attention,
     resume_command,
     run_config,
     step_begin,
@@ -49,6 +50,7 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     model = base.model.to(info.device).train()
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device)
     if args.use_compile:
         compile_decoder(model, cuda_graphs=False)  # CUDA graphs are measured for LoRA only (train_lora.py)
     params = [p for p in model.parameters() if p.requires_grad]
