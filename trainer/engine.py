@@ -81,7 +81,8 @@ def compile_decoder(model: nn.Module, cuda_graphs: bool) -> str:
     batches of --batch_size rows × --max_seq_len give. Returns how it was compiled, for the start-up line.
     """
     model.model.compile(mode="reduce-overhead" if cuda_graphs else None)
-    return "compiled, CUDA graphs" if cuda_graphs else "compiled"
+    flex = getattr(model.model, "packed_attention", "sdpa") == "flex"  # set before by pick_packed_attention
+    return ("compiled, CUDA graphs" if cuda_graphs else "compiled") + ("; FlexAttention" if flex else "")
 
 
 def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled: bool, device: torch.device) -> str:

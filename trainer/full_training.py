@@ -51,8 +51,9 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
     pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device)
-    if args.use_compile:
-        compile_decoder(model, cuda_graphs=False)  # CUDA graphs are measured for LoRA only (train_lora.py)
+    compiled = ""
+    if args.use_compile:  # CUDA graphs are measured for LoRA only (train_lora.py)
+        compiled = "; " + compile_decoder(model, cuda_graphs=False)
     params = [p for p in model.parameters() if p.requires_grad]
     loss_module = SupervisedLoss(model)
     step_module = wrap_ddp(loss_module, info, find_unused=base.use_moe)
@@ -61,7 +62,7 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     stem = output_stem(args.save_dir, job, base.hidden_size, base.use_moe)
     if info.is_main:
         print(f"model {base.source}: {sum(p.numel() for p in params) / 1e6:.1f}M parameters, all trained; "
-              f"{info.world_size} process(es) on {info.device}, {autocast_note(amp_dtype, torch.float32)}", flush=True)
+              f"{info.world_size} process(es) on {info.device}, {autocast_note(amp_dtype, torch.float32)}{compiled}", flush=True)
 
     data = prepare_data(make_dataset, args, info, pad_id=base.tokenizer.pad_token_id or 0)
 

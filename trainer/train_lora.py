@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         set_lora_fused(model)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    attention = pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device)
+    pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device)
     compiled, cuda_graphs = "", False
     if args.use_compile:
         # CUDA graphs where every step has the same shapes: packed batches are --batch_size rows of
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         # all-reduce runs after, outside them.
         cuda_graphs = (info.device.type == "cuda" and args.packing and not args.fsdp and not base.use_moe
                        and not args.gradient_checkpointing)
-        compiled = "; " + compile_decoder(model, cuda_graphs) + ("; FlexAttention" if attention == "flex" else "")
+        compiled = "; " + compile_decoder(model, cuda_graphs)
     loss_module = SupervisedLoss(model)
     # Onto this rank's device: the whole model (DDP averages the LoRA gradients), or with --fsdp only this
     # rank's shard of the frozen base (trainer/fsdp.py).
