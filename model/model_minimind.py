@@ -220,11 +220,11 @@ class Attention(nn.Module):
         n_rep = self.num_heads // self.num_kv_heads
         if isinstance(attn_mask, BlockMask):  # reads the shared kv heads as they are, like enable_gqa
             out = flex_attention(q, k, v, block_mask=attn_mask, enable_gqa=n_rep > 1)
-            return self.o_proj(out.transpose(1, 2).reshape(bsz, seq_len, -1))
-        gqa = n_rep > 1 and attn_mask is None
-        if n_rep > 1 and not gqa:
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
+        else:
+            gqa = n_rep > 1 and attn_mask is None
+            if n_rep > 1 and not gqa:
+                k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq_len, -1))
 
 
