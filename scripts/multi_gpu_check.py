@@ -12,7 +12,8 @@
 (b) the same on a Qwen3-0.6B shape, with `--use_compile 1` (CUDA graphs), as the README advises for several GPUs:
     eager, this step is bound by the CPU that launches its kernels.
 (c) an 8B shape (Qwen3-8B dims; MiniMind ties the head, so 7.6B parameters), random bf16 weights made on the
-    GPUs (meta device, then to_empty): peak memory per GPU of a few LoRA steps with --fsdp and with DDP.
+    GPUs (meta device, then to_empty): peak memory per GPU of a few LoRA steps with --fsdp and without
+    ("ddp": the whole base on each GPU, as train_lora.py runs it without --fsdp).
 (d) rank 1 raises at step 5 of a 2-GPU run: the exit status, the seconds until every process is gone and
     whether our own `rank 1 failed at step 5` line was printed; (a)/(b) give the clean-exit lag.
 
@@ -311,8 +312,14 @@ def memory_worker(result_file: str, cpu: bool) -> None:
 
     from model.model_lora import apply_lora, lora_parameters
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-    from trainer.distributed import cleanup_distributed, gather_objects, setup_distributed
-    from trainer.engine import make_optimizer, train_step, wrap_ddp
+    from trainer.distributed import (
+        FlatGradients,
+        broadcast_from_rank0_,
+        cleanup_distributed,
+        gather_objects,
+        setup_distributed,
+    )
+    from trainer.engine import make_optimizer, train_step
     from trainer.fsdp import parameters_held, shard_frozen_base
     from trainer.loss import SupervisedLoss, supervision
 
@@ -340,9 +347,10 @@ def memory_worker(result_file: str, cpu: bool) -> None:
                 model.lm_head.weight = model.model.embed_tokens.weight
             row["head_tied"] = model.lm_head.weight is model.model.embed_tokens.weight
             _init_random_(loss_module, seed=info.rank)
-            if mode == "ddp":
-                step_module = wrap_ddp(loss_module, info, find_unused=False)
+            if mode == "ddp":  # as train_lora.py does: every rank starts from rank 0's weights
+                broadcast_from_rank0_([*loss_module.parameters(), *loss_module.buffers()], info)
             params = lora_parameters(model)
+            flat_grads = FlatGradients(params)  # how train_lora.py averages a dense model's LoRA gradients
             optimizer = make_optimizer(params, 1e-4, 0.0)
             row["params_held"], row["lora_params"] = parameters_held(model), sum(p.numel() for p in params)
             row["weights_gib"] = round((torch.cuda.memory_allocated() - before) / 2**30, 2) if not cpu else None
@@ -356,13 +364,13 @@ def memory_worker(result_file: str, cpu: bool) -> None:
             for _ in range(spec["steps"]):
                 t0 = time.perf_counter()
                 loss, _ = train_step(step_module, [batch], sup_targets.numel() * info.world_size, info, optimizer,
-                                     None, params, 1e-4, 1.0, dtype)
+                                     None, params, 1e-4, 1.0, dtype, flat_grads=flat_grads)
                 losses.append(float(loss))  # a host sync: the step is done
                 times.append(time.perf_counter() - t0)
             row["loss"] = [round(v, 4) for v in losses]
             row["step_s"] = round(statistics.median(times[1:] or times), 3)
             row["peak_gib"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 2) if not cpu else None
-            del step_module, loss_module, model, optimizer, params
+            del step_module, loss_module, model, optimizer, params, flat_grads
         except torch.OutOfMemoryError as err:
             row["error"] = f"OOM: {str(err).splitlines()[0]}"
         results[mode] = gather_objects(row, info)

@@ -228,8 +228,8 @@ def test_cuda_graphs_replay_gives_eager_losses_over_steps():
 def test_compiled_steps_with_accumulation_follow_eager(device):
     """Two micro-batches per optimizer step through the trainer's train_step, compiled with the trainer's
     CUDA-graph settings (on a GPU: graphs, whose replays reuse the memory of the previous micro-batch's
-    gradients, hence grads_in_place) against eager."""
-    from trainer.distributed import DistInfo
+    gradients, hence FlatGradients) against eager."""
+    from trainer.distributed import DistInfo, FlatGradients
     from trainer.engine import compile_decoder, make_optimizer, train_step
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(device))
@@ -250,7 +250,8 @@ def test_compiled_steps_with_accumulation_follow_eager(device):
                 micro_batches.append(dict(input_ids=ids, sup_index=sup_index, sup_targets=sup_targets))
             n_supervised = sum(b["sup_targets"].numel() for b in micro_batches)
             loss, _ = train_step(SupervisedLoss(model), micro_batches, n_supervised, info, optimizer, None, params,
-                                 lr=1e-2, grad_clip=1.0, amp_dtype=torch.float32, grads_in_place=compiled)
+                                 lr=1e-2, grad_clip=1.0, amp_dtype=torch.float32,
+                                 flat_grads=FlatGradients(params) if compiled else None)
             losses.append(loss.item())
         return losses, [p.detach().cpu() for p in params]
 
@@ -346,7 +347,7 @@ def test_flex_packed_steps_follow_eager_dense_mask(dtype):
     """The trainer's fastest packed path (compiled, CUDA graphs, FlexAttention, gradients in place) trains
     the LoRA of the eager dense-mask path over 4 steps of 2 micro-batches: fp32 tightly, bf16 autocast
     within its rounding (losses)."""
-    from trainer.distributed import DistInfo
+    from trainer.distributed import DistInfo, FlatGradients
     from trainer.engine import compile_decoder, make_optimizer, pick_packed_attention, train_step
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
@@ -364,7 +365,8 @@ def test_flex_packed_steps_follow_eager_dense_mask(dtype):
             micro_batches = [{k: v.cuda() for k, v in packed_batch(seed=10 * step + i).items()} for i in range(2)]
             n_supervised = sum(b["sup_targets"].numel() for b in micro_batches)
             loss, _ = train_step(SupervisedLoss(model), micro_batches, n_supervised, info, optimizer, None, params,
-                                 lr=1e-2, grad_clip=1.0, amp_dtype=dtype, grads_in_place=fast)
+                                 lr=1e-2, grad_clip=1.0, amp_dtype=dtype,
+                                 flat_grads=FlatGradients(params) if fast else None)
             losses.append(loss.item())
         return losses, [p.detach().cpu() for p in params]
 

@@ -13,7 +13,7 @@ from tests.train_utils import save_tiny_minimind, tiny_config
 from trainer.args import FlagError, parse_args
 from trainer.base_model import BaseModelError, resolve_weight
 from trainer.data import StepSampler, collate_supervised, epoch_order
-from trainer.distributed import DistInfo
+from trainer.distributed import DistInfo, FlatGradients
 from trainer.engine import (
     NonFiniteGuard,
     TrainingDiverged,
@@ -155,9 +155,10 @@ def test_supervised_loss_matches_float64_full_logits():
             torch.testing.assert_close(p.grad.double(), g, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("batch_size", [8, 2, 3])
-def test_accumulated_step_is_one_big_batch(batch_size):
-    """SGD with lr 1 makes the update the gradient itself: micro-batches and padding must not change it."""
+@pytest.mark.parametrize("batch_size,flat", [(8, False), (2, False), (3, False), (3, True)])
+def test_accumulated_step_is_one_big_batch(batch_size, flat):
+    """SGD with lr 1 makes the update the gradient itself: micro-batches and padding must not change it.
+    `flat`: the gradients live in one FlatGradients buffer (CUDA graphs, several ranks) and stay views of it."""
     model, samples = _lora_model(), _samples(8, seed=1)
     _, ref_grads = _reference_grads(model, samples)
     before = [p.detach().clone() for p in lora_parameters(model)]
@@ -165,12 +166,62 @@ def test_accumulated_step_is_one_big_batch(batch_size):
              for i in range(0, 8, batch_size)]
     n_sup = sum(b["sup_targets"].numel() for b in micro)
     params = lora_parameters(model)
+    flat_grads = FlatGradients(params) if flat else None
     opt = torch.optim.SGD(params, lr=1.0, fused=True)
-    loss, norm = train_step(SupervisedLoss(model), micro, n_sup, CPU, opt, None, params, 1.0, 0.0, torch.float32)
+    loss, norm = train_step(SupervisedLoss(model), micro, n_sup, CPU, opt, None, params, 1.0, 0.0, torch.float32,
+                            flat_grads=flat_grads)
     grads = [b - p.detach() for b, p in zip(before, params)]
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r, atol=2e-6, rtol=1e-4)
     assert norm.item() == pytest.approx(math.sqrt(sum((r ** 2).sum().item() for r in ref_grads)), rel=1e-5)
+    if flat:  # zeroed in place after the step, and the next backward adds into the same buffer
+        buffer = flat_grads.buffer
+        assert all(p.grad.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr() for p in params)
+        assert not buffer.any()
+        ce_sum, _ = SupervisedLoss(model)(micro[0]["input_ids"], micro[0]["sup_index"], micro[0]["sup_targets"],
+                                          attention_mask=micro[0]["attention_mask"])
+        ce_sum.backward()
+        assert buffer.abs().sum() > 0
+        assert sum(p.grad.abs().sum() for p in params).item() == pytest.approx(buffer.abs().sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0, math.inf])
+def test_flat_gradients_clip_like_torch(max_norm):
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=g) for shape in ((4, 8), (8, 4), (3,), (16, 2))]
+    params = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    flat = FlatGradients(params)
+    for p, x in zip(params, grads):
+        p.grad.copy_(x)
+    want = [x.clone() for x in grads]
+    want_norm = torch.nn.utils.clip_grad_norm_(_with_grads(want), max_norm)  # clips `want` in place
+    norm = flat.clip_(max_norm)
+    assert norm.item() == pytest.approx(want_norm.item(), rel=1e-6)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=1e-7)
+    flat.zero_()
+    assert all(not p.grad.any() for p in params) and all(p.grad is not None for p in params)
+
+
+def _with_grads(grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    """Parameters whose .grad are `grads` themselves (clip_grad_norm_ then scales them in place)."""
+    out = []
+    for x in grads:
+        p = torch.nn.Parameter(torch.zeros_like(x))
+        p.grad = x
+        out.append(p)
+    return out
+
+
+def test_several_ranks_without_ddp_must_average_their_gradients():
+    """A step of one of several ranks, with neither DDP nor FlatGradients, would train each rank apart."""
+    model, samples = _lora_model(), _samples(2, seed=1)
+    batch = collate_supervised(samples, lambda s: collate_padded(s, pad_id=0))
+    params = lora_parameters(model)
+    rank0_of_2 = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="flat_grads"):
+        train_step(SupervisedLoss(model), [batch], 1, rank0_of_2, make_optimizer(params, 1e-3, 0.0), None, params,
+                   1e-3, 1.0, torch.float32)
 
 
 # ------------------------------------------------------------------------- non-finite steps

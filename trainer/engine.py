@@ -19,8 +19,8 @@ from model.errors import UserError
 from trainer.data import to_device
 from trainer.distributed import (
     DistInfo,
+    FlatGradients,
     announce_failure,
-    average_gradients_,
     cleanup_distributed,
     device_sum_,
     exit_now,
@@ -107,9 +107,9 @@ def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled
 def wrap_ddp(module: nn.Module, info: DistInfo, find_unused: bool) -> nn.Module:
     """DDP over the loss module when several ranks run (gradients of trainable parameters are averaged).
 
+    Full training, and LoRA on an MoE base (train_lora.py says why); dense LoRA uses FlatGradients.
     gradient_as_bucket_view: a gradient becomes a view of the all-reduce bucket it travels in, so the
-    reducer stops copying each one into its bucket (when it is already the view: train_step's
-    `grads_in_place`) and back out after the all-reduce: two small kernels per LoRA tensor and step.
+    reducer does not copy each one into its bucket and back out after the all-reduce.
     """
     if not info.distributed:
         return module
@@ -135,33 +135,32 @@ def step_begin(micro_batches: list[dict], stop_requested: bool, info: DistInfo) 
 def train_step(step_module: nn.Module, micro_batches: list[dict], n_supervised: int, info: DistInfo,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, params: list[nn.Parameter],
                lr: float, grad_clip: float, amp_dtype: torch.dtype,
-               grads_in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               flat_grads: FlatGradients | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward over the step's micro-batches, then one (skippable) optimizer update.
 
     Each micro-batch's summed token loss is divided by the step's supervised-token count over all
-    micro-batches and ranks, and multiplied by world_size because DDP averages gradients: the
+    micro-batches and ranks, and multiplied by world_size because the ranks' gradients are averaged: the
     result is the gradient of one big batch. Returns this rank's share of the loss and the gradient
     norm, both still on the device (no host sync here).
 
-    `grads_in_place`: the gradients are summed into buffers that live across steps (zeroed, not freed).
-    CUDA graphs need this: a replayed backward writes its gradients to the same memory every time; without
-    own buffers, `.grad` would be that memory, and the next micro-batch's replay would overwrite the
-    gradient it is meant to add to. Under DDP the buffers are the all-reduce buckets (see wrap_ddp).
+    `flat_grads`: the gradients live in one buffer across steps (zeroed, never freed). Several ranks
+    average their gradients either there, after the last micro-batch, or in DDP's backward (`step_module`
+    is DDP). CUDA graphs need such buffers: a replayed backward writes its gradients to the same memory
+    every time; without own buffers, `.grad` would be that memory, and the next micro-batch's replay would
+    overwrite the gradient it is meant to add to.
     """
+    is_ddp = isinstance(step_module, DDP)
+    if info.distributed and not is_ddp and flat_grads is None:
+        raise ValueError("several ranks without DDP average their gradients with flat_grads, and none was given")
     for group in optimizer.param_groups:
         group["lr"] = lr
-    if grads_in_place:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
     scale = info.world_size / max(n_supervised, 1)
     n_micro = len(micro_batches)
     total = torch.zeros((), device=info.device)
     for i, cpu_batch in enumerate(micro_batches):
         batch = to_device(cpu_batch, info.device)
-        # Gradients are all-reduced only on the last micro-batch (no_sync on the others).
-        sync = contextlib.nullcontext() if i == n_micro - 1 or not isinstance(step_module, DDP) \
-            else step_module.no_sync()
+        # DDP all-reduces in the last micro-batch's backward only (no_sync on the others).
+        sync = contextlib.nullcontext() if i == n_micro - 1 or not is_ddp else step_module.no_sync()
         with sync:
             with autocast(info.device, amp_dtype):
                 ce_sum, aux = step_module(batch["input_ids"], batch["sup_index"], batch["sup_targets"],
@@ -170,13 +169,13 @@ def train_step(step_module: nn.Module, micro_batches: list[dict], n_supervised: 
             loss = ce_sum * scale + aux / n_micro
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
-    if info.distributed and not isinstance(step_module, DDP):
-        # --fsdp shards only the frozen base; the LoRA factors are replicated, so average their gradients
-        # here, as DDP would have in the last backward.
-        average_gradients_(params, info)
+    if flat_grads is not None:
+        flat_grads.average_(info)  # one all-reduce of all the gradients, where DDP would in the last backward
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf, foreach=True)
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grad_norm = (flat_grads.clip_(max_norm) if flat_grads is not None else
+                 torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
     if scaler is not None:
         scaler.step(optimizer)  # skips on inf/nan gradients and lowers the scale (normal in float16)
         scaler.update()
@@ -186,7 +185,10 @@ def train_step(step_module: nn.Module, micro_batches: list[dict], n_supervised: 
         optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
         optimizer.step()
         del optimizer.found_inf
-    optimizer.zero_grad(set_to_none=not grads_in_place)
+    if flat_grads is not None:
+        flat_grads.zero_()
+    else:
+        optimizer.zero_grad(set_to_none=True)
     return total, grad_norm
 
 

@@ -9,19 +9,18 @@ The LoRA factors are left out of FSDP (`ignored_params`). They are small (rank 1
 of an 8B base: 44M parameters, 0.6%), so every rank keeps them whole: the optimizer, the LoRA files and
 the resume file are exactly the ones DDP and a single process write (a run may switch between them on
 resume), and saving needs no gather. Their gradients are averaged over the ranks with one all-reduce per
-optimizer step (`average_gradients_`), as DDP would.
+optimizer step (`FlatGradients`), as without --fsdp.
 """
 
 import inspect
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from model.model_lora import lora_parameters
-from trainer.distributed import DistInfo, DistributedError
+from trainer.distributed import DistInfo, DistributedError, broadcast_from_rank0_
 
 try:
     from torch.distributed.fsdp import fully_shard
@@ -51,8 +50,8 @@ def shard_frozen_base(loss_module: nn.Module, info: DistInfo) -> nn.Module:
         for p in lora:
             if not p.is_meta:
                 p.data = p.data.to(info.device)
-                # Ranks seed differently (dropout), so their fresh LoRA inits differ: take rank 0's, as DDP does.
-                dist.broadcast(p.data, src=0)
+    # Ranks seed differently (dropout), so their fresh LoRA inits differ: take rank 0's, as DDP does.
+    broadcast_from_rank0_([p for p in lora if not p.is_meta], info)
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     for layer in layers:
         fully_shard(layer, mesh=mesh, ignored_params=set(lora))

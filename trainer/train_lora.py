@@ -45,7 +45,13 @@ from trainer.checkpoint import (
     write_json,
 )
 from trainer.data import prepare_data
-from trainer.distributed import gather_objects, same_on_all_ranks, setup_distributed
+from trainer.distributed import (
+    FlatGradients,
+    broadcast_from_rank0_,
+    gather_objects,
+    same_on_all_ranks,
+    setup_distributed,
+)
 from trainer.engine import (
     NonFiniteGuard,
     StopSignal,
@@ -102,22 +108,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.use_compile:
         # CUDA graphs where every step has the same shapes: packed batches are --batch_size rows of
         # --max_seq_len. MoE routing and activation checkpointing break the graph; --fsdp gathers weights
-        # inside the forward. Under DDP the graphs hold one rank's forward/backward; the gradient
+        # inside the forward. With several ranks the graphs hold one rank's forward/backward; the gradient
         # all-reduce runs after, outside them.
         cuda_graphs = (info.device.type == "cuda" and args.packing and not args.fsdp and not base.use_moe
                        and not args.gradient_checkpointing)
         compiled = "; " + compile_decoder(model, cuda_graphs)
     loss_module = SupervisedLoss(model)
-    # Onto this rank's device: the whole model (DDP averages the LoRA gradients), or with --fsdp only this
-    # rank's shard of the frozen base (trainer/fsdp.py).
-    step_module = (shard_frozen_base(loss_module, info) if args.fsdp else
-                   wrap_ddp(loss_module.to(info.device), info, find_unused=base.use_moe))
-    # Gradients in buffers that outlive a step: CUDA graphs need them (see train_step), and under DDP they
-    # are the all-reduce buckets themselves, so no gradient is copied into or out of a bucket. Not for MoE:
-    # transformers' MoE layers skip an expert that no token reached, whose gradient must then stay None,
-    # which AdamW skips (a kept zero would still decay it). MiniMind's MoE runs every expert, even on 0 tokens.
-    grads_in_place = cuda_graphs or (info.distributed and not args.fsdp and not base.use_moe)
+    # Onto this rank's device: the whole model, or with --fsdp only this rank's shard of the frozen base
+    # (trainer/fsdp.py). Every rank starts from rank 0's weights (ranks seed differently, and so do their
+    # LoRA inits). Several ranks average the LoRA gradients with one all-reduce per step (FlatGradients);
+    # an MoE base keeps DDP, which leaves the gradient of an expert that no rank routed a token to at None,
+    # as one process does (transformers' MoE layers skip such experts), so AdamW skips it too. A zero
+    # gradient would still move it (weight decay, momentum). MiniMind's MoE runs every expert, even on 0 tokens.
+    if args.fsdp:
+        step_module = shard_frozen_base(loss_module, info)
+    elif base.use_moe:
+        step_module = wrap_ddp(loss_module.to(info.device), info, find_unused=True)
+    else:
+        step_module = loss_module.to(info.device)
+        broadcast_from_rank0_([*loss_module.parameters(), *loss_module.buffers()], info)
     params = lora_parameters(model)
+    # A dense model's LoRA gradients live in one buffer for the whole run (train_step): CUDA graphs need such
+    # a buffer, several ranks all-reduce it in one call, and clipping and zeroing it take a kernel each. An
+    # MoE base keeps a gradient per tensor that may stay None (above); --fsdp has no DDP to average them.
+    flat_grads = FlatGradients(params) if not base.use_moe or args.fsdp else None
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
     scaler = make_scaler(info.device, amp_dtype)
     stem = output_stem(args.save_dir, args.lora_name, base.hidden_size, base.use_moe)
@@ -177,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         lr = lr_at(state.step, total_steps, args.learning_rate, args.warmup_iters)
         with at_step(state.step + 1):  # a failure names its rank and step (see run_job)
             loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params,
-                                         lr, args.grad_clip, amp_dtype, grads_in_place=grads_in_place)
+                                         lr, args.grad_clip, amp_dtype, flat_grads)
         state.advance(epoch, n_samples, len(data.train))
         guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write, scaler is None)
         if state.step < total_steps and data.val_batches is not None and state.step % args.eval_interval == 0:
