@@ -1,5 +1,6 @@
-"""Two gloo ranks under a real torchrun (DDP, or --fsdp) give the same steps as one process with the whole
-batch; resume files move between one process and two ranks."""
+"""Two gloo ranks under a real torchrun (dense LoRA: one flat gradient all-reduce, with or without --fsdp;
+MoE: DDP) give the same steps as one process with the whole batch; resume files move between one process
+and two ranks."""
 
 import shutil
 from pathlib import Path
@@ -176,9 +177,9 @@ def test_fsdp_equals_ddp_and_one_process_and_resumes(ddp, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_compiled_ranks_equal_one_eager_process_with_packing(ddp, tmp_path):
-    """--use_compile 1 --packing under DDP (the decoder compiled inside the DDP module; on GPUs its steps
-    are CUDA graphs, and the all-reduce runs after the compiled backward) with accumulation (no_sync, then
-    the gradients summed in the all-reduce buckets) trains the one-process eager LoRA."""
+    """--use_compile 1 --packing on 2 ranks (on GPUs its steps are CUDA graphs, and the all-reduce of the flat
+    gradient buffer runs after the compiled backward of the step's last micro-batch) with accumulation
+    trains the one-process eager LoRA."""
     packed = dict(FLAGS, packing=True, max_seq_len=64, accumulation_steps=2)
     one, two = tmp_path / "one", tmp_path / "two"
     assert run_inprocess(main, lora_args(tmp_path, ddp.weight, ddp.data, save_dir=one, batch_size=2, **packed)) == 0
