@@ -7,7 +7,8 @@ Everything after `--` goes to train_lora.py. The profiler covers whole loop iter
 step A's forward/backward to the start of step B+1's (steps counted from 1 in this run), so the host work
 between steps (logging, the token-count all-reduce, fetching the next batch) is inside the window. Each rank
 writes `profile_rank<R>.txt` (window wall time, device time summed over kernels, top operators) and
-`trace_rank<R>.json.gz` (open in https://ui.perfetto.dev). A device busy for much less than the window's
+`trace_rank<R>.json.gz` (open in https://ui.perfetto.dev, or read its GPU idle gaps with
+scripts/bench/trace_gaps.py). A device busy for much less than the window's
 wall time means the host (Python, kernel launches) or waiting on a peer sets the pace, not the GPU. The log
 lines right after the window show lower tokens/s: the trace is being written.
 """
@@ -34,6 +35,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                                     "run (default 30-32: after compilation and warm-up)")
     p.add_argument("--out", default="out/profile", help="folder for profile_rank<R>.txt and trace_rank<R>.json.gz")
     p.add_argument("--rows", type=int, default=20, help="operators listed in each summary (default 20)")
+    p.add_argument("--with-stack", action="store_true", help="record Python frames too (slower steps; "
+                                                             "scripts/bench/trace_gaps.py then names the lines)")
     args = p.parse_args(ours)
     first, _, last = args.steps.partition("-")
     args.first, args.last = int(first), int(last or first)
@@ -45,8 +48,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 class StepWindow:
     """Starts the profiler when step `first` begins and stops it when step `last + 1` begins (or at exit)."""
 
-    def __init__(self, first: int, last: int, out: Path, rows: int) -> None:
-        self.first, self.last, self.out, self.rows = first, last, out, rows
+    def __init__(self, first: int, last: int, out: Path, rows: int, with_stack: bool = False) -> None:
+        self.first, self.last, self.out, self.rows, self.with_stack = first, last, out, rows, with_stack
         self.calls, self.prof, self.started = 0, None, 0.0
         self.rank = int(os.environ.get("RANK", 0))
 
@@ -55,7 +58,7 @@ class StepWindow:
         self.calls += 1
         if self.calls == self.first:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            self.prof = profile(activities=activities)
+            self.prof = profile(activities=activities, with_stack=self.with_stack)
             self.prof.start()
             self.started = time.perf_counter()
         elif self.calls == self.last + 1:
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     import trainer.train_lora as job
     from trainer.engine import run_job
 
-    window, real_step = StepWindow(args.first, args.last, Path(args.out), args.rows), job.train_step
+    window, real_step = StepWindow(args.first, args.last, Path(args.out), args.rows, args.with_stack), job.train_step
 
     def train_step(*a: object, **k: object) -> object:
         window.before_step()
