@@ -6,7 +6,7 @@ from torch import nn
 
 from model.model_lora import apply_lora, lora_parameters, set_lora_fused
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from trainer.loss import SupervisedLoss, supervision
+from trainer.loss import IGNORE_INDEX, SupervisedLoss, pad_rows, supervision
 
 
 def tiny_model(seed: int = 0) -> MiniMindForCausalLM:
@@ -86,6 +86,28 @@ def test_linear_cross_entropy_gives_checkpointed_chunk_loss_and_grads():
     full = nn.functional.cross_entropy(model(ids).logits[:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1),
                                        reduction="sum")
     assert (plain[0] - full).abs() <= 1e-5 * full
+
+
+def test_padded_rows_change_neither_loss_nor_grads():
+    """The fused head pads its 39 supervised rows to a multiple (a GPU's default, forced here on CPU): the pad
+    rows must add no loss and no gradient, also when a whole chunk (rows 48-63 with 64 and chunk 16) is pad."""
+    model = tiny_model()
+    ids, labels = batch()
+    assert supervision(labels)[0].numel() == 39
+    plain = loss_and_grads(model, SupervisedLoss(model, chunk_tokens=16, fused=False), ids, labels)
+    for multiple in (13, 16, 64):  # no padding needed; 9 pad rows; 25 pad rows
+        for chunk in (16, 1000):
+            loss = SupervisedLoss(model, chunk_tokens=chunk, row_multiple=multiple)
+            assert_close(loss_and_grads(model, loss, ids, labels), plain)
+
+
+def test_pad_rows_pads_index_with_row_0_and_targets_with_ignore():
+    index, targets = torch.tensor([5, 9, 2]), torch.tensor([11, 12, 13])
+    padded_index, padded_targets = pad_rows(index, targets, 4)
+    assert padded_index.tolist() == [5, 9, 2, 0] and padded_targets.tolist() == [11, 12, 13, IGNORE_INDEX]
+    assert pad_rows(index, targets, 3) == (index, targets)  # already a multiple: the same tensors
+    empty = torch.zeros(0, dtype=torch.long)
+    assert [t.numel() for t in pad_rows(empty, empty, 128)] == [0, 0]
 
 
 def test_linear_cross_entropy_with_nothing_supervised_still_backpropagates():

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from trainer.base_model import is_moe
 
 IGNORE_INDEX = -100
+ROW_MULTIPLE = 128  # supervised rows reach the fused head in multiples of this on a GPU (see pad_rows)
 
 
 def supervision(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,12 +33,29 @@ def _chunk_ce(hidden: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, 
 
 
 def _ce_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE of one chunk of logits and its gradient w.r.t. them (softmax − one-hot), in their dtype."""
+    """Summed CE of one chunk of logits and its gradient w.r.t. them (softmax − one-hot), in their dtype.
+    Rows whose target is IGNORE_INDEX (padding, see pad_rows) add nothing and get a zero gradient."""
     logits32 = logits.float()  # fp32 for a stable softmax, as in _chunk_ce
+    keep = (targets != IGNORE_INDEX)[:, None]
+    picked_at = targets.clamp(min=0)[:, None]
     lse = torch.logsumexp(logits32, dim=-1, keepdim=True)
-    picked = logits32.gather(1, targets[:, None])
-    grad = torch.exp(logits32 - lse).scatter_add_(1, targets[:, None], torch.full_like(picked, -1.0))
-    return (lse - picked).sum(), grad.to(logits.dtype)
+    picked = logits32.gather(1, picked_at)
+    grad = torch.exp(logits32 - lse).scatter_add_(1, picked_at, torch.full_like(picked, -1.0))
+    return ((lse - picked) * keep).sum(), (grad * keep).to(logits.dtype)
+
+
+def pad_rows(index: torch.Tensor, targets: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`index` and `targets` padded to a multiple of `multiple` rows (index 0, target IGNORE_INDEX).
+
+    Why: the supervised-token count differs in every micro-batch, and so would the head GEMMs' shapes.
+    cuBLAS chooses a kernel per new shape on the host, ~1 ms each: at the Qwen3-0.6B shape 20 ms of host
+    time per micro-batch, which left the GPU waiting for its host (docs/PERF.md, session 6). Padded,
+    the shapes come from a small set that it has seen before.
+    """
+    n_pad = -index.numel() % multiple
+    if n_pad == 0:
+        return index, targets
+    return F.pad(index, (0, n_pad)), F.pad(targets, (0, n_pad), value=IGNORE_INDEX)
 
 
 @functools.cache
@@ -81,7 +99,8 @@ class SupervisedLoss(nn.Module):
     graph. The sum is divided by the step's global token count by the caller.
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int | None = None, fused: bool = True) -> None:
+    def __init__(self, model: nn.Module, chunk_tokens: int | None = None, fused: bool = True,
+                 row_multiple: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.fused = fused  # _LinearCrossEntropy when the head is frozen (False: the checkpointed chunks)
@@ -91,8 +110,12 @@ class SupervisedLoss(nn.Module):
         # of the aux loss.
         self.drop_padding_mask = not is_moe(model)
         vocab = model.lm_head.weight.shape[0]
-        # ~128M logits (512 MB in fp32) per chunk: big enough to be fast, small enough for 150k vocabularies.
-        self.chunk_tokens = chunk_tokens or max(256, (1 << 27) // vocab)
+        # ~128M logits (512 MB in fp32) per chunk: big enough to be fast, small enough for 150k vocabularies;
+        # a multiple of ROW_MULTIPLE, so that the chunks of padded rows have shapes from a small set too.
+        self.chunk_tokens = chunk_tokens or max(256, (1 << 27) // vocab // ROW_MULTIPLE * ROW_MULTIPLE)
+        # The fused head pads its rows to a multiple of this (pad_rows). Default: ROW_MULTIPLE on a GPU,
+        # where a new GEMM shape costs host time; none on a CPU, where the padding would only add work.
+        self.row_multiple = row_multiple
 
     def forward(
         self,
@@ -112,8 +135,10 @@ class SupervisedLoss(nn.Module):
         n = sup_index.numel()
         frozen_head = type(lm_head) is nn.Linear and not any(p.requires_grad for p in lm_head.parameters())
         if self.fused and frozen_head and torch.is_grad_enabled() and hidden.requires_grad:
-            ce_sum = _LinearCrossEntropy.apply(hidden.index_select(0, sup_index), lm_head.weight, lm_head.bias,
-                                               sup_targets, self.chunk_tokens)
+            multiple = self.row_multiple or (ROW_MULTIPLE if hidden.is_cuda else 1)
+            index, targets = pad_rows(sup_index, sup_targets, multiple)
+            ce_sum = _LinearCrossEntropy.apply(hidden.index_select(0, index), lm_head.weight, lm_head.bias,
+                                               targets, self.chunk_tokens)
         elif n <= self.chunk_tokens:
             # An empty selection still returns a zero connected to the graph, so DDP's hooks fire.
             ce_sum = _chunk_ce(hidden, sup_index, sup_targets, lm_head)
