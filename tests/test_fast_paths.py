@@ -88,16 +88,18 @@ def test_linear_cross_entropy_gives_checkpointed_chunk_loss_and_grads():
     assert (plain[0] - full).abs() <= 1e-5 * full
 
 
-def test_padded_rows_change_neither_loss_nor_grads():
-    """The fused head pads its 39 supervised rows to a multiple (a GPU's default, forced here on CPU): the pad
-    rows must add no loss and no gradient, also when a whole chunk (rows 48-63 with 64 and chunk 16) is pad."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_padded_rows_change_neither_loss_nor_grads(fused):
+    """The head's 39 supervised rows padded to a multiple (a GPU's default, forced here on CPU): the pad rows
+    must add no loss and no gradient, also when a whole chunk (rows 48-63 with 64 and chunk 16) is pad, in
+    the fused head and in the plain one (one chunk, or chunks recomputed in backward)."""
     model = tiny_model()
     ids, labels = batch()
     assert supervision(labels)[0].numel() == 39
     plain = loss_and_grads(model, SupervisedLoss(model, chunk_tokens=16, fused=False), ids, labels)
     for multiple in (13, 16, 64):  # no padding needed; 9 pad rows; 25 pad rows
         for chunk in (16, 1000):
-            loss = SupervisedLoss(model, chunk_tokens=chunk, row_multiple=multiple)
+            loss = SupervisedLoss(model, chunk_tokens=chunk, fused=fused, row_multiple=multiple)
             assert_close(loss_and_grads(model, loss, ids, labels), plain)
 
 

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from trainer.base_model import is_moe
 
 IGNORE_INDEX = -100
-ROW_MULTIPLE = 128  # supervised rows reach the fused head in multiples of this on a GPU (see pad_rows)
+ROW_MULTIPLE = 128  # supervised rows reach the LM head in multiples of this on a GPU (see pad_rows)
 
 
 def supervision(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +113,7 @@ class SupervisedLoss(nn.Module):
         # ~128M logits (512 MB in fp32) per chunk: big enough to be fast, small enough for 150k vocabularies;
         # a multiple of ROW_MULTIPLE, so that the chunks of padded rows have shapes from a small set too.
         self.chunk_tokens = chunk_tokens or max(256, (1 << 27) // vocab // ROW_MULTIPLE * ROW_MULTIPLE)
-        # The fused head pads its rows to a multiple of this (pad_rows). Default: ROW_MULTIPLE on a GPU,
+        # The head sees its rows padded to a multiple of this (pad_rows). Default: ROW_MULTIPLE on a GPU,
         # where a new GEMM shape costs host time; none on a CPU, where the padding would only add work.
         self.row_multiple = row_multiple
 
@@ -132,13 +132,14 @@ class SupervisedLoss(nn.Module):
         out = self.model.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         lm_head = self.model.lm_head
+        # Pad rows are ignored by both heads below (F.cross_entropy's ignore_index, _ce_and_grad's mask).
+        sup_index, sup_targets = pad_rows(sup_index, sup_targets,
+                                          self.row_multiple or (ROW_MULTIPLE if hidden.is_cuda else 1))
         n = sup_index.numel()
         frozen_head = type(lm_head) is nn.Linear and not any(p.requires_grad for p in lm_head.parameters())
         if self.fused and frozen_head and torch.is_grad_enabled() and hidden.requires_grad:
-            multiple = self.row_multiple or (ROW_MULTIPLE if hidden.is_cuda else 1)
-            index, targets = pad_rows(sup_index, sup_targets, multiple)
-            ce_sum = _LinearCrossEntropy.apply(hidden.index_select(0, index), lm_head.weight, lm_head.bias,
-                                               targets, self.chunk_tokens)
+            ce_sum = _LinearCrossEntropy.apply(hidden.index_select(0, sup_index), lm_head.weight, lm_head.bias,
+                                               sup_targets, self.chunk_tokens)
         elif n <= self.chunk_tokens:
             # An empty selection still returns a zero connected to the graph, so DDP's hooks fire.
             ce_sum = _chunk_ce(hidden, sup_index, sup_targets, lm_head)
