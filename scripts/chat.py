@@ -25,6 +25,7 @@ from torch import nn
 from transformers.utils import logging as transformers_logging
 
 from model.errors import UserError, exit_on_user_error
+from model.hf_compat import cache_kwargs, cache_of
 from model.model_lora import load_lora, merge_lora
 from scripts.load import add_base_flags, load_from_flags, resolve_device
 
@@ -100,8 +101,8 @@ def generate_reply(
     shown = ""
     cache = None
     for _ in range(max_new_tokens):
-        step = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = step.past_key_values
+        step = model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+        cache = cache_of(step)
         token = sample_next(step.logits[0, -1], temperature, top_p, gen)
         if token in stops:
             break
