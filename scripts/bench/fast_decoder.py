@@ -7,7 +7,8 @@ weights (the same safetensors file) as a MiniMind directory, and a Llama-3.2-1B-
 rope scaling, tied head). Each is loaded as the trainer loads it (trainer/base_model.load_directory) and trained in
 its own process for --warmup + --steps LoRA steps of scripts/bench_lora.py's `ours` step (bf16, fused LoRA, fused
 linear CE, fused AdamW; rows of one sequence each), the decoder compiled per layer (--compile blocks, fast to
-compile; "whole" is the trainer's --use_compile, with CUDA graphs). The Llama directory also runs through
+compile, but a host-bound step that can differ by 10% from one process to the next: --repeats alternates the
+variants; "whole" is the trainer's --use_compile, with CUDA graphs). The Llama directory also runs through
 transformers' LlamaForCausalLM + PEFT + torch.compile (bench_lora's `peft-compile` step). Tokens/s is the median
 step, peak memory torch.cuda.max_memory_allocated, MFU bench_lora's count of necessary FLOPs over --peak-tflops.
 """
@@ -142,11 +143,12 @@ def run_worker(opts: dict) -> dict:
             sync(device)
             first_step_s = time.perf_counter() - t0
     sync(device)
-    step_ms = statistics.median(t() for t in times[opts["warmup"]:])
+    ms = [t() for t in times[opts["warmup"]:]]
+    step_ms = statistics.median(ms)
     tokens, supervised = batches[0]["input_ids"].numel(), batches[0]["sup_targets"].numel()
     flops = flops_per_step(shape, tokens, supervised, opts["batch"] * opts["seq"] * (opts["seq"] + 1) // 2,
                            opts["rank"], "all-linear")
-    return dict(tokens_per_s=tokens / step_ms * 1e3, step_ms=step_ms,
+    return dict(tokens_per_s=tokens / step_ms * 1e3, step_ms=step_ms, step_ms_spread=max(ms) - min(ms),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
                 mfu=flops / (step_ms / 1e3) / (opts["peak_tflops"] * 1e12), first_step_s=first_step_s,
                 loss_first=losses[0].item(), loss_last=losses[-1].item(), graphs=graph_count())
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", choices=("blocks", "whole", "none"), default="blocks")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes, no compile, 2 steps")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 matmul rate")
+    p.add_argument("--repeats", type=int, default=1, help="run the variant list this many times, alternating")
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     write_directories(work, args.tiny, device)
     print(f"directories written in {time.perf_counter() - t0:.0f} s", flush=True)
     results = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", settings=vars(args), rows=[])
-    for name in args.variants.split(","):
+    for name in args.variants.split(",") * args.repeats:
         folder, stack = VARIANTS[name]
         opts = dict(path=str(work / folder), stack=stack, batch=args.batch, seq=args.seq, rank=args.rank,
                     warmup=args.warmup, steps=args.steps, compile=args.compile, peak_tflops=args.peak_tflops,
@@ -201,12 +204,14 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     print(f"\n{results['device']}, batch {args.batch} x {args.seq}, LoRA r{args.rank} all linear, bf16, 40% prompt, "
           f"compile {args.compile}, median of {args.steps} steps")
-    print(f"{'variant':<28}{'tok/s':>9}{'step ms':>9}{'peak GiB':>9}{'MFU':>6}{'1st step s':>11}{'loss0':>7}")
+    print(f"{'variant':<28}{'tok/s':>9}{'step ms':>9}{'spread':>7}{'peak GiB':>9}{'MFU':>6}{'1st step s':>11}"
+          f"{'loss0':>7}")
     for r in results["rows"]:
         if "error" in r:
             print(f"{r['name']:<28}  {r['error']}")
             continue
-        print(f"{r['name']:<28}{r['tokens_per_s']:>9.0f}{r['step_ms']:>9.1f}{r['peak_gib']:>9.1f}{r['mfu']:>6.0%}"
+        print(f"{r['name']:<28}{r['tokens_per_s']:>9.0f}{r['step_ms']:>9.1f}{r['step_ms_spread']:>7.1f}"
+              f"{r['peak_gib']:>9.1f}{r['mfu']:>6.0%}"
               f"{r['first_step_s']:>11.1f}{r['loss_first']:>7.2f}")
     return 0
 
