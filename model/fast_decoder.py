@@ -65,6 +65,10 @@ def _layout_problem(config: PretrainedConfig) -> str | None:
     kind = getattr(config, "model_type", None)
     if kind not in ARCHITECTURES:
         return f"its architecture ({kind}) is not one of {', '.join(sorted(ARCHITECTURES))}"
+    quantized = getattr(config, "quantization_config", None)
+    if quantized:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else type(quantized).__name__
+        return f"its weights are quantized ({method})"
     rope = _rope(config)
     rope_type = rope.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:

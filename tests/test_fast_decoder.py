@@ -142,6 +142,14 @@ def test_unsupported_config_falls_back_to_transformers_class_and_says_why(name, 
     assert len(lines) == 1 and reason in lines[0], lines
 
 
+def test_quantized_config_is_not_fast():
+    """Pre-quantized weights (AWQ, GPTQ, FP8, ...) are transformers' business: the reason names the method."""
+    config = Qwen3Config(**SIZES)
+    config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    assert why_not_fast(config, 32) == "its weights are quantized (fp8)"
+    assert why_not_fast(Qwen3Config(**SIZES), 32) is None
+
+
 def test_sliding_window_at_least_the_row_length_stays_fast(tmp_path):
     """A window no row can reach changes nothing: the same Mistral directory is fast at --max_seq_len 16."""
     config = MistralConfig(**SIZES, sliding_window=16)
