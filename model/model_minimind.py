@@ -51,7 +51,12 @@ def default_intermediate_size(hidden_size: int, generation: int) -> int:
 
 
 class MiniMindConfig(PretrainedConfig):
-    """MiniMind's architecture; `generation` (2 = minimind2, 3 = minimind-3) picks the defaults and q/k norm."""
+    """MiniMind's architecture; `generation` (2 = minimind2, 3 = minimind-3) picks the defaults and q/k norm.
+
+    `qk_norm`, `qkv_bias`, `o_bias`, `mlp_bias` and `rope_llama3` (factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings) let the same decoder hold Qwen2/3, Llama and
+    Mistral weights (model/fast_decoder.py).
+    """
 
     model_type = "minimind"
 
@@ -80,6 +85,11 @@ class MiniMindConfig(PretrainedConfig):
         eos_token_id: int = 2,
         pad_token_id: int = 0,
         use_cache: bool = True,
+        qk_norm: bool | None = None,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        mlp_bias: bool = False,
+        rope_llama3: list[float] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -119,6 +129,11 @@ class MiniMindConfig(PretrainedConfig):
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.use_cache = use_cache
+        # Switches for the transformers layouts that share this decoder (model/fast_decoder.py); MiniMind
+        # itself has q/k RMSNorm in minimind-3 only and no biases.
+        self.qk_norm = generation == 3 if qk_norm is None else bool(qk_norm)
+        self.qkv_bias, self.o_bias, self.mlp_bias = bool(qkv_bias), bool(o_bias), bool(mlp_bias)
+        self.rope_llama3 = list(rope_llama3) if rope_llama3 else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,10 +155,11 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE tables `[B, T, head_dim]` for the given positions, in the rotate-half layout."""
-    return _rope_tables(position_ids, head_dim, theta, dtype)
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 llama3: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables `[B, T, head_dim]` for the given positions, in the rotate-half layout (`llama3`: see
+    `llama3_inv_freq`)."""
+    return _rope_tables(position_ids, head_dim, theta, dtype, llama3)
 
 
 # A custom op, opaque to torch.compile: Inductor would otherwise inline cos/sin into every kernel that
@@ -151,25 +167,41 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
 # there, 4 ms of a 72 ms Qwen3-0.6B step (docs/PERF.md). Opaque, they are computed once per forward and
 # read from memory, without the graph break that torch.compiler.disable would cost.
 @torch.library.custom_op("minilora::rope_tables", mutates_args=())
-def _rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rope_math(position_ids, head_dim, theta, dtype)
+def _rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 llama3: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_math(position_ids, head_dim, theta, dtype, llama3)
 
 
-def _rope_math(position_ids: torch.Tensor, head_dim: int, theta: float,
-               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_math(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+               llama3: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     # Computed per call from the positions (no cached table): packed rows and KV-cache steps need
     # arbitrary positions anyway, and there is no buffer to re-create after meta-device loading.
     exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (theta ** exponents)
+    if llama3:
+        inv_freq = llama3_inv_freq(inv_freq, *llama3)
     angles = position_ids.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_positions: float) -> torch.Tensor:
+    """Llama 3.1's frequency rescaling: long wavelengths slowed by `factor`, short ones kept, a smooth
+    blend between (the same float32 steps as transformers' `_compute_llama3_parameters`)."""
+    low_freq_wavelen = original_max_positions / low_freq_factor
+    high_freq_wavelen = original_max_positions / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
 @_rope_tables.register_fake
-def _rope_tables_shape(position_ids: torch.Tensor, head_dim: int, theta: float,
-                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_tables_shape(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                       llama3: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (*position_ids.shape, head_dim)
     return position_ids.new_empty(shape, dtype=dtype), position_ids.new_empty(shape, dtype=dtype)
 
@@ -192,11 +224,11 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.rope_theta = config.rope_theta
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
-        self.use_qk_norm = config.generation == 3
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
+        self.use_qk_norm = config.qk_norm
         if self.use_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -234,9 +266,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: MiniMindConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the MLP to the last dimension."""
@@ -464,7 +496,8 @@ class MiniMindModel(nn.Module):
         attn_mask, is_causal = build_attention_mask(attention_mask, position_ids, seq_len, past_len, x.device, flex)
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=x.device)[None]
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype,
+                                self.config.rope_llama3)
 
         aux_loss = x.new_zeros((), dtype=torch.float32)
         checkpointing = self.gradient_checkpointing and self.training and past_key_values is None

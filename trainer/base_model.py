@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 import model.model_minimind  # noqa: F401  (registers "minimind" with AutoModelForCausalLM)
 from model.errors import UserError
+from model.fast_decoder import ARCHITECTURES, LayoutMismatch, load_fast, why_not_fast
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_minimind
 from trainer.args import REPO_ROOT
 
@@ -105,19 +106,43 @@ def is_moe(model: nn.Module) -> bool:
     return bool(getattr(cfg, "num_experts", 0) or getattr(cfg, "num_local_experts", 0))
 
 
+def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = None) -> nn.Module:
+    """A model directory: MiniMind's, a Qwen2/Qwen3/Llama/Mistral one on the fast decoder (same names, same
+    logits, model/fast_decoder.py), or any other causal LM through transformers' own class, said in one line."""
+    if not (path / "config.json").is_file():
+        raise BaseModelError(f"--from_weight {path}: a model directory needs config.json (and weights)")
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        kind = config.model_type
+        reason = None if kind == "minimind" else why_not_fast(config, max_seq_len)
+        if kind in ARCHITECTURES and reason is None:
+            try:
+                model = load_fast(path, dtype)
+                print(f"model: {path} ({ARCHITECTURES[kind]}) runs on the fast decoder", flush=True)
+                return model
+            except LayoutMismatch as err:
+                reason = str(err)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    except Exception as err:
+        raise BaseModelError(f"--from_weight {path}: cannot load it as a causal LM ({err})") from err
+    if reason:
+        print(f"model: {path} runs on transformers' {type(model).__name__} with the fast paths off (FlexAttention "
+              f"for packed rows, the RoPE table op): {reason}", flush=True)
+    return model
+
+
 def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden_size: int | None = None,
               num_hidden_layers: int | None = None, use_moe: bool | None = None,
-              tokenizer_path: str | None = None) -> BaseModel:
-    """Load --from_weight (MiniMind .pth, MiniMind or transformers model directory) in `dtype`, plus tokenizer."""
+              tokenizer_path: str | None = None, max_seq_len: int | None = None) -> BaseModel:
+    """Load --from_weight (MiniMind .pth, MiniMind or transformers model directory) in `dtype`, plus tokenizer.
+
+    `max_seq_len` (the longest row the run feeds) decides whether a sliding-window model is exact on the
+    fast decoder; None assumes its max_position_embeddings.
+    """
     path = resolve_weight(from_weight, save_dir, hidden_size, use_moe)
     hf_logging.disable_progress_bar()  # its "Loading weights" bar would litter nohup logs
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise BaseModelError(f"--from_weight {path}: a model directory needs config.json (and weights)")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
-        except Exception as err:
-            raise BaseModelError(f"--from_weight {path}: cannot load it as a causal LM ({err})") from err
+        model = load_directory(path, dtype, max_seq_len)
         _check_flags(model.config, path, hidden_size, num_hidden_layers, use_moe)
     else:
         overrides = {k: v for k, v in (("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers),

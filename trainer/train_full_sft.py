@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------ model (fp32: every weight trains)
     base = load_base(args.from_weight, args.save_dir, torch.float32, args.hidden_size, args.num_hidden_layers,
-                     args.use_moe, args.tokenizer_path)
+                     args.use_moe, args.tokenizer_path, args.max_seq_len)
 
     # ------------------------------------------------------------------ data: chats, assistant turns learned
     template = Path(args.chat_template).read_text() if args.chat_template else None

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     # On a GPU with bf16 the frozen base is held in bf16 (half the memory); LoRA weights and AdamW state stay fp32.
     base_dtype = torch.bfloat16 if amp_dtype == torch.bfloat16 and info.device.type == "cuda" else torch.float32
     base = load_base(args.from_weight, args.save_dir, base_dtype, args.hidden_size, args.num_hidden_layers,
-                     args.use_moe, args.tokenizer_path)
+                     args.use_moe, args.tokenizer_path, args.max_seq_len)
     model = base.model
     n_base = sum(p.numel() for p in model.parameters())
     targets = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,

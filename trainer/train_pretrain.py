@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         base = new_minimind(tokenizer, args.hidden_size, args.num_hidden_layers, args.use_moe)
     else:
         base = load_base(args.from_weight, args.save_dir, torch.float32, args.hidden_size, args.num_hidden_layers,
-                         args.use_moe, args.tokenizer_path)
+                         args.use_moe, args.tokenizer_path, args.max_seq_len)
     seed_everything(args.seed + info.rank)
 
     # ------------------------------------------------------------------ data: plain text, every token learned

@@ -1,0 +1,220 @@
+"""Model directories on the fast decoder: against MiniMind's own directory, and against transformers + PEFT.
+
+    python scripts/bench/fast_decoder.py --json out/fast_decoder.json          # one GPU
+
+Writes random-weight bf16 directories to --work: a Qwen3-0.6B-shaped transformers Qwen3 directory, the same
+weights (the same safetensors file) as a MiniMind directory, and a Llama-3.2-1B-shaped Llama directory (llama3
+rope scaling, tied head). Each is loaded as the trainer loads it (trainer/base_model.load_directory) and trained in
+its own process for --warmup + --steps LoRA steps of scripts/bench_lora.py's `ours` step (bf16, fused LoRA, fused
+linear CE, fused AdamW; rows of one sequence each), the decoder compiled per layer (--compile blocks, fast to
+compile, but a host-bound step that can differ by 10% from one process to the next: --repeats alternates the
+variants; "whole" is the trainer's --use_compile, with CUDA graphs). The Llama directory also runs through
+transformers' LlamaForCausalLM + PEFT + torch.compile (bench_lora's `peft-compile` step). Tokens/s is the median
+step, peak memory torch.cuda.max_memory_allocated, MFU bench_lora's count of necessary FLOPs over --peak-tflops.
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from scripts.bench_lora import SHAPES, Timer, flops_per_step, graph_count, random_batches, sync
+
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                max_position_embeddings=131072, tie_word_embeddings=True,
+                rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=32.0, low_freq_factor=1.0,
+                                     high_freq_factor=4.0, original_max_position_embeddings=8192))
+VARIANTS = {  # name: (directory, stack)
+    "qwen3-0.6b minimind-dir": ("minimind_qwen3_06b", "ours"),
+    "qwen3-0.6b qwen3-dir": ("qwen3_06b", "ours"),
+    "llama-3.2-1b llama-dir": ("llama32_1b", "ours"),
+    "llama-3.2-1b peft-compile": ("llama32_1b", "peft"),
+}
+
+
+def write_directories(work: Path, tiny: bool, device: str) -> None:
+    """The three random-weight directories (kept if already there)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config
+
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+
+    torch.manual_seed(0)
+    shape = SHAPES["tiny" if tiny else "qwen3-0.6b"]
+    llama_shape = dict(LLAMA_1B, **{k: v for k, v in SHAPES["tiny"].items() if tiny})
+    if not (work / "qwen3_06b" / "config.json").is_file():
+        with torch.device(device):
+            mm = MiniMindForCausalLM(MiniMindConfig(generation=3, rope_theta=1e6, rms_norm_eps=1e-6, **shape))
+        mm.to(torch.bfloat16).save_pretrained(work / "minimind_qwen3_06b")
+        del mm
+        qwen = work / "qwen3_06b"
+        qwen.mkdir(parents=True, exist_ok=True)
+        Qwen3Config(**shape, rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=32768,
+                    rope_parameters=dict(rope_type="default", rope_theta=1e6), architectures=["Qwen3ForCausalLM"],
+                    dtype="bfloat16").save_pretrained(qwen)
+        shutil.copyfile(work / "minimind_qwen3_06b" / "model.safetensors", qwen / "model.safetensors")
+    if not (work / "llama32_1b" / "config.json").is_file():
+        with torch.device(device):
+            llama = LlamaForCausalLM(LlamaConfig(**llama_shape))
+        llama.to(torch.bfloat16).save_pretrained(work / "llama32_1b")
+
+
+def shape_of(config: object) -> dict:
+    """The sizes flops_per_step reads, from a transformers or MiniMind config."""
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+            "vocab_size")
+    shape = {k: getattr(config, k) for k in keys}
+    shape["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return shape
+
+
+def build(opts: dict, device: torch.device) -> tuple:
+    """(step function, LoRA params, model config) for one variant."""
+    dtype = torch.bfloat16
+    if opts["stack"] == "peft":
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(opts["path"], dtype=dtype, attn_implementation="sdpa").to(device)
+        config = model.config
+        model = get_peft_model(model, LoraConfig(r=opts["rank"], lora_alpha=2 * opts["rank"], lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        model.train()
+        run = torch.compile(model) if opts["compile"] != "none" else model
+
+        def step(batch: dict) -> torch.Tensor:
+            loss = run(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            loss.backward()
+            return loss.detach()
+
+        return step, [p for p in model.parameters() if p.requires_grad], config
+
+    from model.model_lora import apply_lora, lora_parameters, set_lora_fused
+    from trainer.base_model import load_directory
+    from trainer.loss import SupervisedLoss
+
+    model = load_directory(Path(opts["path"]), dtype, max_seq_len=opts["seq"]).to(device)
+    print(f"loaded as {type(model).__name__}", flush=True)
+    apply_lora(model, rank=opts["rank"], alpha=2 * opts["rank"], targets="all-linear")
+    set_lora_fused(model, True)
+    model.train()
+    if opts["compile"] == "none":
+        pass
+    elif opts["compile"] == "blocks":
+        for layer in model.model.layers:
+            layer.compile(fullgraph=True)
+    else:
+        model.model.compile(fullgraph=True, mode="reduce-overhead")
+    loss_module = SupervisedLoss(model, fused=True)
+
+    def step(batch: dict) -> torch.Tensor:
+        with torch.autocast(device.type, dtype):
+            ce, aux = loss_module(batch["input_ids"], batch["sup_index"], batch["sup_targets"])
+        loss = ce / batch["sup_targets"].numel() + aux
+        loss.backward()
+        return loss.detach()
+
+    return step, lora_parameters(model), model.config
+
+
+def run_worker(opts: dict) -> dict:
+    """Load, train warmup + steps, return the timings (in its own process)."""
+    device = torch.device(opts["device"])
+    torch.manual_seed(0)
+    step, params, config = build(opts, device)
+    shape = shape_of(config)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True if opts["stack"] == "ours" and device.type == "cuda" else None)
+    batches = random_batches(shape, opts["batch"], opts["seq"], 0.4, 4, device)
+    times, losses = [], []
+    t0 = time.perf_counter()
+    for i in range(opts["warmup"] + opts["steps"]):
+        timer = Timer(device)
+        losses.append(step(batches[i % len(batches)]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(timer.stop())
+        if i == 0:
+            sync(device)
+            first_step_s = time.perf_counter() - t0
+    sync(device)
+    ms = [t() for t in times[opts["warmup"]:]]
+    step_ms = statistics.median(ms)
+    tokens, supervised = batches[0]["input_ids"].numel(), batches[0]["sup_targets"].numel()
+    flops = flops_per_step(shape, tokens, supervised, opts["batch"] * opts["seq"] * (opts["seq"] + 1) // 2,
+                           opts["rank"], "all-linear")
+    return dict(tokens_per_s=tokens / step_ms * 1e3, step_ms=step_ms, step_ms_spread=max(ms) - min(ms),
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
+                mfu=flops / (step_ms / 1e3) / (opts["peak_tflops"] * 1e12), first_step_s=first_step_s,
+                loss_first=losses[0].item(), loss_last=losses[-1].item(), graphs=graph_count())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the directories, run each variant in its own process, print the table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--work", default="/tmp/fast_decoder_bench", help="where the model directories are written")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {', '.join(VARIANTS)}")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank on every linear (alpha = 2 x rank)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--compile", choices=("blocks", "whole", "none"), default="blocks")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes, no compile, 2 steps")
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 matmul rate")
+    p.add_argument("--repeats", type=int, default=1, help="run the variant list this many times, alternating")
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return 0
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.tiny:
+        device, args.batch, args.seq, args.warmup, args.steps, args.compile = "cpu", 2, 64, 1, 2, "none"
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    write_directories(work, args.tiny, device)
+    print(f"directories written in {time.perf_counter() - t0:.0f} s", flush=True)
+    results = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", settings=vars(args), rows=[])
+    for name in args.variants.split(",") * args.repeats:
+        folder, stack = VARIANTS[name]
+        opts = dict(path=str(work / folder), stack=stack, batch=args.batch, seq=args.seq, rank=args.rank,
+                    warmup=args.warmup, steps=args.steps, compile=args.compile, peak_tflops=args.peak_tflops,
+                    device=device)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(opts)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            out = proc.stdout.strip().splitlines()
+            row = json.loads(out[-1]) if proc.returncode == 0 else \
+                dict(error=(proc.stderr.strip().splitlines() or ["?"])[-1][:300])
+            row["log"] = [line for line in out if line.startswith(("model:", "loaded as"))]
+        except subprocess.TimeoutExpired:
+            row = dict(error=f"timed out after {args.timeout:.0f} s")
+        results["rows"].append(dict(name=name, **row))
+        print(f"  {name}: {row}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\n{results['device']}, batch {args.batch} x {args.seq}, LoRA r{args.rank} all linear, bf16, 40% prompt, "
+          f"compile {args.compile}, median of {args.steps} steps")
+    print(f"{'variant':<28}{'tok/s':>9}{'step ms':>9}{'spread':>7}{'peak GiB':>9}{'MFU':>6}{'1st step s':>11}"
+          f"{'loss0':>7}")
+    for r in results["rows"]:
+        if "error" in r:
+            print(f"{r['name']:<28}  {r['error']}")
+            continue
+        print(f"{r['name']:<28}{r['tokens_per_s']:>9.0f}{r['step_ms']:>9.1f}{r['step_ms_spread']:>7.1f}"
+              f"{r['peak_gib']:>9.1f}{r['mfu']:>6.0%}"
+              f"{r['first_step_s']:>11.1f}{r['loss_first']:>7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,199 @@
+"""Qwen3, Qwen2, Llama and Mistral directories on the fast decoder (model/fast_decoder.py) against
+transformers' own classes: logits (padded, packed), PEFT adapters both ways, merged exports, fallbacks."""
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from model.fast_decoder import FastCausalLM, why_not_fast
+from model.model_lora import apply_lora, lora_parameters, merge_lora, save_lora
+from model.model_minimind import rope_cos_sin
+from trainer.base_model import BaseModelError, load_directory
+
+peft = pytest.importorskip("peft")
+
+VOCAB = 96
+SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+LLAMA3 = dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=64)
+
+# One tiny config per switch: q/k norm, q/k/v(/o) biases, MLP biases, llama3 rope, head_dim, tied/untied head.
+CONFIGS = {
+    "qwen3_tied": lambda: Qwen3Config(**SIZES, head_dim=24, tie_word_embeddings=True),
+    "qwen3_untied_bias": lambda: Qwen3Config(**SIZES, head_dim=16, attention_bias=True, tie_word_embeddings=False),
+    "qwen2_tied": lambda: Qwen2Config(**SIZES, tie_word_embeddings=True, rope_parameters=dict(rope_theta=1e6)),
+    "llama3_untied": lambda: LlamaConfig(**SIZES, tie_word_embeddings=False, rope_parameters=LLAMA3,
+                                         max_position_embeddings=256),
+    "llama2_biases_tied": lambda: LlamaConfig(**SIZES, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    "mistral_untied": lambda: MistralConfig(**SIZES, sliding_window=None, tie_word_embeddings=False),
+}
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Every floating parameter random (norm weights, biases too, so no switch hides behind 1 or 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 and p.shape[0] <= 64 else 0.0))
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def model_dir(request, tmp_path_factory):
+    """A tiny random directory of the original class, written by transformers."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[request.param]())
+    randomize(model, seed=sorted(CONFIGS).index(request.param))
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return path
+
+
+def original(path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_directory_loads_on_fast_decoder_with_exact_logits(model_dir, capsys):
+    """Unpadded, right-padded and packed rows: the fast decoder's logits are transformers' (fp32, 1e-4)."""
+    fast = load_directory(model_dir, torch.float32, max_seq_len=32).eval()
+    assert isinstance(fast, FastCausalLM) and "fast decoder" in capsys.readouterr().out
+    ref = original(model_dir)
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    assert (fast.lm_head.weight is fast.model.embed_tokens.weight) == ref.config.tie_word_embeddings
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, 20), generator=g)
+    with torch.no_grad():
+        assert (fast(ids).logits - ref(ids).logits).abs().max() <= 1e-4
+        mask = torch.ones_like(ids)
+        mask[1, 13:] = 0
+        diff = (fast(ids, attention_mask=mask).logits - ref(ids, attention_mask=mask).logits).abs()
+        assert diff[mask.bool()].max() <= 1e-4
+        # packed: samples of 7, 9 and 4 tokens in one row, each against transformers on it alone
+        lengths = [7, 9, 4]
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        packed = fast(ids[:1], position_ids=positions).logits[0].split(lengths)
+        starts = [0, 7, 16]
+        for out, start, n in zip(packed, starts, lengths):
+            alone = ref(ids[:1, start:start + n]).logits[0]
+            assert (out - alone).abs().max() <= 1e-4
+
+
+def test_peft_adapter_and_merged_export_load_on_the_original_class(model_dir, tmp_path):
+    """LoRA trained on the fast decoder, saved by the trainer's saver, loads with PeftModel.from_pretrained
+    on the original class with the same logits; merged and saved, it is the original architecture's directory."""
+    fast = load_directory(model_dir, torch.float32)
+    apply_lora(fast, rank=4, alpha=8)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in lora_parameters(fast):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=g)
+    # one optimizer step too: the saved file is what training produces
+    loss = fast(ids, labels=ids).loss
+    loss.backward()
+    torch.optim.SGD(lora_parameters(fast), lr=0.1).step()
+    fast.eval()
+    with torch.no_grad():
+        want = fast(ids).logits
+    save_lora(fast, tmp_path / "adapter", base_model_name_or_path=str(model_dir))
+    peft_model = peft.PeftModel.from_pretrained(original(model_dir), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (peft_model(ids).logits - want).abs().max() <= 1e-4
+
+    merge_lora(fast, unload=True)
+    fast.save_pretrained(tmp_path / "merged")
+    written = json.loads((tmp_path / "merged" / "config.json").read_text())
+    source = json.loads((model_dir / "config.json").read_text())
+    assert written["architectures"] == source["architectures"] and written["model_type"] == source["model_type"]
+    merged = original(tmp_path / "merged")
+    assert type(merged).__name__ == source["architectures"][0]
+    with torch.no_grad():
+        assert (merged(ids).logits - want).abs().max() <= 1e-4
+
+
+def save_tiny(config, path) -> None:
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+
+
+@pytest.mark.parametrize("name, config, max_seq_len, reason", [
+    ("yarn", Qwen3Config(**SIZES, rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
+                                                       original_max_position_embeddings=64)), 32, "rope type 'yarn'"),
+    ("window", MistralConfig(**SIZES, sliding_window=16), 32, "sliding window (16 tokens) is shorter than --max_seq_len 32"),
+    ("gpt2", GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2), 32, "architecture (gpt2) is not one of"),
+])
+def test_unsupported_config_falls_back_to_transformers_class_and_says_why(name, config, max_seq_len, reason,
+                                                                         tmp_path, capsys):
+    """Anything the fast decoder would not reproduce exactly trains on transformers' class, with one line."""
+    save_tiny(config, tmp_path)
+    model = load_directory(tmp_path, torch.float32, max_seq_len=max_seq_len)
+    assert not isinstance(model, FastCausalLM)
+    assert type(model) is type(original(tmp_path))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "fast paths off" in line]
+    assert len(lines) == 1 and reason in lines[0], lines
+
+
+def test_quantized_config_is_not_fast():
+    """Pre-quantized weights (AWQ, GPTQ, FP8, ...) are transformers' business: the reason names the method."""
+    config = Qwen3Config(**SIZES)
+    config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    assert why_not_fast(config, 32) == "its weights are quantized (fp8)"
+    assert why_not_fast(Qwen3Config(**SIZES), 32) is None
+
+
+def test_sliding_window_at_least_the_row_length_stays_fast(tmp_path):
+    """A window no row can reach changes nothing: the same Mistral directory is fast at --max_seq_len 16."""
+    config = MistralConfig(**SIZES, sliding_window=16)
+    assert why_not_fast(config, 16) is None and "sliding window" in why_not_fast(config, 17)
+    assert "max_position_embeddings" in why_not_fast(config)  # chat/merge: no row limit is known
+    save_tiny(config, tmp_path)
+    model = load_directory(tmp_path, torch.float32, max_seq_len=16)
+    ids = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        assert (model(ids).logits - original(tmp_path)(ids).logits).abs().max() <= 1e-4
+
+
+def test_broken_directory_is_a_user_error(tmp_path):
+    """A config.json that transformers cannot read: one BaseModelError naming the directory."""
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(BaseModelError, match=str(tmp_path)):
+        load_directory(tmp_path, torch.float32)
+
+
+def test_llama3_rope_tables_match_transformers_and_the_op_checks():
+    """The RoPE table op with llama3 scaling: transformers' inv_freq, and opcheck's schema/fake/compile checks."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(**SIZES, rope_parameters=LLAMA3, max_position_embeddings=256)
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1], [5, 60, 70, 80, 90, 200]])
+    llama3 = [float(LLAMA3[k]) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                         "original_max_position_embeddings")]
+    cos, sin = rope_cos_sin(positions, 16, 5e5, torch.float32, llama3)
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    assert torch.equal(cos, angles.cos()) and torch.equal(sin, angles.sin())
+    plain, _ = rope_cos_sin(positions, 16, 5e5, torch.float32)
+    assert not torch.equal(plain, cos)  # the scaling does change the tables at these sizes
+    torch.library.opcheck(torch.ops.minilora.rope_tables.default, (positions, 16, 5e5, torch.float32, llama3))
+
+
+def test_weights_that_do_not_fit_the_config_fall_back_not_half_random(tmp_path, capsys):
+    """Tensors the config does not announce (MLP biases under mlp_bias false) are never dropped silently:
+    the fast decoder refuses them and transformers' class (with its own load report) takes over."""
+    save_tiny(LlamaConfig(**SIZES, mlp_bias=True), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "mlp_bias": False}))
+    model = load_directory(tmp_path, torch.float32, max_seq_len=32)
+    assert not isinstance(model, FastCausalLM)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "fast paths off" in line]
+    assert len(lines) == 1 and "do not fit" in lines[0] and "mlp.down_proj.bias" in lines[0], lines
