@@ -133,11 +133,16 @@ class _ChatEncoder:
         if self._fmt is None:
             self._fmt = load_chat_format(self.tokenizer, self.chat_template)
         chunk, texts, spans = _Chunk(), [], []
+        # Strings and the text are cut where they cannot reach the kept tokens: a 50 MB line costs max_length
+        limit = self._fmt.char_limit(self.max_length)
         for line, raw in lines:
             try:
-                text, turn_spans = supervised_spans(self._fmt, *parse_conversation(parse_line(raw)))
+                text, turn_spans = supervised_spans(self._fmt, *parse_conversation(parse_line(raw)), limit=limit)
             except BadRecord as e:
                 chunk.problems.append((line, str(e)))
+                continue
+            except RecursionError:  # JSON nested just under the parser's limit, deeper than a template's
+                chunk.problems.append((line, "JSON nested too deeply"))
                 continue
             texts.append(text)
             spans.append(turn_spans)
@@ -154,6 +159,9 @@ class _TextEncoder:
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.backend = tokenizer.backend_tokenizer
+        # A text is cut where it cannot reach the kept tokens (no token is longer than the longest in the vocabulary)
+        longest = max(len(t) for t in self.backend.get_vocab())
+        self.limit = (max_length + 64) * longest * (1 if self.backend.normalizer is None else 4)
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []  # Qwen3 has none
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self.max_text = max_length - len(self.bos) - len(self.eos)
@@ -162,7 +170,7 @@ class _TextEncoder:
         chunk, texts = _Chunk(), []
         for line, raw in lines:
             try:
-                texts.append(parse_text(parse_line(raw)))
+                texts.append(parse_text(parse_line(raw))[: self.limit])
             except BadRecord as e:
                 chunk.problems.append((line, str(e)))
         for encoding in self.backend.encode_batch(texts, add_special_tokens=False):

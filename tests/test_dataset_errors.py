@@ -88,7 +88,7 @@ def test_every_bad_line_is_reported_with_file_and_line(tok, tmp_path):
     assert message.startswith(f"{path}: {len(BAD)} bad line(s) of {len(BAD) + 2}:")
     for n, (_, problem) in enumerate(BAD, start=2):
         assert f"{path}:{n}: {problem}" in message, problem
-    assert "--skip_invalid" in message
+    assert "--skip_bad_data" in message
     assert f"{path}:1:" not in message and f"{path}:{len(BAD) + 3}:" not in message  # good and blank lines
 
 
