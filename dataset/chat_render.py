@@ -63,6 +63,8 @@ class ChatFormat:
     template: Any  # compiled jinja2 template, the same environment transformers renders with
     variables: dict[str, Any]  # bos_token, eos_token, ...: transformers passes these to every template
     special_tokens: re.Pattern  # any special-token string, to refuse data that fakes markers
+    added_tokens: re.Pattern  # any added token (special or not: `<think>`), each always one whole token
+    longest_added: int  # characters of the longest added token
     end_tokens: frozenset[str]  # tokens that end a turn: the one ending user turns, and eos
     no_tools: list | None  # how to say "no tools" to this template: None, or [] if it needs a list
     needs_tools: bool  # the template renders only conversations that offer tools
@@ -105,6 +107,8 @@ def load_chat_format(tokenizer: Any, chat_template: str | None = None, name: str
         raise TemplateError(f"{source} has no special tokens, so no turn can end with an end-of-turn token")
     # Longest first, so that a token that contains another one is matched whole
     pattern = re.compile("|".join(re.escape(s) for s in sorted(special, key=len, reverse=True)))
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()} | special
+    added_pattern = re.compile("|".join(re.escape(s) for s in sorted(added, key=len, reverse=True)))
     try:
         template = _compile_jinja_template(text)
     except Exception as e:  # a syntax error, an unknown filter...
@@ -113,7 +117,8 @@ def load_chat_format(tokenizer: Any, chat_template: str | None = None, name: str
     # A normalizer may drop characters, so a token can cover more of the original text than its own length
     longest *= 1 if backend.normalizer is None else 4
     fmt = ChatFormat(
-        name, template, dict(tokenizer.special_tokens_map), pattern, frozenset(), None, False, longest, backend
+        name, template, dict(tokenizer.special_tokens_map), pattern, added_pattern, max(map(len, added)),
+        frozenset(), None, False, longest, backend,
     )
     fmt = _probe(fmt)
     eos = tokenizer.special_tokens_map.get("eos_token")
@@ -320,25 +325,34 @@ def _turn_start(
 ) -> int:
     """Where assistant turn i starts being learned in `full` (see the module docstring)."""
     prompt = fmt.render(messages[:i], tools, add_generation_prompt=True)
+    history = common_prefix_len(fmt.render(messages[:i], tools), prompt)  # what precedes the generation prompt
     agree = common_prefix_len(prompt, full)
-    if agree >= prev_end:  # the history renders as in F: what follows the generation prompt is learned
-        return min(agree, region[0])
-    # The history renders differently with this turn last: take the text the template writes before the
-    # reply when the turn is last, if F has it before the reply too
+    if agree >= history:  # the history renders as in F: what follows the generation prompt is learned
+        start = min(agree, region[0])
+        # Texts agree up to a character, tokens up to a token: an added token that holds the first difference
+        # (`<think>` in the prompt where the reply opens `<tool_call>`) is the reply's
+        for text in (full, prompt):
+            window = max(0, start - fmt.longest_added)
+            for match in fmt.added_tokens.finditer(text, window, start + fmt.longest_added):
+                if match.start() < start < match.end():
+                    start = match.start()
+        return start
+    # The history renders differently with this turn in it (a tool result closed differently, old think
+    # blocks dropped, tools moved): find the generation prompt in F before the reply
+    generation_prompt = prompt[history:]
+    if generation_prompt:
+        at = full.rfind(generation_prompt, prev_end, region[0])
+        if at >= 0:
+            return at + len(generation_prompt)
+        return region[0]
+    # No generation prompt (Mistral): what the template writes before the reply when it is the last message
+    # (`[TOOL_CALLS]name...`) is learned if F has it too
     last = fmt.render(messages[: i + 1], tools)
     last_regions = message_regions(fmt, messages[: i + 1], tools, last)
-    if last_regions[i] is None:
-        raise BadRecord(f"assistant message {i}: the chat template does not render it as the last message")
-    last_prev = max([r[1] for r in last_regions[:i] if r and r[0] < last_regions[i][0]] + [0])
-    agree_last = common_prefix_len(prompt, last)
-    if agree_last < last_prev:
-        raise BadRecord(
-            f"assistant message {i}: the chat template renders the conversation before it differently "
-            "with and without the generation prompt, so its start cannot be located"
-        )
-    before = last[min(agree_last, last_regions[i][0]) : last_regions[i][0]]
-    if before and full.startswith(before, region[0] - len(before)) and region[0] - len(before) >= prev_end:
-        return region[0] - len(before)
+    if last_regions[i] is not None and common_prefix_len(prompt, last) >= history:
+        before = last[min(len(prompt), last_regions[i][0]) : last_regions[i][0]]
+        if before and full.startswith(before, region[0] - len(before)) and region[0] - len(before) >= prev_end:
+            return region[0] - len(before)
     return region[0]
 
 
