@@ -70,6 +70,12 @@ BAD = [  # (raw line, what the message must say)
         ).encode(),
         "the first non-system message must be from the user, not the assistant",
     ),
+    # Lines that crash a JSON reader or a tokenizer further down
+    (GOOD.replace(b"Hello.", b"a\\ud800b"), "a string holds a lone surrogate escape (\\ud800), which is not a character"),
+    (b'{"conversations": ' + b"[" * 3000 + b"]" * 3000 + b"}", "JSON nested too deeply"),
+    (b'{"conversations": [], "n": ' + b"7" * 5000 + b"}", "invalid JSON: Exceeds the limit (4300 digits)"),
+    (b'{"conversations": [{"from": ["human"], "value": "x"}]}', "message 0: unknown 'from' ['human']"),
+    (b'{"x": ' + b"[" * 150 + b"]" * 150 + b', "instruction": "a", "output": "b"}', "JSON nested too deeply"),
 ]
 
 
@@ -214,3 +220,50 @@ def test_worker_processes_give_the_same_arrays(tok, tmp_path, monkeypatch):
     assert np.array_equal(one.lengths, two.lengths) and (one.skipped, two.skipped) == (1, 1)
     with pytest.raises(DataError, match=f"{path}:10: invalid JSON"):
         SFTDataset(path, tok, 48, num_workers=2, log=None)
+
+
+def test_lone_surrogate_in_a_pair_is_fine_and_alone_is_reported(tok, tmp_path):
+    paired = GOOD.replace(b"Hello.", b"\\ud83d\\ude00")  # a valid escaped pair: one emoji
+    path = write_lines(tmp_path / "data.jsonl", [paired])
+    assert len(SFTDataset(path, tok, 64, log=None)) == 1
+
+
+def test_a_huge_line_costs_what_is_kept(tok, tmp_path):
+    # 50 MB in one reply: rendered, tokenized and masked only as far as max_length can reach
+    import time
+
+    huge = "word " * 10_000_000
+    lines = [json.dumps(chat("Hi", huge)).encode(), json.dumps(chat("Hi", huge[:2000])).encode()]
+    path = write_lines(tmp_path / "data.jsonl", lines)
+    assert path.stat().st_size > 50e6
+    began = time.perf_counter()
+    ds = SFTDataset(path, tok, max_length=64, num_workers=1, log=None)
+    assert time.perf_counter() - began < 20  # the whole line tokenized took minutes and 6.7 GB
+    assert ds[0][0].tolist() == ds[1][0].tolist() and ds[0][1].tolist() == ds[1][1].tolist()
+    assert len(ds[0][0]) == 64
+    text_path = write_lines(tmp_path / "pre.jsonl", [json.dumps({"text": huge}).encode()])
+    pre = PretrainDataset(text_path, tok, max_length=64, log=None)
+    assert pre[0][0].tolist() == [tok.bos_token_id] + tok(huge[:2000]).input_ids[:62] + [tok.eos_token_id]
+
+
+def test_a_json_array_file_is_read_as_records(tok, tmp_path):
+    records = [chat("Hi", "Hello."), {"instruction": "Say hi", "output": "Hi."}, chat("Hey", "Hey.")]
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps(records, indent=2))
+    ds = SFTDataset(path, tok, 64, log=None)
+    assert len(ds) == 3
+    jsonl = write_lines(tmp_path / "same.jsonl", [json.dumps(r).encode() for r in records])
+    assert ds.ids.tolist() == SFTDataset(jsonl, tok, 64, log=None).ids.tolist()
+    # A bad record is named by the line where it begins
+    records[1] = {"instruction": "Say hi", "output": 3}
+    path.write_text(json.dumps(records, indent=2))
+    with pytest.raises(DataError, match=f"{path}:14: 'output' must be a string, got int"):
+        SFTDataset(path, tok, 64, log=None)
+    # A broken array is one message that says how to fix it
+    path.write_text(json.dumps(records, indent=2).replace("  },\n  {", "  }\n  {", 1))  # a comma lost on line 13
+    with pytest.raises(DataError, match=f"{path}:14: the file is not one valid JSON array .*convert it to JSON Lines"):
+        SFTDataset(path, tok, 64, log=None)
+    # JSON Lines whose first line is an array stay JSON Lines
+    lines = write_lines(tmp_path / "data.jsonl", [b"[1, 2]", GOOD])
+    with pytest.raises(DataError, match=f"{lines}:1: expected a JSON object, got list"):
+        SFTDataset(lines, tok, 64, log=None)
