@@ -325,8 +325,9 @@ def _turn_start(
 ) -> int:
     """Where assistant turn i starts being learned in `full` (see the module docstring)."""
     prompt = fmt.render(messages[:i], tools, add_generation_prompt=True)
-    history = common_prefix_len(fmt.render(messages[:i], tools), prompt)  # what precedes the generation prompt
     agree = common_prefix_len(prompt, full)
+    # What precedes the generation prompt (rendered only if F departs from the prompt: usually it does not)
+    history = agree if agree == len(prompt) else common_prefix_len(fmt.render(messages[:i], tools), prompt)
     if agree >= history:  # the history renders as in F: what follows the generation prompt is learned
         start = min(agree, region[0])
         # Texts agree up to a character, tokens up to a token: an added token that holds the first difference
