@@ -304,3 +304,32 @@ def test_turns_whose_history_renders_differently(minimind):
         ids, mask = render_conversation(tok, chat, template, [SCHEMA])
         assert spans(tok, ids, mask) == runs, name
         assert ids in rendered_ids(tok, template, chat, [SCHEMA]), name
+
+
+# A template in the style of the harmony format (gpt-oss): three end markers, none of them the user's alone
+HARMONY = (
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'user' -%}<|start|>user<|message|>{{ m.content }}<|end|>"
+    "{%- elif m.role == 'assistant' and m.tool_calls -%}<|start|>assistant to=functions."
+    "{{ m.tool_calls[0].function.name }}<|channel|>commentary json<|message|>"
+    "{{ m.tool_calls[0].function.arguments | tojson }}<|call|>"
+    "{%- elif m.role == 'assistant' -%}<|start|>assistant<|channel|>final<|message|>{{ m.content }}"
+    "{%- if loop.last %}<|return|>{% else %}<|end|>{% endif -%}"
+    "{%- elif m.role == 'tool' -%}<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"
+    "{{ m.content }}<|end|>"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"
+)
+
+
+def test_several_end_of_turn_markers(minimind):
+    tok = copy.deepcopy(minimind)
+    tok.add_tokens(["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>", "<|call|>"], special_tokens=True)
+    tok.eos_token = "<|return|>"
+    chat = tool_chat(OBJECT_ARGS, "") + [{"role": "user", "content": "And tomorrow?"}, {"role": "assistant", "content": "Same."}]
+    ids, mask = render_conversation(tok, chat, HARMONY, [SCHEMA])
+    assert spans(tok, ids, mask) == [
+        ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>',
+        "<|channel|>final<|message|>It is 21 degrees.<|end|>",
+        "<|channel|>final<|message|>Same.<|return|>",
+    ]
