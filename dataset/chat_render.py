@@ -172,9 +172,8 @@ def _mark(message: dict[str, Any], tag: str) -> dict[str, Any]:
     """A copy of the message whose own text (not its role, ids or type) is wrapped in tag."""
     marked = dict(message)
     for key in ("content", "reasoning_content", "thinking"):
-        marked[key] = _wrap(message.get(key), tag) if key in message else None
-        if key not in message:
-            del marked[key]
+        if key in message:
+            marked[key] = _wrap(message[key], tag)
     if message.get("tool_calls"):
         marked["tool_calls"] = [
             {**call, "function": {key: _wrap(v, tag) for key, v in call["function"].items()}}
