@@ -373,7 +373,8 @@ def _turn_end(fmt: ChatFormat, full: str, after: int, bound: int, i: int) -> int
 
 def _describe(error: Exception) -> str:
     """A template's own message (raise_exception), or the Python error it ran into on this data."""
-    return str(error) if isinstance(error, jinja2.TemplateError) else f"{type(error).__name__}: {error}"
+    text = str(error) if isinstance(error, jinja2.TemplateError) else f"{type(error).__name__}: {error}"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _cut(value: Any, limit: int) -> Any:

@@ -226,7 +226,7 @@ def parse_conversation(obj: Any) -> tuple[list[dict[str, Any]], list[dict[str, A
     elif "text" in obj:
         raise BadRecord('this is a pretraining record {"text": ...}; SFT needs conversations')
     else:
-        raise BadRecord(f"no 'conversations', 'messages' or 'instruction'/'output' key (keys: {sorted(obj)})")
+        raise BadRecord(f"no 'conversations', 'messages' or 'instruction'/'output' key (keys: {_short(sorted(obj))})")
     _check_order(messages)
     return messages, tools
 
@@ -239,7 +239,7 @@ def _role_messages(turns: list) -> tuple[list[dict[str, Any]], list[dict[str, An
             raise BadRecord(f"message {i}: expected an object, got {type(turn).__name__}")
         role = turn.get("role")
         if role not in ROLES:
-            raise BadRecord(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            raise BadRecord(f"message {i}: unknown role {_short(role)} (expected one of {', '.join(ROLES)})")
         system_tools = None
         if role == "system":
             system_tools = _tools(turn.get("tools") or turn.get("functions"), f"message {i} 'tools'")
@@ -264,7 +264,7 @@ def _sharegpt(turns: list, system: Any) -> list[dict[str, Any]]:
         role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise BadRecord(
-                f"message {i}: unknown 'from' {turn['from']!r} (expected one of {', '.join(SHAREGPT_ROLES)})"
+                f"message {i}: unknown 'from' {_short(turn['from'])} (expected one of {', '.join(SHAREGPT_ROLES)})"
             )
         if turn["from"] == "function_call":  # the value is the JSON of the call(s) the assistant makes
             messages.append(_message(i, role, "", None, turn.get("value")))
@@ -327,8 +327,8 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
                 f"{where}: each tool call needs a 'name' string (or a 'function' object with one)"
             )
         args = fn.get("arguments", {})
-        if not isinstance(_json_value(args, f"{where}: arguments of tool call {fn['name']!r}"), dict):
-            raise BadRecord(f"{where}: arguments of tool call {fn['name']!r} must be a JSON object")
+        if not isinstance(_json_value(args, f"{where}: arguments of tool call {_short(fn['name'])}"), dict):
+            raise BadRecord(f"{where}: arguments of tool call {_short(fn['name'])} must be a JSON object")
         normal = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
         if isinstance(call.get("id"), str):
             normal["id"] = call["id"]  # Mistral's templates check and print it
@@ -352,6 +352,12 @@ def _json_value(value: Any, where: str) -> Any:
         return json.loads(value)
     except json.JSONDecodeError as e:
         raise BadRecord(f"{where} is a string but not valid JSON: {e.msg}") from None
+
+
+def _short(value: Any) -> str:
+    """repr of a value from the data, cut so that one huge field cannot flood the error list."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_order(messages: list[dict[str, Any]]) -> None:

@@ -1,6 +1,8 @@
 """Bad input is all reported before training as `file:line: problem`; truncation and dropping are exact."""
 
 import json
+import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import dataset.lm_dataset as lm_dataset
 from dataset.lm_dataset import PretrainDataset, SFTDataset
 from dataset.records import DataError, read_conversations
 from model.errors import UserError
+from tests.test_dataset_masks import FORMATS, TOOL_FORMATS
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers" / "minimind"
 
@@ -230,8 +233,6 @@ def test_lone_surrogate_in_a_pair_is_fine_and_alone_is_reported(tok, tmp_path):
 
 def test_a_huge_line_costs_what_is_kept(tok, tmp_path):
     # 50 MB in one reply: rendered, tokenized and masked only as far as max_length can reach
-    import time
-
     huge = "word " * 10_000_000
     lines = [json.dumps(chat("Hi", huge)).encode(), json.dumps(chat("Hi", huge[:2000])).encode()]
     path = write_lines(tmp_path / "data.jsonl", lines)
@@ -267,3 +268,43 @@ def test_a_json_array_file_is_read_as_records(tok, tmp_path):
     lines = write_lines(tmp_path / "data.jsonl", [b"[1, 2]", GOOD])
     with pytest.raises(DataError, match=f"{lines}:1: expected a JSON object, got list"):
         SFTDataset(lines, tok, 64, log=None)
+
+
+POOL = [None, 0, 1.5, True, "", "x", [], {}, ["x"], {"a": 1}, [[1]], "[1,", '{"a": 1}', "\ud800", "user", "tool",
+        "assistant", "function_call", "<|im_end|>", 10**30, "{{ x }}", [{"role": "user"}], {"name": 3}]
+
+
+def mutated(record: dict, rng) -> dict:
+    """The record with one value somewhere in it replaced, deleted or inserted."""
+    record = json.loads(json.dumps(record))
+    paths, stack = [], [((), record)]
+    while stack:
+        path, value = stack.pop()
+        paths.append(path)
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+        stack += [((*path, k), v) for k, v in items]
+    path = rng.choice(paths[1:])
+    parent = record
+    for key in path[:-1]:
+        parent = parent[key]
+    if isinstance(parent, dict) and rng.random() < 0.2:
+        del parent[path[-1]]
+    elif isinstance(parent, list) and rng.random() < 0.2:
+        parent.insert(path[-1], rng.choice(POOL))
+    else:
+        parent[path[-1]] = rng.choice(POOL)
+    return record
+
+
+def test_malformed_records_are_errors_or_counted_skips(tok, tmp_path):
+    # 200 variants of good records (every format, tool calls) with one value broken: never a traceback
+    rng = random.Random(0)
+    good = [*FORMATS.values(), *TOOL_FORMATS.values()]
+    lines = [json.dumps(mutated(rng.choice(good), rng)).encode() for _ in range(200)] + [GOOD]
+    path = write_lines(tmp_path / "data.jsonl", lines)
+    ds = SFTDataset(path, tok, 256, skip_invalid=True, num_workers=1, log=None)
+    assert len(ds) + ds.skipped + ds.dropped == len(lines) and 0 < ds.skipped < len(lines)
+    with pytest.raises(DataError) as err:
+        SFTDataset(path, tok, 256, num_workers=1, log=None)
+    listed = str(err.value).splitlines()[1:-1]
+    assert all(line.startswith(f"  {path}:") or line.startswith("  ... and") for line in listed)
