@@ -158,11 +158,11 @@ def _tag(k: int) -> str:
 
 
 def _wrap(value: Any, tag: str) -> Any:
-    """The value with every non-empty string in it wrapped in tag (dicts and lists recursively)."""
+    """The value with every non-empty string in it wrapped in tag (dicts, their keys, lists recursively)."""
     if isinstance(value, str):
         return f"{tag}{value}{tag}" if value else value
-    if isinstance(value, dict):
-        return {key: _wrap(v, tag) for key, v in value.items()}
+    if isinstance(value, dict):  # keys too: arguments {"n": 5} hold no string value but their key is text
+        return {_wrap(key, tag): _wrap(v, tag) for key, v in value.items()}
     if isinstance(value, list):
         return [_wrap(v, tag) for v in value]
     return value
@@ -176,7 +176,8 @@ def _mark(message: dict[str, Any], tag: str) -> dict[str, Any]:
             marked[key] = _wrap(message[key], tag)
     if message.get("tool_calls"):
         marked["tool_calls"] = [
-            {**call, "function": {key: _wrap(v, tag) for key, v in call["function"].items()}}
+            {**call, "function": {key: _wrap(v, tag) if key in ("name", "arguments") else v
+                                  for key, v in call["function"].items()}}
             for call in message["tool_calls"]
         ]
     return marked

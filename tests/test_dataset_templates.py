@@ -333,3 +333,6 @@ def test_several_end_of_turn_markers(minimind):
         "<|channel|>final<|message|>It is 21 degrees.<|end|>",
         "<|channel|>final<|message|>Same.<|return|>",
     ]
+    # Arguments with no string value: the end is still found after them, not after the name in the header
+    ids, mask = render_conversation(tok, tool_chat({"days": 3}, ""), HARMONY, [SCHEMA])
+    assert spans(tok, ids, mask)[0] == ' to=functions.get_weather<|channel|>commentary json<|message|>{"days": 3}<|call|>'
