@@ -9,13 +9,15 @@ The mask comes from the template itself, for any template, with no assumed heade
   supplies (the role header, an empty think block) is context, everything the template writes after it
   (`<think>`, `[TOOL_CALLS]`, `<|START_RESPONSE|>`, the reply itself) is what the model must produce. A
   template without a generation prompt (Mistral's `[INST]`) gives an empty one: the reply follows `[/INST]`.
-  If the template renders the history differently when the turn is last (Qwen3 drops old think blocks,
-  Mistral moves the tools to the last user message), the turn is taken as F renders it: the text the template
-  writes before the reply when it is last is learned too if F has it, otherwise the reply starts the turn;
+  If F renders the history differently from that prompt (Qwen3 drops old think blocks once a later user
+  message exists, Mistral moves the tools to the last user message, Hermes closes a tool result differently
+  when it is last), the turn is taken as F renders it: it starts after the generation prompt found in F just
+  before the reply; with no generation prompt, after what the template writes before the reply when the
+  turn is last (`[TOOL_CALLS]name...`) if F has it there too; otherwise at the reply itself;
 - the turn ends with the first end-of-turn token after its own text and before the next message's text:
   an end-of-turn token is one that also ends the user's turns, or the eos token; a template that ends
-  assistant turns with other tokens (`<|eom_id|>`, `<|call|>`, `[/TOOL_CALLS]`...) ends them with the first
-  special token after the reply. So several end markers per template work, and the model learns to stop.
+  assistant turns with other tokens (`<|eom_id|>`, harmony's `<|call|>`) ends them with the first special
+  token after the reply. So several end markers per template work, and the model learns to stop.
 Character spans are mapped onto the tokens of F, tokenized once by the fast tokenizer. A very long
 conversation is cut, per string and as a whole, a safe number of characters after max_length tokens
 (no token is longer than the vocabulary's longest), so its cost follows what is kept, not its length.
@@ -229,7 +231,10 @@ def supervised_spans(
     if fmt.needs_tools and not tools:
         raise BadRecord(f"{fmt.name} renders only conversations that offer tools, and this one has none")
     if limit is not None:
-        messages, tools = _cut(messages, limit), _cut(tools, limit)
+        # A message renders at least one token, so those past max_length + SAFETY_TOKENS lie past the cut. Only
+        # a degenerate line has that many; a template that looks ahead (Qwen3's last user message) may then
+        # render its kept part as if the conversation ended there
+        messages, tools = _cut(messages[: limit // fmt.max_token_chars], limit), _cut(tools, limit)
     refuse_special_tokens(fmt, messages, tools)
     # transformers also hands reasoning to templates as `thinking` (gpt-oss reads that name)
     messages = [
