@@ -8,6 +8,7 @@ marker: the generation prompt is context; what the template writes after it (thi
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,8 @@ def test_a_template_that_cannot_be_masked_gets_one_line(minimind, template, prob
     message = str(err.value)
     assert message.startswith("the chat template given (--chat_template) ") and problem in message
     assert "\n" not in message
+    with pytest.raises(TemplateError, match="^chat.jinja " + re.escape(problem)):  # as the trainer can name it
+        SFTDataset(Path("unused.jsonl"), minimind, 64, chat_template=template, template_name="chat.jinja", log=None)
 
 
 def test_turns_whose_history_renders_differently(minimind):
