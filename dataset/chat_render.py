@@ -256,34 +256,35 @@ def supervised_spans(
 def _render_with_calls(
     fmt: ChatFormat, messages: list[dict[str, Any]], tools: list | None, limit: int | None
 ) -> tuple[str, list[dict[str, Any]], list[tuple[int, int] | None]]:
-    """Render, and check that every tool call is rendered. An assistant message that only calls tools has
-    empty content: some templates need it null (DeepSeek renders the calls only then), others a string
-    (they test it for text); the data's form is tried first, then the other one."""
-    calling = [k for k, m in enumerate(messages) if m.get("tool_calls") and not m.get("content")]
+    """Render, and check that every tool call is rendered (a template without tool support would drop it
+    silently). An assistant message that only calls tools has empty content: some templates need it null
+    (DeepSeek renders the calls only then), others a string (they test it for text); the data's form is
+    tried first, then the other one."""
+    calls = [k for k, m in enumerate(messages) if m.get("tool_calls")]
+    empty = [k for k in calls if not messages[k].get("content")]
     attempts = [messages]
-    if calling:
+    if empty:
         flipped = [dict(m) for m in messages]
-        for k in calling:
+        for k in empty:
             flipped[k]["content"] = "" if messages[k]["content"] is None else None
         attempts.append(flipped)
-    failure: Exception | str = ""
+    failures = []
     for attempt in attempts:
+        form = f"with content {attempt[empty[0]]['content']!r}" if empty else ""
         try:
             full = fmt.render(attempt, tools)
             regions = message_regions(fmt, attempt, tools, full, limit)
         except Exception as e:
-            failure = failure or e
+            failures.append((e, f"{form} it fails: {_describe(e)}"))
             continue
-        silent = [k for k in calling if not _calls_rendered(fmt, attempt, tools, full, k)]
+        silent = [k for k in calls if not _calls_rendered(fmt, attempt, tools, full, k)]
         if not silent:
             return full, attempt, regions
-        failure = failure or (
-            f"assistant message {silent[0]}: the chat template does not render its tool calls "
-            f"(with content {messages[silent[0]]['content']!r} or the other empty form)"
-        )
-    if isinstance(failure, Exception):
-        raise failure
-    raise BadRecord(failure)
+        failures.append((None, f"{form} it does not render the tool calls of assistant message {silent[0]}"))
+    if all(error is not None for error, _ in failures):
+        raise failures[0][0]  # whatever the form, the template refuses the conversation
+    raise BadRecord("the chat template cannot render this conversation's tool calls: " + "; ".join(
+        text.strip() for _, text in failures))
 
 
 def _calls_rendered(fmt: ChatFormat, messages: list[dict[str, Any]], tools: list | None, full: str, k: int) -> bool:

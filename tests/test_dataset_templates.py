@@ -339,3 +339,16 @@ def test_several_end_of_turn_markers(minimind):
     # Arguments with no string value: the end is still found after them, not after the name in the header
     ids, mask = render_conversation(tok, tool_chat({"days": 3}, ""), HARMONY, [SCHEMA])
     assert spans(tok, ids, mask)[0] == ' to=functions.get_weather<|channel|>commentary json<|message|>{"days": 3}<|call|>'
+
+
+def test_a_template_without_tool_support_does_not_drop_calls_silently(minimind):
+    # DeepSeek's template renders no call with content "" and cannot concatenate object arguments with null
+    chat = tool_chat(OBJECT_ARGS, "")
+    tok = model_tokenizer(minimind, "deepseek_r1_distill_qwen")
+    with pytest.raises(BadRecord, match="with content '' it does not render the tool calls of assistant message 1; "
+                                        "with content None it fails: TypeError: can only concatenate str"):
+        render_conversation(tok, chat, (TEMPLATES / "deepseek_r1_distill_qwen.jinja").read_text(), [SCHEMA])
+    chat = tool_chat(OBJECT_ARGS, "Let me check.")
+    with pytest.raises(BadRecord, match="cannot render this conversation's tool calls: it does not render the tool "
+                                        "calls of assistant message 1"):
+        render_conversation(minimind, chat, (TEMPLATES / "qwen25.jinja").read_text().replace("tool_calls", "x"))
