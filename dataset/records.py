@@ -37,7 +37,7 @@ SHAREGPT_ROLES = {
 MAX_SHOWN = 20
 SKIP_HINT = "Fix these lines, or pass --skip_bad_data (skip_invalid=True) to skip bad lines and count them."
 MAX_DEPTH = 100  # nesting of JSON arrays/objects a record may have (deeper ones only crash deeper code)
-SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 class DataError(UserError):
@@ -94,22 +94,28 @@ def parse_line(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadRecord(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+    return loads(text.strip())  # without the newline, so the error column points into the line
+
+
+def loads(text: str, where: str = "") -> Any:
+    """json.loads, with everything Python's json accepts but later code cannot use reported as BadRecord."""
+    prefix = f"{where}: " if where else ""
     try:
-        obj = json.loads(text.strip())  # without the newline, so the error column points into the line
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadRecord(f"invalid JSON: {e.msg} (column {e.colno})") from None
+        raise BadRecord(f"{prefix}invalid JSON: {e.msg} (column {e.colno})") from None
     except RecursionError:
-        raise BadRecord(f"JSON nested too deeply (more than {MAX_DEPTH} levels)") from None
+        raise BadRecord(f"{prefix}JSON nested too deeply (more than {MAX_DEPTH} levels)") from None
     except ValueError as e:  # Python refuses to convert integers of more than 4300 digits
-        raise BadRecord(f"invalid JSON: {str(e).split(':')[0]}") from None
-    if SURROGATE_ESCAPE.search(raw):  # json accepts a lone "\\ud800", but it is no character: UTF-8 has none
-        try:
+        raise BadRecord(f"{prefix}invalid JSON: {str(e).split(':')[0]}") from None
+    if SURROGATE_ESCAPE.search(text):
+        try:  # json accepts a lone "\\ud800", but it is no character: UTF-8 (and a tokenizer) has none
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as e:
-            raise BadRecord(f"a string holds a lone surrogate escape (\\u{ord(e.object[e.start]):04x}), which "
-                            "is not a character") from None
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(obj) > MAX_DEPTH:
-        raise BadRecord(f"JSON nested too deeply (more than {MAX_DEPTH} levels)")
+            raise BadRecord(f"{prefix}a string holds a lone surrogate escape (\\u{ord(e.object[e.start]):04x}), "
+                            "which is not a character") from None
+    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(obj) > MAX_DEPTH:
+        raise BadRecord(f"{prefix}JSON nested too deeply (more than {MAX_DEPTH} levels)")
     return obj
 
 
@@ -348,10 +354,7 @@ def _tools(value: Any, where: str) -> list[dict[str, Any]] | None:
 def _json_value(value: Any, where: str) -> Any:
     if not isinstance(value, str):
         return value
-    try:  # MiniMind stores tools and tool calls as JSON strings
-        return json.loads(value)
-    except json.JSONDecodeError as e:
-        raise BadRecord(f"{where} is a string but not valid JSON: {e.msg}") from None
+    return loads(value, f"{where} (a JSON string)")  # MiniMind stores tools and tool calls as JSON strings
 
 
 def _short(value: Any) -> str:

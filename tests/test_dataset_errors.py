@@ -80,6 +80,26 @@ BAD = [  # (raw line, what the message must say)
     (b'{"conversations": [{"from": ["human"], "value": "x"}]}', "message 0: unknown 'from' ['human']"),
     (b'{"x": ' + b"[" * 150 + b"]" * 150 + b', "instruction": "a", "output": "b"}', "JSON nested too deeply"),
 ]
+BAD_IN_STRINGS = [  # the same inside MiniMind's JSON strings (tool calls, tools)
+    (
+        json.dumps({"conversations": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": "", "tool_calls": '[{"name": "f", "arguments": {"a": "\\udc00"}}]'},
+        ]}).encode(),
+        "message 1 (assistant): tool_calls (a JSON string): a string holds a lone surrogate escape (\\udc00)",
+    ),
+    (
+        json.dumps({"conversations": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": "1" * 5000}]},
+        ]}).encode(),
+        "message 1 (assistant): arguments of tool call 'f' (a JSON string): invalid JSON: Exceeds the limit",
+    ),
+    (
+        json.dumps({"tools": "[" * 3000 + "]" * 3000, "messages": [{"role": "user", "content": "x"}]}).encode(),
+        "top-level 'tools' (a JSON string): JSON nested too deeply",
+    ),
+]
 
 
 def write_lines(path: Path, lines: list[bytes]) -> Path:
@@ -308,3 +328,14 @@ def test_malformed_records_are_errors_or_counted_skips(tok, tmp_path):
         SFTDataset(path, tok, 256, num_workers=1, log=None)
     listed = str(err.value).splitlines()[1:-1]
     assert all(line.startswith(f"  {path}:") or line.startswith("  ... and") for line in listed)
+
+
+def test_json_strings_inside_records_are_checked_like_lines(tok, tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [GOOD] + [raw for raw, _ in BAD_IN_STRINGS])
+    conversations, problems = read_conversations(path)
+    assert len(conversations) == 1
+    for n, (line, message), (_, problem) in zip(range(2, 9), problems, BAD_IN_STRINGS, strict=False):
+        assert line == n and problem in message, problem
+    assert len(problems) == len(BAD_IN_STRINGS)
+    ds = SFTDataset(path, tok, 64, skip_invalid=True, log=None)
+    assert (len(ds), ds.skipped) == (1, len(BAD_IN_STRINGS))
