@@ -75,8 +75,11 @@ def read_lines(path: str | Path) -> list[tuple[int, bytes]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file (check --data_path)")
-    with open(path, "rb") as f:  # bytes, so one bad UTF-8 line is reported instead of failing the whole read
-        lines = [(n, raw) for n, raw in enumerate(f, 1) if raw.strip()]
+    try:
+        with open(path, "rb") as f:  # bytes, so one bad UTF-8 line is reported instead of failing the whole read
+            lines = [(n, raw) for n, raw in enumerate(f, 1) if raw.strip()]
+    except OSError as e:  # no permission, a disk error
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
     if lines and lines[0][1].lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
         records = json_array_records(path, b"".join(raw for _, raw in lines), lines[0][0])
         if records is not None:
