@@ -352,3 +352,24 @@ def test_a_template_without_tool_support_does_not_drop_calls_silently(minimind):
     with pytest.raises(BadRecord, match="cannot render this conversation's tool calls: it does not render the tool "
                                         "calls of assistant message 1"):
         render_conversation(minimind, chat, (TEMPLATES / "qwen25.jinja").read_text().replace("tool_calls", "x"))
+
+
+# Mistral v0.3 / Nemo style: the system prompt goes into the last user message, wherever the chat ends
+SYSTEM_LAST = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if (loop_messages|length - loop.index0) <= 2 and system_message is defined %}"
+    "{{- '[INST]' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST]' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+)
+
+
+def test_system_prompt_moved_to_the_last_user_message(minimind):
+    tok = copy.deepcopy(minimind)
+    tok.add_tokens(["<s>", "</s>", "[INST]", "[/INST]"], special_tokens=True)
+    tok.bos_token, tok.eos_token = "<s>", "</s>"
+    ids, mask = render_conversation(tok, MULTI, SYSTEM_LAST)
+    assert tok.decode(ids).startswith("<s>[INST]你好[/INST]你好！")  # the system prompt is not in the first turn
+    assert spans(tok, ids, mask) == ["你好！{ } % done\n\nok</s>", "Blue.</s>"]
