@@ -1,18 +1,30 @@
 """Render one conversation through a chat template into token ids and the mask of tokens to learn.
 
-The mask comes from the template itself, with no assumed bos token or header string:
-- the full conversation F is rendered once;
-- assistant turn i starts where `render(messages[:i], add_generation_prompt=True)` stops agreeing with F.
-  What the generation prompt supplies at inference (the role header, and e.g. MiniMind's empty think
-  block) is context; everything after it is what the model must produce itself, so it is learned;
-- the turn ends after the template's end-of-turn marker (found once per template by rendering a probe
-  conversation), so the model learns to stop.
-Character spans are then mapped onto the tokens of F, tokenized once by the fast tokenizer. Earlier and
-later turns may render differently (Qwen3 drops old think blocks): each turn is taken as F renders it.
+The mask comes from the template itself, for any template, with no assumed header, bos or eos string:
+- the conversation F is rendered once, and once more with every message's own text (content, reasoning,
+  tool-call names and arguments) wrapped in invisible tags: where the tags land is where each message's text
+  sits in F (a template that edits the text is diffed message by message instead);
+- assistant turn i starts where F departs from the inference prompt `render(messages[:i],
+  add_generation_prompt=True)`, but never after the turn's own first character: what the generation prompt
+  supplies (the role header, an empty think block) is context, everything the template writes after it
+  (`<think>`, `[TOOL_CALLS]`, `<|START_RESPONSE|>`, the reply itself) is what the model must produce. A
+  template without a generation prompt (Mistral's `[INST]`) gives an empty one: the reply follows `[/INST]`.
+  If F renders the history differently from that prompt (Qwen3 drops old think blocks once a later user
+  message exists, Mistral moves the tools to the last user message, Hermes closes a tool result differently
+  when it is last), the turn is taken as F renders it: it starts after the generation prompt found in F just
+  before the reply; with no generation prompt, after what the template writes before the reply when the
+  turn is last (`[TOOL_CALLS]name...`) if F has it there too; otherwise at the reply itself;
+- the turn ends with the first end-of-turn token after its own text and before the next message's text:
+  an end-of-turn token is one that also ends the user's turns, or the eos token; a template that ends
+  assistant turns with other tokens (`<|eom_id|>`, harmony's `<|call|>`) ends them with the first special
+  token after the reply. So several end markers per template work, and the model learns to stop.
+Character spans are mapped onto the tokens of F, tokenized once by the fast tokenizer. A very long
+conversation is cut, per string and as a whole, a safe number of characters after max_length tokens
+(no token is longer than the vocabulary's longest), so its cost follows what is kept, not its length.
 """
 
-import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +37,20 @@ from model.errors import UserError
 
 PROBE_QUESTION, PROBE_ANSWER = "PROBE-QUESTION-8d1f", "PROBE-ANSWER-8d1f"
 PROBE = [{"role": "user", "content": PROBE_QUESTION}, {"role": "assistant", "content": PROBE_ANSWER}]
+PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "probe_tool",
+            "description": "Probe.",
+            "parameters": {"type": "object", "properties": {"x": {"type": "string", "description": "X."}}},
+        },
+    }
+]
+# Private-use characters: no tokenizer or template gives them a meaning; data holding them is diffed instead
+TAG_OPEN, TAG_CLOSE = "\ue000", "\ue001"
+TAG = re.compile(f"{TAG_OPEN}(\\d+){TAG_CLOSE}")
+SAFETY_TOKENS = 64  # tokens kept beyond max_length before a cut, so that the cut cannot change the kept tokens
 
 
 class TemplateError(UserError):
@@ -33,13 +59,18 @@ class TemplateError(UserError):
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """A compiled chat template plus what was derived from it once: end marker, special tokens."""
+    """A compiled chat template plus what was derived from it once: end-of-turn tokens, special tokens."""
 
+    name: str  # how messages name the template
     template: Any  # compiled jinja2 template, the same environment transformers renders with
     variables: dict[str, Any]  # bos_token, eos_token, ...: transformers passes these to every template
-    end_marker: str  # text after an assistant's content up to and including the first special token
-    generation_prompt_len: int  # characters that add_generation_prompt appends
     special_tokens: re.Pattern  # any special-token string, to refuse data that fakes markers
+    added_tokens: re.Pattern  # any added token (special or not: `<think>`), each always one whole token
+    longest_added: int  # characters of the longest added token
+    end_tokens: frozenset[str]  # tokens that end a turn: the one ending user turns, and eos
+    no_tools: list | None  # how to say "no tools" to this template: None, or [] if it needs a list
+    needs_tools: bool  # the template renders only conversations that offer tools
+    max_token_chars: int  # characters of the longest token: max_length tokens never span more than this many
     backend: Any  # the fast tokenizer (tokenizers.Tokenizer)
 
     def render(
@@ -48,89 +79,320 @@ class ChatFormat:
         """Render messages to text exactly as `tokenizer.apply_chat_template(tokenize=False)` does."""
         return self.template.render(
             messages=messages,
-            tools=tools,
+            tools=tools if tools else self.no_tools,
             documents=None,
             add_generation_prompt=add_generation_prompt,
             **self.variables,
         )
 
+    def char_limit(self, max_length: int) -> int:
+        """Characters of F that certainly hold its first max_length tokens (and SAFETY_TOKENS more)."""
+        return (max_length + SAFETY_TOKENS) * self.max_token_chars
 
-def load_chat_format(tokenizer: Any, chat_template: str | None = None) -> ChatFormat:
-    """Compile the chat template (the tokenizer's unless given) and derive its end-of-turn marker."""
-    name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+
+def load_chat_format(tokenizer: Any, chat_template: str | None = None, name: str | None = None) -> ChatFormat:
+    """Compile the chat template (the tokenizer's unless given) and check once that it can be masked."""
+    source = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    name = name or ("the chat template given (--chat_template)" if chat_template else f"{source}'s chat template")
     text = chat_template or getattr(tokenizer, "chat_template", None)
     if isinstance(text, dict):  # tokenizers with several named templates
         text = text.get("default")
     if not text:
-        raise TemplateError(f"{name} has no chat template: pass a template file with --chat_template")
+        raise TemplateError(f"{source} has no chat template: pass a template file with --chat_template")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise TemplateError(f"{name} is a slow tokenizer: load a fast one (a directory with tokenizer.json)")
+        raise TemplateError(f"{source} is a slow tokenizer: load a fast one (a directory with tokenizer.json)")
     special = {*tokenizer.all_special_tokens}
     special |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     special.discard("")
     if not special:
-        raise TemplateError(f"{name} has no special tokens, so no turn can end with an end-of-turn token")
+        raise TemplateError(f"{source} has no special tokens, so no turn can end with an end-of-turn token")
     # Longest first, so that a token that contains another one is matched whole
     pattern = re.compile("|".join(re.escape(s) for s in sorted(special, key=len, reverse=True)))
-    fmt = ChatFormat(
-        _compile_jinja_template(text), dict(tokenizer.special_tokens_map), "", 0, pattern, backend
-    )
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()} | special
+    added_pattern = re.compile("|".join(re.escape(s) for s in sorted(added, key=len, reverse=True)))
     try:
-        probe = fmt.render(PROBE)
-        prompt = fmt.render(PROBE[:1], add_generation_prompt=True)
-        no_prompt = fmt.render(PROBE[:1])
-    except jinja2.TemplateError as e:
-        raise TemplateError(f"the chat template cannot render a plain user/assistant exchange: {e}") from None
-    after = probe.rfind(PROBE_ANSWER)
-    if after < 0:
-        raise TemplateError("the chat template does not render the assistant's content")
-    after += len(PROBE_ANSWER)
-    marker = pattern.search(probe, after)
-    if marker is None:
-        raise TemplateError(
-            f"the chat template writes no special token after an assistant turn ({probe[after:]!r}), so the "
-            "model could not learn to stop: use a template whose turns end with an end-of-turn token"
-        )
-    prompt_len = len(prompt) - common_prefix_len(prompt, no_prompt)
-    if prompt_len == 0:
-        raise TemplateError(
-            "the chat template ignores add_generation_prompt, so assistant turns cannot be located"
-        )
-    return ChatFormat(fmt.template, fmt.variables, probe[after : marker.end()], prompt_len, pattern, backend)
+        template = _compile_jinja_template(text)
+    except Exception as e:  # a syntax error, an unknown filter...
+        raise TemplateError(f"{name} does not compile: {type(e).__name__}: {e}") from None
+    longest = max(len(t) for t in backend.get_vocab())
+    # A normalizer may drop characters, so a token can cover more of the original text than its own length
+    longest *= 1 if backend.normalizer is None else 4
+    fmt = ChatFormat(
+        name, template, dict(tokenizer.special_tokens_map), pattern, added_pattern, max(map(len, added)),
+        frozenset(), None, False, longest, backend,
+    )
+    fmt = _probe(fmt)
+    eos = tokenizer.special_tokens_map.get("eos_token")
+    probe_text = fmt.render(PROBE, PROBE_TOOLS if fmt.needs_tools else None)
+    user_end = pattern.search(probe_text, probe_text.find(PROBE_QUESTION) + len(PROBE_QUESTION))
+    ends = {e for e in (eos, user_end and user_end.group()) if isinstance(e, str) and e}
+    fmt = ChatFormat(**{**fmt.__dict__, "end_tokens": frozenset(ends)})
+    try:  # the probe conversation must be maskable, or no conversation is
+        supervised_spans(fmt, PROBE, PROBE_TOOLS if fmt.needs_tools else None)
+    except BadRecord as e:
+        raise TemplateError(f"{name} cannot be masked: {e}") from None
+    return fmt
 
 
+def _probe(fmt: ChatFormat) -> ChatFormat:
+    """Find how the template renders a plain exchange: tools None, tools [], or only with tools offered."""
+    errors = []
+    for no_tools, tools in ((None, None), ([], None), (None, PROBE_TOOLS)):
+        candidate = ChatFormat(**{**fmt.__dict__, "no_tools": no_tools, "needs_tools": tools is not None})
+        try:
+            text = candidate.render(PROBE, tools)
+            candidate.render(PROBE[:1], tools, add_generation_prompt=True)
+        except Exception as e:  # templates raise anything: TypeError, UndefinedError, raise_exception(...)
+            errors.append(_describe(e))
+            continue
+        if PROBE_ANSWER not in text:
+            raise TemplateError(f"{fmt.name} does not render the assistant's content")
+        return candidate
+    raise TemplateError(f"{fmt.name} cannot render a plain user/assistant exchange: {errors[0]}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where each message's own text lands in the rendered conversation
+# ---------------------------------------------------------------------------------------------------------
+def _tag(k: int) -> str:
+    return f"{TAG_OPEN}{k}{TAG_CLOSE}"
+
+
+def _wrap(value: Any, tag: str) -> Any:
+    """The value with every non-empty string in it wrapped in tag (dicts, their keys, lists recursively)."""
+    if isinstance(value, str):
+        return f"{tag}{value}{tag}" if value else value
+    if isinstance(value, dict):  # keys too: arguments {"n": 5} hold no string value but their key is text
+        return {_wrap(key, tag): _wrap(v, tag) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_wrap(v, tag) for v in value]
+    return value
+
+
+def _mark(message: dict[str, Any], tag: str) -> dict[str, Any]:
+    """A copy of the message whose own text (not its role, ids or type) is wrapped in tag."""
+    marked = dict(message)
+    for key in ("content", "reasoning_content", "thinking"):
+        if key in message:
+            marked[key] = _wrap(message[key], tag)
+    if message.get("tool_calls"):
+        marked["tool_calls"] = [
+            {**call, "function": {key: _wrap(v, tag) if key in ("name", "arguments") else v
+                                  for key, v in call["function"].items()}}
+            for call in message["tool_calls"]
+        ]
+    return marked
+
+
+def message_regions(
+    fmt: ChatFormat, messages: list[dict[str, Any]], tools: list | None, full: str, limit: int | None = None
+) -> list[tuple[int, int] | None]:
+    """(first, last) character of each message's own text in the rendered conversation `full` (None: absent).
+
+    One render with every message tagged, if removing the tags gives `full` back; otherwise one render per
+    message (a template that edits the text: strips it, splits it), diffed against `full`. Messages after one
+    that starts past `limit` are not looked for.
+    """
+    tagged = fmt.render([_mark(m, _tag(k)) for k, m in enumerate(messages)], tools)
+    if TAG.sub("", tagged) == full and TAG_OPEN not in full:
+        regions: list[list[int] | None] = [None] * len(messages)
+        removed = 0
+        for match in TAG.finditer(tagged):
+            at, k = match.start() - removed, int(match.group(1))
+            removed += len(match.group())
+            region = regions[k]
+            regions[k] = [min(region[0], at), max(region[1], at)] if region else [at, at]
+        # One tag alone is a text the template took apart (Qwen3 splits `<think>` off the content): its place
+        return [tuple(r) if r else None for r in regions]
+    out: list[tuple[int, int] | None] = []
+    for k, message in enumerate(messages):
+        if limit is not None and out and out[-1] and out[-1][0] >= limit:
+            out.append(None)
+            continue
+        marked = fmt.render(messages[:k] + [_mark(message, _tag(k))] + messages[k + 1 :], tools)
+        start = common_prefix_len(full, marked)
+        end = len(full) - common_suffix_len(full[start:], marked[start:])
+        out.append((start, max(start, end)) if marked != full else None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The supervised spans
+# ---------------------------------------------------------------------------------------------------------
 def supervised_spans(
-    fmt: ChatFormat, messages: list[dict[str, Any]], tools: list | None = None
+    fmt: ChatFormat, messages: list[dict[str, Any]], tools: list | None = None, limit: int | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
-    """Render the conversation; return (text, [(start, end)] character spans of the assistant turns)."""
+    """Render the conversation; return (text, [(start, end)] character spans of the assistant turns).
+
+    With `limit`, strings and the text are cut after `limit` characters (see ChatFormat.char_limit), and
+    turns that start past it are left out.
+    """
+    if fmt.needs_tools and not tools:
+        raise BadRecord(f"{fmt.name} renders only conversations that offer tools, and this one has none")
+    if limit is not None:
+        # A message renders at least one token, so those past max_length + SAFETY_TOKENS lie past the cut. Only
+        # a degenerate line has that many; a template that looks ahead (Qwen3's last user message) may then
+        # render its kept part as if the conversation ended there
+        messages, tools = _cut(messages[: limit // fmt.max_token_chars], limit), _cut(tools, limit)
     refuse_special_tokens(fmt, messages, tools)
     # transformers also hands reasoning to templates as `thinking` (gpt-oss reads that name)
     messages = [
         {"thinking": m["reasoning_content"], **m} if "reasoning_content" in m else m for m in messages
     ]
     try:
-        full = fmt.render(messages, tools)
-        spans: list[tuple[int, int]] = []
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prompt = fmt.render(messages[:i], tools, add_generation_prompt=True)
-            start = common_prefix_len(prompt, full)
-            # Only the generation prompt may differ from F (e.g. an empty think block where F has a full one);
-            # if the history itself differs, the template is not prefix-stable and the turn cannot be found.
-            if start < len(prompt) - fmt.generation_prompt_len or (spans and start < spans[-1][1]):
-                raise BadRecord(
-                    f"assistant message {i}: the chat template renders the conversation before it differently "
-                    "when it is the last message, so its start cannot be located"
-                )
-            end = full.find(fmt.end_marker, start)
-            if end < 0:
-                raise BadRecord(f"assistant message {i}: no end-of-turn marker {fmt.end_marker!r} after it")
-            spans.append((start, end + len(fmt.end_marker)))
-    except jinja2.TemplateError as e:
-        raise BadRecord(f"the chat template refused this conversation: {e}") from None
+        full, messages, regions = _render_with_calls(fmt, messages, tools, limit)
+        spans = _spans(fmt, messages, tools, full, regions, limit)
+    except BadRecord:
+        raise
+    except Exception as e:  # the template's own checks (raise_exception) and its type errors on this data
+        raise BadRecord(f"the chat template refused this conversation: {_describe(e)}") from None
+    if limit is not None and len(full) > limit:
+        full = full[:limit]
+        spans = [(s, min(e, limit)) for s, e in spans if s < limit]
     return full, spans
+
+
+def _render_with_calls(
+    fmt: ChatFormat, messages: list[dict[str, Any]], tools: list | None, limit: int | None
+) -> tuple[str, list[dict[str, Any]], list[tuple[int, int] | None]]:
+    """Render, and check that every tool call is rendered (a template without tool support would drop it
+    silently). An assistant message that only calls tools has empty content: some templates need it null
+    (DeepSeek renders the calls only then), others a string (they test it for text); the data's form is
+    tried first, then the other one."""
+    calls = [k for k, m in enumerate(messages) if m.get("tool_calls")]
+    empty = [k for k in calls if not messages[k].get("content")]
+    attempts = [messages]
+    if empty:
+        flipped = [dict(m) for m in messages]
+        for k in empty:
+            flipped[k]["content"] = "" if messages[k]["content"] is None else None
+        attempts.append(flipped)
+    failures = []
+    for attempt in attempts:
+        form = f"with content {attempt[empty[0]]['content']!r}" if empty else ""
+        try:
+            full = fmt.render(attempt, tools)
+            regions = message_regions(fmt, attempt, tools, full, limit)
+        except Exception as e:
+            failures.append((e, f"{form} it fails: {_describe(e)}"))
+            continue
+        silent = [k for k in calls if not _calls_rendered(fmt, attempt, tools, full, k)]
+        if not silent:
+            return full, attempt, regions
+        failures.append((None, f"{form} it does not render the tool calls of assistant message {silent[0]}"))
+    if all(error is not None for error, _ in failures):
+        raise failures[0][0]  # whatever the form, the template refuses the conversation
+    raise BadRecord("the chat template cannot render this conversation's tool calls: " + "; ".join(
+        text.strip() for _, text in failures))
+
+
+def _calls_rendered(fmt: ChatFormat, messages: list[dict[str, Any]], tools: list | None, full: str, k: int) -> bool:
+    """Whether the tool calls of message k appear in the render (their text changes it)."""
+    message = messages[k]
+    marked = {**message, "tool_calls": _mark({"tool_calls": message["tool_calls"]}, _tag(k))["tool_calls"]}
+    return fmt.render(messages[:k] + [marked] + messages[k + 1 :], tools) != full
+
+
+def _spans(
+    fmt: ChatFormat,
+    messages: list[dict[str, Any]],
+    tools: list | None,
+    full: str,
+    regions: list[tuple[int, int] | None],
+    limit: int | None,
+) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        region = regions[i]
+        if region is None:
+            raise BadRecord(f"assistant message {i}: the chat template does not render it")
+        if limit is not None and region[0] >= limit:
+            break  # this turn and all later ones lie past the kept tokens
+        # Messages a template moves elsewhere (a system prompt put into the last user turn) do not count
+        prev_end = max([r[1] for r in regions[:i] if r and r[0] < region[0]] + [spans[-1][1] if spans else 0])
+        start = _turn_start(fmt, messages, tools, full, region, prev_end, i)
+        following = [r[0] for r in regions[i + 1 :] if r and r[0] >= region[1]]
+        bound = min(following) if following else len(full)
+        spans.append((start, _turn_end(fmt, full, region[1], bound, i)))
+    return spans
+
+
+def _turn_start(
+    fmt: ChatFormat,
+    messages: list[dict[str, Any]],
+    tools: list | None,
+    full: str,
+    region: tuple[int, int],
+    prev_end: int,
+    i: int,
+) -> int:
+    """Where assistant turn i starts being learned in `full` (see the module docstring)."""
+    prompt = fmt.render(messages[:i], tools, add_generation_prompt=True)
+    agree = common_prefix_len(prompt, full)
+    # What precedes the generation prompt (rendered only if F departs from the prompt: usually it does not)
+    history = agree if agree == len(prompt) else common_prefix_len(fmt.render(messages[:i], tools), prompt)
+    if agree >= history:  # the history renders as in F: what follows the generation prompt is learned
+        start = min(agree, region[0])
+        # Texts agree up to a character, tokens up to a token: an added token that holds the first difference
+        # (`<think>` in the prompt where the reply opens `<tool_call>`) is the reply's
+        for text in (full, prompt):
+            window = max(0, start - fmt.longest_added)
+            for match in fmt.added_tokens.finditer(text, window, start + fmt.longest_added):
+                if match.start() < start < match.end():
+                    start = match.start()
+        return start
+    # The history renders differently with this turn in it (a tool result closed differently, old think
+    # blocks dropped, tools moved): find the generation prompt in F before the reply
+    generation_prompt = prompt[history:]
+    if generation_prompt:
+        at = full.rfind(generation_prompt, prev_end, region[0])
+        if at >= 0:
+            return at + len(generation_prompt)
+        return region[0]
+    # No generation prompt (Mistral): what the template writes before the reply when it is the last message
+    # (`[TOOL_CALLS]name...`) is learned if F has it too
+    last = fmt.render(messages[: i + 1], tools)
+    last_regions = message_regions(fmt, messages[: i + 1], tools, last)
+    if last_regions[i] is not None and common_prefix_len(prompt, last) >= history:
+        before = last[min(len(prompt), last_regions[i][0]) : last_regions[i][0]]
+        if before and full.startswith(before, region[0] - len(before)) and region[0] - len(before) >= prev_end:
+            return region[0] - len(before)
+    return region[0]
+
+
+def _turn_end(fmt: ChatFormat, full: str, after: int, bound: int, i: int) -> int:
+    """End of the end-of-turn token after assistant text ending at `after` (see the module docstring)."""
+    first = None
+    for match in fmt.special_tokens.finditer(full, after, max(bound, after)):
+        if match.group() in fmt.end_tokens:
+            return match.end()
+        first = first or match
+    if first is not None:
+        return first.end()
+    raise BadRecord(
+        f"assistant message {i}: the chat template writes no special token after it "
+        f"({full[after : after + 40]!r}), so the model could not learn to stop"
+    )
+
+
+def _describe(error: Exception) -> str:
+    """A template's own message (raise_exception), or the Python error it ran into on this data."""
+    text = str(error) if isinstance(error, jinja2.TemplateError) else f"{type(error).__name__}: {error}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _cut(value: Any, limit: int) -> Any:
+    """The value with every string cut to `limit` characters (dicts and lists recursively)."""
+    if isinstance(value, str):
+        return value[:limit]
+    if isinstance(value, dict):
+        return {key: _cut(v, limit) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_cut(v, limit) for v in value]
+    return value
 
 
 def refuse_special_tokens(fmt: ChatFormat, messages: list[dict[str, Any]], tools: list | None = None) -> None:
@@ -143,15 +405,30 @@ def refuse_special_tokens(fmt: ChatFormat, messages: list[dict[str, Any]], tools
     for where, value in [*fields, ("tools", tools)]:
         if value is None:
             continue
-        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-        hit = fmt.special_tokens.search(text)
-        if hit:
-            raise BadRecord(
-                f"{where} contains the special token {hit.group()!r}: data must not write the template's "
-                "markers itself (it would fake turn boundaries); remove it"
-            )
+        for text in _strings(value):
+            hit = fmt.special_tokens.search(text)
+            if hit:
+                raise BadRecord(
+                    f"{where} contains the special token {hit.group()!r}: data must not write the template's "
+                    "markers itself (it would fake turn boundaries); remove it"
+                )
 
 
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, v in value.items():
+            yield str(key)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokens
+# ---------------------------------------------------------------------------------------------------------
 def token_mask(encoding: Any, spans: list[tuple[int, int]]) -> np.ndarray:
     """Boolean mask over the tokens of `encoding` whose first character lies inside one of the spans."""
     mask = np.zeros(len(encoding), dtype=bool)
@@ -161,7 +438,8 @@ def token_mask(encoding: Any, spans: list[tuple[int, int]]) -> np.ndarray:
             continue
         if encoding.token_to_chars(first)[0] < start:
             first += 1  # a token that straddles the start also holds header text: it belongs to the prompt
-        last = encoding.char_to_token(end - 1)  # the end marker is a special token, so always a whole token
+        # The end is a special token (a whole token), or the cut of a long text
+        last = next(t for c in range(end - 1, start - 1, -1) if (t := encoding.char_to_token(c)) is not None)
         mask[first : last + 1] = True
     return mask
 
@@ -187,6 +465,18 @@ def common_prefix_len(a: str, b: str) -> int:
     while lo < hi:  # invariant: a[:lo] == b[:lo]
         mid = (lo + hi + 1) // 2
         if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def common_suffix_len(a: str, b: str) -> int:
+    """Length of the longest common suffix of two strings."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # invariant: a[len(a) - lo:] == b[len(b) - lo:]
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid : len(a) - lo] == b[len(b) - mid : len(b) - lo]:
             lo = mid
         else:
             hi = mid - 1

@@ -67,9 +67,11 @@ class SFTDataset(TokenizedDataset):
         num_workers: int | None = None,
         chat_template: str | None = None,
         log: Callable[[str], None] | None = print,
+        template_name: str | None = None,
     ) -> None:
-        # The template is checked first: a tokenizer that cannot make a mask fails before any data is read
-        encode = _ChatEncoder(tokenizer, chat_template, max_length)
+        # The template is checked first: a tokenizer that cannot make a mask fails before any data is read.
+        # template_name (e.g. the --chat_template path) names it in that message
+        encode = _ChatEncoder(tokenizer, chat_template, max_length, template_name)
         lines = read_lines(data_path)
         chunks = _map_chunks(encode, lines, num_workers)
         self.skipped, self.dropped = _check(data_path, chunks, len(lines), skip_invalid)
@@ -122,22 +124,27 @@ class _Chunk:
 class _ChatEncoder:
     """Renders and tokenizes a chunk of conversations (picklable: the template is compiled lazily)."""
 
-    def __init__(self, tokenizer: Any, chat_template: str | None, max_length: int) -> None:
-        self.tokenizer, self.chat_template, self.max_length = tokenizer, chat_template, max_length
-        self._fmt = load_chat_format(tokenizer, chat_template)
+    def __init__(self, tokenizer: Any, chat_template: str | None, max_length: int, name: str | None = None) -> None:
+        self.tokenizer, self.chat_template, self.max_length, self.name = tokenizer, chat_template, max_length, name
+        self._fmt = load_chat_format(tokenizer, chat_template, name)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fmt": None}  # compiled jinja templates do not pickle
 
     def __call__(self, lines: Sequence[tuple[int, bytes]]) -> _Chunk:
         if self._fmt is None:
-            self._fmt = load_chat_format(self.tokenizer, self.chat_template)
+            self._fmt = load_chat_format(self.tokenizer, self.chat_template, self.name)
         chunk, texts, spans = _Chunk(), [], []
+        # Strings and the text are cut where they cannot reach the kept tokens: a 50 MB line costs max_length
+        limit = self._fmt.char_limit(self.max_length)
         for line, raw in lines:
             try:
-                text, turn_spans = supervised_spans(self._fmt, *parse_conversation(parse_line(raw)))
+                text, turn_spans = supervised_spans(self._fmt, *parse_conversation(parse_line(raw)), limit=limit)
             except BadRecord as e:
                 chunk.problems.append((line, str(e)))
+                continue
+            except RecursionError:  # JSON nested just under the parser's limit, deeper than a template's
+                chunk.problems.append((line, "JSON nested too deeply"))
                 continue
             texts.append(text)
             spans.append(turn_spans)
@@ -154,6 +161,9 @@ class _TextEncoder:
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.backend = tokenizer.backend_tokenizer
+        # A text is cut where it cannot reach the kept tokens (no token is longer than the longest in the vocabulary)
+        longest = max(len(t) for t in self.backend.get_vocab())
+        self.limit = (max_length + 64) * longest * (1 if self.backend.normalizer is None else 4)
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []  # Qwen3 has none
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self.max_text = max_length - len(self.bos) - len(self.eos)
@@ -162,7 +172,7 @@ class _TextEncoder:
         chunk, texts = _Chunk(), []
         for line, raw in lines:
             try:
-                texts.append(parse_text(parse_line(raw)))
+                texts.append(parse_text(parse_line(raw))[: self.limit])
             except BadRecord as e:
                 chunk.problems.append((line, str(e)))
         for encoding in self.backend.encode_batch(texts, add_special_tokens=False):

@@ -9,10 +9,14 @@ Accepted line formats:
              "system"?: str, "tools"?: [...]}
   Alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
   Pretrain  {"text": str}  (read_texts)
+A `.json` file holding one JSON array of such objects is read as records too (line = where each begins).
+Tool-call arguments stay as the data gives them (a JSON string stays a string, an object an object), with
+the call ids and tool_call_id kept, so each template renders them as it expects.
 Every problem is collected as (line, message) so that one DataError can list them all before training.
 """
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,9 @@ SHAREGPT_ROLES = {
     "tool": "tool",
 }
 MAX_SHOWN = 20
-SKIP_HINT = "Fix these lines, or pass --skip_invalid (skip_invalid=True) to skip bad lines and count them."
+SKIP_HINT = "Fix these lines, or pass --skip_bad_data (skip_invalid=True) to skip bad lines and count them."
+MAX_DEPTH = 100  # nesting of JSON arrays/objects a record may have (deeper ones only crash deeper code)
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 class DataError(UserError):
@@ -69,8 +75,15 @@ def read_lines(path: str | Path) -> list[tuple[int, bytes]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file (check --data_path)")
-    with open(path, "rb") as f:  # bytes, so one bad UTF-8 line is reported instead of failing the whole read
-        lines = [(n, raw) for n, raw in enumerate(f, 1) if raw.strip()]
+    try:
+        with open(path, "rb") as f:  # bytes, so one bad UTF-8 line is reported instead of failing the whole read
+            lines = [(n, raw) for n, raw in enumerate(f, 1) if raw.strip()]
+    except OSError as e:  # no permission, a disk error
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if lines and lines[0][1].lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        records = json_array_records(path, b"".join(raw for _, raw in lines), lines[0][0])
+        if records is not None:
+            return records
     if not lines:
         raise DataError(f"{path}: the file is empty (expected one JSON object per line)")
     return lines
@@ -84,10 +97,89 @@ def parse_line(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadRecord(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+    return loads(text.strip())  # without the newline, so the error column points into the line
+
+
+def loads(text: str, where: str = "") -> Any:
+    """json.loads, with everything Python's json accepts but later code cannot use reported as BadRecord."""
+    prefix = f"{where}: " if where else ""
     try:
-        return json.loads(text.strip())  # without the newline, so the error column points into the line
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadRecord(f"invalid JSON: {e.msg} (column {e.colno})") from None
+        raise BadRecord(f"{prefix}invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise BadRecord(f"{prefix}JSON nested too deeply (more than {MAX_DEPTH} levels)") from None
+    except ValueError as e:  # Python refuses to convert integers of more than 4300 digits
+        raise BadRecord(f"{prefix}invalid JSON: {str(e).split(':')[0]}") from None
+    if SURROGATE_ESCAPE.search(text):
+        try:  # json accepts a lone "\\ud800", but it is no character: UTF-8 (and a tokenizer) has none
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadRecord(f"{prefix}a string holds a lone surrogate escape (\\u{ord(e.object[e.start]):04x}), "
+                            "which is not a character") from None
+    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(obj) > MAX_DEPTH:
+        raise BadRecord(f"{prefix}JSON nested too deeply (more than {MAX_DEPTH} levels)")
+    return obj
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of a JSON value, without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            if depth > MAX_DEPTH:
+                break
+            stack += [(v, depth + 1) for v in (value.values() if isinstance(value, dict) else value)]
+    return deepest
+
+
+def json_array_records(path: str | Path, data: bytes, first_line: int = 1) -> list[tuple[int, bytes]] | None:
+    """The elements of a file holding one JSON array, as (line where each begins, raw bytes); None if the
+    file is not one array (JSON Lines whose first line is an array). A broken `.json` array is a DataError."""
+    try:
+        text = data.decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError:
+        return None
+    decoder, records, pos, line, done = json.JSONDecoder(), [], text.index("[") + 1, first_line, False
+    counted = 0
+    try:
+        while True:
+            pos = _skip_space(text, pos)
+            if text.startswith("]", pos) and not records:
+                pos, done = pos + 1, True
+                break
+            line += text.count("\n", counted, pos)
+            counted = pos
+            _, end = decoder.raw_decode(text, pos)
+            records.append((line, text[pos:end].encode("utf-8", "surrogatepass")))
+            pos = _skip_space(text, end)
+            if text.startswith("]", pos):
+                pos, done = pos + 1, True
+                break
+            if not text.startswith(",", pos):
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            pos += 1
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        if str(path).endswith(".json"):
+            where = f"{path}:{first_line + text.count(chr(10), 0, getattr(e, 'pos', pos))}"
+            raise DataError(
+                f"{where}: the file is not one valid JSON array ({str(e).split(':')[0]}): fix it, or convert "
+                "it to JSON Lines (one object per line)"
+            ) from None
+        return None
+    if not done or _skip_space(text, pos) != len(text):
+        return None  # more after the array: JSON Lines
+    if not records:
+        raise DataError(f"{path}: the file holds an empty JSON array (expected records)")
+    return records
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
 
 
 def parse_text(obj: Any) -> str:
@@ -143,7 +235,7 @@ def parse_conversation(obj: Any) -> tuple[list[dict[str, Any]], list[dict[str, A
     elif "text" in obj:
         raise BadRecord('this is a pretraining record {"text": ...}; SFT needs conversations')
     else:
-        raise BadRecord(f"no 'conversations', 'messages' or 'instruction'/'output' key (keys: {sorted(obj)})")
+        raise BadRecord(f"no 'conversations', 'messages' or 'instruction'/'output' key (keys: {_short(sorted(obj))})")
     _check_order(messages)
     return messages, tools
 
@@ -156,12 +248,20 @@ def _role_messages(turns: list) -> tuple[list[dict[str, Any]], list[dict[str, An
             raise BadRecord(f"message {i}: expected an object, got {type(turn).__name__}")
         role = turn.get("role")
         if role not in ROLES:
-            raise BadRecord(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            raise BadRecord(f"message {i}: unknown role {_short(role)} (expected one of {', '.join(ROLES)})")
+        system_tools = None
         if role == "system":
-            tools = _tools(turn.get("tools") or turn.get("functions"), f"message {i} 'tools'") or tools
-        messages.append(
-            _message(i, role, turn.get("content"), turn.get("reasoning_content"), turn.get("tool_calls"))
+            system_tools = _tools(turn.get("tools") or turn.get("functions"), f"message {i} 'tools'")
+            tools = system_tools or tools
+        message = _message(
+            i, role, turn.get("content"), turn.get("reasoning_content"), turn.get("tool_calls"),
+            may_be_empty=bool(system_tools),  # MiniMind's tool data: the system message only carries the tools
         )
+        if role == "tool":
+            for key in ("tool_call_id", "name"):  # some templates print or check them
+                if isinstance(turn.get(key), str):
+                    message[key] = turn[key]
+        messages.append(message)
     return messages, tools
 
 
@@ -170,10 +270,10 @@ def _sharegpt(turns: list, system: Any) -> list[dict[str, Any]]:
     if system is not None:
         messages.append(_message(-1, "system", system, None, None))
     for i, turn in enumerate(turns):
-        role = SHAREGPT_ROLES.get(turn["from"])
+        role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise BadRecord(
-                f"message {i}: unknown 'from' {turn['from']!r} (expected one of {', '.join(SHAREGPT_ROLES)})"
+                f"message {i}: unknown 'from' {_short(turn['from'])} (expected one of {', '.join(SHAREGPT_ROLES)})"
             )
         if turn["from"] == "function_call":  # the value is the JSON of the call(s) the assistant makes
             messages.append(_message(i, role, "", None, turn.get("value")))
@@ -198,16 +298,17 @@ def _alpaca(obj: dict) -> list[dict[str, Any]]:
     return messages
 
 
-def _message(i: int, role: str, content: Any, reasoning: Any, tool_calls: Any) -> dict[str, Any]:
+def _message(
+    i: int, role: str, content: Any, reasoning: Any, tool_calls: Any, may_be_empty: bool = False
+) -> dict[str, Any]:
     where = f"message {i} ({role})" if i >= 0 else role
     calls = _tool_calls(tool_calls, where)
     if calls and role != "assistant":
         raise BadRecord(f"{where}: only assistant messages may have 'tool_calls'")
-    if content is None and calls:
-        content = ""  # OpenAI writes content: null on a message that only calls tools
-    if not isinstance(content, str):
+    # OpenAI writes content: null on a message that only calls tools; it stays null (chat_render tries "" too)
+    if not (content is None and calls) and not isinstance(content, str):
         raise BadRecord(f"{where}: content must be a string, got {type(content).__name__}")
-    if not content.strip() and not calls:
+    if not (content or "").strip() and not calls and not may_be_empty:
         raise BadRecord(f"{where}: empty content")
     message: dict[str, Any] = {"role": role, "content": content}
     if reasoning is not None:
@@ -221,8 +322,8 @@ def _message(i: int, role: str, content: Any, reasoning: Any, tool_calls: Any) -
 
 
 def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
-    # Normalised to the transformers convention {"type": "function", "function": {"name", "arguments": dict}},
-    # which every chat template that supports tools reads
+    # Normalised to the transformers convention {"type": "function", "function": {"name", "arguments"}, "id"?},
+    # which every chat template that supports tools reads; arguments as given: a JSON string or an object
     if value is None or value == "" or value == []:
         return []
     value = _json_value(value, f"{where}: tool_calls")
@@ -234,10 +335,13 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
             raise BadRecord(
                 f"{where}: each tool call needs a 'name' string (or a 'function' object with one)"
             )
-        args = _json_value(fn.get("arguments", {}), f"{where}: arguments of tool call {fn['name']!r}")
-        if not isinstance(args, dict):
-            raise BadRecord(f"{where}: arguments of tool call {fn['name']!r} must be a JSON object")
-        out.append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+        args = fn.get("arguments", {})
+        if not isinstance(_json_value(args, f"{where}: arguments of tool call {_short(fn['name'])}"), dict):
+            raise BadRecord(f"{where}: arguments of tool call {_short(fn['name'])} must be a JSON object")
+        normal = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call.get("id"), str):
+            normal["id"] = call["id"]  # Mistral's templates check and print it
+        out.append(normal)
     return out
 
 
@@ -253,10 +357,13 @@ def _tools(value: Any, where: str) -> list[dict[str, Any]] | None:
 def _json_value(value: Any, where: str) -> Any:
     if not isinstance(value, str):
         return value
-    try:  # MiniMind stores tools and tool calls as JSON strings
-        return json.loads(value)
-    except json.JSONDecodeError as e:
-        raise BadRecord(f"{where} is a string but not valid JSON: {e.msg}") from None
+    return loads(value, f"{where} (a JSON string)")  # MiniMind stores tools and tool calls as JSON strings
+
+
+def _short(value: Any) -> str:
+    """repr of a value from the data, cut so that one huge field cannot flood the error list."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_order(messages: list[dict[str, Any]]) -> None:

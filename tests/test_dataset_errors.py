@@ -1,6 +1,8 @@
 """Bad input is all reported before training as `file:line: problem`; truncation and dropping are exact."""
 
 import json
+import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import dataset.lm_dataset as lm_dataset
 from dataset.lm_dataset import PretrainDataset, SFTDataset
 from dataset.records import DataError, read_conversations
 from model.errors import UserError
+from tests.test_dataset_masks import FORMATS, TOOL_FORMATS
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers" / "minimind"
 
@@ -70,6 +73,32 @@ BAD = [  # (raw line, what the message must say)
         ).encode(),
         "the first non-system message must be from the user, not the assistant",
     ),
+    # Lines that crash a JSON reader or a tokenizer further down
+    (GOOD.replace(b"Hello.", b"a\\ud800b"), "a string holds a lone surrogate escape (\\ud800), which is not a character"),
+    (b'{"conversations": ' + b"[" * 3000 + b"]" * 3000 + b"}", "JSON nested too deeply"),
+    (b'{"conversations": [], "n": ' + b"7" * 5000 + b"}", "invalid JSON: Exceeds the limit (4300 digits)"),
+    (b'{"conversations": [{"from": ["human"], "value": "x"}]}', "message 0: unknown 'from' ['human']"),
+    (b'{"x": ' + b"[" * 150 + b"]" * 150 + b', "instruction": "a", "output": "b"}', "JSON nested too deeply"),
+]
+BAD_IN_STRINGS = [  # the same inside MiniMind's JSON strings (tool calls, tools)
+    (
+        json.dumps({"conversations": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": "", "tool_calls": '[{"name": "f", "arguments": {"a": "\\udc00"}}]'},
+        ]}).encode(),
+        "message 1 (assistant): tool_calls (a JSON string): a string holds a lone surrogate escape (\\udc00)",
+    ),
+    (
+        json.dumps({"conversations": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": "1" * 5000}]},
+        ]}).encode(),
+        "message 1 (assistant): arguments of tool call 'f' (a JSON string): invalid JSON: Exceeds the limit",
+    ),
+    (
+        json.dumps({"tools": "[" * 3000 + "]" * 3000, "messages": [{"role": "user", "content": "x"}]}).encode(),
+        "top-level 'tools' (a JSON string): JSON nested too deeply",
+    ),
 ]
 
 
@@ -88,7 +117,7 @@ def test_every_bad_line_is_reported_with_file_and_line(tok, tmp_path):
     assert message.startswith(f"{path}: {len(BAD)} bad line(s) of {len(BAD) + 2}:")
     for n, (_, problem) in enumerate(BAD, start=2):
         assert f"{path}:{n}: {problem}" in message, problem
-    assert "--skip_invalid" in message
+    assert "--skip_bad_data" in message
     assert f"{path}:1:" not in message and f"{path}:{len(BAD) + 3}:" not in message  # good and blank lines
 
 
@@ -214,3 +243,99 @@ def test_worker_processes_give_the_same_arrays(tok, tmp_path, monkeypatch):
     assert np.array_equal(one.lengths, two.lengths) and (one.skipped, two.skipped) == (1, 1)
     with pytest.raises(DataError, match=f"{path}:10: invalid JSON"):
         SFTDataset(path, tok, 48, num_workers=2, log=None)
+
+
+def test_lone_surrogate_in_a_pair_is_fine_and_alone_is_reported(tok, tmp_path):
+    paired = GOOD.replace(b"Hello.", b"\\ud83d\\ude00")  # a valid escaped pair: one emoji
+    path = write_lines(tmp_path / "data.jsonl", [paired])
+    assert len(SFTDataset(path, tok, 64, log=None)) == 1
+
+
+def test_a_huge_line_costs_what_is_kept(tok, tmp_path):
+    # 50 MB in one reply: rendered, tokenized and masked only as far as max_length can reach
+    huge = "word " * 10_000_000
+    lines = [json.dumps(chat("Hi", huge)).encode(), json.dumps(chat("Hi", huge[:2000])).encode()]
+    path = write_lines(tmp_path / "data.jsonl", lines)
+    assert path.stat().st_size > 50e6
+    began = time.perf_counter()
+    ds = SFTDataset(path, tok, max_length=64, num_workers=1, log=None)
+    assert time.perf_counter() - began < 20  # the whole line tokenized took minutes and 6.7 GB
+    assert ds[0][0].tolist() == ds[1][0].tolist() and ds[0][1].tolist() == ds[1][1].tolist()
+    assert len(ds[0][0]) == 64
+    text_path = write_lines(tmp_path / "pre.jsonl", [json.dumps({"text": huge}).encode()])
+    pre = PretrainDataset(text_path, tok, max_length=64, log=None)
+    assert pre[0][0].tolist() == [tok.bos_token_id] + tok(huge[:2000]).input_ids[:62] + [tok.eos_token_id]
+
+
+def test_a_json_array_file_is_read_as_records(tok, tmp_path):
+    records = [chat("Hi", "Hello."), {"instruction": "Say hi", "output": "Hi."}, chat("Hey", "Hey.")]
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(json.dumps(records, indent=2))
+    ds = SFTDataset(path, tok, 64, log=None)
+    assert len(ds) == 3
+    jsonl = write_lines(tmp_path / "same.jsonl", [json.dumps(r).encode() for r in records])
+    assert ds.ids.tolist() == SFTDataset(jsonl, tok, 64, log=None).ids.tolist()
+    # A bad record is named by the line where it begins
+    records[1] = {"instruction": "Say hi", "output": 3}
+    path.write_text(json.dumps(records, indent=2))
+    with pytest.raises(DataError, match=f"{path}:14: 'output' must be a string, got int"):
+        SFTDataset(path, tok, 64, log=None)
+    # A broken array is one message that says how to fix it
+    path.write_text(json.dumps(records, indent=2).replace("  },\n  {", "  }\n  {", 1))  # a comma lost on line 13
+    with pytest.raises(DataError, match=f"{path}:14: the file is not one valid JSON array .*convert it to JSON Lines"):
+        SFTDataset(path, tok, 64, log=None)
+    # JSON Lines whose first line is an array stay JSON Lines
+    lines = write_lines(tmp_path / "data.jsonl", [b"[1, 2]", GOOD])
+    with pytest.raises(DataError, match=f"{lines}:1: expected a JSON object, got list"):
+        SFTDataset(lines, tok, 64, log=None)
+
+
+POOL = [None, 0, 1.5, True, "", "x", [], {}, ["x"], {"a": 1}, [[1]], "[1,", '{"a": 1}', "\ud800", "user", "tool",
+        "assistant", "function_call", "<|im_end|>", 10**30, "{{ x }}", [{"role": "user"}], {"name": 3}]
+
+
+def mutated(record: dict, rng) -> dict:
+    """The record with one value somewhere in it replaced, deleted or inserted."""
+    record = json.loads(json.dumps(record))
+    paths, stack = [], [((), record)]
+    while stack:
+        path, value = stack.pop()
+        paths.append(path)
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+        stack += [((*path, k), v) for k, v in items]
+    path = rng.choice(paths[1:])
+    parent = record
+    for key in path[:-1]:
+        parent = parent[key]
+    if isinstance(parent, dict) and rng.random() < 0.2:
+        del parent[path[-1]]
+    elif isinstance(parent, list) and rng.random() < 0.2:
+        parent.insert(path[-1], rng.choice(POOL))
+    else:
+        parent[path[-1]] = rng.choice(POOL)
+    return record
+
+
+def test_malformed_records_are_errors_or_counted_skips(tok, tmp_path):
+    # 200 variants of good records (every format, tool calls) with one value broken: never a traceback
+    rng = random.Random(0)
+    good = [*FORMATS.values(), *TOOL_FORMATS.values()]
+    lines = [json.dumps(mutated(rng.choice(good), rng)).encode() for _ in range(200)] + [GOOD]
+    path = write_lines(tmp_path / "data.jsonl", lines)
+    ds = SFTDataset(path, tok, 256, skip_invalid=True, num_workers=1, log=None)
+    assert len(ds) + ds.skipped + ds.dropped == len(lines) and 0 < ds.skipped < len(lines)
+    with pytest.raises(DataError) as err:
+        SFTDataset(path, tok, 256, num_workers=1, log=None)
+    listed = str(err.value).splitlines()[1:-1]
+    assert all(line.startswith(f"  {path}:") or line.startswith("  ... and") for line in listed)
+
+
+def test_json_strings_inside_records_are_checked_like_lines(tok, tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [GOOD] + [raw for raw, _ in BAD_IN_STRINGS])
+    conversations, problems = read_conversations(path)
+    assert len(conversations) == 1
+    for n, (line, message), (_, problem) in zip(range(2, 9), problems, BAD_IN_STRINGS, strict=False):
+        assert line == n and problem in message, problem
+    assert len(problems) == len(BAD_IN_STRINGS)
+    ds = SFTDataset(path, tok, 64, skip_invalid=True, log=None)
+    assert (len(ds), ds.skipped) == (1, len(BAD_IN_STRINGS))

@@ -294,7 +294,11 @@ def test_every_format_normalises_the_same(tok, tmp_path, formats):
     assert problems == []
     first = conversations[0]
     for c in conversations[1:]:
-        assert (c.messages, c.tools) == (first.messages, first.tools)
+        if formats is FORMATS:
+            assert (c.messages, c.tools) == (first.messages, first.tools)
+        else:  # tool-call arguments and ids stay as each format gives them; they render the same below
+            assert [m["role"] for m in c.messages] == [m["role"] for m in first.messages]
+            assert c.tools == first.tools
     ds = SFTDataset(path, tok, max_length=512, log=None)
     assert len(ds) == len(formats)
     expected = (
@@ -317,3 +321,19 @@ def test_common_prefix_len():
         b = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
         naive = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         assert common_prefix_len(a, b) == naive
+
+
+def test_minimind_tool_data_with_an_empty_system_message(tok, tmp_path):
+    # MiniMind's tool data: the system message only carries the tools, its content is empty
+    record = copy.deepcopy(TOOL_FORMATS["minimind"])
+    record["conversations"][0]["content"] = ""
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps({"conversations": [{"role": "system", "content": ""}]
+                                                          + FORMATS["minimind"]["conversations"][1:]}) + "\n")
+    conversations, problems = read_conversations(path)
+    assert problems == [(2, "message 0 (system): empty content")]  # without tools an empty system is a mistake
+    assert conversations[0].messages[0] == {"role": "system", "content": ""}
+    assert conversations[0].tools == [TOOL_SCHEMA]
+    ids, mask = render_conversation(tok, conversations[0].messages, tools=conversations[0].tools)
+    assert spans(tok, ids, mask) == [CALL + "<|im_end|>", "It is 21 degrees.<|im_end|>"]
+    assert tok.decode(ids).startswith("<|im_start|>system\n\n\n# Tools")

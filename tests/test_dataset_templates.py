@@ -1,0 +1,375 @@
+"""Masks for real public chat templates (../shared/fixtures/templates): decoded supervised spans, exactly.
+
+Each template is paired with MiniMind's tokenizer plus the template's special tokens (as the fixtures'
+README says). Every span is the assistant's text as the template renders it, through its end-of-turn
+marker: the generation prompt is context; what the template writes after it (think blocks, `>>>all\\n`,
+`<|START_RESPONSE|>`, `[TOOL_CALLS]`) is learned. The expected strings are written out from the templates.
+"""
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+from transformers.utils.chat_template_utils import _compile_jinja_template
+
+from dataset.chat_render import TemplateError, load_chat_format, render_conversation
+from dataset.lm_dataset import SFTDataset
+from dataset.records import BadRecord, DataError
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+TEMPLATES = FIXTURES / "templates"
+LLAMA = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"]
+MISTRAL = ["<s>", "</s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]",
+           "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[ARGS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[IMG]"]
+DEEPSEEK = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜tool▁calls▁begin｜>",
+            "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁outputs▁begin｜>",
+            "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>", "<｜tool▁sep｜>"]
+COHERE = ["<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|USER_TOKEN|>",
+          "<|CHATBOT_TOKEN|>", "<|START_THINKING|>", "<|END_THINKING|>", "<|START_ACTION|>", "<|END_ACTION|>",
+          "<|START_RESPONSE|>", "<|END_RESPONSE|>", "<|START_TOOL_RESULT|>", "<|END_TOOL_RESULT|>"]
+KIMI = ["<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|tool_calls_section_begin|>",
+        "<|tool_calls_section_end|>", "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"]
+# template -> (special tokens it adds to MiniMind's, bos/eos of its model)
+MODELS = {
+    "qwen3": ([], {"bos_token": None}),
+    "qwen25": ([], {"bos_token": None}),
+    "deepseek_r1_distill_qwen": (DEEPSEEK, {"bos_token": DEEPSEEK[0], "eos_token": DEEPSEEK[1]}),
+    "llama31": (LLAMA, {"bos_token": LLAMA[0], "eos_token": "<|eot_id|>"}),
+    "mistral_small32": (MISTRAL + ["[CALL_ID]", "[TOOL_CONTENT]"], {"bos_token": "<s>", "eos_token": "</s>"}),
+    "devstral": (MISTRAL, {"bos_token": "<s>", "eos_token": "</s>"}),
+    "command_r7b_tools": (COHERE, {"bos_token": COHERE[0], "eos_token": "<|END_OF_TURN_TOKEN|>"}),
+    "hermes2pro_tools": ([LLAMA[0]], {"bos_token": LLAMA[0]}),
+    "kimi_k2": (KIMI, {"bos_token": None}),
+    "functionary_v32": (LLAMA, {"bos_token": LLAMA[0], "eos_token": "<|eot_id|>"}),
+}
+
+SINGLE = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 equals 4."}]
+MULTI = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "你好"},
+    {"role": "assistant", "content": "你好！{ } % done\n\nok"},
+    {"role": "user", "content": "Name a color."},
+    {"role": "assistant", "content": "Blue."},
+]
+# Replies that begin with the characters a generation prompt ends with (`<think>\n`, `>>>`, `[/INST]`...)
+ANGLE = [
+    {"role": "user", "content": "Bold five?"},
+    {"role": "assistant", "content": "<b>5</b>"},
+    {"role": "user", "content": "Tag it."},
+    {"role": "assistant", "content": "<tool_call>\nx\n</tool_call>"},
+]
+REASONING = [
+    {"role": "user", "content": "Q1"},
+    {"role": "assistant", "content": "A1", "reasoning_content": "R1"},
+    {"role": "user", "content": "Q2"},
+    {"role": "assistant", "content": "A2", "reasoning_content": "R2"},
+]
+SCHEMA = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "City name"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def tool_chat(arguments, content) -> list[dict]:
+    """Tool call -> tool result -> answer, with arguments and empty content in the form the data gives."""
+    call = {"id": "call00001", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    return [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": content, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call00001", "content": '{"temp": 21}'},
+        {"role": "assistant", "content": "It is 21 degrees."},
+    ]
+
+
+OBJECT_ARGS, STRING_ARGS = {"city": "Paris"}, '{"city": "Paris"}'
+# What each template learns. Most end every turn with one token; Command-R ends a reply with two.
+IM, EOT, EOS_M, EOS_D = "<|im_end|>", "<|eot_id|>", "</s>", "<｜end▁of▁sentence｜>"
+QWEN_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+
+def plain(end: str, before: str = "", last: str = "") -> dict[str, list[str]]:
+    """Spans of the plain chats for a template that writes `before` ahead of every reply (`last` ahead of
+    the conversation's last reply) and ends turns with `end`."""
+    last = last or before
+    return {
+        "single": [last + "2+2 equals 4." + end],
+        "multi": [before + "你好！{ } % done\n\nok" + end, last + "Blue." + end],
+        "angle": [before + "<b>5</b>" + end, last + "<tool_call>\nx\n</tool_call>" + end],
+        "reasoning": [before + "A1" + end, last + "A2" + end],  # reasoning not rendered: not learned
+    }
+
+
+COHERE_REPLY = ("<|START_RESPONSE|>", "<|END_RESPONSE|><|END_OF_TURN_TOKEN|>")
+EXPECTED = {
+    "qwen3": {
+        **plain(IM, last=EMPTY_THINK),
+        # Qwen3 renders reasoning only after the last user message
+        "reasoning": ["A1" + IM, "<think>\nR2\n</think>\n\nA2" + IM],
+        "tools": [QWEN_CALL + IM, EMPTY_THINK + "It is 21 degrees." + IM],
+    },
+    "qwen25": {**plain(IM), "tools": [QWEN_CALL + IM, "It is 21 degrees." + IM]},
+    "hermes2pro_tools": {**plain(IM), "tools": [QWEN_CALL + IM, "It is 21 degrees." + IM]},
+    "deepseek_r1_distill_qwen": {
+        **plain(EOS_D),  # the template strips reasoning from every turn
+        "tools": [
+            "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+            '{"city": "Paris"}\n```<｜tool▁call▁end｜>',  # the template closes one call no further
+            "It is 21 degrees." + EOS_D,
+        ],
+    },
+    "llama31": {
+        **plain(EOT),
+        "tools": ['{"name": "get_weather", "parameters": {"city": "Paris"}}' + EOT, "It is 21 degrees." + EOT],
+    },
+    "functionary_v32": {
+        **plain(EOT, before="all\n"),  # the generation prompt ends ">>>": the model names the recipient
+        "tools": ['get_weather\n{"city": "Paris"}' + EOT, "all\nIt is 21 degrees." + EOT],
+    },
+    "mistral_small32": {
+        **plain(EOS_M),
+        "tools": ['[TOOL_CALLS]get_weather[CALL_ID]call00001[ARGS]{"city": "Paris"}' + EOS_M,
+                  "It is 21 degrees." + EOS_M],
+    },
+    "devstral": {
+        **plain(EOS_M),
+        "tools": ['[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}' + EOS_M, "It is 21 degrees." + EOS_M],
+    },
+    "command_r7b_tools": {
+        **{k: [COHERE_REPLY[0] + s[: -len(EOS_M)] + COHERE_REPLY[1] for s in v] for k, v in plain(EOS_M).items()},
+        "tools": [
+            '<|START_THINKING|><|END_THINKING|><|START_ACTION|>[\n    {"tool_call_id": "0", "tool_name": '
+            '"get_weather", "parameters": {"city": "Paris"}}\n]<|END_ACTION|><|END_OF_TURN_TOKEN|>',
+            COHERE_REPLY[0] + "It is 21 degrees." + COHERE_REPLY[1],
+        ],
+    },
+    "kimi_k2": {
+        **plain(IM),
+        "tools": [
+            "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+            '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>' + IM,
+            "It is 21 degrees." + IM,
+        ],
+    },
+}
+# The form of a tool call each template can render: DeepSeek and Functionary concatenate the arguments as
+# text, so they need OpenAI's JSON string (content null); the others print an object.
+TOOL_CHATS = {name: tool_chat(OBJECT_ARGS, "") for name in MODELS}
+TOOL_CHATS["deepseek_r1_distill_qwen"] = tool_chat(STRING_ARGS, None)
+TOOL_CHATS["functionary_v32"] = tool_chat(STRING_ARGS, "")
+
+
+@pytest.fixture(scope="module")
+def minimind():
+    if not (FIXTURES / "tokenizers" / "minimind").is_dir() or not TEMPLATES.is_dir():
+        pytest.skip("../shared/fixtures is not available")
+    return AutoTokenizer.from_pretrained(FIXTURES / "tokenizers" / "minimind")
+
+
+def model_tokenizer(minimind, name: str):
+    """MiniMind's tokenizer with the template's special tokens and its model's bos/eos."""
+    tok = copy.deepcopy(minimind)
+    tokens, roles = MODELS[name]
+    tok.add_tokens(tokens, special_tokens=True)
+    for key, value in roles.items():
+        setattr(tok, key, value)
+    return tok
+
+
+def spans(tok, ids: list[int], mask: list[int]) -> list[str]:
+    """The decoded runs of supervised tokens."""
+    runs, run = [], []
+    for token, m in zip(ids + [None], mask + [0]):
+        if m:
+            run.append(token)
+        elif run:
+            runs.append(tok.decode(run))
+            run = []
+    return runs
+
+
+def rendered_ids(tok, template: str, messages: list[dict], tools) -> list[list[int]]:
+    """The tokens of the conversation as the template itself renders it (transformers' own environment), for
+    each way of writing an empty content (null or "") and no tools (None or []) that the template accepts."""
+    out = []
+    for content in ("", None):
+        for no_tools in (None, []):
+            chat = [{**m, "content": content} if m.get("tool_calls") and not m["content"] else m for m in messages]
+            try:
+                text = _compile_jinja_template(template).render(
+                    messages=chat, tools=tools or no_tools, add_generation_prompt=False, **tok.special_tokens_map
+                )
+            except Exception:  # this form is one the template cannot render
+                continue
+            out.append(tok(text, add_special_tokens=False).input_ids)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_template_masks(minimind, name):
+    tok, template = model_tokenizer(minimind, name), (TEMPLATES / f"{name}.jinja").read_text()
+    chats = {"single": SINGLE, "multi": MULTI, "angle": ANGLE, "reasoning": REASONING, "tools": TOOL_CHATS[name]}
+    for kind, messages in chats.items():
+        tools = [SCHEMA] if kind == "tools" else None
+        ids, mask = render_conversation(tok, messages, template, tools)
+        assert spans(tok, ids, mask) == EXPECTED[name][kind], kind
+        # The ids are the template's own rendering, tokenized once (empty content as the template needs it)
+        assert ids in rendered_ids(tok, template, messages, tools), kind
+
+
+def test_tool_call_arguments_are_rendered_as_given(minimind):
+    # A JSON string stays a string: Qwen3 prints it as it is, Qwen2.5 quotes it (its template's choice)
+    tok = model_tokenizer(minimind, "qwen25")
+    for name, expected in [("qwen3", '"arguments": {"city":"Paris"}}'), ("qwen25", '"arguments": "{\\"city\\":\\"Paris\\"}"}')]:
+        ids, mask = render_conversation(tok, tool_chat('{"city":"Paris"}', ""), (TEMPLATES / f"{name}.jinja").read_text(),
+                                        [SCHEMA])
+        assert expected in spans(tok, ids, mask)[0]
+
+
+def test_template_that_concatenates_arguments_refuses_an_object_with_file_and_line(minimind, tmp_path):
+    tok = model_tokenizer(minimind, "functionary_v32")
+    record = {"messages": tool_chat(OBJECT_ARGS, None), "tools": [SCHEMA]}
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"messages": SINGLE}) + "\n" + json.dumps(record) + "\n")
+    template = (TEMPLATES / "functionary_v32.jinja").read_text()
+    with pytest.raises(DataError) as err:
+        SFTDataset(path, tok, 256, chat_template=template, num_workers=1, log=None)
+    assert f"{path}:2: the chat template refused this conversation: TypeError: can only concatenate str" in str(err.value)
+    assert len(SFTDataset(path, tok, 256, skip_invalid=True, chat_template=template, num_workers=1, log=None)) == 1
+
+
+def test_template_that_renders_only_with_tools(minimind):
+    # Hermes-2-Pro iterates over `tools` unconditionally: it is given an empty list when the data has none
+    tok = model_tokenizer(minimind, "hermes2pro_tools")
+    fmt = load_chat_format(tok, (TEMPLATES / "hermes2pro_tools.jinja").read_text())
+    assert fmt.no_tools == [] and not fmt.needs_tools
+    needs_tools = "{% for t in tools %}{% endfor %}{% if not tools %}{{ raise_exception('no tools') }}{% endif %}"
+    template = needs_tools + (TEMPLATES / "qwen25.jinja").read_text()
+    fmt = load_chat_format(tok, template)
+    assert fmt.needs_tools
+    ids, mask = render_conversation(tok, SINGLE, template, [SCHEMA])
+    assert spans(tok, ids, mask) == ["2+2 equals 4.<|im_end|>"]
+    with pytest.raises(BadRecord, match="renders only conversations that offer tools"):
+        render_conversation(tok, SINGLE, template)
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ("{% for m in messages %}{{ m.content }}", "does not compile: TemplateSyntaxError"),
+        ("{{ raise_exception('only tool use') }}", "cannot render a plain user/assistant exchange: only tool use"),
+        ("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}<|im_end|>{% endif %}{% endfor %}",
+         "does not render the assistant's content"),
+        ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+         "{% if add_generation_prompt %}assistant: {% endif %}",
+         "cannot be masked: assistant message 1: the chat template writes no special token after it ('\\n'), "
+         "so the model could not learn to stop"),
+    ],
+    ids=["syntax", "raises", "no-reply", "no-end-token"],
+)
+def test_a_template_that_cannot_be_masked_gets_one_line(minimind, template, problem):
+    with pytest.raises(TemplateError) as err:
+        load_chat_format(minimind, template)
+    message = str(err.value)
+    assert message.startswith("the chat template given (--chat_template) ") and problem in message
+    assert "\n" not in message
+    with pytest.raises(TemplateError, match="^chat.jinja " + re.escape(problem)):  # as the trainer can name it
+        SFTDataset(Path("unused.jsonl"), minimind, 64, chat_template=template, template_name="chat.jinja", log=None)
+
+
+def test_turns_whose_history_renders_differently(minimind):
+    # Qwen3 drops the think block of a tool call once a later user message exists, and Mistral moves the
+    # tools to the last user message: each turn is learned as the full conversation renders it
+    chat = tool_chat(OBJECT_ARGS, "")
+    chat[1] = {**chat[1], "reasoning_content": "Need the weather."}
+    chat += [{"role": "user", "content": "And tomorrow?"}, {"role": "assistant", "content": "Same."}]
+    expected = {
+        "qwen3": [QWEN_CALL + IM, "It is 21 degrees." + IM, EMPTY_THINK + "Same." + IM],
+        "mistral_small32": [
+            '[TOOL_CALLS]get_weather[CALL_ID]call00001[ARGS]{"city": "Paris"}' + EOS_M,
+            "It is 21 degrees." + EOS_M,
+            "Same." + EOS_M,
+        ],
+    }
+    for name, runs in expected.items():
+        tok, template = model_tokenizer(minimind, name), (TEMPLATES / f"{name}.jinja").read_text()
+        ids, mask = render_conversation(tok, chat, template, [SCHEMA])
+        assert spans(tok, ids, mask) == runs, name
+        assert ids in rendered_ids(tok, template, chat, [SCHEMA]), name
+
+
+# A template in the style of the harmony format (gpt-oss): three end markers, none of them the user's alone
+HARMONY = (
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'user' -%}<|start|>user<|message|>{{ m.content }}<|end|>"
+    "{%- elif m.role == 'assistant' and m.tool_calls -%}<|start|>assistant to=functions."
+    "{{ m.tool_calls[0].function.name }}<|channel|>commentary json<|message|>"
+    "{{ m.tool_calls[0].function.arguments | tojson }}<|call|>"
+    "{%- elif m.role == 'assistant' -%}<|start|>assistant<|channel|>final<|message|>{{ m.content }}"
+    "{%- if loop.last %}<|return|>{% else %}<|end|>{% endif -%}"
+    "{%- elif m.role == 'tool' -%}<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"
+    "{{ m.content }}<|end|>"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"
+)
+
+
+def test_several_end_of_turn_markers(minimind):
+    tok = copy.deepcopy(minimind)
+    tok.add_tokens(["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>", "<|call|>"], special_tokens=True)
+    tok.eos_token = "<|return|>"
+    chat = tool_chat(OBJECT_ARGS, "") + [{"role": "user", "content": "And tomorrow?"}, {"role": "assistant", "content": "Same."}]
+    ids, mask = render_conversation(tok, chat, HARMONY, [SCHEMA])
+    assert spans(tok, ids, mask) == [
+        ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>',
+        "<|channel|>final<|message|>It is 21 degrees.<|end|>",
+        "<|channel|>final<|message|>Same.<|return|>",
+    ]
+    # Arguments with no string value: the end is still found after them, not after the name in the header
+    ids, mask = render_conversation(tok, tool_chat({"days": 3}, ""), HARMONY, [SCHEMA])
+    assert spans(tok, ids, mask)[0] == ' to=functions.get_weather<|channel|>commentary json<|message|>{"days": 3}<|call|>'
+
+
+def test_a_template_without_tool_support_does_not_drop_calls_silently(minimind):
+    # DeepSeek's template renders no call with content "" and cannot concatenate object arguments with null
+    chat = tool_chat(OBJECT_ARGS, "")
+    tok = model_tokenizer(minimind, "deepseek_r1_distill_qwen")
+    with pytest.raises(BadRecord, match="with content '' it does not render the tool calls of assistant message 1; "
+                                        "with content None it fails: TypeError: can only concatenate str"):
+        render_conversation(tok, chat, (TEMPLATES / "deepseek_r1_distill_qwen.jinja").read_text(), [SCHEMA])
+    chat = tool_chat(OBJECT_ARGS, "Let me check.")
+    with pytest.raises(BadRecord, match="cannot render this conversation's tool calls: it does not render the tool "
+                                        "calls of assistant message 1"):
+        render_conversation(minimind, chat, (TEMPLATES / "qwen25.jinja").read_text().replace("tool_calls", "x"))
+
+
+# Mistral v0.3 / Nemo style: the system prompt goes into the last user message, wherever the chat ends
+SYSTEM_LAST = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if (loop_messages|length - loop.index0) <= 2 and system_message is defined %}"
+    "{{- '[INST]' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST]' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+)
+
+
+def test_system_prompt_moved_to_the_last_user_message(minimind):
+    tok = copy.deepcopy(minimind)
+    tok.add_tokens(["<s>", "</s>", "[INST]", "[/INST]"], special_tokens=True)
+    tok.bos_token, tok.eos_token = "<s>", "</s>"
+    ids, mask = render_conversation(tok, MULTI, SYSTEM_LAST)
+    assert tok.decode(ids).startswith("<s>[INST]你好[/INST]你好！")  # the system prompt is not in the first turn
+    assert spans(tok, ids, mask) == ["你好！{ } % done\n\nok</s>", "Blue.</s>"]
