@@ -142,6 +142,10 @@ class LoRALinear(nn.Module):
             self.weight.copy_(self.weight.to(acc) - self.delta_weight(acc))
             self.merged = False
 
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """This layer's trainable tensors by attribute name (the base weight and bias are not among them)."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
     def extra_repr(self) -> str:
         rs = ", rslora=True" if self.use_rslora else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -188,6 +192,7 @@ def find_targets(model: nn.Module, targets: str | list[str] | None = None) -> li
     """Names of the nn.Linear modules that `targets` selects (see apply_lora)."""
     # Exactly nn.Linear: subclasses such as MultiheadAttention's out_proj are read via .weight, not called.
     linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    _refuse_other_projections(model, linears, targets)
     head = _output_head(model)
     eligible = [n for n, m in linears.items() if m is not head and _leaf(n) not in ROUTER_NAMES]
     if targets is None or targets == "all-linear":
@@ -200,6 +205,20 @@ def find_targets(model: nn.Module, targets: str | list[str] | None = None) -> li
             leaves = ", ".join(sorted({_leaf(n) for n in linears}))
             raise LoRAError(f"LoRA target '{t}' names no nn.Linear in the model; its linear layers are: {leaves}")
     return [n for n in linears if any(_names_match(n, t) for t in wanted)]
+
+
+def _refuse_other_projections(model: nn.Module, linears: dict[str, nn.Module], targets: object) -> None:
+    """GPT-2-style bases project with transformers' Conv1D (weight stored [in, out]), not nn.Linear: say so."""
+    others = {n: m for n, m in model.named_modules() if type(m).__name__ in ("Conv1D", "Conv1d") and n}
+    wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets or [])
+    head = _output_head(model)
+    asked = [n for n in others if any(_names_match(n, t) for t in wanted)]
+    if asked or (others and not [n for n, m in linears.items() if m is not head]):
+        kinds = sorted({type(m).__name__ for m in others.values()})
+        leaves = ", ".join(sorted({_leaf(n) for n in others}))
+        raise LoRAError(f"the model's projection layers ({leaves}) are {'/'.join(kinds)}, not nn.Linear; LoRA here "
+                        f"adapts nn.Linear layers, as in MiniMind, Qwen, Llama and Mistral models "
+                        f"(GPT-2-style Conv1D layers are not supported)")
 
 
 def _pattern_match(pattern: str, name: str, parents: bool = True) -> bool:
@@ -226,8 +245,10 @@ def _inject(model: nn.Module, plan: dict[str, tuple[int, float]], dropout: float
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout, use_rslora))
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in lora_parameters(model):  # by module type: a base parameter named "lora_..." stays frozen
+        p.requires_grad_(True)
 
 
 def apply_lora(model: nn.Module, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
@@ -274,14 +295,20 @@ def set_lora_fused(model: nn.Module, enabled: bool = True) -> None:
         layer.fused = enabled
 
 
+def _named_lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """`<module>.<name>` -> each LoRALinear's own trainable tensors, found by module type, not by name."""
+    return {f"{module}.{n}": p for module, layer in _lora_layers(_unwrap(model)).items()
+            for n, p in layer.adapter_parameters().items()}
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The LoRA factors (the only parameters the optimizer should see)."""
-    return [p for n, p in _unwrap(model).named_parameters() if "lora_" in n]
+    return list(_named_lora_parameters(model).values())
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the LoRA tensors of the model's state dict (for the trainer's checkpoints)."""
-    return {k: v for k, v in _unwrap(model).state_dict().items() if "lora_" in k}
+    return {k: p.detach() for k, p in _named_lora_parameters(model).items()}
 
 
 def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "LoRA state dict") -> None:
