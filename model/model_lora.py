@@ -512,6 +512,20 @@ def read_lora(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Te
     return {n: (a.A, a.B, lora_scale(a.A.shape[0], a.alpha, use_rslora)) for n, a in adapters.items()}
 
 
+def read_lora_plan(path: str | os.PathLike) -> tuple[dict[str, tuple[int, float | None]], bool]:
+    """Each adapted module's (rank, alpha) and the file's rsLoRA switch, without a model.
+
+    A MiniMind `.pth` holds no alpha (its scale is folded into B): its alphas are None.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoRAError(f"{path}: no such LoRA file or adapter directory")
+    if path.suffix == ".pth":
+        return {n: (a.A.shape[0], None) for n, a in _read_minimind(path)[0].items()}, False
+    adapters, use_rslora, _ = _read_peft(path)
+    return {n: (a.A.shape[0], a.alpha) for n, a in adapters.items()}, use_rslora
+
+
 def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Load a MiniMind `.pth` LoRA file or a PEFT adapter directory; return the adapted module names.
 

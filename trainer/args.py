@@ -114,6 +114,10 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
         g.add_argument("--lora_alpha_pattern", type=pattern_dict, default=None,
                        help="per-module alphas, same form as --lora_rank_pattern, e.g. mlp=64")
         _switch(g, "--use_rslora", help="rank-stabilised LoRA: scale = alpha / sqrt(r) instead of alpha / r")
+        g.add_argument("--init_lora", default=None,
+                       help="start from this LoRA (a MiniMind .pth or a PEFT adapter directory): its layers and "
+                            "ranks (and a PEFT file's alphas and rsLoRA) are used; a new run with a fresh "
+                            "optimizer and LR schedule. Flags that contradict the file are refused")
 
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=str(d["data_path"]), help="training jsonl")
