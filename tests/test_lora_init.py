@@ -72,6 +72,7 @@ def test_init_from_minimind_pth_keeps_its_function(trained):
     ({"lora_targets": "q_proj"}, "--lora_targets q_proj contradicts .*selects 2 layers, the file adapts 6"),
     ({"lora_alpha": 4}, "--lora_alpha 4 contradicts .*its alphas are \\[8\\]"),
     ({"lora_rank_pattern": "mlp=4"}, "--lora_rank_pattern contradicts"),
+    ({"use_dora": True}, "--use_dora contradicts .*a plain LoRA, not DoRA"),
 ])
 def test_flags_that_contradict_the_file_are_refused(trained, capsys, flags, message):
     tmp, weight, data = trained

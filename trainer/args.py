@@ -114,6 +114,9 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
         g.add_argument("--lora_alpha_pattern", type=pattern_dict, default=None,
                        help="per-module alphas, same form as --lora_rank_pattern, e.g. mlp=64")
         _switch(g, "--use_rslora", help="rank-stabilised LoRA: scale = alpha / sqrt(r) instead of alpha / r")
+        _switch(g, "--use_dora", help="DoRA: a trainable magnitude per output row on top of LoRA's direction "
+                                      "update (PEFT's use_dora; saved as a PEFT directory only, MiniMind's .pth "
+                                      "layout has no place for it)")
         g.add_argument("--init_lora", default=None,
                        help="start from this LoRA (a MiniMind .pth or a PEFT adapter directory): its layers and "
                             "ranks (and a PEFT file's alphas and rsLoRA) are used; a new run with a fresh "

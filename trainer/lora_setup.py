@@ -19,13 +19,14 @@ def build_lora(model: nn.Module, args: argparse.Namespace) -> list[str]:
         args.lora_rank = DEFAULT_RANK
     return apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                       targets=args.lora_targets, use_rslora=args.use_rslora,
-                      rank_pattern=args.lora_rank_pattern, alpha_pattern=args.lora_alpha_pattern)
+                      rank_pattern=args.lora_rank_pattern, alpha_pattern=args.lora_alpha_pattern,
+                      use_dora=args.use_dora)
 
 
 def _from_file(model: nn.Module, args: argparse.Namespace) -> list[str]:
     """LoRA on exactly the file's layers with its ranks, filled with its weights; contradicting flags refused."""
     path = args.init_lora
-    plan, file_rslora = read_lora_plan(path)
+    plan, file_rslora, file_dora = read_lora_plan(path)
     names = list(plan)
     ranks = {r for r, _ in plan.values()}
     fix = "--init_lora takes it from the file; drop the flag"
@@ -42,6 +43,9 @@ def _from_file(model: nn.Module, args: argparse.Namespace) -> list[str]:
         if set(chosen) != set(names):
             refuse(f"--lora_targets {args.lora_targets}", f"that selects {len(chosen)} layers, the file adapts "
                    f"{len(names)} (e.g. {names[0]})")
+    if args.use_dora and not file_dora:
+        refuse("--use_dora", "the file is a plain LoRA, not DoRA")
+    args.use_dora = file_dora
     alphas = {n: a for n, (_, a) in plan.items()}
     if None in alphas.values():
         # A MiniMind .pth folds its scale into B, so any alpha can continue it (load_lora rescales B).
@@ -57,6 +61,6 @@ def _from_file(model: nn.Module, args: argparse.Namespace) -> list[str]:
     args.lora_rank = max(ranks, key=[r for r, _ in plan.values()].count)
     apply_lora(model, rank=args.lora_rank, alpha=alpha, dropout=args.lora_dropout, targets=names,
                use_rslora=use_rslora, rank_pattern={re.escape(n): r for n, (r, _) in plan.items()},
-               alpha_pattern=alpha_pattern)
+               alpha_pattern=alpha_pattern, use_dora=file_dora)
     return load_lora(model, path)  # the file's weights; B rescaled where our scale differs from the file's
 

@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             return
         config = run_config(args, info, base.source, model, state.step, total_steps, lora_targets=targets,
                             history=state.history)
-        save_lora(model, sibling(stem, ".pth"))
+        if not args.use_dora:  # MiniMind's .pth layout has no DoRA magnitude; the PEFT directory holds it
+            save_lora(model, sibling(stem, ".pth"))
         write_dir(stem, lambda d: save_lora(model, d, base_model_name_or_path=base.source))
         write_json(sibling(stem, ".json"), config)
         save_resume(resume_path, lora_state_dict(model), optimizer, scaler, state, rng, config)
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         if stopped:
             print(f"stopped at step {state.step}/{total_steps}; resume with:\n  {resume_command(info)}", flush=True)
         else:
-            print(f"done: {sibling(stem, '.pth')} and {stem}/ (step {state.step}/{total_steps})", flush=True)
+            pth = "" if args.use_dora else f"{sibling(stem, '.pth')} and "
+            print(f"done: {pth}{stem}/ (step {state.step}/{total_steps})", flush=True)
     return 0
 
 
