@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.errors import UserError
+from model.nf4 import nf4_linear
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -118,8 +119,6 @@ class LoRALinear(nn.Module):
         b = self.bias if bias else None
         if self.weight_nf4 is None:
             return F.linear(x, self.weight, b)
-        from model.nf4 import nf4_linear  # only 4-bit bases need it
-
         return nf4_linear(x, self.weight_nf4, b)
 
     @torch.no_grad()

@@ -117,6 +117,9 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
         _switch(g, "--use_dora", help="DoRA: a trainable magnitude per output row on top of LoRA's direction "
                                       "update (PEFT's use_dora; saved as a PEFT directory only, MiniMind's .pth "
                                       "layout has no place for it)")
+        _switch(g, "--load_in_4bit", help="QLoRA: hold the frozen base's linear layers in 4-bit NF4 (blocks of 64, "
+                                          "double-quantized scales), dequantized on the fly; LoRA weights and "
+                                          "AdamW state stay fp32; not with --fsdp")
         g.add_argument("--init_lora", default=None,
                        help="start from this LoRA (a MiniMind .pth or a PEFT adapter directory): its layers and "
                             "ranks (and a PEFT file's alphas and rsLoRA) are used; a new run with a fresh "

@@ -3,18 +3,32 @@
 import argparse
 import re
 
+import torch
 from torch import nn
 
 from model.model_lora import apply_lora, find_targets, load_lora, read_lora_plan
+from model.nf4 import quantize_base
 from trainer.args import FlagError
 
 DEFAULT_RANK = 16
 
 
-def build_lora(model: nn.Module, args: argparse.Namespace) -> list[str]:
-    """Put LoRA on `model` as the flags say; return the adapted module names (args.lora_rank gets the rank used)."""
-    if args.init_lora:
-        return _from_file(model, args)
+def build_lora(model: nn.Module, args: argparse.Namespace, device: torch.device) -> tuple[list[str], str]:
+    """Put LoRA on `model` as the flags say (with --load_in_4bit, the frozen base goes to `device` in NF4).
+
+    Returns the adapted module names and a note for the start-up line; args.lora_rank gets the rank used.
+    """
+    if args.load_in_4bit and args.fsdp:
+        raise FlagError("--load_in_4bit does not work with --fsdp (FSDP shards bf16 weights); a 4-bit base is "
+                        "small enough to be whole on each GPU: drop --fsdp")
+    names = _from_file(model, args) if args.init_lora else _new(model, args)
+    if not args.load_in_4bit:
+        return names, ""
+    count, held = quantize_base(model, device)
+    return names, f"; {count} base linear layers in NF4 ({held / 2**30:.2f} GiB)"
+
+
+def _new(model: nn.Module, args: argparse.Namespace) -> list[str]:
     if args.lora_rank is None:
         args.lora_rank = DEFAULT_RANK
     return apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,

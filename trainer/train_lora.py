@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                      args.use_moe, args.tokenizer_path)
     model = base.model
     n_base = sum(p.numel() for p in model.parameters())
-    targets = build_lora(model, args)
+    targets, nf4 = build_lora(model, args, info.device)
     model.train()
     if info.device.type == "cuda" and not args.fsdp:
         # One merged-weight GEMM per layer instead of a separate LoRA branch: 1.12x faster steps and 3 GiB
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         sharded = f"; --fsdp: each holds {(parameters_held(model) - n_lora) / n_base:.0%} of the base" if args.fsdp else ""
         print(f"base {base.source}: {n_base / 1e6:.1f}M parameters, LoRA on {len(targets)} layers: "
               f"{n_lora / 1e6:.3f}M trainable; {info.world_size} process(es) on {info.device}, "
-              f"{autocast_note(amp_dtype, base_dtype)}{compiled}{sharded}", flush=True)
+              f"{autocast_note(amp_dtype, base_dtype)}{nf4}{compiled}{sharded}", flush=True)
 
     # ------------------------------------------------------------------ data
     template = Path(args.chat_template).read_text() if args.chat_template else None
