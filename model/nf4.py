@@ -30,13 +30,17 @@ def _pad_to(t: torch.Tensor, multiple: int, value: float = 0.0) -> torch.Tensor:
     return F.pad(t, (0, (-t.numel()) % multiple), value=value)
 
 
+def byte_table() -> torch.Tensor:
+    """[256, 2]: the two levels one byte codes (first weight in the high nibble, as bitsandbytes packs them)."""
+    return torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)
+
+
 def dequantize_nf4(codes: torch.Tensor, scale_codes: torch.Tensor, scale_factors: torch.Tensor,
-                   scale_offset: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight from its NF4 parts, computed in fp32 and rounded once to `dtype`."""
-    code = NF4_CODE.to(codes.device)
-    # One gather per byte: a 256-entry table of (high nibble, low nibble) value pairs, first weight in the high one.
-    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
-    values = pairs[codes.to(torch.int32)].view(-1, BLOCK)
+                   scale_offset: torch.Tensor, table: torch.Tensor, shape: tuple[int, ...],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight from its NF4 parts (`table` = byte_table() on the weight's device), computed in fp32 and
+    rounded once to `dtype`."""
+    values = table[codes.to(torch.int32)].view(-1, BLOCK)  # one gather per byte
     absmax = (scale_codes.view(-1, SCALE_BLOCK).float() * (scale_factors[:, None] / 127) + scale_offset).view(-1)
     numel = shape[0] * shape[1]
     return (values * absmax[:values.shape[0], None]).view(-1)[:numel].view(shape).to(dtype)
@@ -63,18 +67,20 @@ class NF4Weight(nn.Module):
         self.register_buffer("scale_codes", torch.round(centered / steps).to(torch.int8).view(-1))
         self.register_buffer("scale_factors", factors)
         self.register_buffer("scale_offset", offset.reshape(1))
+        # A buffer, so it lives on the weight's device: no host-to-device copy per call (CUDA graphs need that).
+        self.register_buffer("table", byte_table().to(weight.device), persistent=False)
 
     def parts(self) -> tuple[torch.Tensor, ...]:
         """The stored tensors, in dequantize_nf4's order."""
-        return self.codes, self.scale_codes, self.scale_factors, self.scale_offset
+        return self.codes, self.scale_codes, self.scale_factors, self.scale_offset, self.table
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense [out, in] weight in `dtype`."""
         return dequantize_nf4(*self.parts(), self.shape, dtype)
 
     def nbytes(self) -> int:
-        """Bytes held (4.127 bits per weight)."""
-        return sum(t.numel() * t.element_size() for t in self.parts())
+        """Bytes of the codes and scales: 4.127 bits per weight (the 2 KiB level table aside)."""
+        return sum(t.numel() * t.element_size() for t in self.parts()[:4])
 
     def extra_repr(self) -> str:
         return f"shape={list(self.shape)}, block={BLOCK}, scale_block={SCALE_BLOCK}"
@@ -92,8 +98,9 @@ class _NF4Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
-        weight = dequantize_nf4(*ctx.saved_tensors, ctx.shape, grad_y.dtype)
-        return (grad_y @ weight, None, None, *([None] * len(ctx.saved_tensors)))  # W and b are frozen
+        parts = ctx.saved_tensors  # read once: activation checkpointing allows a single unpack
+        weight = dequantize_nf4(*parts, ctx.shape, grad_y.dtype)
+        return (grad_y @ weight, None, None, *([None] * len(parts)))  # W and b are frozen
 
 
 def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:

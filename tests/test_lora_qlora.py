@@ -15,7 +15,17 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from model.model_lora import LoRAError, LoRALinear, apply_lora, load_lora, lora_parameters, merge_lora
 from model.model_minimind import load_minimind
 from model.nf4 import BLOCK, NF4_CODE, SCALE_BLOCK, NF4Linear, NF4Weight, nf4_linear, quantize_base
-from tests.train_utils import lora_args, run_inprocess, save_tiny_minimind, tokenizer_dir, write_chat_data
+from tests.train_utils import (
+    REPO,
+    lora_args,
+    run_inprocess,
+    run_timed,
+    save_tiny_minimind,
+    subprocess_env,
+    tokenizer_dir,
+    torchrun,
+    write_chat_data,
+)
 from trainer import train_lora
 from trainer.args import FlagError
 from trainer.lora_setup import build_lora
@@ -227,3 +237,25 @@ def test_train_lora_4bit_packing_accumulation_resume(tmp_path, capsys, monkeypat
     theirs = peft.PeftModel.from_pretrained(load_minimind(weight), str(tmp_path / "a" / "lora_identity_64")).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours.eval()(ids).logits, atol=2e-3, rtol=0)  # .pth is fp16
+
+
+@pytest.mark.slow
+def test_two_ranks_4bit_equal_one_process(tmp_path):
+    """Two gloo ranks × batch 4 with --load_in_4bit train the LoRA of one process × batch 8 (each rank quantizes
+    the same base the same way; the LoRA gradients are averaged as without 4 bits), with --gradient_checkpointing."""
+    tokenizer_dir()
+    weight, data = save_tiny_minimind(tmp_path / "full_sft_64.pth"), write_chat_data(tmp_path / "data.jsonl", 9)
+    flags = dict(epochs=1, learning_rate=1e-2, gradient_checkpointing=True)
+    one = lora_args(tmp_path, weight, data, save_dir=tmp_path / "one", batch_size=8, **flags) + ["--load_in_4bit"]
+    assert run_inprocess(main, one) == 0
+    cmd = torchrun("--standalone", "--nproc_per_node", "2", str(REPO / "trainer" / "train_lora.py"),
+                   *lora_args(tmp_path, weight, data, save_dir=tmp_path / "two", batch_size=4, **flags),
+                   "--load_in_4bit")
+    run = run_timed(cmd, cwd=tmp_path, env=subprocess_env())
+    assert run.returncode == 0, run.output[-4000:]
+    assert "2 process(es) on cpu" in run.output and "base linear layers in NF4" in run.output
+    a, b = (torch.load(tmp_path / d / "lora_identity_64_resume.pth", weights_only=False) for d in ("one", "two"))
+    for key in a["trainable"]:
+        torch.testing.assert_close(b["trainable"][key], a["trainable"][key], atol=1e-5, rtol=0)
+    assert [x for _, x in b["state"]["history"]["train"]] == pytest.approx(
+        [x for _, x in a["state"]["history"]["train"]], rel=1e-5)
