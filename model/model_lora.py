@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.errors import UserError
-from model.nf4 import nf4_linear
+from model.nf4 import dequantize_nf4, nf4_linear
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -47,31 +47,35 @@ class _FusedLoRA(torch.autograd.Function):
     plus z = x·Aᵀ ([N, r]); backward reuses the merged weight for dx (so the LoRA branch's share of dx
     is free) and gets dA, dB from rank-r products. The full-size weight gradient is never formed. The
     merged weight is rebuilt in backward rather than kept (an in×out addmm, ~1 ms per step at 0.6B).
-    All math runs in x's dtype (bf16 next to a bf16 base, like PEFT under autocast).
+    All math runs in x's dtype (bf16 next to a bf16 base, like PEFT under autocast). A 4-bit base comes
+    as `weight` None plus its NF4 parts, dequantized in forward and again in backward.
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                nf4_shape: tuple[int, int] | None, *nf4_parts: torch.Tensor) -> torch.Tensor:
         A, sB = lora_A.to(x.dtype), (lora_B * scale).to(x.dtype)
-        merged = torch.addmm(weight.to(x.dtype), sB, A)  # W + s·B·A, rounded once
+        dense = weight.to(x.dtype) if weight is not None else dequantize_nf4(*nf4_parts, nf4_shape, x.dtype)
+        merged = torch.addmm(dense, sB, A)  # W + s·B·A, rounded once
         y = F.linear(x, merged, None if bias is None else bias.to(x.dtype))
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, weight, A, sB, x2 @ A.t())
-        ctx.x_shape, ctx.scale, ctx.dtypes = x.shape, scale, (lora_A.dtype, lora_B.dtype)
+        ctx.save_for_backward(x2, A, sB, x2 @ A.t(), weight, *nf4_parts)
+        ctx.x_shape, ctx.scale, ctx.dtypes, ctx.nf4_shape = x.shape, scale, (lora_A.dtype, lora_B.dtype), nf4_shape
         return y
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
-        x2, weight, A, sB, z = ctx.saved_tensors
+        x2, A, sB, z, weight, *nf4_parts = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
         gB = g @ sB  # [N, r] = s·(dy·B)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ torch.addmm(weight.to(x2.dtype), sB, A)).view(ctx.x_shape)
+            dense = weight.to(x2.dtype) if weight is not None else dequantize_nf4(*nf4_parts, ctx.nf4_shape, x2.dtype)
+            grad_x = (g @ torch.addmm(dense, sB, A)).view(ctx.x_shape)
         grad_A = (gB.t() @ x2).to(ctx.dtypes[0])
         grad_B = (g.t() @ z).to(ctx.dtypes[1]) * ctx.scale
-        return grad_x, None, None, grad_A, grad_B, None
+        return grad_x, None, None, grad_A, grad_B, None, None, *([None] * len(nf4_parts))
 
 
 class LoRALinear(nn.Module):
@@ -129,12 +133,14 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus the scaled low-rank update (skipped once merged into the weight)."""
         if (self.fused and self.training and not self.merged and self.dropout_p == 0 and torch.is_grad_enabled()
-                and not self.use_dora and self.weight_nf4 is None):
+                and not self.use_dora):
             dtype = x.dtype
             if torch.is_autocast_enabled(x.device.type):  # the dtype autocast would run the GEMMs in
                 dtype = torch.get_autocast_dtype(x.device.type)
+            nf4 = (None,) if self.weight_nf4 is None else (self.weight_nf4.shape, *self.weight_nf4.parts())
             with torch.autocast(x.device.type, enabled=False):
-                return _FusedLoRA.apply(x.to(dtype), self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
+                return _FusedLoRA.apply(x.to(dtype), self.weight, self.bias, self.lora_A, self.lora_B, self.scale,
+                                        *nf4)
         if self.merged:
             return self._base_forward(x)
         if self.use_dora:

@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from model.model_lora import LoRAError, LoRALinear, apply_lora, load_lora, lora_parameters, merge_lora
+from model.model_lora import (
+    LoRAError,
+    LoRALinear,
+    apply_lora,
+    load_lora,
+    lora_parameters,
+    merge_lora,
+    set_lora_fused,
+)
 from model.model_minimind import load_minimind
 from model.nf4 import BLOCK, NF4_CODE, SCALE_BLOCK, NF4Linear, NF4Weight, nf4_linear, quantize_base
 from tests.train_utils import (
@@ -158,11 +166,26 @@ def test_qlora_step_is_close_to_the_bf16_base_step():
             assert bad_loss != pytest.approx(ref_loss, rel=1e-2) or F.cosine_similarity(bad_grads, ref_grads, dim=0) < 0.9
 
 
-def test_nf4_layer_compiles_without_graph_breaks():
+def test_fused_lora_on_a_4bit_base_equals_the_plain_path():
+    """The GPU training path (set_lora_fused: one GEMM on dequantize(W) + s·B·A, x kept in its own dtype) against
+    the plain path on the same 4-bit base, in fp32."""
+    model = lora_model(0)
+    quantize_base(model)
+    model.train()
+    want_loss, want = step(model)
+    set_lora_fused(model)
+    loss, grads = step(model)
+    assert loss == pytest.approx(want_loss, rel=1e-6)
+    torch.testing.assert_close(grads, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_nf4_layer_compiles_without_graph_breaks(fused):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 64))
     apply_lora(net, rank=4, targets="0")
     quantize_base(net)
+    set_lora_fused(net, fused)
     assert isinstance(net[2], NF4Linear)
     with torch.no_grad():
         net[0].lora_B.normal_()

@@ -33,6 +33,8 @@ VARIANTS = {  # base storage, torch.compile of the decoder (no CUDA graphs: rows
     "nf4-compile": dict(nf4=True, compile=True),
     "bf16": dict(nf4=False, compile=False),
     "bf16-compile": dict(nf4=False, compile=True),
+    "nf4-ckpt": dict(nf4=True, compile=False, ckpt=True),
+    "bf16-ckpt": dict(nf4=False, compile=False, ckpt=True),
 }
 
 
@@ -57,6 +59,10 @@ def run_one(shape_name: str, variant: str, batch: int, seq: int, steps: int, war
         torch.cuda.empty_cache()
     build_s = time.perf_counter() - start
     model.train()
+    if opts.get("ckpt"):
+        from trainer.engine import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     if opts["compile"]:
         model.model.compile()
     loss_module = SupervisedLoss(model)
