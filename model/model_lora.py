@@ -4,7 +4,9 @@
 
 W and b stay the base layer's own Parameters under the names `weight` and `bias`, so a base checkpoint
 loads into a LoRA model with no key remapping, and a tied lm_head stays tied. Only `lora_A` / `lora_B`
-train. Files: `*.pth` is MiniMind's LoRA layout; any other path is a PEFT adapter directory.
+train (and, with DoRA, the magnitude `lora_magnitude_vector`). With a 4-bit base (model/nf4.py) `weight`
+is None and `weight_nf4` holds W. Files: `*.pth` is MiniMind's LoRA layout; any other path is a PEFT
+adapter directory.
 """
 
 import json
