@@ -335,6 +335,10 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float | None = None, dro
         for pattern in patterns or {}:
             if not any(_pattern_match(pattern, n) for n in names):
                 raise LoRAError(f"LoRA {kind} key '{pattern}' matches none of the targeted layers, e.g. {names[0]}")
+    for kind, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for pattern, value in (patterns or {}).items():
+            if value <= 0 or (kind == "rank_pattern" and value != int(value)):
+                raise LoRAError(f"LoRA {kind} '{pattern}': {value} is not a positive {'integer' if kind[0] == 'r' else 'number'}")
     plan = {}
     for name in names:
         r = int(_pattern_value(rank_pattern, name, rank))

@@ -63,6 +63,8 @@ def test_bad_pattern_flags_exit_2_with_the_fix(world, capsys):
     assert run_inprocess(main, lora_args(tmp, weight, data, lora_targets="q_proj", lora_rank_pattern="mlp=8")) == 2
     err = capsys.readouterr().err
     assert "rank_pattern key 'mlp' matches none of the targeted layers" in err and "Traceback" not in err
+    assert run_inprocess(main, lora_args(tmp, weight, data, lora_rank_pattern="mlp=-4")) == 2
+    assert "rank_pattern 'mlp': -4 is not a positive integer" in capsys.readouterr().err
 
 
 class _Gated(nn.Module):

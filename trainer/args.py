@@ -38,9 +38,12 @@ def pattern_dict(value: str) -> dict[str, float]:
     for item in filter(None, (part.strip() for part in value.split(","))):
         key, sep, number = item.partition("=")
         try:
-            out[key.strip()] = int(number) if number.strip().isdigit() else float(number)
+            out[key.strip()] = int(number)
         except ValueError:
-            sep = ""
+            try:
+                out[key.strip()] = float(number)
+            except ValueError:
+                sep = ""
         if not sep or not key.strip():
             raise argparse.ArgumentTypeError(f"expected name=number pairs like mlp=32,self_attn=8, got {item!r}")
     if not out:
