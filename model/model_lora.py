@@ -4,7 +4,9 @@
 
 W and b stay the base layer's own Parameters under the names `weight` and `bias`, so a base checkpoint
 loads into a LoRA model with no key remapping, and a tied lm_head stays tied. Only `lora_A` / `lora_B`
-train. Files: `*.pth` is MiniMind's LoRA layout; any other path is a PEFT adapter directory.
+train (and, with DoRA, the magnitude `lora_magnitude_vector`). With a 4-bit base (model/nf4.py) `weight`
+is None and `weight_nf4` holds W. Files: `*.pth` is MiniMind's LoRA layout; any other path is a PEFT
+adapter directory.
 """
 
 import json
@@ -22,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.errors import UserError
+from model.nf4 import dequantize_nf4, nf4_linear
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -46,37 +49,42 @@ class _FusedLoRA(torch.autograd.Function):
     plus z = x·Aᵀ ([N, r]); backward reuses the merged weight for dx (so the LoRA branch's share of dx
     is free) and gets dA, dB from rank-r products. The full-size weight gradient is never formed. The
     merged weight is rebuilt in backward rather than kept (an in×out addmm, ~1 ms per step at 0.6B).
-    All math runs in x's dtype (bf16 next to a bf16 base, like PEFT under autocast).
+    All math runs in x's dtype (bf16 next to a bf16 base, like PEFT under autocast). A 4-bit base comes
+    as `weight` None plus its NF4 parts, dequantized in forward and again in backward.
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                nf4_shape: tuple[int, int] | None, *nf4_parts: torch.Tensor) -> torch.Tensor:
         A, sB = lora_A.to(x.dtype), (lora_B * scale).to(x.dtype)
-        merged = torch.addmm(weight.to(x.dtype), sB, A)  # W + s·B·A, rounded once
+        dense = weight.to(x.dtype) if weight is not None else dequantize_nf4(*nf4_parts, nf4_shape, x.dtype)
+        merged = torch.addmm(dense, sB, A)  # W + s·B·A, rounded once
         y = F.linear(x, merged, None if bias is None else bias.to(x.dtype))
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, weight, A, sB, x2 @ A.t())
-        ctx.x_shape, ctx.scale, ctx.dtypes = x.shape, scale, (lora_A.dtype, lora_B.dtype)
+        ctx.save_for_backward(x2, A, sB, x2 @ A.t(), weight, *nf4_parts)
+        ctx.x_shape, ctx.scale, ctx.dtypes, ctx.nf4_shape = x.shape, scale, (lora_A.dtype, lora_B.dtype), nf4_shape
         return y
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
-        x2, weight, A, sB, z = ctx.saved_tensors
+        x2, A, sB, z, weight, *nf4_parts = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
         gB = g @ sB  # [N, r] = s·(dy·B)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ torch.addmm(weight.to(x2.dtype), sB, A)).view(ctx.x_shape)
+            dense = weight.to(x2.dtype) if weight is not None else dequantize_nf4(*nf4_parts, ctx.nf4_shape, x2.dtype)
+            grad_x = (g @ torch.addmm(dense, sB, A)).view(ctx.x_shape)
         grad_A = (gB.t() @ x2).to(ctx.dtypes[0])
         grad_B = (g.t() @ z).to(ctx.dtypes[1]) * ctx.scale
-        return grad_x, None, None, grad_A, grad_B, None
+        return grad_x, None, None, grad_A, grad_B, None, None, *([None] * len(nf4_parts))
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update B·A."""
+    """A frozen nn.Linear plus a trainable low-rank update B·A (with DoRA, also a per-row magnitude m)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 use_dora: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         # The base Parameters themselves, not copies: same state-dict keys, same storage, ties kept.
@@ -85,6 +93,8 @@ class LoRALinear(nn.Module):
         self.bias = base.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
+        # Set by model.nf4.quantize_base: the frozen weight in 4 bits (then `weight` is None).
+        self.weight_nf4: nn.Module | None = None
         # Like PEFT's autocast_adapter_dtype: a bf16/fp16 base gets fp32 adapters, because the small
         # updates to A and B would round away in half precision.
         dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -98,29 +108,65 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.rank, self.alpha, self.dropout_p, self.use_rslora = rank, alpha, dropout, use_rslora
         self.scale = lora_scale(rank, alpha, use_rslora)
+        self.use_dora = use_dora
+        if use_dora:
+            # DoRA (Liu et al. 2024): W' = m · (W + s·B·A) / ‖W + s·B·A‖ per output row; m starts at ‖W‖,
+            # so a fresh layer is still the base. PEFT's name, so its files map one to one.
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm(torch.float32).to(dtype))
         self.merged = False
         # Opt-in (set_lora_fused): training through _FusedLoRA, with the LoRA math in the base dtype.
         self.fused = False
 
+    def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen W as a dense [out, in] tensor in `dtype` (dequantized when it is held in 4 bits)."""
+        return self.weight.to(dtype) if self.weight_nf4 is None else self.weight_nf4.dequantize(dtype)
+
+    def _base_forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        b = self.bias if bias else None
+        if self.weight_nf4 is None:
+            return F.linear(x, self.weight, b)
+        return nf4_linear(x, self.weight_nf4, b)
+
+    @torch.no_grad()
+    def weight_norm(self, dtype: torch.dtype) -> torch.Tensor:
+        """‖W + s·B·A‖ per output row (DoRA's denominator), computed in `dtype`; no gradient, as in the paper."""
+        return torch.linalg.vector_norm(self.base_weight(dtype) + self.delta_weight(dtype), dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus the scaled low-rank update (skipped once merged into the weight)."""
-        if self.fused and self.training and not self.merged and self.dropout_p == 0 and torch.is_grad_enabled():
+        if (self.fused and self.training and not self.merged and self.dropout_p == 0 and torch.is_grad_enabled()
+                and not self.use_dora):
             dtype = x.dtype
             if torch.is_autocast_enabled(x.device.type):  # the dtype autocast would run the GEMMs in
                 dtype = torch.get_autocast_dtype(x.device.type)
+            nf4 = (None,) if self.weight_nf4 is None else (self.weight_nf4.shape, *self.weight_nf4.parts())
             with torch.autocast(x.device.type, enabled=False):
-                return _FusedLoRA.apply(x.to(dtype), self.weight, self.bias, self.lora_A, self.lora_B, self.scale)
-        y = F.linear(x, self.weight, self.bias)
+                return _FusedLoRA.apply(x.to(dtype), self.weight, self.bias, self.lora_A, self.lora_B, self.scale,
+                                        *nf4)
         if self.merged:
-            return y
+            return self._base_forward(x)
+        if self.use_dora:
+            return self._dora_forward(x)
+        y = self._base_forward(x)
         # Dropout on the LoRA input only (as PEFT); the functional form keeps print(model) free of an
         # Identity child when it is off.
         z = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
-        # LoRA math in the adapter's dtype (fp32 next to a bf16 base), then back to the base output's dtype.
+        return y + self._update(z).to(y.dtype)
+
+    def _update(self, z: torch.Tensor) -> torch.Tensor:
+        """s · z Aᵀ Bᵀ in the adapter's dtype (fp32 next to a bf16 base)."""
         z = z.to(self.lora_A.dtype)
         # Scale the [N, r] intermediate rather than the [N, out] result: r is the small side.
-        update = F.linear(F.linear(z, self.lora_A) * self.scale, self.lora_B)
-        return y + update.to(y.dtype)
+        return F.linear(F.linear(z, self.lora_A) * self.scale, self.lora_B)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoRA: y = x Wᵀ + b + (m/‖·‖ − 1) · z Wᵀ + (m/‖·‖) · s · z Aᵀ Bᵀ, with z = dropout(x)."""
+        y = self._base_forward(x, bias=False)
+        ratio = self.lora_magnitude_vector / self.weight_norm(self.lora_A.dtype)  # norm detached (paper §4.3)
+        z = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
+        zw = y if z is x else self._base_forward(z, bias=False)
+        out = y + ((ratio - 1) * zw.to(ratio.dtype) + ratio * self._update(z)).to(y.dtype)
+        return out if self.bias is None else out + self.bias
 
     def delta_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """scale · B A as a dense [out, in] matrix, computed in `dtype`."""
@@ -129,21 +175,37 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into `weight` (summed in at least fp32, rounded once to the weight's dtype)."""
-        if not self.merged:
-            acc = torch.promote_types(self.weight.dtype, torch.float32)
-            self.weight.copy_(self.weight.to(acc) + self.delta_weight(acc))
-            self.merged = True
+        if self.merged:
+            return
+        if self.weight_nf4 is not None:
+            raise LoRAError("cannot merge LoRA into a 4-bit base; load the adapter on the unquantized base and "
+                            "merge there")
+        acc = torch.promote_types(self.weight.dtype, torch.float32)
+        merged = self.weight.to(acc) + self.delta_weight(acc)
+        if self.use_dora:  # W' = m/‖W + sBA‖ · (W + sBA); the factor is kept so unmerge can divide it out
+            self.dora_factor = (self.lora_magnitude_vector.to(acc) / self.weight_norm(acc))[:, None]
+            merged = merged * self.dora_factor
+        self.weight.copy_(merged)
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract the update from `weight` again (exact up to one rounding in the weight's dtype)."""
         if self.merged:
             acc = torch.promote_types(self.weight.dtype, torch.float32)
-            self.weight.copy_(self.weight.to(acc) - self.delta_weight(acc))
+            weight = self.weight.to(acc)
+            if self.use_dora:
+                weight = weight / self.dora_factor
+            self.weight.copy_(weight - self.delta_weight(acc))
             self.merged = False
 
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """This layer's trainable tensors by attribute name (the base weight and bias are not among them)."""
+        extra = {"lora_magnitude_vector": self.lora_magnitude_vector} if self.use_dora else {}
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B, **extra}
+
     def extra_repr(self) -> str:
-        rs = ", rslora=True" if self.use_rslora else ""
+        rs = (", rslora=True" if self.use_rslora else "") + (", dora=True" if self.use_dora else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"rank={self.rank}, alpha={self.alpha:g}{rs}, scale={self.scale:g}, dropout={self.dropout_p:g}"
                 f"{', merged' if self.merged else ''}{', fused' if self.fused else ''}")
@@ -188,6 +250,7 @@ def find_targets(model: nn.Module, targets: str | list[str] | None = None) -> li
     """Names of the nn.Linear modules that `targets` selects (see apply_lora)."""
     # Exactly nn.Linear: subclasses such as MultiheadAttention's out_proj are read via .weight, not called.
     linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    _refuse_other_projections(model, linears, targets)
     head = _output_head(model)
     eligible = [n for n, m in linears.items() if m is not head and _leaf(n) not in ROUTER_NAMES]
     if targets is None or targets == "all-linear":
@@ -200,6 +263,20 @@ def find_targets(model: nn.Module, targets: str | list[str] | None = None) -> li
             leaves = ", ".join(sorted({_leaf(n) for n in linears}))
             raise LoRAError(f"LoRA target '{t}' names no nn.Linear in the model; its linear layers are: {leaves}")
     return [n for n in linears if any(_names_match(n, t) for t in wanted)]
+
+
+def _refuse_other_projections(model: nn.Module, linears: dict[str, nn.Module], targets: object) -> None:
+    """GPT-2-style bases project with transformers' Conv1D (weight stored [in, out]), not nn.Linear: say so."""
+    others = {n: m for n, m in model.named_modules() if type(m).__name__ in ("Conv1D", "Conv1d") and n}
+    wanted = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets or [])
+    head = _output_head(model)
+    asked = [n for n in others if any(_names_match(n, t) for t in wanted)]
+    if asked or (others and not [n for n, m in linears.items() if m is not head]):
+        kinds = sorted({type(m).__name__ for m in others.values()})
+        leaves = ", ".join(sorted({_leaf(n) for n in others}))
+        raise LoRAError(f"the model's projection layers ({leaves}) are {'/'.join(kinds)}, not nn.Linear; LoRA here "
+                        f"adapts nn.Linear layers, as in MiniMind, Qwen, Llama and Mistral models "
+                        f"(GPT-2-style Conv1D layers are not supported)")
 
 
 def _pattern_match(pattern: str, name: str, parents: bool = True) -> bool:
@@ -220,26 +297,30 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _inject(model: nn.Module, plan: dict[str, tuple[int, float]], dropout: float, use_rslora: bool) -> None:
+def _inject(model: nn.Module, plan: dict[str, tuple[int, float]], dropout: float, use_rslora: bool,
+            use_dora: bool = False) -> None:
     """Swap each named nn.Linear for a LoRALinear of the planned (rank, alpha); freeze all but LoRA."""
     for name, (rank, alpha) in plan.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout, use_rslora))
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout, use_rslora, use_dora))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in lora_parameters(model):  # by module type: a base parameter named "lora_..." stays frozen
+        p.requires_grad_(True)
 
 
 def apply_lora(model: nn.Module, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
                targets: str | list[str] | None = None, use_rslora: bool = False,
                rank_pattern: dict[str, int] | None = None,
-               alpha_pattern: dict[str, float] | None = None) -> list[str]:
+               alpha_pattern: dict[str, float] | None = None, use_dora: bool = False) -> list[str]:
     """Put LoRA on the targeted linear layers, freeze everything else, and return the adapted module names.
 
     targets: None / "all-linear" = every nn.Linear except the output head and MoE routers; "square" =
     MiniMind's choice (in == out); or names like "q_proj,v_proj" matched against the end of module paths.
     alpha None means alpha = rank (scale 1, as MiniMind). rank_pattern / alpha_pattern map a name regex
-    (matched like PEFT's, or naming a parent such as "mlp") to a per-module rank / alpha.
+    (matched like PEFT's, or naming a parent such as "mlp") to a per-module rank / alpha. use_dora adds
+    DoRA's trainable magnitude per output row (PEFT's DoRA).
     """
     model = _unwrap(model)
     if _lora_layers(model):
@@ -254,11 +335,15 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float | None = None, dro
         for pattern in patterns or {}:
             if not any(_pattern_match(pattern, n) for n in names):
                 raise LoRAError(f"LoRA {kind} key '{pattern}' matches none of the targeted layers, e.g. {names[0]}")
+    for kind, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for pattern, value in (patterns or {}).items():
+            if value <= 0 or (kind == "rank_pattern" and value != int(value)):
+                raise LoRAError(f"LoRA {kind} '{pattern}': {value} is not a positive {'integer' if kind[0] == 'r' else 'number'}")
     plan = {}
     for name in names:
         r = int(_pattern_value(rank_pattern, name, rank))
         plan[name] = (r, _pattern_value(alpha_pattern, name, r if alpha is None else alpha))
-    _inject(model, plan, dropout, use_rslora)
+    _inject(model, plan, dropout, use_rslora, use_dora)
     return names
 
 
@@ -274,14 +359,20 @@ def set_lora_fused(model: nn.Module, enabled: bool = True) -> None:
         layer.fused = enabled
 
 
+def _named_lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """`<module>.<name>` -> each LoRALinear's own trainable tensors, found by module type, not by name."""
+    return {f"{module}.{n}": p for module, layer in _lora_layers(_unwrap(model)).items()
+            for n, p in layer.adapter_parameters().items()}
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The LoRA factors (the only parameters the optimizer should see)."""
-    return [p for n, p in _unwrap(model).named_parameters() if "lora_" in n]
+    return list(_named_lora_parameters(model).values())
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the LoRA tensors of the model's state dict (for the trainer's checkpoints)."""
-    return {k: v for k, v in _unwrap(model).state_dict().items() if "lora_" in k}
+    return {k: p.detach() for k, p in _named_lora_parameters(model).items()}
 
 
 def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "LoRA state dict") -> None:
@@ -343,6 +434,7 @@ class _Adapter:
     A: torch.Tensor
     B: torch.Tensor
     alpha: float
+    magnitude: torch.Tensor | None = None  # DoRA's m
 
 
 def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
@@ -368,6 +460,8 @@ def save_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
 def _minimind_state_dict(layers: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
     # MiniMind's loader always uses scale 1, so our scale goes into B; fp16 like MiniMind's own files.
     sd = {}
+    if any(layer.use_dora for layer in layers.values()):
+        raise LoRAError("MiniMind's .pth LoRA layout has no place for DoRA's magnitude; save a PEFT directory")
     for name, layer in layers.items():
         name = _clean_name(name)
         sd[f"{name}.lora.A.weight"] = layer.lora_A.detach().to("cpu", torch.float16)
@@ -402,13 +496,15 @@ def _save_peft(model: nn.Module, layers: dict[str, LoRALinear], path: Path, base
         "target_modules": target_modules, "use_rslora": first.use_rslora,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "use_dora": False, "lora_bias": False, "modules_to_save": None, "exclude_modules": None,
+        "use_dora": first.use_dora, "lora_bias": False, "modules_to_save": None, "exclude_modules": None,
         "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }
     tensors = {}
     for name, layer in zip(names, layers.values()):
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+        if layer.use_dora:
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().cpu()
     _atomic_write(path / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(path / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
@@ -417,7 +513,7 @@ def _json_number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _read_minimind(path: Path) -> tuple[dict[str, _Adapter], bool, float]:
+def _read_minimind(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     """MiniMind's `<module>.lora.A.weight` / `.lora.B.weight` file, meant at scale 1."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -430,17 +526,17 @@ def _read_minimind(path: Path) -> tuple[dict[str, _Adapter], bool, float]:
             raise LoRAError(f"{path}: key '{key}' is not a MiniMind LoRA key (<module>.lora.A.weight); "
                             f"is this a full model checkpoint?")
         pairs.setdefault(m.group(1), {})[m.group(2)] = (key, value)
-    return _pair_up(path, pairs, alpha_of=lambda name, rank: rank), False, 0.0
+    return _pair_up(path, pairs, alpha_of=lambda name, rank: rank), False, 0.0, False
 
 
-def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float]:
+def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
     if not (path / PEFT_CONFIG).is_file():
         raise LoRAError(f"{path}: no {PEFT_CONFIG} there; give a PEFT adapter directory or a MiniMind .pth file")
     cfg = json.loads((path / PEFT_CONFIG).read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
         raise LoRAError(f"{path / PEFT_CONFIG}: peft_type is {cfg.get('peft_type')!r}; only LORA is supported")
-    for flag in ("use_dora", "lora_bias", "fan_in_fan_out"):
+    for flag in ("lora_bias", "fan_in_fan_out"):
         if cfg.get(flag):
             raise LoRAError(f"{path / PEFT_CONFIG}: {flag}=true is not supported; train with it off")
     if (path / PEFT_WEIGHTS).is_file():
@@ -451,28 +547,36 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float]:
         raise LoRAError(f"{path}: no {PEFT_WEIGHTS} there")
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, value in sd.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(?:lora_([AB])\.weight|lora_(magnitude)_vector(?:\.weight)?)",
+                         key)
         if m is None:
-            raise LoRAError(f"{path / PEFT_WEIGHTS}: key '{key}' is not a plain LoRA factor "
-                            f"(bias, DoRA, embedding or modules_to_save tensors are not supported)")
-        pairs.setdefault(_clean_name(m.group(1)), {})[m.group(2)] = (key, value)
+            raise LoRAError(f"{path / PEFT_WEIGHTS}: key '{key}' is not a LoRA or DoRA tensor "
+                            f"(bias, embedding or modules_to_save tensors are not supported)")
+        pairs.setdefault(_clean_name(m.group(1)), {})[m.group(2) or m.group(3)] = (key, value)
     alpha, alpha_pattern = cfg.get("lora_alpha", 8), cfg.get("alpha_pattern") or {}
 
     def alpha_of(name: str, rank: int) -> float:  # PEFT's own matching, so PEFT's files mean what PEFT means
         return _pattern_value(alpha_pattern, name, alpha, parents=False)
 
+    use_dora = bool(cfg.get("use_dora", False))
+    for name, parts in pairs.items():
+        if ("magnitude" in parts) != use_dora:
+            key = next(iter(parts.values()))[0]
+            raise LoRAError(f"{path / PEFT_WEIGHTS}: key '{key}': {PEFT_CONFIG} says use_dora={use_dora}, but "
+                            f"'{name}' {'has no' if use_dora else 'has a'} lora_magnitude_vector")
     adapters = _pair_up(path / PEFT_WEIGHTS, pairs, alpha_of)
-    return adapters, bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0))
+    return adapters, bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0)), use_dora
 
 
 def _pair_up(path: Path, pairs: dict, alpha_of: Callable[[str, int], float]) -> dict[str, _Adapter]:
     adapters = {}
     for name, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
+        if not {"A", "B"} <= set(ab):
             key = next(iter(ab.values()))[0]
             raise LoRAError(f"{path}: key '{key}' has no matching {'B' if 'A' in ab else 'A'} factor")
         (key, A), (_, B) = ab["A"], ab["B"]
-        adapters[name] = _Adapter(key, A, B, alpha_of(name, A.shape[0]))
+        magnitude = ab["magnitude"][1] if "magnitude" in ab else None
+        adapters[name] = _Adapter(key, A, B, alpha_of(name, A.shape[0]), magnitude)
     return adapters
 
 
@@ -481,8 +585,22 @@ def read_lora(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Te
     path = Path(path)
     if not path.exists():
         raise LoRAError(f"{path}: no such LoRA file or adapter directory")
-    adapters, use_rslora, _ = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
+    adapters, use_rslora, _, _ = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
     return {n: (a.A, a.B, lora_scale(a.A.shape[0], a.alpha, use_rslora)) for n, a in adapters.items()}
+
+
+def read_lora_plan(path: str | os.PathLike) -> tuple[dict[str, tuple[int, float | None]], bool, bool]:
+    """Each adapted module's (rank, alpha) and the file's rsLoRA and DoRA switches, without a model.
+
+    A MiniMind `.pth` holds no alpha (its scale is folded into B): its alphas are None.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoRAError(f"{path}: no such LoRA file or adapter directory")
+    if path.suffix == ".pth":
+        return {n: (a.A.shape[0], None) for n, a in _read_minimind(path)[0].items()}, False, False
+    adapters, use_rslora, _, use_dora = _read_peft(path)
+    return {n: (a.A.shape[0], a.alpha) for n, a in adapters.items()}, use_rslora, use_dora
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
@@ -495,7 +613,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
     model, path = _unwrap(model), Path(path)
     if not path.exists():
         raise LoRAError(f"{path}: no such LoRA file or adapter directory")
-    adapters, use_rslora, dropout = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
+    adapters, use_rslora, dropout, use_dora = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
     where = path if path.suffix == ".pth" else path / PEFT_WEIGHTS
     modules = dict(model.named_modules())
     for name, ad in adapters.items():
@@ -510,7 +628,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
                             f"'{name}' ({module.in_features} -> {module.out_features}); was it made for another model?")
     layers = _lora_layers(model)
     if not layers:
-        _inject(model, {n: (ad.A.shape[0], ad.alpha) for n, ad in adapters.items()}, dropout, use_rslora)
+        _inject(model, {n: (ad.A.shape[0], ad.alpha) for n, ad in adapters.items()}, dropout, use_rslora, use_dora)
         layers = _lora_layers(model)
     for name, layer in layers.items():
         if name not in adapters:
@@ -518,6 +636,9 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
         if adapters[name].A.shape[0] != layer.rank or layer.merged:
             raise LoRAError(f"{where}: key '{adapters[name].key}' has rank {adapters[name].A.shape[0]}, "
                             f"the model's LoRA layer has rank {layer.rank}{' and is merged' if layer.merged else ''}")
+        if layer.use_dora != use_dora:
+            raise LoRAError(f"{where}: the file is {'' if use_dora else 'not '}DoRA, the model's LoRA layer "
+                            f"'{name}' is {'' if layer.use_dora else 'not '}DoRA")
     for name, ad in adapters.items():
         if name not in layers:
             raise LoRAError(f"{where}: key '{ad.key}' names '{name}', which has no LoRA in this model")
@@ -527,4 +648,6 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
             ratio = lora_scale(ad.A.shape[0], ad.alpha, use_rslora) / layer.scale
             layer.lora_A.copy_(ad.A)
             layer.lora_B.copy_(ad.B.to(torch.float64) * ratio if ratio != 1 else ad.B)
+            if use_dora:
+                layer.lora_magnitude_vector.copy_(ad.magnitude)
     return list(adapters)

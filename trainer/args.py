@@ -32,6 +32,25 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected 0/1 or true/false, got {value!r}")
 
 
+def pattern_dict(value: str) -> dict[str, float]:
+    """Parse `mlp=32,self_attn=8` into {"mlp": 32, "self_attn": 8} (ints stay ints)."""
+    out = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, number = item.partition("=")
+        try:
+            out[key.strip()] = int(number)
+        except ValueError:
+            try:
+                out[key.strip()] = float(number)
+            except ValueError:
+                sep = ""
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected name=number pairs like mlp=32,self_attn=8, got {item!r}")
+    if not out:
+        raise argparse.ArgumentTypeError("expected name=number pairs like mlp=32,self_attn=8")
+    return out
+
+
 def _switch(group: argparse._ArgumentGroup, *names: str, help: str) -> None:
     """A flag usable bare (`--use_wandb`) or with a value (`--use_wandb 1`)."""
     group.add_argument(*names, type=str2bool, nargs="?", const=True, default=False, help=help)
@@ -85,13 +104,29 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
 
     if job == "lora":
         g = p.add_argument_group("LoRA")
-        g.add_argument("--lora_rank", type=int, default=16, help="rank r of the update B·A")
+        g.add_argument("--lora_rank", type=int, default=None, help="rank r of the update B·A (default: 16)")
         g.add_argument("--lora_alpha", type=float, default=None,
                        help="scale = alpha / r (default: alpha = r, scale 1, as in MiniMind)")
         g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
         g.add_argument("--lora_targets", default=None,
                        help="comma-separated module names to adapt, e.g. q_proj,v_proj; 'square' = MiniMind's "
                             "choice (q_proj,o_proj) (default: every linear layer but lm_head and MoE routers)")
+        g.add_argument("--lora_rank_pattern", type=pattern_dict, default=None,
+                       help="per-module ranks, e.g. mlp=32,self_attn=8 (a name regex matched on the end of the "
+                            "module path, or a parent module; first match wins)")
+        g.add_argument("--lora_alpha_pattern", type=pattern_dict, default=None,
+                       help="per-module alphas, same form as --lora_rank_pattern, e.g. mlp=64")
+        _switch(g, "--use_rslora", help="rank-stabilised LoRA: scale = alpha / sqrt(r) instead of alpha / r")
+        _switch(g, "--use_dora", help="DoRA: a trainable magnitude per output row on top of LoRA's direction "
+                                      "update (PEFT's use_dora; saved as a PEFT directory only, MiniMind's .pth "
+                                      "layout has no place for it)")
+        _switch(g, "--load_in_4bit", help="QLoRA: hold the frozen base's linear layers in 4-bit NF4 (blocks of 64, "
+                                          "double-quantized scales), dequantized on the fly; LoRA weights and "
+                                          "AdamW state stay fp32; not with --fsdp")
+        g.add_argument("--init_lora", default=None,
+                       help="start from this LoRA (a MiniMind .pth or a PEFT adapter directory): its layers and "
+                            "ranks (and a PEFT file's alphas and rsLoRA) are used; a new run with a fresh "
+                            "optimizer and LR schedule. Flags that contradict the file are refused")
 
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=str(d["data_path"]), help="training jsonl")

@@ -25,7 +25,6 @@ import torch
 
 from dataset.lm_dataset import SFTDataset
 from model.model_lora import (
-    apply_lora,
     load_lora_state_dict,
     lora_parameters,
     lora_state_dict,
@@ -73,6 +72,7 @@ from trainer.engine import (
 )
 from trainer.fsdp import parameters_held, shard_frozen_base
 from trainer.logger import RunLogger, plot_losses, start_wandb
+from trainer.lora_setup import build_lora
 from trainer.loss import SupervisedLoss
 from trainer.schedule import lr_at
 
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                      args.use_moe, args.tokenizer_path, args.max_seq_len)
     model = base.model
     n_base = sum(p.numel() for p in model.parameters())
-    targets = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                         targets=args.lora_targets)
+    targets, nf4 = build_lora(model, args, info.device)
     model.train()
     if info.device.type == "cuda" and not args.fsdp:
         # One merged-weight GEMM per layer instead of a separate LoRA branch: 1.12x faster steps and 3 GiB
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         sharded = f"; --fsdp: each holds {(parameters_held(model) - n_lora) / n_base:.0%} of the base" if args.fsdp else ""
         print(f"base {base.source}: {n_base / 1e6:.1f}M parameters, LoRA on {len(targets)} layers: "
               f"{n_lora / 1e6:.3f}M trainable; {info.world_size} process(es) on {info.device}, "
-              f"{autocast_note(amp_dtype, base_dtype)}{compiled}{sharded}", flush=True)
+              f"{autocast_note(amp_dtype, base_dtype)}{nf4}{compiled}{sharded}", flush=True)
 
     # ------------------------------------------------------------------ data
     template = Path(args.chat_template).read_text() if args.chat_template else None
@@ -168,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             return
         config = run_config(args, info, base.source, model, state.step, total_steps, lora_targets=targets,
                             history=state.history)
-        save_lora(model, sibling(stem, ".pth"))
+        if not args.use_dora:  # MiniMind's .pth layout has no DoRA magnitude; the PEFT directory holds it
+            save_lora(model, sibling(stem, ".pth"))
         write_dir(stem, lambda d: save_lora(model, d, base_model_name_or_path=base.source))
         write_json(sibling(stem, ".json"), config)
         save_resume(resume_path, lora_state_dict(model), optimizer, scaler, state, rng, config)
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         if stopped:
             print(f"stopped at step {state.step}/{total_steps}; resume with:\n  {resume_command(info)}", flush=True)
         else:
-            print(f"done: {sibling(stem, '.pth')} and {stem}/ (step {state.step}/{total_steps})", flush=True)
+            pth = "" if args.use_dora else f"{sibling(stem, '.pth')} and "
+            print(f"done: {pth}{stem}/ (step {state.step}/{total_steps})", flush=True)
     return 0
 
 

@@ -1,0 +1,96 @@
+"""train_lora.py's LoRA flags give the model the Python API builds; trainable tensors are chosen by module type."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from model.model_lora import (
+    LoRAError,
+    LoRALinear,
+    apply_lora,
+    load_lora,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+)
+from model.model_minimind import load_minimind
+from tests.train_utils import lora_args, run_inprocess, save_tiny_minimind, tokenizer_dir, write_chat_data
+from trainer.train_lora import main
+
+IDS = torch.randint(3, 6400, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture()
+def world(tmp_path):
+    """A tiny base .pth and 8 conversations."""
+    tokenizer_dir()
+    return tmp_path, save_tiny_minimind(tmp_path / "full_sft_64.pth"), write_chat_data(tmp_path / "data.jsonl", 8)
+
+
+def layer_plan(model: nn.Module) -> dict[str, tuple]:
+    return {n: (m.rank, m.alpha, m.scale, m.use_rslora) for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def test_patterns_and_rslora_from_the_cli_build_the_api_model(world):
+    tmp, weight, data = world
+    argv = lora_args(tmp, weight, data, batch_size=4, max_steps=1, learning_rate=1e-2, lora_alpha=4,
+                     lora_rank_pattern="mlp=8,self_attn.q_proj=2", lora_alpha_pattern="mlp=16") + ["--use_rslora"]
+    assert run_inprocess(main, argv) == 0
+    api = load_minimind(weight)
+    apply_lora(api, rank=4, alpha=4, use_rslora=True, rank_pattern={"mlp": 8, "self_attn.q_proj": 2},
+               alpha_pattern={"mlp": 16})
+    plan = layer_plan(api)
+    assert plan["model.layers.0.mlp.up_proj"] == (8, 16, 16 / 8 ** 0.5, True)
+    assert plan["model.layers.1.self_attn.q_proj"][:2] == (2, 4)
+    assert plan["model.layers.1.self_attn.k_proj"][:2] == (4, 4)
+
+    cli = load_minimind(weight)
+    load_lora(cli, tmp / "out" / "lora_identity_64")  # the PEFT directory the run wrote
+    assert layer_plan(cli) == plan
+    trained = torch.load(tmp / "out" / "lora_identity_64_resume.pth", weights_only=False)["trainable"]
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in lora_state_dict(api).items()}
+    load_lora_state_dict(api, trained)
+    with torch.no_grad():
+        torch.testing.assert_close(cli.eval()(IDS).logits, api.eval()(IDS).logits, atol=1e-5, rtol=0)
+        assert not torch.allclose(load_minimind(weight)(IDS).logits, api(IDS).logits, atol=1e-4)  # it trained
+
+
+def test_bad_pattern_flags_exit_2_with_the_fix(world, capsys):
+    tmp, weight, data = world
+    assert run_inprocess(main, lora_args(tmp, weight, data, lora_rank_pattern="mlp")) == 2
+    assert "mlp=32,self_attn=8" in capsys.readouterr().err
+    assert run_inprocess(main, lora_args(tmp, weight, data, lora_targets="q_proj", lora_rank_pattern="mlp=8")) == 2
+    err = capsys.readouterr().err
+    assert "rank_pattern key 'mlp' matches none of the targeted layers" in err and "Traceback" not in err
+    assert run_inprocess(main, lora_args(tmp, weight, data, lora_rank_pattern="mlp=-4")) == 2
+    assert "rank_pattern 'mlp': -4 is not a positive integer" in capsys.readouterr().err
+
+
+class _Gated(nn.Module):
+    """A base with its own parameter whose name starts with "lora_" (it is not LoRA and must stay frozen)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.lora_gate = nn.Parameter(torch.ones(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * self.lora_gate
+
+
+def test_trainable_tensors_are_chosen_by_module_type():
+    model = _Gated()
+    apply_lora(model, rank=2)
+    assert not model.lora_gate.requires_grad
+    assert [id(p) for p in lora_parameters(model)] == [id(model.proj.lora_A), id(model.proj.lora_B)]
+    assert list(lora_state_dict(model)) == ["proj.lora_A", "proj.lora_B"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["proj.lora_A", "proj.lora_B"]
+
+
+def test_gpt2_conv1d_base_is_refused_with_what_is_supported():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    for targets in (None, "c_attn"):
+        with pytest.raises(LoRAError, match=r"\(c_attn, c_fc, c_proj\) are Conv1D, not nn\.Linear.*Qwen, Llama"):
+            apply_lora(model, targets=targets)
+    assert not lora_parameters(model)
