@@ -118,3 +118,12 @@ def test_packed_micro_batches_are_sized_from_the_mean_sample_length():
     assert len(micro_batches) == 2
     assert micro_batches[0]["input_ids"].shape == (3, 128)  # 8 × 40 / 128 = 2.5 -> 3 rows
     assert "micro-batch" in data.note and "optimizer step" in data.note
+
+
+def test_packed_rows_flag_sets_the_rows_directly():
+    args = SimpleNamespace(data_path="x", val_data_path=None, val_fraction=0.0, seed=0, max_seq_len=128,
+                           packing=True, batch_size=8, accumulation_steps=1, num_workers=0, packed_rows=5)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    data = prepare_data(lambda _: _Lengths([20, 40, 60] * 20), args, info, pad_id=0)
+    _, micro_batches, _ = next(iter(data.steps(0, 0, 1)))
+    assert micro_batches[0]["input_ids"].shape == (5, 128) and "(--packed_rows)" in data.note

@@ -109,6 +109,9 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
                         "padding); --batch_size still counts samples: a micro-batch holds about that many"
                         + (" (default: on with a CUDA device, off on CPU; --packing 0 turns it off)" if job == "lora"
                            else ""))
+    g.add_argument("--packed_rows", type=int, default=None,
+                   help="packed rows per micro-batch (default: as many as hold about --batch_size samples of the "
+                        "data's mean length)")
     _switch(g, "--skip_bad_data", "--skip_invalid", help="skip malformed jsonl lines with a warning instead of stopping")
     g.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
 
@@ -169,6 +172,8 @@ def parse_args(job: str, description: str, argv: list[str] | None = None) -> arg
     for flag in ("batch_size", "accumulation_steps", "epochs", "save_interval", "log_interval", "eval_interval"):
         if getattr(args, flag) < 1:
             raise FlagError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+    if args.packed_rows is not None and args.packed_rows < 1:
+        raise FlagError(f"--packed_rows must be at least 1 (got {args.packed_rows})")
     if not 0.0 <= args.val_fraction < 1.0:
         raise FlagError(f"--val_fraction must be in [0, 1) (got {args.val_fraction})")
     if job != "lora":  # the fast-path defaults on CUDA are measured for LoRA; full training opts in
@@ -198,7 +203,7 @@ def pick_speed_defaults(args: argparse.Namespace, device_type: str, triton: bool
     why = []
     if args.packing is None:
         args.packing = cuda
-        why.append("packing" + (" (default on CUDA; --packing 0 to pad)" if cuda else " off (default off CUDA)"))
+        why.append("packed rows (default on CUDA; --packing 0 to pad)" if cuda else "padded batches (default off CUDA)")
     if args.use_compile is None:
         args.use_compile = cuda and triton
         why.append("compiled decoder (default on CUDA; --use_compile 0 for eager)" if args.use_compile else

@@ -240,11 +240,12 @@ def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info:
     collate = partial(collate_bucketed, pad_id=pad_id, multiple=multiple, cap=args.max_seq_len)
     per_step = info.world_size * args.accumulation_steps
     if args.packing:  # validation stays padded: the loss is the same, and it is simpler
-        rows = packed_rows(args.batch_size, mean, args.max_seq_len)
+        given = getattr(args, "packed_rows", None)
+        rows = given or packed_rows(args.batch_size, mean, args.max_seq_len)
         train = PackedDataset(train, args.max_seq_len, args.seed)
         per_row = len(train.dataset) / max(len(train), 1)  # samples per packed row
-        note = (f"packed: {rows} row(s) of {args.max_seq_len} tokens per micro-batch (--batch_size "
-                f"{args.batch_size} × mean sample {mean:.0f} tokens); one optimizer step ≈ "
+        why = "--packed_rows" if given else f"--batch_size {args.batch_size} × mean sample {mean:.0f} tokens"
+        note = (f"packed: {rows} row(s) of {args.max_seq_len} tokens per micro-batch ({why}); one optimizer step ≈ "
                 f"{rows * per_step * per_row:.0f} samples, {rows * per_step * args.max_seq_len:,} token slots")
         train_collate = partial(collate_packed, pad_id=pad_id, width=args.max_seq_len, rows=rows)
     else:
