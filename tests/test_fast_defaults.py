@@ -127,3 +127,20 @@ def test_packed_rows_flag_sets_the_rows_directly():
     data = prepare_data(lambda _: _Lengths([20, 40, 60] * 20), args, info, pad_id=0)
     _, micro_batches, _ = next(iter(data.steps(0, 0, 1)))
     assert micro_batches[0]["input_ids"].shape == (5, 128) and "(--packed_rows)" in data.note
+
+
+def test_eta_and_tokens_per_second_leave_the_warm_up_steps_out(monkeypatch, capsys):
+    """A 100 s first step (compiling) and a 1 s second one (graph recording), then 1 s per step: the ETA at
+    step 4 of 10 is 6 s (the steady pace), not 154 s (the average since the start)."""
+    from trainer import logger
+
+    now = [0.0]
+    monkeypatch.setattr(logger.time, "perf_counter", lambda: now[0])
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    log = logger.RunLogger(info, total_steps=10, start_step=0, log_interval=1)
+    for step, t in ((1, 100.0), (2, 101.0), (3, 102.0), (4, 103.0)):
+        now[0] = t
+        log.step(step, 1, torch.tensor(1.0), torch.tensor(0.5), 1e-4, n_tokens=1000)
+    lines = capsys.readouterr().out.splitlines()
+    assert "warm-up 100.0 s" in lines[0] and "warm-up 101.0 s" in lines[1]
+    assert lines[3].endswith("1,000 tok/s | eta 0:00:06")
