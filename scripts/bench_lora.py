@@ -59,7 +59,7 @@ VARIANTS = {
     "ours-qo": dict(stack="ours", targets="q_proj,o_proj"),
 }
 DEFAULT_VARIANTS = "peft,peft-compile,peft-ckpt,ours-eager,ours-no-cudagraphs,ours,ours-qo"
-# `ours` is the step trainer/train_lora.py --use_compile --packing runs on a GPU: bf16 autocast, the whole decoder
+# `ours` is the step trainer/train_lora.py --compile_scope model runs on a GPU: bf16 autocast, the whole decoder
 # compiled and replayed as CUDA graphs (mode reduce-overhead), fused LoRA, fused linear CE, fused AdamW; on rows
 # of one sequence each (packed rows of several samples add a block-diagonal attention mask: docs/PERF.md).
 DEFAULTS = dict(compile="model", compile_mode="reduce-overhead", ckpt=False, fused_lora=True, fused_ce=True,

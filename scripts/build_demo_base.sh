@@ -13,7 +13,7 @@ python trainer/train_tokenizer.py --out_dir model/tokenizer
 # A minimind-3 layout (q/k norm; exports to Qwen3), 256 wide and 6 deep: ~6M parameters, small enough to
 # ship (fp16, < 20 MB) and to LoRA-train on a laptop CPU in minutes.
 python trainer/train_pretrain.py --hidden_size 256 --num_hidden_layers 6 --save_dir "$runs" \
-    --epochs 12 --packing --max_seq_len 512 --batch_size 32 --learning_rate 2e-3 --warmup_iters 100 \
+    --epochs 12 --packing --packed_rows 32 --max_seq_len 512 --batch_size 32 --learning_rate 2e-3 --warmup_iters 100 \
     --log_interval 100 --save_interval 100000 "$@"
 python trainer/train_full_sft.py --from_weight "$runs/pretrain_256" --save_dir "$runs" \
     --epochs 6 --max_seq_len 512 --batch_size 32 --learning_rate 5e-4 --warmup_iters 50 \

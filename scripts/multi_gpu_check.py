@@ -192,8 +192,11 @@ def lora_flags(base: Path, data: Path, save_dir: Path, cpu: bool, **flags: objec
     """train_lora.py flags shared by every run (packed rows, so every step has the same token count)."""
     common = dict(from_weight=base, data_path=data, tokenizer_path=REPO / "model" / "tokenizer", save_dir=save_dir,
                   epochs=1000, learning_rate=1e-4, warmup_iters=10, log_interval=10, save_interval=100_000,
-                  lora_rank=16, device="cpu" if cpu else "cuda", num_workers=0 if cpu else 2)
+                  lora_rank=16, device="cpu" if cpu else "cuda", num_workers=0 if cpu else 2,
+                  use_compile=0, compile_scope="model")  # eager unless a part passes --use_compile 1 (later wins)
     argv = ["--packing"]
+    if "batch_size" in flags:  # its tables count packed rows per micro-batch
+        flags = {**flags, "packed_rows": flags["batch_size"]}
     for key, value in {**common, **flags}.items():
         argv += [f"--{key}", str(value)]
     return argv

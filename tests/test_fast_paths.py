@@ -202,6 +202,52 @@ def test_compiled_decoder_gives_eager_loss_and_grads_in_one_graph():
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
+@pytest.mark.parametrize("family", ["minimind", "qwen3"])
+def test_per_layer_compile_shares_one_graph_across_layers(family):
+    """compile_decoder(per_layer=True) (the trainer's default --compile_scope): the eager loss and LoRA grads,
+    with two graphs for any depth (the first layer's input needs no gradient, the others share one), so a
+    28-layer model compiles like a 2-layer one and never reaches Dynamo's recompile limit."""
+    from torch._dynamo.utils import counters
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from trainer.engine import compile_decoder
+
+    def make() -> nn.Module:
+        if family == "minimind":
+            model = tiny_model()
+            model.model.layers.extend(tiny_model(seed=1).model.layers)  # 4 layers
+            return model
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96,
+                                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16, attn_implementation="sdpa"))
+        apply_lora(model, rank=4, alpha=8)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in lora_parameters(model):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        return model.train()
+
+    ids, labels = batch()
+    positions = torch.tensor([list(range(12)) + list(range(8))] * 3)  # two samples per row
+    sup_index, sup_targets = supervision(labels)
+
+    def run(model: nn.Module) -> tuple:
+        model.zero_grad(set_to_none=True)
+        ce, _ = SupervisedLoss(model)(ids, sup_index, sup_targets, position_ids=positions)
+        ce.backward()
+        return ce.detach(), [p.grad.clone() for p in lora_parameters(model)]
+
+    eager = run(make())
+    torch._dynamo.reset()
+    counters.clear()
+    model = make()
+    assert compile_decoder(model, cuda_graphs=False, per_layer=True) == "compiled per layer"
+    assert_close(run(model), eager)
+    assert_close(run(model), eager)  # a second step reuses the graphs
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+
+
 def test_the_one_graph_check_catches_a_graph_break(monkeypatch):
     """Negative control for the test above: the tables as a torch.compiler.disable island (session 1's
     reverted attempt) split the decoder, and the counters the test reads show it."""

@@ -182,8 +182,9 @@ def test_two_compiled_ranks_equal_one_eager_process_with_packing(ddp, tmp_path):
     trains the one-process eager LoRA."""
     packed = dict(FLAGS, packing=True, max_seq_len=64, accumulation_steps=2)
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run_inprocess(main, lora_args(tmp_path, ddp.weight, ddp.data, save_dir=one, batch_size=2, **packed)) == 0
-    run = _two_ranks(tmp_path, ddp.weight, ddp.data, two, use_compile=1, batch_size=1, **packed)
+    # --packed_rows: 2 ranks × 1 row per micro-batch are the one process's 2 rows
+    assert run_inprocess(main, lora_args(tmp_path, ddp.weight, ddp.data, save_dir=one, packed_rows=2, **packed)) == 0
+    run = _two_ranks(tmp_path, ddp.weight, ddp.data, two, use_compile=1, packed_rows=1, **packed)
     assert "2 process(es) on cpu, float32; compiled" in run.output, run.output[:2000]
     _assert_same(_adapter(two), _adapter(one))
     h1, h2 = _resume(one)["state"]["history"], _resume(two)["state"]["history"]

@@ -71,29 +71,41 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def compile_decoder(model: nn.Module, cuda_graphs: bool) -> str:
+def compile_decoder(model: nn.Module, cuda_graphs: bool, per_layer: bool = False) -> str:
     """torch.compile the decoder in place (parameter names, and so the saved files, stay unchanged).
 
+    `per_layer`: each decoder layer is compiled on its own; the layers share one code object, so Dynamo
+    traces and Inductor compiles one layer and every other layer reuses that graph (seconds instead of
+    minutes at 28 layers; docs/PERF.md). Otherwise the whole decoder is one graph (fewest launches).
     With `cuda_graphs` the compiled forward and backward are also recorded once as CUDA graphs and then
-    replayed (mode "reduce-overhead"): the host launches one graph instead of a few thousand kernels, so
-    a slow or busy CPU no longer stalls the GPU (Qwen3-0.6B shape on an H100: median step 68.0 → 65.5 ms,
-    step-to-step spread 47 → 1 ms; docs/PERF.md). Replaying needs the same shapes every step, which packed
-    batches of --batch_size rows × --max_seq_len give. Returns how it was compiled, for the start-up line.
+    replayed (mode "reduce-overhead"), so a slow or busy host no longer stalls the GPU. Replaying needs the
+    same shapes every step, which packed batches of fixed rows × --max_seq_len give. Returns how it was
+    compiled, for the start-up line.
     """
-    model.model.compile(mode="reduce-overhead" if cuda_graphs else None)
+    mode = "reduce-overhead" if cuda_graphs else None
+    layers = getattr(model.model, "layers", None)
+    if per_layer and layers is not None:
+        for layer in layers:
+            layer.compile(mode=mode)
+    else:
+        model.model.compile(mode=mode)
     flex = getattr(model.model, "packed_attention", "sdpa") == "flex"  # set before by pick_packed_attention
-    return ("compiled, CUDA graphs" if cuda_graphs else "compiled") + ("; FlexAttention" if flex else "")
+    scope = " per layer" if per_layer and layers is not None else ""
+    return f"compiled{scope}{', CUDA graphs' if cuda_graphs else ''}" + ("; FlexAttention" if flex else "")
 
 
-def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled: bool, device: torch.device) -> str:
+def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled: bool, device: torch.device,
+                          per_layer: bool = False) -> str:
     """Set how the compiled decoder attends within packed rows (--attention) and return it: "flex"
     (FlexAttention, block mask) or "sdpa" (dense block-diagonal mask); see MiniMindModel.packed_attention.
 
-    "auto" takes Flex where it pays and trains: packed rows, a compiled decoder, a CUDA device (Flex has no
-    backward on CPU), and MiniMind's decoder (transformers' models attend their own way).
+    "auto" takes Flex where it pays and trains: packed rows, the whole decoder compiled (its block mask is
+    built inside the compiled forward), a CUDA device (Flex has no backward on CPU), and MiniMind's decoder
+    (transformers' models attend their own way).
     """
     decoder = getattr(model, "model", None)
-    needs = {"--packing": packing, "--use_compile 1": compiled, "a CUDA device": device.type == "cuda",
+    needs = {"--packing": packing, "--use_compile 1": compiled, "--compile_scope model": not per_layer,
+             "a CUDA device": device.type == "cuda",
              "a MiniMind model (transformers' models keep their own attention)": hasattr(decoder, "packed_attention")}
     missing = [what for what, ok in needs.items() if not ok]
     if choice == "flex" and missing:

@@ -32,6 +32,8 @@ class RunLogger:
     Every rank calls `step` (the logged loss is all-reduced over ranks); only rank 0 prints.
     """
 
+    WARMUP = 2  # steps that compile (first) and record CUDA graphs (second); always logged
+
     def __init__(self, info: DistInfo, total_steps: int, start_step: int, log_interval: int,
                  history: dict | None = None, wandb_run: object | None = None) -> None:
         self.info, self.total, self.log_interval, self.wandb = info, total_steps, log_interval, wandb_run
@@ -40,6 +42,8 @@ class RunLogger:
         self.pending: list[tuple[int, int, float, torch.Tensor, torch.Tensor, int]] = []
         self.start_step, self.t0 = start_step, time.perf_counter()
         self.tokens_since, self.t_last = 0, self.t0
+        # The first WARMUP steps compile and record CUDA graphs: ETA and tokens/s count from the end of them.
+        self.steady_step, self.t_steady = start_step + self.WARMUP, None
         self.bar = None
         if info.is_main and sys.stdout.isatty():
             from tqdm import tqdm
@@ -54,7 +58,7 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(1)
         # The run's first step is always shown: it proves the setup works long before step log_interval.
-        if step % self.log_interval and not force and step not in (self.total, self.start_step + 1):
+        if step % self.log_interval and not force and step != self.total and step > self.steady_step:
             return []
         return self.flush()
 
@@ -78,15 +82,21 @@ class RunLogger:
         now = time.perf_counter()
         tok_s = self.tokens_since / max(now - self.t_last, 1e-9)
         self.tokens_since, self.t_last = 0, now
-        done = step - self.start_step
-        eta = (now - self.t0) / max(done, 1) * (self.total - step)
+        if step <= self.steady_step:  # warm-up: report its time, not a rate that would mislead the ETA
+            eta_text = f"warm-up {now - self.t0:.1f} s"
+            if step == self.steady_step:
+                self.t_steady = now
+        elif self.t_steady is not None:
+            eta_text = f"eta {_duration((now - self.t_steady) / (step - self.steady_step) * (self.total - step))}"
+        else:  # resumed or started past the warm-up window
+            eta_text = f"eta {_duration((now - self.t0) / max(step - self.start_step, 1) * (self.total - step))}"
         mem = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GB" if self.info.device.type == "cuda" else ""
         fields = dict(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
         if self.bar is not None:
             self.bar.set_postfix(epoch=epoch, **fields, refresh=False)
         else:
             print(f"step {step}/{self.total} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | grad_norm "
-                  f"{grad_norm:.3f} | {tok_s:,.0f} tok/s | eta {_duration(eta)}{mem}", flush=True)
+                  f"{grad_norm:.3f} | {tok_s:,.0f} tok/s | {eta_text}{mem}", flush=True)
         if self.wandb is not None:
             self.wandb.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                             "train/tokens_per_s": tok_s, "train/epoch": epoch}, step=step)

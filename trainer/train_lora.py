@@ -31,7 +31,7 @@ from model.model_lora import (
     save_lora,
     set_lora_fused,
 )
-from trainer.args import parse_args
+from trainer.args import parse_args, pick_speed_defaults
 from trainer.base_model import load_base
 from trainer.checkpoint import (
     capture_rng,
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------ config
     args = parse_args("lora", __doc__.splitlines()[0], argv)
     info = setup_distributed(args.device, args.ddp, args.dist_timeout)
+    speed = pick_speed_defaults(args, info.device.type)  # packed + compiled on CUDA unless opted out
     amp_dtype = pick_dtype(args.dtype, info.device)
     seed_everything(args.seed + info.rank)  # dropout differs per rank; the data order depends on args.seed only
 
@@ -95,30 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     targets, nf4 = build_lora(model, args, info.device)
     model.train()
     if info.device.type == "cuda" and not args.fsdp:
-        # One merged-weight GEMM per layer instead of a separate LoRA branch: 1.12x faster steps and 3 GiB
-        # less at the Qwen3-0.6B shape (docs/PERF.md). LoRA math then runs in the base dtype, as in PEFT
-        # under autocast; on CPU the plain path keeps it in fp32. FSDP frees the gathered weight the fused
-        # backward would reuse, so sharded runs keep the plain path.
+        # One GEMM per layer with the merged weight: 1.12x faster, 3 GiB less at 0.6B (FSDP frees that weight).
         set_lora_fused(model)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device)
+    # One layer's graph reused by every layer: a first step in seconds, not minutes (--fsdp keeps one graph).
+    per_layer = args.compile_scope == "layer" or (args.compile_scope == "auto" and not args.fsdp)
+    pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device, per_layer)
     compiled, cuda_graphs = "", False
     if args.use_compile:
-        # CUDA graphs where every step has the same shapes: packed batches are --batch_size rows of
-        # --max_seq_len. MoE routing and activation checkpointing break the graph; --fsdp gathers weights
-        # inside the forward. With several ranks the graphs hold one rank's forward/backward; the gradient
-        # all-reduce runs after, outside them.
+        # CUDA graphs need one shape per step (packed rows) and no graph breaks (MoE, checkpointing, FSDP).
         cuda_graphs = (info.device.type == "cuda" and args.packing and not args.fsdp and not base.use_moe
                        and not args.gradient_checkpointing)
-        compiled = "; " + compile_decoder(model, cuda_graphs)
+        compiled = "; " + compile_decoder(model, cuda_graphs, per_layer)
     loss_module = SupervisedLoss(model)
-    # Onto this rank's device: the whole model, or with --fsdp only this rank's shard of the frozen base
-    # (trainer/fsdp.py). Every rank starts from rank 0's weights (ranks seed differently, and so do their
-    # LoRA inits). Several ranks average the LoRA gradients with one all-reduce per step (FlatGradients);
-    # an MoE base keeps DDP, which leaves the gradient of an expert that no rank routed a token to at None,
-    # as one process does (transformers' MoE layers skip such experts), so AdamW skips it too. A zero
-    # gradient would still move it (weight decay, momentum). MiniMind's MoE runs every expert, even on 0 tokens.
+    # Every rank starts from rank 0's weights; an MoE base keeps DDP (an expert no rank used keeps a None grad).
     if args.fsdp:
         step_module = shard_frozen_base(loss_module, info)
     elif base.use_moe:
@@ -127,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         step_module = loss_module.to(info.device)
         broadcast_from_rank0_([*loss_module.parameters(), *loss_module.buffers()], info)
     params = lora_parameters(model)
-    # A dense model's LoRA gradients live in one buffer for the whole run (train_step): CUDA graphs need such
-    # a buffer, several ranks all-reduce it in one call, and clipping and zeroing it take a kernel each. An
-    # MoE base keeps a gradient per tensor that may stay None (above); --fsdp has no DDP to average them.
+    # One gradient buffer for the run: CUDA graphs need it, and ranks all-reduce it in one call.
     flat_grads = FlatGradients(params) if not base.use_moe or args.fsdp else None
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
     scaler = make_scaler(info.device, amp_dtype)
@@ -140,12 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"base {base.source}: {n_base / 1e6:.1f}M parameters, LoRA on {len(targets)} layers: "
               f"{n_lora / 1e6:.3f}M trainable; {info.world_size} process(es) on {info.device}, "
               f"{autocast_note(amp_dtype, base_dtype)}{nf4}{compiled}{sharded}", flush=True)
+        if speed:
+            print(f"speed defaults for {info.device.type}: {speed}", flush=True)
 
     # ------------------------------------------------------------------ data
     template = Path(args.chat_template).read_text() if args.chat_template else None
     make = partial(SFTDataset, tokenizer=base.tokenizer, max_length=args.max_seq_len, skip_invalid=args.skip_bad_data,
                    chat_template=template, log=print if info.is_main else None)
     data = prepare_data(make, args, info, pad_id=base.tokenizer.pad_token_id or 0)
+    if info.is_main:
+        print(data.note, flush=True)
 
     # ------------------------------------------------------------------ resume
     resume_path = sibling(stem, "_resume.pth")
@@ -181,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
               "kill stops after the current step and saves" if state.step < total_steps else
               f"nothing to train: the run already reached step {total_steps}")
+    if compiled and state.step < total_steps:
+        log.write("compiling... (the first two steps compile and record; seconds with a warm cache in "
+                  "$TORCHINDUCTOR_CACHE_DIR, longer with an empty one)")
     stopped = False
     for epoch, micro_batches, n_samples in data.steps(state.epoch, state.position, args.epochs):
         if state.step >= total_steps:  # --max_steps reached, or a finished run resumed

@@ -1,0 +1,347 @@
+"""Wall time to a finished LoRA epoch, start-up included: the trainer's CLI against transformers Trainer + PEFT.
+
+    python scripts/bench_e2e.py --json out/e2e.json                   # one GPU: every variant, one table
+    python scripts/bench_e2e.py --variants ours,ours-warm,hf-flatten  # a subset
+    python scripts/bench_e2e.py --tiny                                # CPU smoke test (tiny model, 200 chats)
+
+The data: `write_chat_mix`, a fixed-seed synthetic chat SFT mix (default 12,000 conversations, 2.31M
+tokens, mean 193 with the repo tokenizer, half Chinese and half English, 25% multi-turn, 15% with a system
+prompt). The base: random weights of the Qwen3-0.6B shape (`bench_lora.SHAPES`), as a MiniMind .pth for
+the trainer and as transformers' Qwen3ForCausalLM for the Trainer rows; LoRA r16 on every linear layer,
+learning rate 1e-4, one epoch, samples truncated to 512 tokens, bf16.
+
+Each variant runs in its own process. `ours` is the bare command (`train_lora.py --from_weight ... --data_path
+... --device cuda`, no speed flags) with an empty compile cache; `ours-warm` the same again on the cache the
+first one filled. Rows marked "projected" ran --steps optimizer steps only: their epoch time is the measured
+time to the end of their warm-up plus the epoch's remaining tokens at their steady rate. The Trainer rows use
+32 samples per batch (padded, or padding-free with DataCollatorWithFlattening), `hf-liger` adds Liger
+Kernel's Qwen3 patches (needs `liger_kernel`). docs/PERF.md holds the results.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+EN = ("the model learns from data and answers questions about training language systems with care while "
+      "every example shows how a small network reads text then writes a reply that people find useful "
+      "because clear steps explain each idea simply please tell me more about tokens layers attention").split()
+ZH = ("我们 学习 数据 模型 训练 问题 回答 语言 系统 例子 文本 网络 步骤 解释 清楚 有用 注意力 层 词元 "
+      "请 告诉 更多 关于 这个 那个 因为 所以 但是 如果 可以 需要 时间 方法 结果 今天 中国 世界").split()
+SYSTEMS = {"en": "You are a helpful assistant. Answer briefly and clearly.", "zh": "你是一个有帮助的助手，请简洁清楚地回答。"}
+
+VARIANTS = {  # name: (stack, trainer flags / Trainer options, full epoch or --steps)
+    "ours": ("ours", [], "epoch"),
+    "ours-warm": ("ours", [], "epoch"),
+    "ours-model": ("ours", ["--compile_scope", "model"], "epoch"),
+    "ours-model-warm": ("ours", ["--compile_scope", "model"], "epoch"),
+    "ours-eager-packed": ("ours", ["--use_compile", "0"], "steps"),
+    "ours-eager-padded": ("ours", ["--packing", "0", "--use_compile", "0"], "steps"),
+    "ours-eager-padded-unbucketed": ("ours", ["--packing", "0", "--use_compile", "0"], "steps"),
+    "hf-padded": ("hf", {"collator": "padded"}, "steps"),
+    "hf-flatten": ("hf", {"collator": "flatten"}, "steps"),
+    "hf-liger": ("hf", {"collator": "padded", "liger": True}, "steps"),
+    "hf-liger-flatten": ("hf", {"collator": "flatten", "liger": True}, "steps"),
+}
+DEFAULT_VARIANTS = "ours,ours-warm,ours-eager-padded,ours-eager-padded-unbucketed,hf-padded,hf-flatten,hf-liger"
+
+
+# ------------------------------------------------------------------------- data and base model
+
+def _words(rng: object, pool: list[str], cost: dict[str, int], budget: int, sep: str) -> str:
+    """Random words from `pool` until about `budget` tokens (each word's token count known)."""
+    out, used = [], 0
+    while used < budget:
+        w = pool[int(rng.integers(len(pool)))]
+        out.append(w)
+        used += cost[w] + (sep == " ")
+    return sep.join(out)
+
+
+def write_chat_mix(path: Path, n: int, tokenizer: object, seed: int = 0) -> Path:
+    """n conversations whose token lengths follow a chat SFT mix (see the module docstring); fixed seed.
+
+    Length in tokens: 60% short chats (log-normal, median 110), 40% longer ones (median 380), clipped to
+    [24, 1000]; the prompt side (system + user turns) takes 20-50% of it. Half the chats are Chinese.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    cost = {w: len(tokenizer(w, add_special_tokens=False).input_ids) for w in EN + ZH}
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            short = rng.random() < 0.6
+            total = int(np.clip(rng.lognormal(math.log(110 if short else 380), 0.5), 24, 1000))
+            lang = "zh" if rng.random() < 0.5 else "en"
+            pool, sep = (ZH, "") if lang == "zh" else (EN, " ")
+            turns = int(rng.integers(2, 4)) if rng.random() < 0.25 else 1
+            msgs = [{"role": "system", "content": SYSTEMS[lang]}] if rng.random() < 0.15 else []
+            per_turn = max(8, total // turns - 12)  # ~12 tokens of template per user/assistant pair
+            for _ in range(turns):
+                prompt = max(3, int(per_turn * rng.uniform(0.2, 0.5)))
+                msgs.append({"role": "user", "content": _words(rng, pool, cost, prompt, sep)})
+                msgs.append({"role": "assistant", "content": _words(rng, pool, cost, per_turn - prompt, sep)})
+            f.write(json.dumps({"conversations": msgs}, ensure_ascii=False) + "\n")
+    return path
+
+
+def shape_of(name: str, n_tokens: int) -> dict:
+    """bench_lora's model shape, its vocabulary at least the tokenizer's (the tiny shape's is smaller)."""
+    from scripts.bench_lora import SHAPES
+
+    return dict(SHAPES[name], vocab_size=max(SHAPES[name]["vocab_size"], n_tokens))
+
+
+def prepare(workdir: Path, n: int, shape_name: str) -> tuple[Path, Path, dict]:
+    """(base .pth, data jsonl, data stats) in workdir, written once."""
+    from transformers import AutoTokenizer
+
+    from dataset.lm_dataset import SFTDataset
+    from scripts.multi_gpu_check import write_random_base
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(REPO / "model" / "tokenizer")
+    data = workdir / f"chat_mix_{n}.jsonl"
+    if not data.is_file():
+        write_chat_mix(data, n, tok)
+    base = workdir / f"base_{shape_name}.pth"
+    if not base.is_file():
+        write_random_base(base, shape_of(shape_name, len(tok)))
+    ds = SFTDataset(data, tok, max_length=512, log=None)
+    stats = dict(conversations=len(ds), tokens=int(ds.lengths.sum()), mean=float(ds.lengths.mean()))
+    return base, data, stats
+
+
+# ------------------------------------------------------------------------- our trainer, through its CLI
+
+def python_path() -> str:
+    """This checkout first, then whatever PYTHONPATH already holds (e.g. carried wheels)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) .*?\| ([\d,]+) tok/s \| (warm-up ([\d.]+) s|eta)")
+
+
+def run_ours(name: str, flags: list[str], base: Path, data: Path, workdir: Path, steps: int | None,
+             cache: Path, device: str, timeout: float) -> dict:
+    """train_lora.py as a user runs it; wall time from launch to exit, the log lines time-stamped."""
+    save = workdir / "runs" / name
+    argv = [sys.executable, "-u", str(REPO / "trainer" / "train_lora.py"), "--from_weight", str(base),
+            "--data_path", str(data), "--tokenizer_path", str(REPO / "model" / "tokenizer"), "--device", device,
+            "--save_dir", str(save), "--epochs", "1", *flags]
+    if steps:
+        argv += ["--max_steps", str(steps)]
+    if name.endswith("unbucketed"):  # the padded path as it was: every batch its own width
+        argv = [sys.executable, "-u", "-c", "import sys, runpy, trainer.data as d; d.BUCKET = 1; "
+                "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')", *argv[2:]]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONPATH": python_path()}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    lines, t_compile = [], None
+    try:
+        for line in proc.stdout:
+            t = time.perf_counter() - t0
+            lines.append((t, line.rstrip()))
+            if line.startswith("compiling..."):
+                t_compile = t
+            if time.perf_counter() - t0 > timeout:
+                proc.kill()
+        code = proc.wait()
+    finally:
+        proc.kill()
+    wall = time.perf_counter() - t0
+    log = "\n".join(f"{t:7.1f} {text}" for t, text in lines)
+    (workdir / f"{name}.log").write_text(log)
+    rows = [(t, STEP_LINE.match(text)) for t, text in lines]
+    rows = [(t, m) for t, m in rows if m]
+    warm = [(t, int(m.group(1)), float(m.group(5))) for t, m in rows if m.group(5)]
+    rates = [float(m.group(3).replace(",", "")) for _, m in rows if not m.group(5)]
+    steady = statistics.median(rates[:-1] or rates) if rates else float("nan")  # the last window is partial
+    first_step = warm[0][0] - (t_compile or warm[0][0] - warm[0][2]) if warm else float("nan")
+    out = dict(name=name, code=code, wall_s=wall, steady_tok_s=steady, first_step_s=first_step,
+               warmup_end_s=warm[-1][0] if warm else float("nan"), steps=rows[-1][1].group(1) if rows else None,
+               note=next((text for _, text in lines if text.startswith(("packed:", "padded:"))), ""),
+               head=next((text for _, text in lines if text.startswith("base ")), ""),
+               tail=[text for _, text in lines[-3:]])
+    if code != 0:
+        out["error"] = log[-3000:]
+    return out
+
+
+# ------------------------------------------------------------------------- transformers Trainer + PEFT
+
+def run_hf(opts: dict) -> dict:
+    """One Trainer run in this process (a subprocess of main): time to each step end, tokens per step."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorWithFlattening,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from dataset.lm_dataset import SFTDataset
+
+    t0 = time.perf_counter()
+    cuda = opts["device"] == "cuda"
+    if opts.get("liger"):
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+
+        apply_liger_kernel_to_qwen3()
+    tok = AutoTokenizer.from_pretrained(REPO / "model" / "tokenizer")
+    ds = SFTDataset(Path(opts["data"]), tok, max_length=512, log=None)
+    samples = [{"input_ids": ds[i][0].tolist(), "labels": ds[i][1].tolist()} for i in range(len(ds))]
+    cfg = Qwen3Config(**shape_of(opts["shape"], len(tok)), tie_word_embeddings=True, rope_theta=1e6,
+                      max_position_embeddings=32768, attn_implementation="sdpa")
+    with torch.device(opts["device"]):
+        model = Qwen3ForCausalLM(cfg).to(torch.bfloat16 if cuda else torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    pad = tok.pad_token_id or 0
+
+    def padded(batch: list[dict]) -> dict:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), pad)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    flatten = DataCollatorWithFlattening()
+    tokens: list[int] = []
+
+    def collate(batch: list[dict]) -> dict:
+        tokens.append(sum(len(b["input_ids"]) for b in batch))
+        return padded(batch) if opts["collator"] == "padded" else flatten(batch)
+
+    ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: object, state: object, control: object, **kw: object) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter() - t0)
+
+    targs = TrainingArguments(output_dir=opts["out"], per_device_train_batch_size=opts["batch"], num_train_epochs=1,
+                              max_steps=opts["steps"] or -1, learning_rate=1e-4, bf16=cuda, use_cpu=not cuda,
+                              logging_steps=10_000, save_strategy="no", report_to=[], optim="adamw_torch_fused"
+                              if cuda else "adamw_torch", dataloader_num_workers=0, remove_unused_columns=False,
+                              disable_tqdm=True)
+    Trainer(model=model, args=targs, train_dataset=samples, data_collator=collate, callbacks=[Clock()]).train()
+    warm = min(2, len(ends) - 1)
+    steady = (sum(tokens[warm + 1:len(ends)]) / (ends[-1] - ends[warm])) if len(ends) > warm + 1 else float("nan")
+    total = int(ds.lengths.sum())
+    done = sum(tokens[:warm + 1])
+    projected = ends[warm] + (total - done) / steady
+    return dict(name=opts["name"], code=0, wall_s=time.perf_counter() - t0, steady_tok_s=steady,
+                first_step_s=ends[0], warmup_end_s=ends[warm], steps=len(ends), projected_s=projected)
+
+
+def run_hf_subprocess(opts: dict, timeout: float) -> dict:
+    """run_hf in a fresh process (clean memory, its own patches)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", json.dumps(opts)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": python_path()})
+    except subprocess.TimeoutExpired:
+        return dict(name=opts["name"], code=124, error=f"timed out after {timeout:.0f} s")
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return dict(name=opts["name"], code=p.returncode, error=(p.stdout + p.stderr)[-3000:])
+
+
+# ------------------------------------------------------------------------- table
+
+def epoch_s(row: dict, stats: dict) -> float:
+    """Wall time to the finished epoch: measured, or projected for --steps rows."""
+    if "projected_s" in row:
+        return row["projected_s"]
+    if row.get("full_epoch"):
+        return row["wall_s"]
+    rate = row.get("steady_tok_s") or float("nan")
+    return row.get("warmup_end_s", float("nan")) + stats["tokens"] / rate
+
+
+def print_table(rows: list[dict], stats: dict) -> None:
+    """Every variant's epoch wall time, steady tokens/s and first step, against the fastest Trainer row."""
+    hf = [epoch_s(r, stats) for r in rows if r["name"].startswith("hf") and r.get("code") == 0]
+    ref = min(hf) if hf else float("nan")
+    print(f"\n{stats['conversations']} conversations, {stats['tokens']:,} tokens (mean {stats['mean']:.0f})")
+    print(f"{'variant':30s} {'epoch s':>9s} {'how':>9s} {'vs best HF':>10s} {'steady tok/s':>12s} "
+          f"{'1st step s':>10s}")
+    for r in rows:
+        if r.get("code") != 0:
+            print(f"{r['name']:30s} failed: {str(r.get('error', ''))[-300:]}")
+            continue
+        e = epoch_s(r, stats)
+        how = "measured" if r.get("full_epoch") else "projected"
+        print(f"{r['name']:30s} {e:9.1f} {how:>9s} {ref / e:9.2f}x {r['steady_tok_s']:12,.0f} "
+              f"{r['first_step_s']:10.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen variants one after another; print the table; optionally write JSON."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--conversations", type=int, default=12_000)
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps of the projected rows")
+    p.add_argument("--workdir", default=str(REPO / "out" / "bench_e2e"))
+    p.add_argument("--json", default=None, help="write every row here")
+    p.add_argument("--timeout", type=float, default=400, help="seconds per variant")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, 200 conversations")
+    p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.hf_worker:
+        print(json.dumps(run_hf(json.loads(args.hf_worker))), flush=True)
+        return 0
+    import torch
+
+    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    shape = "tiny" if args.tiny else "qwen3-0.6b"
+    n = 200 if args.tiny else args.conversations
+    workdir = Path(args.workdir)
+    t = time.perf_counter()
+    base, data, stats = prepare(workdir, n, shape)
+    print(f"data and base ready in {time.perf_counter() - t:.0f} s: {stats}", flush=True)
+    rows = []
+    for name in args.variants.split(","):
+        stack, opts, length = VARIANTS[name]
+        steps = args.steps if length == "steps" else None
+        if stack == "ours":
+            cache = workdir / ("cache_" + name.removesuffix("-warm"))
+            if not name.endswith("-warm") and cache.exists():  # a cold start: an empty compile cache
+                import shutil
+
+                shutil.rmtree(cache)
+            row = run_ours(name, opts, base, data, workdir, steps, cache, device, args.timeout)
+            row["full_epoch"] = steps is None
+        else:
+            row = run_hf_subprocess(dict(opts, name=name, data=str(data), shape=shape, device=device,
+                                         steps=steps or 0, batch=32, out=str(workdir / "runs" / name)),
+                                    args.timeout)
+        rows.append(row)
+        print(json.dumps(row, default=str)[:1500], flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(dict(stats=stats, rows=rows), indent=1, default=str))
+    print_table(rows, stats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Speed defaults: which path a device gets, how packed micro-batches are sized, bucketed padded widths."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from trainer.args import parse_args, pick_speed_defaults
+from trainer.data import bucket_width, collate_bucketed, collate_supervised, packed_rows, prepare_data
+from trainer.distributed import DistInfo
+from trainer.loss import SupervisedLoss
+
+
+def flags(**over: object) -> SimpleNamespace:
+    """The two speed flags as parse_args leaves them when not given (None)."""
+    return SimpleNamespace(**{"packing": None, "use_compile": None, **over})
+
+
+def test_cuda_defaults_to_packed_and_compiled_cpu_stays_eager_and_padded():
+    args = flags()
+    why = pick_speed_defaults(args, "cuda", triton=True)
+    assert (args.packing, args.use_compile) == (True, True)
+    assert "--packing 0" in why and "--use_compile 0" in why
+    args = flags()
+    pick_speed_defaults(args, "cpu")
+    assert (args.packing, args.use_compile) == (False, False)
+    args = flags()
+    assert "Triton is missing" in pick_speed_defaults(args, "cuda", triton=False)
+    assert (args.packing, args.use_compile) == (True, False)
+
+
+def test_explicit_flags_win_over_the_device_defaults():
+    args = flags(packing=False, use_compile=False)
+    assert pick_speed_defaults(args, "cuda", triton=True) == ""
+    assert (args.packing, args.use_compile) == (False, False)
+    args = flags(packing=True, use_compile=True)
+    pick_speed_defaults(args, "cpu")
+    assert (args.packing, args.use_compile) == (True, True)
+
+
+def test_flags_parse_to_none_for_lora_and_to_off_for_full_training():
+    lora = parse_args("lora", "", [])
+    assert (lora.packing, lora.use_compile, lora.compile_scope) == (None, None, "auto")
+    assert parse_args("lora", "", ["--packing", "0", "--use_compile", "0"]).packing is False
+    assert parse_args("lora", "", ["--packing"]).packing is True
+    full = parse_args("full_sft", "", [])
+    assert (full.packing, full.use_compile) == (False, False)
+
+
+def test_packed_rows_hold_about_batch_size_samples():
+    assert packed_rows(16, 240.0, 512) == 8  # MiniMind's --batch_size 16: 7.5 rows of 512 -> 8
+    assert packed_rows(8, 240.0, 1024) == 2
+    assert packed_rows(2, 30.0, 1024) == 1  # never zero rows
+
+
+def test_bucket_width_rounds_up_and_never_past_the_cap():
+    assert [bucket_width(w, 64, 512) for w in (1, 64, 65, 500, 512)] == [64, 64, 128, 512, 512]
+    assert bucket_width(490, 64, 500) == 500
+    assert bucket_width(37, 1, 512) == 37  # multiple 1: unchanged (CPU)
+
+
+@pytest.mark.parametrize("family", ["minimind", "qwen3"])
+def test_bucketed_widths_give_the_same_loss_as_unbucketed(family):
+    """Extra right padding up to the bucket must not move the summed loss nor the supervised positions."""
+    torch.manual_seed(0)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16, attn_implementation="sdpa"))
+    else:
+        model = MiniMindForCausalLM(MiniMindConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2))
+    model.eval()
+    loss = SupervisedLoss(model)
+    samples = []
+    for n in (5, 23, 41, 9):
+        labels = torch.randint(3, 100, (n,))
+        labels[: n // 3] = -100  # a prompt
+        samples.append((torch.randint(3, 100, (n,)), labels))
+
+    def summed(multiple: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        b = collate_supervised(samples, lambda s: collate_bucketed(s, pad_id=0, multiple=multiple, cap=128))
+        with torch.no_grad():
+            ce, _ = loss(b["input_ids"], b["sup_index"], b["sup_targets"], attention_mask=b["attention_mask"])
+        return ce, b["sup_targets"], b["input_ids"].shape[1]
+
+    plain, plain_targets, width = summed(1)
+    bucketed, bucketed_targets, bucket = summed(64)
+    assert (width, bucket) == (41, 64)
+    assert torch.equal(plain_targets, bucketed_targets)
+    torch.testing.assert_close(bucketed, plain, rtol=1e-5, atol=1e-5)
+
+
+class _Lengths(torch.utils.data.Dataset):
+    """Samples of the given lengths (all tokens supervised but the first)."""
+
+    def __init__(self, lengths: list[int]) -> None:
+        self.lengths = np.asarray(lengths)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.arange(3, 3 + int(self.lengths[i]))
+        return ids, ids.clone()
+
+
+def test_packed_micro_batches_are_sized_from_the_mean_sample_length():
+    lengths = [20, 40, 60] * 20  # mean 40
+    args = SimpleNamespace(data_path="x", val_data_path=None, val_fraction=0.0, seed=0, max_seq_len=128,
+                           packing=True, batch_size=8, accumulation_steps=2, num_workers=0)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    data = prepare_data(lambda _: _Lengths(lengths), args, info, pad_id=0)
+    _, micro_batches, _ = next(iter(data.steps(0, 0, 1)))
+    assert len(micro_batches) == 2
+    assert micro_batches[0]["input_ids"].shape == (3, 128)  # 8 × 40 / 128 = 2.5 -> 3 rows
+    assert "micro-batch" in data.note and "optimizer step" in data.note
+
+
+def test_packed_rows_flag_sets_the_rows_directly():
+    args = SimpleNamespace(data_path="x", val_data_path=None, val_fraction=0.0, seed=0, max_seq_len=128,
+                           packing=True, batch_size=8, accumulation_steps=1, num_workers=0, packed_rows=5)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    data = prepare_data(lambda _: _Lengths([20, 40, 60] * 20), args, info, pad_id=0)
+    _, micro_batches, _ = next(iter(data.steps(0, 0, 1)))
+    assert micro_batches[0]["input_ids"].shape == (5, 128) and "(--packed_rows)" in data.note
+
+
+def test_eta_and_tokens_per_second_leave_the_warm_up_steps_out(monkeypatch, capsys):
+    """A 100 s first step (compiling) and a 1 s second one (graph recording), then 1 s per step: the ETA at
+    step 4 of 10 is 6 s (the steady pace), not 154 s (the average since the start)."""
+    from trainer import logger
+
+    now = [0.0]
+    monkeypatch.setattr(logger.time, "perf_counter", lambda: now[0])
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    log = logger.RunLogger(info, total_steps=10, start_step=0, log_interval=1)
+    for step, t in ((1, 100.0), (2, 101.0), (3, 102.0), (4, 103.0)):
+        now[0] = t
+        log.step(step, 1, torch.tensor(1.0), torch.tensor(0.5), 1e-4, n_tokens=1000)
+    lines = capsys.readouterr().out.splitlines()
+    assert "warm-up 100.0 s" in lines[0] and "warm-up 101.0 s" in lines[1]
+    assert lines[3].endswith("1,000 tok/s | eta 0:00:06")
