@@ -35,9 +35,11 @@ class DivergenceGuard:
         self.ln_vocab = math.log(max(vocab_size, 2))
         self.limit, self.in_a_row = limit, 0
         self.good = good
-        # The loss around the last good save (or the run's start), and since then.
-        self.reference = _mean([loss for _, loss in history[-WINDOW:]])
-        self.recent: deque[float] = deque(maxlen=WINDOW)
+        # The loss over the last WINDOW logged steps, its mean at the last good save (or the run's start),
+        # and the losses logged since that save.
+        self.window: deque[float] = deque((loss for _, loss in history[-WINDOW:]), maxlen=WINDOW)
+        self.reference = _mean(list(self.window))
+        self.since: list[float] = []
         self.norm = weight_norm(params)
 
     def check(self, rows: Iterable[tuple[int, float, float]], write: Callable[[str], None],
@@ -46,7 +48,8 @@ class DivergenceGuard:
         a nan/inf gradient norm is a skipped step too (with one, the scaler skips those as routine)."""
         for step, loss, grad_norm in rows:
             if math.isfinite(loss):
-                self.recent.append(loss)
+                self.window.append(loss)
+                self.since.append(loss)
                 if self.reference is None:
                     self.reference = loss  # a fresh run: the loss it started from
             if grad_norm == 0.0 and abs(loss - self.ln_vocab) < 0.01 * self.ln_vocab:
@@ -79,7 +82,7 @@ class DivergenceGuard:
             raise TrainingDiverged(f"step {step}: the trained weights have blown up (norm {norm:.3g}, was "
                                    f"{self.norm:.3g} at the last good save; largest {peak:.3g}); not saving "
                                    f"them. {self.advice()}")
-        recent = _mean(list(self.recent))
+        recent = _mean(self.since)
         if recent is not None and self.reference is not None and recent > 2 * self.reference + 1.0:
             return (f"the recent loss {recent:.4f} is far above the {self.reference:.4f} of the last good "
                     "save (more than twice it plus 1)")
@@ -89,8 +92,9 @@ class DivergenceGuard:
         """Record a save that vet_save let through: the new last good checkpoint and reference."""
         self.good = (step, path)
         self.norm = weight_norm(params)
-        if self.recent:
-            self.reference = _mean(list(self.recent))
+        if self.window:
+            self.reference = _mean(list(self.window))
+        self.since = []
 
     def advice(self) -> str:
         """Where the last good weights are, and how to continue from them."""

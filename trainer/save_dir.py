@@ -6,6 +6,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
+import shutil
 import socket
 from pathlib import Path
 
@@ -40,7 +42,8 @@ def check_save_dir(stem: Path, outputs: dict[str, str]) -> None:
     try:
         atomic_write_bytes(probe, b"minilora write test\n")
     except UserError as err:
-        raise SaveDirError(f"--save_dir {folder} is not writable: {err}") from err
+        why = getattr(err.__cause__, "strerror", None) or err
+        raise SaveDirError(f"--save_dir {folder} is not writable ({why}); pass a folder you can write to") from err
     probe.unlink(missing_ok=True)
     for suffix, kind in outputs.items():
         path = stem.parent / (stem.name + suffix)
@@ -93,8 +96,8 @@ def _read_holder(fd: int) -> str:
 
 
 @atexit.register
-def _release() -> None:
-    """Remove this process's lock files (while still holding them) and let them go."""
+def release_locks() -> None:
+    """Remove this process's lock files (while still holding them) and let them go (also run at exit)."""
     for key, fd in list(_held.items()):
         with contextlib.suppress(OSError):
             os.unlink(key)
@@ -103,14 +106,38 @@ def _release() -> None:
         _held.pop(key, None)
 
 
+def remove_leftovers(stem: Path, outputs: dict[str, str]) -> list[Path]:
+    """Delete the temp files and folders a killed run left for `stem`'s outputs (call while holding the
+    lock, so none of them is being written), putting back a folder it had moved aside; returns what it
+    removed."""
+    names = "|".join(re.escape(stem.name + suffix) for suffix in outputs)
+    pattern = re.compile(rf"\.(?:{names})\.\d+-[0-9a-f]{{8}}\.(?:tmp|old|probe)")
+    removed = []
+    for path in sorted(stem.parent.iterdir()):
+        if pattern.fullmatch(path.name) and path.name.endswith(".old") and "" in outputs and not stem.exists():
+            # Killed inside write_dir between moving the old folder aside and moving the new one in: the old
+            # one is whole, so it goes back.
+            os.replace(path, stem)
+            continue
+        if pattern.fullmatch(path.name):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def prepare_save_dir(stem: Path, outputs: dict[str, str], info: DistInfo) -> None:
-    """check_save_dir + lock_run on rank 0 (the one that writes), before training; every rank raises the
-    same SaveDirError if they fail, so a bad --save_dir ends the whole job at once."""
+    """check_save_dir + lock_run on rank 0 (the one that writes), before training, then removes what a
+    killed run left half-written; every rank raises the same SaveDirError if that fails, so a bad
+    --save_dir ends the whole job at once."""
     problem = None
     if info.is_main:
         try:
             check_save_dir(stem, outputs)
             lock_run(stem)
+            remove_leftovers(stem, outputs)
         except SaveDirError as err:
             problem = str(err)
     problems = gather_objects(problem, info)
