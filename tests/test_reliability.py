@@ -432,3 +432,30 @@ def test_atomic_write_bytes_mode_and_no_litter(tmp_path):
         os.umask(old_umask)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert os.listdir(tmp_path) == ["a.json"]
+
+
+# ------------------------------------------------------------------------- a peer rank dies
+
+def test_rank_that_sees_a_peer_die_prints_one_line(capsys, monkeypatch):
+    """A collective failing because another rank is gone is reported in one line, not a traceback (the
+    rank that really failed prints its own); the job's own bugs keep their traceback."""
+    import torch.distributed as dist
+
+    from trainer.engine import run_job
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)  # no torchrun store to announce to
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    def peer_gone() -> None:
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500")
+
+    with pytest.raises(SystemExit) as exc:
+        run_job(peer_gone)
+    err = capsys.readouterr().err
+    TALLY["bad inputs tried"] += 1
+    TALLY["tracebacks"] += "Traceback" in err
+    assert exc.value.code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines() == ["rank 0 failed: RuntimeError: [gloo/transport/tcp/pair.cc:534] Connection "
+                                        "closed by peer [127.0.0.1]:29500 (a collective failed: another rank "
+                                        "probably failed first; see its message)"]
+    assert not dist.is_initialized()  # run_job left the group

@@ -305,11 +305,11 @@ def minimind_loader_note(model: torch.nn.Module, targets: list[str], path: Path)
               and m.weight.shape[0] == m.weight.shape[1] and (type(m) is torch.nn.Linear or hasattr(m, "lora_A"))}
     if set(targets) == square:
         return None
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in set(targets) - square})
-    missing = sorted({n.rsplit(".", 1)[-1] for n in square - set(targets)})
-    what = f"ignores this file's {', '.join(leaves)} layers" if leaves else ""
-    if missing:
-        what += ("; and it " if what else "") + f"fails on it (no {', '.join(missing)} factors)"
-    return (f"note: {path.name}: MiniMind's own load_lora reads only the square layers (q_proj, o_proj with "
-            f"grouped-query attention): it {what}. This repo's load_lora, chat.py and merge_lora.py read it in full; "
-            "for a file MiniMind reads in full, train with --lora_targets square")
+    def leaves(names: set[str]) -> str:
+        return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+
+    what = f"ignores this file's {leaves(set(targets) - square)}" if set(targets) - square else ""
+    if square - set(targets):
+        what += (" and " if what else "") + f"fails on it (no {leaves(square - set(targets))} factors)"
+    return (f"note: {path.name}: MiniMind's own load_lora reads only the square layers ({leaves(square)}) and "
+            f"{what}; this repo's loaders read it all (--lora_targets square: a file MiniMind reads in full)")

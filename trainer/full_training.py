@@ -5,12 +5,14 @@ train_lora.py keeps its own copy of the loop in full view: it is the script a ne
 """
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
 from trainer.base_model import BaseModel
 from trainer.checkpoint import (
     capture_rng,
+    check_resume_flags,
     output_stem,
     save_full_model,
     save_resume,
@@ -71,7 +73,8 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     # ------------------------------------------------------------------ resume
     resume_path = sibling(stem, "_resume.pth")
     state = start_or_resume(resume_path, args.from_resume, model.load_state_dict, optimizer, scaler, info.rank,
-                            info.world_size, args.seed)
+                            info.world_size, args.seed,
+                            partial(check_resume_flags, args=args, world_size=info.world_size, n_train=len(data.train)))
     # Every rank reads the resume file: on several machines they must all see the same one.
     same_on_all_ranks(state.step, "the step to continue from", f"each reads {resume_path}: on several machines, "
                       "--save_dir must be a folder that all of them see (shared storage)", info)
@@ -95,7 +98,8 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
         guard.saved(state.step, resume_path, params)
         if not info.is_main:
             return
-        config = run_config(args, info, base.source, model, state.step, total_steps, history=state.history)
+        config = run_config(args, info, base.source, model, state.step, total_steps, history=state.history,
+                            train_samples=len(data.train))
         save_full_model(model, base.tokenizer, stem, minimind=getattr(model.config, "model_type", "") == "minimind")
         write_json(sibling(stem, ".json"), config)
         save_resume(resume_path, model.state_dict(), optimizer, scaler, state, rng, config)
