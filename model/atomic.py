@@ -102,6 +102,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], m
     fsync_dir(folder)
 
 
+def share_readable(folder: Path, mode: int = 0o644) -> None:
+    """Give every file under `folder` `mode` less the umask: writers such as safetensors' save_file create
+    0600 files, which other users of a shared save dir cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode & ~umask)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
     """atomic_write() of a bytes object."""
     atomic_write(path, lambda f: f.write(data), mode)

@@ -424,14 +424,19 @@ def test_process_exits_promptly_with_loader_workers_alive(tmp_path):
     assert run.exit_lag is not None and run.exit_lag < 20, run.exit_lag  # before: no exit at all
 
 
-def test_atomic_write_bytes_mode_and_no_litter(tmp_path):
+def test_written_files_are_readable_by_others_and_leave_no_litter(tmp_path):
+    from safetensors.torch import save_file
+
     old_umask = os.umask(0o022)
     try:
         atomic_write_bytes(tmp_path / "a.json", json.dumps({"x": 1}).encode())
+        # safetensors' own writer makes 0600 files (a model directory's weights): write_dir opens them up.
+        write_dir(tmp_path / "model", lambda d: (d.mkdir(), save_file({"w": torch.ones(2)}, d / "model.safetensors")))
     finally:
         os.umask(old_umask)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
-    assert os.listdir(tmp_path) == ["a.json"]
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "model"]
 
 
 # ------------------------------------------------------------------------- a peer rank dies

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.atomic import atomic_write, atomic_write_text, fsync_dir, temp_name
+from model.atomic import atomic_write, atomic_write_text, fsync_dir, share_readable, temp_name
 from model.errors import UserError
 
 
@@ -42,6 +42,7 @@ def write_dir(path: Path, fill: Callable[[Path], None]) -> None:
     tmp, old = temp_name(path), temp_name(path, "old")
     try:
         fill(tmp)
+        share_readable(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
