@@ -66,6 +66,7 @@ def run(tmp_path_factory):
     good = tmp / "good"
     flags = dict(batch_size=4, epochs=2, learning_rate=2e-2, lora_targets="q_proj,v_proj")
     assert run_inprocess(main, lora_args(tmp, weight, data, save_dir=good, **flags)) == 0
+    assert not (good / f"{STEM}.lock").exists()  # let go when main() returned: a later run may start at once
     return tmp, weight, data, good, flags
 
 
@@ -127,11 +128,11 @@ def test_divergence_never_replaces_the_good_checkpoint(run, tmp_path, capsys):
 
 def test_guard_spots_a_collapse_and_vets_saves(tmp_path):
     params = [torch.nn.Parameter(torch.ones(4, 4))]
-    guard = DivergenceGuard(6400, params, [(1, 2.0), (2, 1.8)], good=(2, tmp_path / "r.pth"))
+    guard = DivergenceGuard(6400, params, [(1, 2.0), (2, 1.8)], tmp_path / "r.pth", step=2)
     lines: list[str] = []
     guard.check([(3, 1.7, 0.5)], lines.append, check_grads=True)
     assert guard.vet_save(3, params) is None
-    guard.saved(3, tmp_path / "r.pth", params)
+    guard.saved(3, params)
     # A loss far above the last good save's: this save is skipped, the run goes on.
     guard.check([(4, 6.0, 0.5)], lines.append, check_grads=True)
     assert "far above" in guard.vet_save(4, params)
@@ -183,8 +184,9 @@ def test_sigkill_during_saves_leaves_only_whole_files(tmp_path):
             continue  # killed before its first whole round of saves
         # What a kill left half-written is hidden under unique names; the next run (lock, then clean up)
         # removes it, and puts back a PEFT folder the kill caught moved aside.
-        lock_run(folder / STEM)
+        lock = lock_run(folder / STEM)
         remove_leftovers(folder / STEM, LORA_OUTPUTS)
+        lock.release()
         assert not [p for p in folder.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
         # Every file at its final name is whole: it loads (and the resume file's checksum matches).
         assert load_resume(folder / f"{STEM}_resume.pth")["trainable"]
@@ -292,7 +294,7 @@ def test_two_runs_on_one_save_dir(run, tmp_path, capsys):
         holder.wait()
     kept(before, out)
     # The holder died: its lock went with it (a killed run never blocks the next) ...
-    lock_run(out / STEM)
+    held = lock_run(out / STEM)
     pid = os.fork()
     if pid == 0:  # ... and now this process holds it: another one is refused
         try:
@@ -303,6 +305,8 @@ def test_two_runs_on_one_save_dir(run, tmp_path, capsys):
         finally:
             os._exit(1)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 3
+    held.release()
+    assert not (out / f"{STEM}.lock").exists()  # a finished run leaves no lock file
 
 
 # ------------------------------------------------------------------------- corrupt and mismatched files

@@ -236,7 +236,7 @@ def test_nan_step_is_skipped_and_reported(capsys):
     params = lora_parameters(model)
     opt = make_optimizer(params, 1e-2, 0.01)
     log = RunLogger(CPU, total_steps=10, start_step=0, log_interval=1)
-    guard = DivergenceGuard(VOCAB, params, [], limit=2)
+    guard = DivergenceGuard(VOCAB, params, [], checkpoint=None, limit=2)
 
     def step(k: int, batch: list) -> None:
         b = collate_supervised(batch, lambda s: collate_padded(s, pad_id=0))

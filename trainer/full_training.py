@@ -38,7 +38,7 @@ from trainer.engine import (
     train_step,
     wrap_ddp,
 )
-from trainer.guard import DivergenceGuard, TrainingDiverged
+from trainer.guard import DivergenceGuard
 from trainer.logger import RunLogger, plot_losses, start_wandb
 from trainer.loss import SupervisedLoss
 from trainer.save_dir import FULL_OUTPUTS, prepare_save_dir
@@ -63,7 +63,8 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
     scaler = make_scaler(info.device, amp_dtype)
     stem = output_stem(args.save_dir, job, base.hidden_size, base.use_moe)
-    prepare_save_dir(stem, FULL_OUTPUTS, info)  # unwritable, or another run writing it: stop now, not at the save
+    # An unwritable --save_dir, or another run writing these files, stops the run now, not at its first save.
+    _lock = prepare_save_dir(stem, FULL_OUTPUTS, info)  # held until this function returns
     if info.is_main:
         print(f"model {base.source}: {sum(p.numel() for p in params) / 1e6:.1f}M parameters, all trained; "
               f"{info.world_size} process(es) on {info.device}, {autocast_note(amp_dtype, torch.float32)}{compiled}", flush=True)
@@ -87,16 +88,9 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     def save(final: bool) -> None:
         """Model files + config JSON + resume file (rank 0 writes; every rank hands over its RNG state), unless
         the guard finds the run diverged (train_lora.py's save says how)."""
-        guard.check(log.flush(), log.write, check_grads=scaler is None)
-        skip = guard.vet_save(state.step, params)
-        if skip and final:
-            raise TrainingDiverged(f"step {state.step}: {skip}; not saving. {guard.advice()}")
+        ok = guard.allow_save(state.step, params, log, final, check_grads=scaler is None)
         rng = gather_objects(capture_rng(), info)
-        if skip:
-            log.write(f"step {state.step}: not saving: {skip}. {guard.advice()}")
-            return
-        guard.saved(state.step, resume_path, params)
-        if not info.is_main:
+        if not ok or not info.is_main:
             return
         config = run_config(args, info, base.source, model, state.step, total_steps, history=state.history,
                             train_samples=len(data.train))
@@ -109,8 +103,7 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     # ------------------------------------------------------------------ loop
     log = RunLogger(info, total_steps, state.step, args.log_interval, state.history, wandb_run)
     stop = StopSignal()
-    guard = DivergenceGuard(model.config.vocab_size, params, state.history["train"],
-                            good=(state.step, resume_path) if state.step else None)
+    guard = DivergenceGuard(model.config.vocab_size, params, state.history["train"], resume_path, state.step)
     log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
               "kill stops after the current step and saves" if state.step < total_steps else
               f"nothing to train: the run already reached step {total_steps}")

@@ -27,14 +27,17 @@ class DivergenceGuard:
     """Reports nan/inf steps (already skipped on the device), spots a collapse, and vets every save.
 
     `good` is where the last good weights are: (step, file), from the resume file a run continued from,
-    then from each save this guard let through.
+    then from each save this guard let through (train_lora.py's save: `allow_save`, then write).
     """
 
     def __init__(self, vocab_size: int, params: list[torch.Tensor], history: list[tuple[int, float]],
-                 good: tuple[int, Path] | None = None, limit: int = 5) -> None:
+                 checkpoint: Path, step: int = 0, limit: int = 5) -> None:
+        """`checkpoint`: the file that holds the weights of each save; `step`: the step a resumed run
+        continues from (its checkpoint is good), 0 for a fresh run."""
         self.ln_vocab = math.log(max(vocab_size, 2))
         self.limit, self.in_a_row = limit, 0
-        self.good = good
+        self.checkpoint = checkpoint
+        self.good = (step, checkpoint) if step else None
         # The loss over the last WINDOW logged steps, its mean at the last good save (or the run's start),
         # and the losses logged since that save.
         self.window: deque[float] = deque((loss for _, loss in history[-WINDOW:]), maxlen=WINDOW)
@@ -88,9 +91,26 @@ class DivergenceGuard:
                     "save (more than twice it plus 1)")
         return None
 
-    def saved(self, step: int, path: Path, params: list[torch.Tensor]) -> None:
+    def allow_save(self, step: int, params: list[torch.Tensor], log: object, final: bool,
+                   check_grads: bool) -> bool:
+        """Whether to save at `step` (every rank gets the same answer: same weights, all-reduced losses).
+
+        Reads back the steps `log` has not shown yet, vets the weights; a skipped save says so, a skipped
+        final save raises TrainingDiverged (the run would end without a good checkpoint of its end).
+        """
+        self.check(log.flush(), log.write, check_grads)
+        skip = self.vet_save(step, params)
+        if skip and final:
+            raise TrainingDiverged(f"step {step}: {skip}; not saving. {self.advice()}")
+        if skip:
+            log.write(f"step {step}: not saving: {skip}. {self.advice()}")
+            return False
+        self.saved(step, params)
+        return True
+
+    def saved(self, step: int, params: list[torch.Tensor]) -> None:
         """Record a save that vet_save let through: the new last good checkpoint and reference."""
-        self.good = (step, path)
+        self.good = (step, self.checkpoint)
         self.norm = weight_norm(params)
         if self.window:
             self.reference = _mean(list(self.window))

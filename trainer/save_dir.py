@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import socket
+import weakref
 from pathlib import Path
 
 from model.atomic import atomic_write_bytes, temp_name
@@ -53,14 +54,45 @@ def check_save_dir(stem: Path, outputs: dict[str, str]) -> None:
                                f"writes its {kind}; move it away or pass another --save_dir/--lora_name")
 
 
-def lock_run(stem: Path) -> Path:
-    """Hold `{stem}.lock` (flock) until this process exits or locks it again; raise SaveDirError if another
-    process holds it. The kernel drops the lock when its holder dies, so a killed run never blocks the next."""
+class RunLock:
+    """A held `{stem}.lock`. Let go by release(), when the object is dropped (the job's main() returned or
+    raised), or at exit; the kernel also drops it when the process dies, so a killed run never blocks the next."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd, self.pid = path, fd, os.getpid()
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it) and unlock it; in a forked child, only close it."""
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        if os.getpid() != self.pid:  # a forked copy must not unlock its parent's lock
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            return
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)  # forked loader workers share the descriptor: unlock it for them too
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.release()
+
+
+_held: "weakref.WeakValueDictionary[str, RunLock]" = weakref.WeakValueDictionary()
+
+
+def lock_run(stem: Path) -> RunLock:
+    """Hold `{stem}.lock` (flock) while the returned RunLock lives; raise SaveDirError if another process
+    holds it. An earlier lock of this process on the same files is let go first (its run has ended)."""
     path = stem.parent / (stem.name + ".lock")
     key = str(path.resolve())
     old = _held.pop(key, None)
-    if old is not None:  # this process's earlier run (runs in one process are sequential)
-        os.close(old)
+    if old is not None:
+        old.release()
     for _ in range(3):  # the file may be unlinked by its holder between our open and our flock
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
@@ -83,8 +115,9 @@ def lock_run(stem: Path) -> Path:
         raise SaveDirError(f"{path}: the lock file keeps changing under this run; is another run starting?")
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-    _held[key] = fd
-    return path
+    lock = RunLock(path, fd)
+    _held[key] = lock
+    return lock
 
 
 def _read_holder(fd: int) -> str:
@@ -97,13 +130,10 @@ def _read_holder(fd: int) -> str:
 
 @atexit.register
 def release_locks() -> None:
-    """Remove this process's lock files (while still holding them) and let them go (also run at exit)."""
-    for key, fd in list(_held.items()):
-        with contextlib.suppress(OSError):
-            os.unlink(key)
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        _held.pop(key, None)
+    """Let go of every lock this process still holds (also run at exit)."""
+    for lock in list(_held.values()):
+        lock.release()
+    _held.clear()
 
 
 def remove_leftovers(stem: Path, outputs: dict[str, str]) -> list[Path]:
@@ -128,18 +158,21 @@ def remove_leftovers(stem: Path, outputs: dict[str, str]) -> list[Path]:
     return removed
 
 
-def prepare_save_dir(stem: Path, outputs: dict[str, str], info: DistInfo) -> None:
+def prepare_save_dir(stem: Path, outputs: dict[str, str], info: DistInfo) -> RunLock | None:
     """check_save_dir + lock_run on rank 0 (the one that writes), before training, then removes what a
     killed run left half-written; every rank raises the same SaveDirError if that fails, so a bad
-    --save_dir ends the whole job at once."""
-    problem = None
+    --save_dir ends the whole job at once. Keep the returned lock (rank 0's) while the run writes."""
+    problem, lock = None, None
     if info.is_main:
         try:
             check_save_dir(stem, outputs)
-            lock_run(stem)
+            lock = lock_run(stem)
             remove_leftovers(stem, outputs)
         except SaveDirError as err:
             problem = str(err)
     problems = gather_objects(problem, info)
     if problems[0] is not None:
+        if lock is not None:
+            lock.release()
         raise SaveDirError(problems[0])
+    return lock

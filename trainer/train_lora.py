@@ -73,7 +73,7 @@ from trainer.engine import (
     wrap_ddp,
 )
 from trainer.fsdp import parameters_held, shard_frozen_base
-from trainer.guard import DivergenceGuard, TrainingDiverged
+from trainer.guard import DivergenceGuard
 from trainer.logger import RunLogger, plot_losses, start_wandb
 from trainer.loss import SupervisedLoss
 from trainer.save_dir import LORA_OUTPUTS, prepare_save_dir
@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
     scaler = make_scaler(info.device, amp_dtype)
     stem = output_stem(args.save_dir, args.lora_name, base.hidden_size, base.use_moe)
-    prepare_save_dir(stem, LORA_OUTPUTS, info)  # unwritable, or another run writing it: stop now, not at the save
+    # An unwritable --save_dir, or another run writing these files, stops the run now, not at its first save.
+    _lock = prepare_save_dir(stem, LORA_OUTPUTS, info)  # held until main() returns
     if info.is_main:
         n_lora = sum(p.numel() for p in params)
         sharded = f"; --fsdp: each holds {(parameters_held(model) - n_lora) / n_base:.0%} of the base" if args.fsdp else ""
@@ -169,35 +170,25 @@ def main(argv: list[str] | None = None) -> int:
     def save(final: bool) -> None:
         """LoRA files + config JSON + resume file (rank 0 writes; every rank hands over its RNG state), unless
         the guard finds the run diverged: then the last good checkpoint stays as it is."""
-        guard.check(log.flush(), log.write, check_grads=scaler is None)
-        skip = guard.vet_save(state.step, params)  # the same verdict on every rank (same weights and losses)
-        if skip and final:
-            raise TrainingDiverged(f"step {state.step}: {skip}; not saving. {guard.advice()}")
+        ok = guard.allow_save(state.step, params, log, final, check_grads=scaler is None)
         rng = gather_objects(capture_rng(), info)
-        if skip:
-            log.write(f"step {state.step}: not saving: {skip}. {guard.advice()}")
-            return
-        guard.saved(state.step, resume_path, params)
-        if not info.is_main:
+        if not ok or not info.is_main:
             return
         config = run_config(args, info, base.source, model, state.step, total_steps, lora_targets=targets,
                             history=state.history, train_samples=len(data.train))
-        nonlocal loader_note
-        if loader_note:  # said once, at the first save
-            log.write(loader_note)
-            loader_note = None
         save_lora(model, sibling(stem, ".pth"))
         write_dir(stem, lambda d: save_lora(model, d, base_model_name_or_path=base.source))
         write_json(sibling(stem, ".json"), config)
         save_resume(resume_path, lora_state_dict(model), optimizer, scaler, state, rng, config)
         if final:
             plot_losses(state.history, sibling(stem, "_loss.png"), f"LoRA {stem.name}")
+            if loader_note:
+                log.write(loader_note)
 
     # ------------------------------------------------------------------ loop
     log = RunLogger(info, total_steps, state.step, args.log_interval, state.history, wandb_run)
     stop = StopSignal()
-    guard = DivergenceGuard(model.config.vocab_size, params, state.history["train"],
-                            good=(state.step, resume_path) if state.step else None)
+    guard = DivergenceGuard(model.config.vocab_size, params, state.history["train"], resume_path, state.step)
     loader_note = minimind_loader_note(model, targets, sibling(stem, ".pth"))
     log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
               "kill stops after the current step and saves" if state.step < total_steps else
