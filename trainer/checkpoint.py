@@ -1,10 +1,10 @@
 """Files a run writes: outputs named like MiniMind's, a separate resume file, all written atomically."""
 
-import hashlib
 import json
 import os
 import random
 import shutil
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,33 +81,38 @@ RESUME_KEYS = ("trainable", "optimizer", "state", "rng", "config")
 
 
 def digest(obj: object) -> str:
-    """SHA-256 over a resume file's contents (tensors by their bytes, containers in order): its checksum."""
-    h = hashlib.sha256()
+    """A CRC-32 over a resume file's contents (tensors by their bytes, containers in order): its checksum.
+
+    It catches damage (a flipped bit, a torn copy), not tampering; CRC-32 runs at ~2 GB/s where SHA-256
+    manages ~0.6, which matters for a full model's resume file (weights and two AdamW moments).
+    """
+    crc = 0
 
     def feed(x: object) -> None:
+        nonlocal crc
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            crc = zlib.crc32(f"T{t.dtype}{tuple(t.shape)}".encode(), crc)
+            crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)  # the tensor's memory, no copy
         elif isinstance(x, np.ndarray):
-            h.update(f"N{x.dtype}{x.shape}".encode())
-            h.update(np.ascontiguousarray(x).tobytes())
+            crc = zlib.crc32(f"N{x.dtype}{x.shape}".encode(), crc)
+            crc = zlib.crc32(np.ascontiguousarray(x).view(np.uint8), crc)
         elif isinstance(x, dict):
-            h.update(b"{")
+            crc = zlib.crc32(b"{", crc)
             for k in sorted(x, key=str):
                 feed(str(k))
                 feed(x[k])
-            h.update(b"}")
+            crc = zlib.crc32(b"}", crc)
         elif isinstance(x, (list, tuple)):
-            h.update(b"[")
+            crc = zlib.crc32(b"[", crc)
             for v in x:
                 feed(v)
-            h.update(b"]")
+            crc = zlib.crc32(b"]", crc)
         else:
-            h.update(f"{type(x).__name__}:{x!r};".encode())
+            crc = zlib.crc32(f"{type(x).__name__}:{x!r};".encode(), crc)
 
     feed(obj)
-    return h.hexdigest()
+    return f"crc32:{crc:08x}"
 
 
 def load_resume(path: Path) -> dict | None:

@@ -31,7 +31,7 @@ class DivergenceGuard:
     """
 
     def __init__(self, vocab_size: int, params: list[torch.Tensor], history: list[tuple[int, float]],
-                 checkpoint: Path, step: int = 0, limit: int = 5) -> None:
+                 checkpoint: Path | None, step: int = 0, limit: int = 5) -> None:
         """`checkpoint`: the file that holds the weights of each save; `step`: the step a resumed run
         continues from (its checkpoint is good), 0 for a fresh run."""
         self.ln_vocab = math.log(max(vocab_size, 2))
