@@ -153,7 +153,7 @@ def _looks_like(obj: object) -> str:
         return "it is MiniMind's own resume checkpoint, which this trainer cannot continue; use its weights " \
                "with --from_weight instead"
     if keys and all(isinstance(k, str) and (".lora." in k or "lora_" in k) for k in keys):
-        return "it holds only LoRA weights, as a {name}.pth file does"
+        return "it holds only LoRA weights, as the run's LoRA .pth does"
     if any(isinstance(k, str) and k.endswith(".weight") for k in keys):
         return "it holds model weights, as a base .pth does"
     return f"its keys are {keys[:5]}"
