@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from model.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from model.errors import UserError
 from model.nf4 import dequantize_nf4, nf4_linear
 
@@ -437,13 +439,6 @@ class _Adapter:
     magnitude: torch.Tensor | None = None  # DoRA's m
 
 
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Write via a temp file in the same folder and rename, so a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
 def save_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
     """Save only the LoRA factors: `*.pth` in MiniMind's layout, any other path as a PEFT adapter directory."""
     model, path = _unwrap(model), Path(path)
@@ -452,7 +447,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
         raise LoRAError(f"{path}: the model has no LoRA layers to save")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".pth":
-        _atomic_write(path, lambda tmp: torch.save(_minimind_state_dict(layers), tmp))
+        atomic_write(path, lambda f: torch.save(_minimind_state_dict(layers), f))
     else:
         _save_peft(model, layers, path, base_model_name_or_path)
 
@@ -505,8 +500,8 @@ def _save_peft(model: nn.Module, layers: dict[str, LoRALinear], path: Path, base
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
         if layer.use_dora:
             tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().cpu()
-    _atomic_write(path / PEFT_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(path / PEFT_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_bytes(path / PEFT_WEIGHTS, save_safetensors(tensors, metadata={"format": "pt"}))
+    atomic_write_text(path / PEFT_CONFIG, json.dumps(config, indent=2) + "\n")
 
 
 def _json_number(x: float) -> int | float:

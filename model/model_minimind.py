@@ -560,12 +560,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelConfigError(f"{path}: no such file; pass the MiniMind weights file (e.g. full_sft_768.pth)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # Files written with the legacy (non-zip) torch.save format cannot be memory-mapped.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            # Files written with the legacy (non-zip) torch.save format cannot be memory-mapped.
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with code, a truncated download, not a torch file at all
-        raise ModelConfigError(f"{path}: cannot be read as a PyTorch state dict ({err})") from err
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelConfigError(f"{path}: cannot be read as a PyTorch state dict ({text}); is the file complete "
+                               "(a truncated download) and a .pth weights file?") from err
+    if not isinstance(state, dict):
+        raise ModelConfigError(f"{path}: holds a {type(state).__name__}, not a state dict of MiniMind weights")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]                     # MiniMind's resume checkpoints nest the weights
     cleaned = {}

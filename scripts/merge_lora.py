@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
+from model.atomic import atomic_write
 from model.errors import exit_on_user_error
 from model.model_lora import load_lora, merge_lora
 from scripts.hf_export import ExportError, export_minimind
@@ -67,9 +68,8 @@ def copy_tokenizer(tokenizer: object, dst: Path) -> list[str]:
 
 def save_minimind_pth(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
     """The merged model as MiniMind's own checkpoint: a plain state dict (tied head included), in `dtype`."""
-    tmp = path.with_name(path.name + ".tmp")  # write then rename: never a half-written checkpoint
-    torch.save({k: v.detach().to(dtype).clone() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(path)
+    state = {k: v.detach().to(dtype).clone() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda f: torch.save(state, f))  # never a half-written checkpoint
 
 
 def export(args: argparse.Namespace) -> list[Path]:

@@ -15,12 +15,11 @@ from trainer.base_model import BaseModelError, resolve_weight
 from trainer.data import StepSampler, collate_supervised, epoch_order
 from trainer.distributed import DistInfo, FlatGradients
 from trainer.engine import (
-    NonFiniteGuard,
-    TrainingDiverged,
     enable_activation_checkpointing,
     make_optimizer,
     train_step,
 )
+from trainer.guard import DivergenceGuard, TrainingDiverged
 from trainer.logger import RunLogger
 from trainer.loss import IGNORE_INDEX, SupervisedLoss
 from trainer.schedule import lr_at
@@ -237,7 +236,7 @@ def test_nan_step_is_skipped_and_reported(capsys):
     params = lora_parameters(model)
     opt = make_optimizer(params, 1e-2, 0.01)
     log = RunLogger(CPU, total_steps=10, start_step=0, log_interval=1)
-    guard = NonFiniteGuard(limit=2)
+    guard = DivergenceGuard(VOCAB, params, [], checkpoint=None, limit=2)
 
     def step(k: int, batch: list) -> None:
         b = collate_supervised(batch, lambda s: collate_padded(s, pad_id=0))

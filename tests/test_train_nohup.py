@@ -3,7 +3,8 @@
 `--hidden_size 2048 --num_hidden_layers 20` is a ~1.06B-parameter MiniMind (4.2 GB in fp32), and the
 line's data (400 identity chats, ~17k tokens) through it is hours of work on 2 CPU cores. So, honestly:
 - the base is real and full size: random weights saved as `full_sft_2048.pth` (bf16, as MiniMind
-  releases half-precision files) in a temporary save_dir ($MINILORA_OUT_DIR; the line has no --save_dir);
+  releases half-precision files) in a temporary save_dir ($MINILORA_OUT_DIR; the line has no --save_dir),
+  with MiniMind's tokenizer beside it (the repo's own has another vocabulary, which the trainer refuses);
 - the line runs as written, via bash + nohup, from a `trainer/` folder (the script symlinked from the
   repo) whose `../dataset/lora_identity.jsonl` holds 2 of the real identity chats, so one optimizer step
   is 2 samples, not 128 (batch 16 × accumulation 8);
@@ -14,6 +15,7 @@ line's data (400 identity chats, ~17k tokens) through it is hours of work on 2 C
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -22,7 +24,7 @@ import pytest
 import torch
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from tests.train_utils import REPO
+from tests.train_utils import REPO, tokenizer_dir
 
 LINE = ('nohup python train_lora.py --epochs 20 --hidden_size 2048 --device "cuda:0" --batch_size 16 '
         '--learning_rate 1e-4 --accumulation_steps 8 --log_interval 10 --save_interval 100 '
@@ -78,6 +80,8 @@ def test_minimind_nohup_line_runs_as_written(tmp_path):
     out.mkdir()
     n_params = _random_minimind_2048(out / "full_sft_2048.pth")
     assert 1.0e9 < n_params < 1.1e9
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # MiniMind's tokenizer beside its weights
+        shutil.copyfile(tokenizer_dir() / name, out / name)
     work = tmp_path / "work"
     (work / "trainer").mkdir(parents=True)
     (work / "dataset").mkdir()
@@ -92,7 +96,7 @@ def test_minimind_nohup_line_runs_as_written(tmp_path):
     # SIGTERM then lands while the next step's data is fetched (stop at 1) or during step 2 (it finishes it).
     log = _run_line(work / "trainer", env, "step 1/20 | epoch 1")
     assert "--from_resume 1: no " in log and "starting a fresh run" in log
-    assert "1059.2M parameters" in log and "warning: using the repo's tokenizer" in log
+    assert "1059.2M parameters" in log and "warning: using the repo's tokenizer" not in log
     assert "SIGTERM received" in log
     first = int(re.search(r"stopped at step (\d+)/20; resume with:\n  (.+)", log).group(1))
     assert re.search(rf"^step {first}/20 \| epoch {first} \| loss \d+\.\d+", log, re.M)  # the final flush

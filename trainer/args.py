@@ -1,8 +1,11 @@
 """Command-line flags shared by the training jobs, grouped by topic (MiniMind's spellings accepted)."""
 
 import argparse
+import math
 import os
 from pathlib import Path
+
+import torch
 
 from model.errors import UserError
 
@@ -215,6 +218,7 @@ def parse_args(job: str, description: str, argv: list[str] | None = None) -> arg
         args.packing, args.use_compile = bool(args.packing), bool(args.use_compile)
     if args.max_steps is not None and args.max_steps < 1:
         raise FlagError(f"--max_steps must be at least 1 (got {args.max_steps})")
+    check_values(args)
     return args
 
 
@@ -244,3 +248,65 @@ def pick_speed_defaults(args: argparse.Namespace, device_type: str, triton: bool
         why.append("compiled decoder (default on CUDA; --use_compile 0 for eager)" if args.use_compile else
                    "eager (" + ("Triton is missing" if cuda else "default off CUDA") + ")")
     return ", ".join(why)
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """Flag values that cannot work stop the run before any model is loaded (FlagError names the flag)."""
+    for flag, low in (("num_workers", 0), ("warmup_iters", 0), ("max_seq_len", 2)):
+        if getattr(args, flag) < low:
+            raise FlagError(f"--{flag} must be at least {low} (got {getattr(args, flag)})")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise FlagError(f"--learning_rate must be a positive finite number such as 1e-4 (got {args.learning_rate})")
+    for flag in ("weight_decay", "grad_clip"):
+        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
+            raise FlagError(f"--{flag} must be a finite number >= 0 (got {getattr(args, flag)})")
+    if args.learning_rate * args.weight_decay >= 0.5:
+        # Decoupled weight decay multiplies every weight by (1 - lr * wd) each step.
+        raise FlagError(f"--weight_decay {args.weight_decay} with --learning_rate {args.learning_rate}: AdamW would "
+                        f"multiply every weight by {1 - args.learning_rate * args.weight_decay:g} each step; keep "
+                        "learning_rate x weight_decay far below 1 (e.g. --weight_decay 0.01)")
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise FlagError(f"--dist_timeout must be a positive number of seconds (got {args.dist_timeout})")
+    _check_device(args.device)
+    save_dir = Path(args.save_dir)
+    if save_dir.exists() and not save_dir.is_dir():
+        raise FlagError(f"--save_dir {save_dir} is a file, not a folder; pass a folder")
+    name = getattr(args, "lora_name", None)
+    if name is not None and (not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".")):
+        raise FlagError(f"--lora_name {name!r} must be a plain file name (no folders, no leading dot): the files go "
+                        "into --save_dir; pass --save_dir for another folder")
+    if getattr(args, "chat_template", None):
+        _check_template(Path(args.chat_template))
+
+
+def _check_device(flag: str | None) -> None:
+    """--device must name a device type torch knows (cuda, cuda:N, cpu, mps, xpu)."""
+    if flag is None:
+        return
+    try:
+        device = torch.device(flag)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise FlagError(f"--device {flag}: not a device this trainer runs on; use cuda, cuda:N, cpu or mps")
+
+
+def _check_template(path: Path) -> None:
+    """--chat_template must be a readable jinja file that compiles (a syntax error names its line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FlagError(f"--chat_template {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise FlagError(f"--chat_template {path}: cannot read it as UTF-8 text ({err})") from None
+    if not text.strip():
+        raise FlagError(f"--chat_template {path}: the file is empty; pass a jinja chat template")
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(text)
+    except TemplateError as err:
+        line = getattr(err, "lineno", None)
+        raise FlagError(f"--chat_template {path}{f':{line}' if line else ''}: not a valid jinja template "
+                        f"({getattr(err, 'message', None) or err})") from None

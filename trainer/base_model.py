@@ -168,6 +168,13 @@ def new_minimind(tokenizer: PreTrainedTokenizerBase, hidden_size: int | None, nu
 def check_vocab(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
     """A tokenizer with ids beyond the embedding table would index out of range mid-run: refuse it now."""
     rows = model.get_input_embeddings().weight.shape[0]
+    source = Path(getattr(tokenizer, "name_or_path", "") or ".").resolve()
+    if source == REPO_TOKENIZER.resolve() and len(tokenizer) != rows:
+        # The fallback tokenizer on a model sized for another one trains silently on the wrong token ids.
+        raise BaseModelError(f"the model's vocabulary has {rows} tokens, the repo's tokenizer {REPO_TOKENIZER} "
+                             f"{len(tokenizer)}: it is not this model's tokenizer. Pass the model's own with "
+                             "--tokenizer_path (for MiniMind's weights: the model/ folder of MiniMind's repo), "
+                             "or put its tokenizer.json and tokenizer_config.json beside the .pth")
     if len(tokenizer) > rows:
         raise BaseModelError(f"the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) has {len(tokenizer)} "
                              f"tokens but the model's vocabulary has {rows}; pass the model's own tokenizer "

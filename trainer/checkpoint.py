@@ -4,6 +4,7 @@ import json
 import os
 import random
 import shutil
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.atomic import atomic_write, atomic_write_text, fsync_dir, share_readable, temp_name
 from model.errors import UserError
 
 
@@ -24,31 +26,30 @@ def output_stem(save_dir: str | Path, name: str, hidden_size: int, use_moe: bool
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    """torch.save to a temp file, then rename: a crash leaves the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through atomic_write: a crash leaves the old file or the new one, never half."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def write_json(path: Path, obj: dict) -> None:
     """Atomic JSON write (non-JSON values such as paths become strings)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def write_dir(path: Path, fill: Callable[[Path], None]) -> None:
-    """Build a directory under a temp name, then swap it into place (directories cannot be os.replace'd
-    over a non-empty one, so the old one is moved aside first and removed last)."""
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fill(tmp)
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    """Build a directory under a unique temp name, then swap it into place (directories cannot be
+    os.replace'd over a non-empty one, so the old one is moved aside first and removed last). Only names
+    this call made up are ever deleted: a user's own `<name>.old/` or `<name>.tmp/` is left alone."""
+    tmp, old = temp_name(path), temp_name(path, "old")
+    try:
+        fill(tmp)
+        share_readable(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.is_dir() and not path.is_symlink():
         os.replace(path, old)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -76,16 +77,86 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+RESUME_KEYS = ("trainable", "optimizer", "state", "rng", "config")
+
+
+def digest(obj: object) -> str:
+    """A CRC-32 over a resume file's contents (tensors by their bytes, containers in order): its checksum.
+
+    It catches damage (a flipped bit, a torn copy), not tampering; CRC-32 runs at ~2 GB/s where SHA-256
+    manages ~0.6, which matters for a full model's resume file (weights and two AdamW moments).
+    """
+    crc = 0
+
+    def feed(x: object) -> None:
+        nonlocal crc
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            crc = zlib.crc32(f"T{t.dtype}{tuple(t.shape)}".encode(), crc)
+            crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)  # the tensor's memory, no copy
+        elif isinstance(x, np.ndarray):
+            crc = zlib.crc32(f"N{x.dtype}{x.shape}".encode(), crc)
+            crc = zlib.crc32(np.ascontiguousarray(x).view(np.uint8), crc)
+        elif isinstance(x, dict):
+            crc = zlib.crc32(b"{", crc)
+            for k in sorted(x, key=str):
+                feed(str(k))
+                feed(x[k])
+            crc = zlib.crc32(b"}", crc)
+        elif isinstance(x, (list, tuple)):
+            crc = zlib.crc32(b"[", crc)
+            for v in x:
+                feed(v)
+            crc = zlib.crc32(b"]", crc)
+        else:
+            crc = zlib.crc32(f"{type(x).__name__}:{x!r};".encode(), crc)
+
+    feed(obj)
+    return f"crc32:{crc:08x}"
+
+
 def load_resume(path: Path) -> dict | None:
-    """The resume state at `path`, or None when there is none (a fresh run)."""
+    """The resume state at `path`, checked (layout and checksum), or None when there is none (a fresh run)."""
     if not path.is_file():
+        if path.exists():
+            raise CheckpointError(f"{path}: is not a file; move it away to start fresh")
         return None
+    fresh = "delete it (or pass another --save_dir/--lora_name) to start fresh"
     try:
         # weights_only=False: the file holds RNG states (numpy arrays, tuples) that the safe loader rejects.
         # It is a file this trainer wrote into the user's own save_dir.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise CheckpointError(f"{path}: cannot read the resume file ({err}); delete it to start fresh") from err
+        raise CheckpointError(f"{path}: cannot read the resume file ({_first_line(err)}); it is truncated "
+                              f"or not a torch file; {fresh}") from err
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in RESUME_KEYS):
+        raise CheckpointError(f"{path}: is not a resume file written by this trainer ({_looks_like(ckpt)}); "
+                              f"{fresh}")
+    saved = ckpt.pop("checksum", None)
+    if saved is not None and digest(ckpt) != saved:
+        raise CheckpointError(f"{path}: its checksum does not match its contents (the file was damaged after "
+                              f"it was written); {fresh}")
+    return ckpt
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _looks_like(obj: object) -> str:
+    """What a file that is not our resume file seems to be, for the error message."""
+    if not isinstance(obj, dict):
+        return f"it holds a {type(obj).__name__}"
+    keys = list(obj)
+    if {"model", "optimizer", "epoch", "step"} <= set(keys):
+        return "it is MiniMind's own resume checkpoint, which this trainer cannot continue; use its weights " \
+               "with --from_weight instead"
+    if keys and all(isinstance(k, str) and (".lora." in k or "lora_" in k) for k in keys):
+        return "it holds only LoRA weights, as the run's LoRA .pth does"
+    if any(isinstance(k, str) and k.endswith(".weight") for k in keys):
+        return "it holds model weights, as a base .pth does"
+    return f"its keys are {keys[:5]}"
 
 
 def sibling(stem: Path, suffix: str) -> Path:
@@ -117,9 +188,11 @@ class TrainState:
 def save_resume(path: Path, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler | None, state: TrainState, rng: list[dict], config: dict) -> None:
     """The resume file: trained weights only (never a frozen base), optimizer, scaler, position, RNG per rank."""
-    atomic_save({"trainable": trainable, "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None,
-                 "state": asdict(state), "rng": rng, "config": config}, path)
+    ckpt = {"trainable": trainable, "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "state": asdict(state), "rng": rng, "config": config}
+    ckpt["checksum"] = digest(ckpt)  # checked by load_resume: a damaged file is refused, not trained on
+    atomic_save(ckpt, path)
 
 
 def restore_resume(ckpt: dict, path: Path, load_trainable: Callable[[dict], None],
@@ -131,7 +204,11 @@ def restore_resume(ckpt: dict, path: Path, load_trainable: Callable[[dict], None
     A different number: the step, epoch and samples consumed are kept and the rest of the epoch is
     re-sharded over the new ranks; RNG (only LoRA dropout uses it) is re-seeded from (seed, step, rank).
     """
-    load_trainable(ckpt["trainable"])
+    try:
+        load_trainable(ckpt["trainable"])
+    except UserError as err:
+        raise CheckpointError(f"{err}; the flags differ from the run that wrote it, or delete it to start "
+                              "fresh") from err
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except ValueError as err:
@@ -151,11 +228,48 @@ def restore_resume(ckpt: dict, path: Path, load_trainable: Callable[[dict], None
     return state
 
 
+# Flags that change what a step computes or which samples it sees: a resumed run must keep them.
+SAME_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "max_seq_len", "packing", "seed",
+                  "val_fraction", "val_data_path", "chat_template")
+# Flags a resumed run may change on purpose (e.g. a lower learning rate after a spike); it says so.
+NOTED_ON_RESUME = ("learning_rate", "warmup_iters", "weight_decay", "grad_clip", "epochs", "max_steps")
+
+
+def check_resume_flags(config: dict, path: Path, args: object, world_size: int, n_train: int) -> list[str]:
+    """Raise CheckpointError if this run's flags or data change the math or the data position of the run
+    that wrote `path` (its saved `config`); return notes on the flags it may change."""
+    saved = config.get("args") or {}
+    now = vars(args)
+    changed = [f"--{k} {saved[k]} -> {now[k]}" for k in SAME_ON_RESUME
+               if k in saved and k in now and str(saved[k]) != str(now[k])]
+    if {"batch_size", "accumulation_steps"} <= saved.keys() and "world_size" in config:
+        before = saved["batch_size"] * saved["accumulation_steps"] * config["world_size"]
+        after = now["batch_size"] * now["accumulation_steps"] * world_size
+        if before != after:
+            changed.append(f"samples per optimizer step (--batch_size x --accumulation_steps x processes) "
+                           f"{before} -> {after}")
+    if config.get("train_samples") not in (None, n_train):
+        changed.append(f"--data_path {now.get('data_path')} has {n_train} training samples, the run had "
+                       f"{config['train_samples']}, so its saved position no longer points into the same data")
+    if changed:
+        raise CheckpointError(f"{path}: cannot continue this run with changed settings: {'; '.join(changed)}. "
+                              "Put them back as they were, or start a new run (another --lora_name or "
+                              "--save_dir, or without --from_resume)")
+    return [f"note: --{k} was {saved[k]} in the run that wrote {path.name}, now {now[k]}; continuing with the "
+            "new value" for k in NOTED_ON_RESUME if k in saved and k in now and str(saved[k]) != str(now[k])]
+
+
 def start_or_resume(path: Path, from_resume: bool, load_trainable: Callable[[dict], None],
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, rank: int,
-                    world_size: int, seed: int) -> TrainState:
-    """A fresh TrainState, or the one in `path` (with everything loaded) when --from_resume 1 finds it."""
+                    world_size: int, seed: int,
+                    check: Callable[[dict, Path], list[str]] | None = None) -> TrainState:
+    """A fresh TrainState, or the one in `path` (with everything loaded) when --from_resume 1 finds it.
+    `check(config, path)` may refuse the file's saved config (check_resume_flags) before anything is loaded."""
     ckpt = load_resume(path) if from_resume else None
+    if ckpt is not None and check is not None:
+        for note in check(ckpt["config"], path):
+            if rank == 0:
+                print(note, flush=True)
     if ckpt is None:
         if from_resume and rank == 0:
             print(f"--from_resume 1: no {path} yet, starting a fresh run", flush=True)
@@ -182,3 +296,26 @@ def save_full_model(model: torch.nn.Module, tokenizer: object, stem: Path, minim
         tokenizer.save_pretrained(folder)
 
     write_dir(stem, fill)
+
+
+def minimind_loader_note(model: torch.nn.Module, targets: list[str], path: Path) -> str | None:
+    """A line for when MiniMind's own `load_lora` would not read the `.pth` LoRA file at `path` in full.
+
+    MiniMind's loader fills the LoRA of every square linear layer (its `apply_lora` rule) and nothing else:
+    a file adapting other layers loses them there, and one missing a square layer fails to load.
+    """
+    if getattr(getattr(model, "config", None), "model_type", None) != "minimind":
+        return None
+    square = {n for n, m in model.named_modules()
+              if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+              and m.weight.shape[0] == m.weight.shape[1] and (type(m) is torch.nn.Linear or hasattr(m, "lora_A"))}
+    if set(targets) == square:
+        return None
+    def leaves(names: set[str]) -> str:
+        return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
+
+    what = f"ignores this file's {leaves(set(targets) - square)}" if set(targets) - square else ""
+    if square - set(targets):
+        what += (" and " if what else "") + f"fails on it (no {leaves(square - set(targets))} factors)"
+    return (f"note: {path.name}: MiniMind's own load_lora reads only the square layers ({leaves(square)}) and "
+            f"{what}; this repo's loaders read it all (--lora_targets square: a file MiniMind reads in full)")

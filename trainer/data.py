@@ -8,7 +8,10 @@ continues with exactly the samples not yet seen.
 """
 
 import argparse
+import atexit
 import math
+import multiprocessing
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -131,10 +134,20 @@ def _quiet_worker(_: int) -> None:
     # Stop signals reach the whole process group (Ctrl-C; torchrun stops its workers with os.killpg): the
     # loader workers ignore them so that the main process can finish the step with them and save. They
     # exit with the main process.
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register
+def _end_workers() -> None:
+    # Exiting, multiprocessing stops daemonic children with SIGTERM and then waits for them: workers that
+    # ignore SIGTERM (above) would keep the finished run from exiting. They hold nothing to save: SIGKILL,
+    # after putting back SIGCHLD, where the DataLoader would report each killed worker as a failure.
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
 
 
 def make_loader(dataset: Dataset, batch_sampler: StepSampler, collate_fn: Callable, num_workers: int,

@@ -31,10 +31,6 @@ from trainer.distributed import (
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class TrainingDiverged(UserError):
-    """The loss stayed nan/inf for several optimizer steps in a row."""
-
-
 # ------------------------------------------------------------------------- precision and optimizer
 
 def pick_dtype(flag: str | None, device: torch.device) -> torch.dtype:
@@ -204,31 +200,6 @@ def train_step(step_module: nn.Module, micro_batches: list[dict], n_supervised: 
     return total, grad_norm
 
 
-class NonFiniteGuard:
-    """Reports nan/inf steps (already skipped on the device) and stops after `limit` in a row."""
-
-    def __init__(self, limit: int = 5) -> None:
-        self.limit, self.in_a_row = limit, 0
-
-    def check(self, rows: Iterable[tuple[int, float, float]], write: Callable[[str], None],
-              check_grads: bool) -> None:
-        """rows: (step, loss, grad_norm) as read back by the logger."""
-        for step, loss, grad_norm in rows:
-            bad_grad = check_grads and not math.isfinite(grad_norm)
-            if math.isfinite(loss) and not bad_grad:
-                self.in_a_row = 0
-                continue
-            self.in_a_row += 1
-            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
-            write(f"step {step}: {what}; skipped this step (no weight update)")
-            if self.in_a_row >= self.limit:
-                raise TrainingDiverged(
-                    f"the loss was nan/inf for {self.in_a_row} optimizer steps in a row (last: step {step}); "
-                    "stopping. Try a lower --learning_rate (or more --warmup_iters), check the data for "
-                    "broken samples, and use --dtype bfloat16 rather than float16. The last good weights "
-                    "are in the last checkpoint (continue with --from_resume 1).")
-
-
 # ------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -337,8 +308,10 @@ def run_job(main: Callable[[], int | None]) -> None:
         code = 130
         _tell_peers(err)
     except Exception as err:
-        traceback.print_exc()
-        if dist.is_available() and dist.is_initialized():
+        distributed = dist.is_available() and dist.is_initialized()
+        if not (distributed and _peer_lost(err)):  # a peer's death: its one line says all there is to say
+            traceback.print_exc()
+        if distributed:
             print(_failure_line(err), file=sys.stderr, flush=True)
         code = 1
         _tell_peers(err)
@@ -369,13 +342,18 @@ def _tell_peers(err: BaseException) -> None:
         announce_failure(_failure_line(err))
 
 
+def _peer_lost(err: BaseException) -> bool:
+    """Whether `err` is a collective failing because another rank is gone (not a bug of this rank)."""
+    return isinstance(err, dist.DistError) or any(t in str(err) for t in PEER_LOST)
+
+
 def _failure_line(err: BaseException) -> str:
     """`rank R failed at step N: Type: message`, with a hint when it only saw a peer's failure."""
     step = getattr(err, "failed_step", None)
     where = f" at step {step}" if step is not None else ""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     line = f"rank {dist.get_rank()} failed{where}: {type(err).__name__}: {text}"
-    if isinstance(err, dist.DistError) or any(t in str(err) for t in PEER_LOST):
+    if _peer_lost(err):
         line += " (a collective failed: another rank probably failed first; see its message)"
     return line
 

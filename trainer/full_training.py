@@ -5,12 +5,14 @@ train_lora.py keeps its own copy of the loop in full view: it is the script a ne
 """
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
 from trainer.base_model import BaseModel
 from trainer.checkpoint import (
     capture_rng,
+    check_resume_flags,
     output_stem,
     save_full_model,
     save_resume,
@@ -21,7 +23,6 @@ from trainer.checkpoint import (
 from trainer.data import prepare_data
 from trainer.distributed import DistInfo, gather_objects, same_on_all_ranks
 from trainer.engine import (
-    NonFiniteGuard,
     StopSignal,
     at_step,
     autocast_note,
@@ -37,8 +38,10 @@ from trainer.engine import (
     train_step,
     wrap_ddp,
 )
+from trainer.guard import DivergenceGuard
 from trainer.logger import RunLogger, plot_losses, start_wandb
 from trainer.loss import SupervisedLoss
+from trainer.save_dir import FULL_OUTPUTS, prepare_save_dir
 from trainer.schedule import lr_at
 
 
@@ -60,6 +63,8 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
     scaler = make_scaler(info.device, amp_dtype)
     stem = output_stem(args.save_dir, job, base.hidden_size, base.use_moe)
+    # An unwritable --save_dir, or another run writing these files, stops the run now, not at its first save.
+    _lock = prepare_save_dir(stem, FULL_OUTPUTS, info)  # held until this function returns
     if info.is_main:
         print(f"model {base.source}: {sum(p.numel() for p in params) / 1e6:.1f}M parameters, all trained; "
               f"{info.world_size} process(es) on {info.device}, {autocast_note(amp_dtype, torch.float32)}{compiled}", flush=True)
@@ -69,7 +74,8 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     # ------------------------------------------------------------------ resume
     resume_path = sibling(stem, "_resume.pth")
     state = start_or_resume(resume_path, args.from_resume, model.load_state_dict, optimizer, scaler, info.rank,
-                            info.world_size, args.seed)
+                            info.world_size, args.seed,
+                            partial(check_resume_flags, args=args, world_size=info.world_size, n_train=len(data.train)))
     # Every rank reads the resume file: on several machines they must all see the same one.
     same_on_all_ranks(state.step, "the step to continue from", f"each reads {resume_path}: on several machines, "
                       "--save_dir must be a folder that all of them see (shared storage)", info)
@@ -80,11 +86,14 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
         state.wandb_id = getattr(wandb_run, "id", None)
 
     def save(final: bool) -> None:
-        """Model files + config JSON + resume file (rank 0 writes; every rank hands over its RNG state)."""
+        """Model files + config JSON + resume file (rank 0 writes; every rank hands over its RNG state), unless
+        the guard finds the run diverged (train_lora.py's save says how)."""
+        ok = guard.allow_save(state.step, params, log, final, check_grads=scaler is None)
         rng = gather_objects(capture_rng(), info)
-        if not info.is_main:
+        if not ok or not info.is_main:
             return
-        config = run_config(args, info, base.source, model, state.step, total_steps, history=state.history)
+        config = run_config(args, info, base.source, model, state.step, total_steps, history=state.history,
+                            train_samples=len(data.train))
         save_full_model(model, base.tokenizer, stem, minimind=getattr(model.config, "model_type", "") == "minimind")
         write_json(sibling(stem, ".json"), config)
         save_resume(resume_path, model.state_dict(), optimizer, scaler, state, rng, config)
@@ -92,8 +101,9 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
             plot_losses(state.history, sibling(stem, "_loss.png"), f"{title} {stem.name}")
 
     # ------------------------------------------------------------------ loop
-    stop, guard = StopSignal(), NonFiniteGuard()
     log = RunLogger(info, total_steps, state.step, args.log_interval, state.history, wandb_run)
+    stop = StopSignal()
+    guard = DivergenceGuard(model.config.vocab_size, params, state.history["train"], resume_path, state.step)
     log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
               "kill stops after the current step and saves" if state.step < total_steps else
               f"nothing to train: the run already reached step {total_steps}")
@@ -109,7 +119,8 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
             loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params,
                                          lr, args.grad_clip, amp_dtype)
         state.advance(epoch, n_samples, len(data.train))
-        guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write, scaler is None)
+        guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write,
+                    check_grads=scaler is None)
         if state.step < total_steps and data.val_batches is not None and state.step % args.eval_interval == 0:
             log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
         if state.step < total_steps and state.step % args.save_interval == 0:
@@ -118,7 +129,6 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     # ------------------------------------------------------------------ finish
     if data.val_batches is not None and not stopped:
         log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
-    guard.check(log.flush(), log.write, scaler is None)
     save(final=True)
     log.close()
     if info.is_main:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from model.atomic import atomic_write
 from trainer.distributed import DistInfo, device_sum_
 
 
@@ -144,8 +145,7 @@ def plot_losses(history: dict, path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

@@ -35,6 +35,8 @@ from trainer.args import parse_args, pick_speed_defaults
 from trainer.base_model import load_base
 from trainer.checkpoint import (
     capture_rng,
+    check_resume_flags,
+    minimind_loader_note,
     output_stem,
     save_resume,
     seed_everything,
@@ -52,7 +54,6 @@ from trainer.distributed import (
     setup_distributed,
 )
 from trainer.engine import (
-    NonFiniteGuard,
     StopSignal,
     at_step,
     autocast_note,
@@ -71,9 +72,11 @@ from trainer.engine import (
     wrap_ddp,
 )
 from trainer.fsdp import parameters_held, shard_frozen_base
+from trainer.guard import DivergenceGuard
 from trainer.logger import RunLogger, plot_losses, start_wandb
 from trainer.lora_setup import build_lora
 from trainer.loss import SupervisedLoss
+from trainer.save_dir import LORA_OUTPUTS, prepare_save_dir
 from trainer.schedule import lr_at
 
 
@@ -124,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
     scaler = make_scaler(info.device, amp_dtype)
     stem = output_stem(args.save_dir, args.lora_name, base.hidden_size, base.use_moe)
+    # An unwritable --save_dir, or another run writing these files, stops the run now, not at its first save.
+    _lock = prepare_save_dir(stem, LORA_OUTPUTS, info)  # held until main() returns
     if info.is_main:
         n_lora = sum(p.numel() for p in params)
         sharded = f"; --fsdp: each holds {(parameters_held(model) - n_lora) / n_base:.0%} of the base" if args.fsdp else ""
@@ -144,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------ resume
     resume_path = sibling(stem, "_resume.pth")
     state = start_or_resume(resume_path, args.from_resume, partial(load_lora_state_dict, model, source=str(resume_path)),
-                            optimizer, scaler, info.rank, info.world_size, args.seed)
+                            optimizer, scaler, info.rank, info.world_size, args.seed,
+                            partial(check_resume_flags, args=args, world_size=info.world_size, n_train=len(data.train)))
     # Every rank reads the resume file: on several machines they must all see the same one.
     same_on_all_ranks(state.step, "the step to continue from", f"each reads {resume_path}: on several machines, "
                       "--save_dir must be a folder that all of them see (shared storage)", info)
@@ -155,12 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         state.wandb_id = getattr(wandb_run, "id", None)
 
     def save(final: bool) -> None:
-        """LoRA files + config JSON + resume file (rank 0 writes; every rank hands over its RNG state)."""
+        """LoRA files + config JSON + resume file (rank 0 writes; every rank hands over its RNG state), unless
+        the guard finds the run diverged: then the last good checkpoint stays as it is."""
+        ok = guard.allow_save(state.step, params, log, final, check_grads=scaler is None)
         rng = gather_objects(capture_rng(), info)
-        if not info.is_main:
+        if not ok or not info.is_main:
             return
         config = run_config(args, info, base.source, model, state.step, total_steps, lora_targets=targets,
-                            history=state.history)
+                            history=state.history, train_samples=len(data.train))
         if not args.use_dora:  # MiniMind's .pth layout has no DoRA magnitude; the PEFT directory holds it
             save_lora(model, sibling(stem, ".pth"))
         write_dir(stem, lambda d: save_lora(model, d, base_model_name_or_path=base.source))
@@ -168,10 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         save_resume(resume_path, lora_state_dict(model), optimizer, scaler, state, rng, config)
         if final:
             plot_losses(state.history, sibling(stem, "_loss.png"), f"LoRA {stem.name}")
+            if loader_note:
+                log.write(loader_note)
 
     # ------------------------------------------------------------------ loop
-    stop, guard = StopSignal(), NonFiniteGuard()
     log = RunLogger(info, total_steps, state.step, args.log_interval, state.history, wandb_run)
+    stop = StopSignal()
+    guard = DivergenceGuard(model.config.vocab_size, params, state.history["train"], resume_path, state.step)
+    loader_note = minimind_loader_note(model, targets, sibling(stem, ".pth"))
     log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
               "kill stops after the current step and saves" if state.step < total_steps else
               f"nothing to train: the run already reached step {total_steps}")
@@ -190,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params,
                                          lr, args.grad_clip, amp_dtype, flat_grads)
         state.advance(epoch, n_samples, len(data.train))
-        guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write, scaler is None)
+        guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write,
+                    check_grads=scaler is None)
         if state.step < total_steps and data.val_batches is not None and state.step % args.eval_interval == 0:
             log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
         if state.step < total_steps and state.step % args.save_interval == 0:
@@ -199,7 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------ finish
     if data.val_batches is not None and not stopped:
         log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
-    guard.check(log.flush(), log.write, scaler is None)  # steps since the last log line, e.g. when stopped
     save(final=True)
     log.close()
     if info.is_main:

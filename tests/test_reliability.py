@@ -1,0 +1,470 @@
+"""The trainer under attack: divergence, kills during saves, a full disk, hazardous save dirs, corrupt and
+mismatched files, nonsense flags, concurrent runs, and an exit with loader workers alive.
+
+Every bad input must end in a one-line `error:` naming the file or flag, exit status 2 and no traceback;
+no attack may change or lose a good file. Runs go through the scripts' own entry point in this process
+(tiny model, tiny data); only kills and the exit check use child processes. The module ends by printing
+one line: kills survived, bad inputs tried, tracebacks, files lost.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.atomic import SaveError, atomic_write_bytes
+from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
+from model.model_minimind import MiniMindForCausalLM
+from tests.train_utils import (
+    lora_args,
+    python,
+    run_inprocess,
+    run_timed,
+    save_tiny_minimind,
+    subprocess_env,
+    tiny_config,
+    tokenizer_dir,
+    write_chat_data,
+)
+from trainer.checkpoint import TrainState, atomic_save, load_resume, save_resume, write_dir
+from trainer.guard import DivergenceGuard, TrainingDiverged
+from trainer.save_dir import LORA_OUTPUTS, SaveDirError, lock_run, release_locks, remove_leftovers
+from trainer.train_lora import main
+
+TALLY = {"kills survived": 0, "bad inputs tried": 0, "tracebacks": 0, "files lost": 0}
+STEM = "lora_identity_64"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary(request):
+    """Print the module's one summary line, whatever the capture mode."""
+    yield
+    line = "reliability: " + ", ".join(f"{k} {v}" for k, v in TALLY.items())
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        print(f"\n{line}", flush=True)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny base, data, and a finished good run (2 epochs of 2 steps) whose files the attacks must keep."""
+    tokenizer_dir()
+    tmp = tmp_path_factory.mktemp("reliability")
+    weight = save_tiny_minimind(tmp / "full_sft_64.pth")
+    data = write_chat_data(tmp / "data.jsonl", 8)
+    good = tmp / "good"
+    flags = dict(batch_size=4, epochs=2, learning_rate=2e-2, lora_targets="q_proj,v_proj")
+    assert run_inprocess(main, lora_args(tmp, weight, data, save_dir=good, **flags)) == 0
+    assert not (good / f"{STEM}.lock").exists()  # let go when main() returned: a later run may start at once
+    return tmp, weight, data, good, flags
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under `folder` (the lock file aside), by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+
+
+def copy_run(good: Path, to: Path) -> Path:
+    """A copy of the good run's save dir to attack."""
+    shutil.copytree(good, to)
+    return to
+
+
+def refused(argv: list[str], capsys, *needles: str) -> str:
+    """Run the trainer on a bad input: exit 2, one `error:` line naming `needles`, no traceback, no training."""
+    TALLY["bad inputs tried"] += 1
+    code = run_inprocess(main, argv)
+    out, err = capsys.readouterr()
+    TALLY["tracebacks"] += "Traceback" in out + err
+    assert code == 2, out[-2000:] + err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not any(line.startswith("step ") for line in out.splitlines()), "it trained before refusing"
+    return lines[0]
+
+
+def kept(before: dict[str, str], folder: Path) -> None:
+    """Every file of `before` is still in `folder`, byte for byte."""
+    after = snapshot(folder)
+    lost = [name for name, digest in before.items() if after.get(name) != digest]
+    TALLY["files lost"] += len(lost)
+    assert not lost, lost
+
+
+# ------------------------------------------------------------------------- divergence
+
+def test_divergence_never_replaces_the_good_checkpoint(run, tmp_path, capsys):
+    tmp, weight, data, good, flags = run
+    out = copy_run(good, tmp_path / "out")
+    before = snapshot(out)
+    # Resumed at a learning rate of 1e4 (weight decay off, or the flag check stops it first), saving every step.
+    argv = lora_args(tmp, weight, data, save_dir=out, **{**flags, "epochs": 5, "learning_rate": 1e4,
+                                                         "weight_decay": 0, "save_interval": 1})
+    TALLY["bad inputs tried"] += 1
+    assert run_inprocess(main, argv + ["--from_resume", "1"]) == 2
+    printed, err = capsys.readouterr()
+    assert "note: --learning_rate was 0.02" in printed
+    assert "not saving" in err and f"{out / STEM}_resume.pth (step 4)" in err and "Traceback" not in err, err
+    kept(before, out)
+    # ... and the checkpoint it points at is good: the run continues from it at a sane rate.
+    assert run_inprocess(main, lora_args(tmp, weight, data, save_dir=out, **{**flags, "epochs": 3})
+                         + ["--from_resume", "1"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+
+
+def test_guard_spots_a_collapse_and_vets_saves(tmp_path):
+    params = [torch.nn.Parameter(torch.ones(4, 4))]
+    guard = DivergenceGuard(6400, params, [(1, 2.0), (2, 1.8)], tmp_path / "r.pth", step=2)
+    lines: list[str] = []
+    guard.check([(3, 1.7, 0.5)], lines.append, check_grads=True)
+    assert guard.vet_save(3, params) is None
+    guard.saved(3, params)
+    # A loss far above the last good save's: this save is skipped, the run goes on.
+    guard.check([(4, 6.0, 0.5)], lines.append, check_grads=True)
+    assert "far above" in guard.vet_save(4, params)
+    # Uniform output with a zero gradient: a collapse, whatever the loss's finiteness.
+    with pytest.raises(TrainingDiverged, match=r"collapsed.*ln\(vocab\) = 8.7641.*r.pth \(step 3\)"):
+        guard.check([(5, math.log(6400), 0.0)], lines.append, check_grads=True)
+    for bad in (float("nan"), 7e4):  # non-finite, and beyond float16 (the .pth would hold inf)
+        with torch.no_grad():
+            params[0][0, 0] = bad
+        with pytest.raises(TrainingDiverged, match=r"not saving.*step 3"):
+            guard.vet_save(6, params)
+
+
+# ------------------------------------------------------------------------- kills during saves
+
+def _save_forever(folder: Path, seed: int) -> None:
+    """Child process: write a run's files over and over (each time with new weights), as fast as it can."""
+    torch.manual_seed(seed)
+    model = MiniMindForCausalLM(tiny_config())
+    apply_lora(model, rank=4, targets="q_proj,v_proj")
+    params = lora_parameters(model)
+    opt = torch.optim.AdamW(params)
+    stem = folder / STEM
+    while True:
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        save_lora(model, stem.with_name(STEM + ".pth"))
+        write_dir(stem, lambda d: save_lora(model, d))
+        save_resume(stem.with_name(STEM + "_resume.pth"), {n: p.detach() for n, p in model.named_parameters()
+                                                           if p.requires_grad}, opt, None, TrainState(), [], {})
+
+
+def test_sigkill_during_saves_leaves_only_whole_files(tmp_path):
+    folder = tmp_path / "out"
+    rng = random.Random(0)
+    for kill in range(12):
+        pid = os.fork()
+        if pid == 0:  # the child never returns to pytest
+            try:
+                torch.set_num_threads(1)
+                _save_forever(folder, kill)
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0.2, 0.8))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        if not (folder / f"{STEM}_resume.pth").is_file():
+            continue  # killed before its first whole round of saves
+        # What a kill left half-written is hidden under unique names; the next run (lock, then clean up)
+        # removes it, and puts back a PEFT folder the kill caught moved aside.
+        lock = lock_run(folder / STEM)
+        remove_leftovers(folder / STEM, LORA_OUTPUTS)
+        lock.release()
+        assert not [p for p in folder.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
+        # Every file at its final name is whole: it loads (and the resume file's checksum matches).
+        assert load_resume(folder / f"{STEM}_resume.pth")["trainable"]
+        for path in (folder / f"{STEM}.pth", folder / STEM):
+            assert load_lora(MiniMindForCausalLM(tiny_config()), path)
+        TALLY["kills survived"] += 1
+    assert TALLY["kills survived"] >= 6
+
+
+# ------------------------------------------------------------------------- the disk and the save dir
+
+def test_full_disk_says_so_and_keeps_the_old_file(run, tmp_path, capsys):
+    tmp, weight, data, good, flags = run
+    target = tmp_path / "x.pth"
+    atomic_save({"old": torch.zeros(3)}, target)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))  # python ignores SIGXFSZ: writes fail EFBIG
+    try:
+        with pytest.raises(SaveError, match=rf"{target}: the disk is full or a file-size limit.*MiB free"):
+            atomic_save({"new": torch.zeros(100_000)}, target)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    TALLY["bad inputs tried"] += 1
+    assert torch.equal(torch.load(target)["old"], torch.zeros(3)) and os.listdir(tmp_path) == ["x.pth"]
+
+    # A whole run into a small tmpfs (where mounting is permitted): the resume file does not fit.
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (the RLIMIT_FSIZE part above ran)")
+    try:
+        argv = lora_args(tmp, weight, data, save_dir=mnt, **{**flags, "epochs": 1})
+        TALLY["bad inputs tried"] += 1
+        assert run_inprocess(main, argv) == 2
+        out, err = capsys.readouterr()
+        assert "the disk is full" in err and "Traceback" not in err, err
+        assert not [p for p in mnt.iterdir() if p.name.startswith(".")]  # no partial temp file
+        load_resume(mnt / f"{STEM}_resume.pth")  # none, or a whole one: --from_resume 1 works either way
+    finally:
+        release_locks()  # the run's lock file is open on the mount
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_hazardous_save_dirs_are_refused_before_training(run, tmp_path, capsys):
+    tmp, weight, data, good, flags = run
+
+    def argv(**over: object) -> list[str]:
+        return lora_args(tmp, weight, data, **{**flags, "epochs": 1, **over})
+
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    refused(argv(save_dir=a_file), capsys, "--save_dir", "is a file")
+    refused(argv(save_dir=a_file / "sub"), capsys, "--save_dir")
+    refused(argv(save_dir=tmp_path / "o", lora_name="../../x"), capsys, "--lora_name", "plain file name")
+    clash = tmp_path / "clash"
+    (clash / f"{STEM}.pth").mkdir(parents=True)
+    refused(argv(save_dir=clash), capsys, f"{STEM}.pth exists as a folder")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(ro)],
+                      capture_output=True).returncode == 0:
+        try:
+            refused(argv(save_dir=ro), capsys, f"--save_dir {ro} is not writable")
+        finally:
+            release_locks()
+            subprocess.run(["umount", str(ro)], check=True)
+
+    # A planted symlink at the old fixed temp name, and a user's own `<stem>.old/` and `<stem>.tmp/`, are
+    # never written through or deleted; the files are readable by other users (0644 under umask 022).
+    out = tmp_path / "planted"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (out / f"{STEM}.pth.tmp").symlink_to(victim)
+    for name in (f"{STEM}.old", f"{STEM}.tmp"):
+        (out / name).mkdir()
+        (out / name / "mine.txt").write_text("mine")
+    old_umask = os.umask(0o022)
+    try:
+        assert run_inprocess(main, argv(save_dir=out)) == 0
+    finally:
+        os.umask(old_umask)
+    capsys.readouterr()
+    assert victim.read_text() == "keep me" and (out / f"{STEM}.old" / "mine.txt").is_file()
+    assert (out / f"{STEM}.tmp" / "mine.txt").is_file()
+    for path in (out / f"{STEM}.pth", out / STEM / "adapter_model.safetensors", out / f"{STEM}_resume.pth"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_two_runs_on_one_save_dir(run, tmp_path, capsys):
+    tmp, weight, data, good, flags = run
+    out = copy_run(good, tmp_path / "out")
+    before = snapshot(out)
+    holder = subprocess.Popen([python(), "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(out / (STEM + '.lock'))!r}, os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, b'pid 4242 on elsewhere')\n"
+                               "print('locked', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        refused(lora_args(tmp, weight, data, save_dir=out, **flags) + ["--from_resume", "1"], capsys,
+                "another run (pid 4242 on elsewhere)", "--lora_name or --save_dir")
+    finally:
+        holder.kill()
+        holder.wait()
+    kept(before, out)
+    # The holder died: its lock went with it (a killed run never blocks the next) ...
+    held = lock_run(out / STEM)
+    pid = os.fork()
+    if pid == 0:  # ... and now this process holds it: another one is refused
+        try:
+            lock_run(out / STEM)
+            os._exit(0)
+        except SaveDirError:
+            os._exit(3)
+        finally:
+            os._exit(1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 3
+    held.release()
+    assert not (out / f"{STEM}.lock").exists()  # a finished run leaves no lock file
+
+
+# ------------------------------------------------------------------------- corrupt and mismatched files
+
+def test_corrupt_resume_files_are_refused(run, tmp_path, capsys):
+    tmp, weight, data, good, flags = run
+    resume = good / f"{STEM}_resume.pth"
+    raw = resume.read_bytes()
+    flipped = bytearray(raw)
+    ckpt = torch.load(resume, weights_only=False)
+    # Flip bytes inside a tensor's data: the zip still reads, only the checksum notices.
+    first = next(iter(ckpt["trainable"].values()))
+    needle = first.reshape(-1)[:4].numpy().tobytes()
+    at = raw.index(needle)
+    flipped[at:at + 4] = bytes(b ^ 0xFF for b in flipped[at:at + 4])
+    cases = {
+        "truncated": (raw[: len(raw) // 2], "cannot read the resume file"),
+        "text": (b"hello\n", "cannot read the resume file"),
+        "a LoRA .pth": ((good / f"{STEM}.pth").read_bytes(), "only LoRA weights"),
+        "MiniMind's resume": (None, "MiniMind's own resume checkpoint"),
+        "a list": (None, "holds a list"),
+        "bit flips": (bytes(flipped), "checksum does not match"),
+    }
+    for name, (content, needle) in cases.items():
+        out = tmp_path / name.replace(" ", "_").replace("'", "")
+        out.mkdir()
+        if name == "MiniMind's resume":
+            torch.save({"model": {}, "optimizer": {}, "epoch": 0, "step": 3, "world_size": 1}, out / resume.name)
+        elif name == "a list":
+            torch.save([1, 2], out / resume.name)
+        else:
+            (out / resume.name).write_bytes(content)
+        line = refused(lora_args(tmp, weight, data, save_dir=out, **flags) + ["--from_resume", "1"], capsys,
+                       needle)
+        assert str(out / resume.name) in line
+
+
+def test_corrupt_base_and_wrong_tokenizer_are_refused(run, tmp_path, capsys):
+    tmp, weight, data, good, flags = run
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(weight.read_bytes()[:5000])
+    text = tmp_path / "text.pth"
+    text.write_text("this is not a checkpoint\n")
+    for bad in (truncated, text):
+        refused(lora_args(tmp, bad, data, save_dir=tmp_path / "o", **flags), capsys, str(bad),
+                "cannot be read as a PyTorch state dict")
+    # A 6400-token MiniMind without --tokenizer_path: the repo's own tokenizer has another vocabulary.
+    argv = lora_args(tmp, weight, data, save_dir=tmp_path / "o", **flags)
+    at = argv.index("--tokenizer_path")
+    refused(argv[:at] + argv[at + 2:], capsys, "vocabulary has 6400 tokens", "--tokenizer_path")
+
+
+def test_resume_refuses_changed_math_or_data(run, tmp_path, capsys):
+    tmp, weight, data, good, flags = run
+    shorter = write_chat_data(tmp_path / "short.jsonl", 3)
+    for change, needle in ((dict(lora_alpha=64), "--lora_alpha"), (dict(lora_dropout=0.1), "--lora_dropout"),
+                           (dict(batch_size=2), "samples per optimizer step"), (dict(max_seq_len=64), "--max_seq_len"),
+                           (dict(lora_targets="q_proj"), "--lora_targets"), (dict(data_path=shorter), "3 training samples")):
+        argv = lora_args(tmp, weight, data, save_dir=good, **{**flags, **change}) + ["--from_resume", "1"]
+        refused(argv, capsys, needle, "cannot continue this run with changed settings")
+
+
+# ------------------------------------------------------------------------- flags
+
+BAD_FLAGS = [
+    ("num_workers", -1), ("device", "tpu9"), ("device", "cuda:x"), ("learning_rate", "nan"), ("learning_rate", -1),
+    ("learning_rate", "inf"), ("learning_rate", 0), ("weight_decay", 1e10), ("weight_decay", "nan"),
+    ("weight_decay", -0.1), ("grad_clip", "inf"), ("max_seq_len", -5), ("max_seq_len", 1), ("warmup_iters", -3),
+    ("dist_timeout", "inf"), ("dist_timeout", 0), ("batch_size", 0), ("epochs", -2), ("val_fraction", 1.5),
+    ("val_fraction", "nan"), ("max_steps", 0), ("lora_name", ".."), ("lora_name", "a/b"), ("chat_template", "missing"),
+    ("chat_template", "broken"), ("chat_template", "empty"), ("chat_template", "binary"),
+]
+
+
+def test_nonsense_flags_name_the_flag_and_exit_2(run, tmp_path, capsys):
+    tmp, weight, data, good, flags = run
+    templates = {"missing": tmp_path / "none.jinja", "broken": tmp_path / "broken.jinja",
+                 "empty": tmp_path / "empty.jinja", "binary": tmp_path / "binary.jinja"}
+    templates["broken"].write_text("{% for m in messages %}\n{{ m.content }\n")
+    templates["empty"].write_text("  \n")
+    templates["binary"].write_bytes(b"\xff\xfe\x00bad")
+    for flag, value in BAD_FLAGS:
+        value = templates.get(value, value) if flag == "chat_template" else value
+        line = refused(lora_args(tmp, weight, data, save_dir=tmp_path / "o", **{**flags, flag: value}), capsys,
+                       f"--{flag}")
+        if value == templates["broken"]:
+            assert f"{value}:2:" in line  # the template's line
+    # Values argparse itself rejects (wrong type) also exit 2 with a usage line, no traceback.
+    for flag, value in (("batch_size", "four"), ("learning_rate", "fast"), ("packing", "maybe")):
+        TALLY["bad inputs tried"] += 1
+        assert run_inprocess(main, lora_args(tmp, weight, data, **{**flags, flag: value})) == 2
+        err = capsys.readouterr().err
+        TALLY["tracebacks"] += "Traceback" in err
+        assert f"--{flag}" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------- exit with loader workers
+
+EXIT_SCRIPT = """
+import torch
+from trainer.data import StepSampler, make_loader
+
+sampler = StepSampler(64, 2, 1, 0, 1, 0)
+sampler.set_epoch(0)
+samples = [(torch.arange(5), torch.arange(5))] * 64
+loader = make_loader(samples, sampler, lambda b: {"input_ids": torch.stack([x for x, _ in b]),
+                                                  "labels": torch.stack([y for _, y in b])}, 2, False)
+batches = iter(loader)  # alive at exit, its workers mid-epoch: they ignore SIGTERM
+next(batches)
+print("done: one batch", flush=True)
+"""
+
+
+def test_process_exits_promptly_with_loader_workers_alive(tmp_path):
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT)
+    run = run_timed([python(), str(script)], cwd=tmp_path, env=subprocess_env(), timeout=120)
+    assert run.returncode == 0 and "Traceback" not in run.output, run.output[-2000:]
+    assert run.exit_lag is not None and run.exit_lag < 20, run.exit_lag  # before: no exit at all
+
+
+def test_written_files_are_readable_by_others_and_leave_no_litter(tmp_path):
+    from safetensors.torch import save_file
+
+    old_umask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", json.dumps({"x": 1}).encode())
+        # safetensors' own writer makes 0600 files (a model directory's weights): write_dir opens them up.
+        write_dir(tmp_path / "model", lambda d: (d.mkdir(), save_file({"w": torch.ones(2)}, d / "model.safetensors")))
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "model"]
+
+
+# ------------------------------------------------------------------------- a peer rank dies
+
+def test_rank_that_sees_a_peer_die_prints_one_line(capsys, monkeypatch):
+    """A collective failing because another rank is gone is reported in one line, not a traceback (the
+    rank that really failed prints its own); the job's own bugs keep their traceback."""
+    import torch.distributed as dist
+
+    from trainer.engine import run_job
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)  # no torchrun store to announce to
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    def peer_gone() -> None:
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500")
+
+    with pytest.raises(SystemExit) as exc:
+        run_job(peer_gone)
+    err = capsys.readouterr().err
+    TALLY["bad inputs tried"] += 1
+    TALLY["tracebacks"] += "Traceback" in err
+    assert exc.value.code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines() == ["rank 0 failed: RuntimeError: [gloo/transport/tcp/pair.cc:534] Connection "
+                                        "closed by peer [127.0.0.1]:29500 (a collective failed: another rank "
+                                        "probably failed first; see its message)"]
+    assert not dist.is_initialized()  # run_job left the group
