@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     template = Path(args.chat_template).read_text() if args.chat_template else None
     make_dataset = partial(SFTDataset, tokenizer=base.tokenizer, max_length=args.max_seq_len,
                            skip_invalid=args.skip_bad_data, chat_template=template,
-                           log=print if info.is_main else None)
+                           template_name=args.chat_template, log=print if info.is_main else None)
 
     # ------------------------------------------------------------------ train (trainer/full_training.py)
     return train_all_weights(args, info, amp_dtype, base, make_dataset, JOB, title="full SFT")

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------ data
     template = Path(args.chat_template).read_text() if args.chat_template else None
     make = partial(SFTDataset, tokenizer=base.tokenizer, max_length=args.max_seq_len, skip_invalid=args.skip_bad_data,
-                   chat_template=template, log=print if info.is_main else None)
+                   chat_template=template, template_name=args.chat_template, log=print if info.is_main else None)
     data = prepare_data(make, args, info, pad_id=base.tokenizer.pad_token_id or 0)
     if info.is_main:
         print(data.note, flush=True)
