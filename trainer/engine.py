@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -79,6 +80,10 @@ def compile_decoder(model: nn.Module, cuda_graphs: bool, per_layer: bool = False
     compiled, for the start-up line.
     """
     mode = "reduce-overhead" if cuda_graphs else None
+    if per_layer and cuda_graphs:
+        # During the warm-up steps the next layer's forward runs while an earlier layer's backward is pending,
+        # so those steps run without graphs; the steady steps replay them. Not worth a line in users' logs.
+        warnings.filterwarnings("ignore", message="Unable to hit fast path of CUDAGraphs")
     layers = getattr(model.model, "layers", None)
     if per_layer and layers is not None:
         for layer in layers:
@@ -102,7 +107,7 @@ def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled
     decoder = getattr(model, "model", None)
     needs = {"--packing": packing, "--use_compile 1": compiled, "--compile_scope model": not per_layer,
              "a CUDA device": device.type == "cuda",
-             "a MiniMind model (transformers' models keep their own attention)": hasattr(decoder, "packed_attention")}
+             "MiniMind's decoder (transformers' own classes keep their own attention)": hasattr(decoder, "packed_attention")}
     missing = [what for what, ok in needs.items() if not ok]
     if choice == "flex" and missing:
         raise UserError(f"--attention flex needs {', '.join(missing)}; use --attention auto or sdpa")
