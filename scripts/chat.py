@@ -26,7 +26,7 @@ from transformers.utils import logging as transformers_logging
 
 from model.errors import UserError, exit_on_user_error
 from model.model_lora import load_lora, merge_lora
-from scripts.load import add_base_flags, load_from_flags, resolve_device
+from trainer.base_flags import add_base_flags, load_from_flags, resolve_device
 
 PROMPTS = [
     "who are you?",

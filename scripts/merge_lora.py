@@ -14,7 +14,7 @@
 A MiniMind base is written as `{save_dir}/{save_weight}_{hidden}{_moe}.pth` (MiniMind's own state-dict
 layout and naming, as its eval_llm.py loads them; load_minimind opens it too) and as `{save_dir}/{save_weight}_{hidden}{_moe}_hf/`, a transformers
 architecture that computes the same function: minimind-3 → Qwen3ForCausalLM / Qwen3MoeForCausalLM,
-minimind2 → LlamaForCausalLM / Qwen2MoeForCausalLM (see scripts/hf_export.py). A transformers base is
+minimind2 → LlamaForCausalLM / Qwen2MoeForCausalLM (see model/hf_export.py). A transformers base is
 written as `{save_dir}/{save_weight}_hf/` in its own architecture. The merge runs in float32; the files
 are then cast to --dtype.
 """
@@ -28,9 +28,9 @@ from torch import nn
 from transformers.utils import logging as transformers_logging
 
 from model.errors import exit_on_user_error
+from model.hf_export import ExportError, export_minimind
 from model.model_lora import load_lora, merge_lora
-from scripts.hf_export import ExportError, export_minimind
-from scripts.load import add_base_flags, is_minimind, load_from_flags
+from trainer.base_flags import add_base_flags, is_minimind, load_from_flags
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Everything a tokenizer folder may hold; copied as-is so the export tokenizes exactly like the base.
