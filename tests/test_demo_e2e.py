@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.generate import generate_reply
 from model.model_lora import load_lora
-from scripts.chat import generate_reply
 from trainer.base_model import DEMO_BASE, load_base
 
 REPO = Path(__file__).resolve().parents[1]
