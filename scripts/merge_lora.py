@@ -16,7 +16,7 @@ layout and naming, as its eval_llm.py loads them; load_minimind opens it too) an
 architecture that computes the same function: minimind-3 → Qwen3ForCausalLM / Qwen3MoeForCausalLM,
 minimind2 → LlamaForCausalLM / Qwen2MoeForCausalLM (see model/hf_export.py). A transformers base is
 written as `{save_dir}/{save_weight}_hf/` in its own architecture. The merge runs in float32; the files
-are then cast to --dtype.
+are then written in the base's own dtype, or in --dtype.
 """
 
 import argparse
@@ -30,28 +30,21 @@ from transformers.utils import logging as transformers_logging
 from model.errors import exit_on_user_error
 from model.hf_export import ExportError, export_minimind
 from model.model_lora import load_lora, merge_lora
-from trainer.base_flags import add_base_flags, is_minimind, load_from_flags
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# Everything a tokenizer folder may hold; copied as-is so the export tokenizes exactly like the base.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-)
+from trainer.base_flags import add_base_flags, is_minimind
+from trainer.base_model import TOKENIZER_FILES, load_base
+from trainer.engine import DTYPES
 
 
-def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object]:
-    """The base (float32, CPU) with the LoRA folded into its weights and plain nn.Linear layers back."""
-    model, tokenizer = load_from_flags(args, torch.device("cpu"), torch.float32)
+def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object, torch.dtype]:
+    """The base with the LoRA folded into its weights in float32 (CPU, plain nn.Linear layers back), its
+    tokenizer, and the dtype the base was stored in."""
+    base = load_base(args.from_weight, args.save_dir, None, args.hidden_size, args.num_hidden_layers,
+                     args.use_moe, args.tokenizer_path)  # dtype None: as stored (.pth tensors, config.json)
+    stored = next(base.model.parameters()).dtype
+    model = base.model.float().eval()
     load_lora(model, args.lora_path)
     merge_lora(model, unload=True)
-    return model, tokenizer
+    return model, base.tokenizer, stored
 
 
 def copy_tokenizer(tokenizer: object, dst: Path) -> list[str]:
@@ -74,8 +67,9 @@ def save_minimind_pth(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
 
 def export(args: argparse.Namespace) -> list[Path]:
     """Merge and write every output for the base's kind; print and return the paths written."""
-    model, tokenizer = merged_model(args)
-    dtype = DTYPES[args.dtype]
+    model, tokenizer, stored = merged_model(args)
+    dtype = DTYPES[args.dtype] if args.dtype else stored
+    dtype_name = str(dtype).removeprefix("torch.")
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     print(f"merged {args.lora_path} into the base")
@@ -85,7 +79,7 @@ def export(args: argparse.Namespace) -> list[Path]:
         stem = f"{args.save_weight}_{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}"
         save_minimind_pth(model, save_dir / f"{stem}.pth", dtype)
         outputs.append(save_dir / f"{stem}.pth")
-        print(f"MiniMind checkpoint ({args.dtype}): {outputs[-1]}")
+        print(f"MiniMind checkpoint ({dtype_name}): {outputs[-1]}")
         hf_dir = save_dir / f"{stem}_hf"
         try:
             arch = export_minimind(model.state_dict(), cfg, hf_dir, dtype)
@@ -97,8 +91,10 @@ def export(args: argparse.Namespace) -> list[Path]:
         model.to(dtype).save_pretrained(hf_dir)
         arch = type(model).__name__
     copied = copy_tokenizer(tokenizer, hf_dir)
+    for f in hf_dir.iterdir():  # safetensors writes 0600; a shared --save_dir needs others to read it too
+        f.chmod(0o644)
     outputs.append(hf_dir)
-    print(f"transformers model directory ({arch}, {args.dtype}, tokenizer: {', '.join(copied)}): {hf_dir}")
+    print(f"transformers model directory ({arch}, {dtype_name}, tokenizer: {', '.join(copied)}): {hf_dir}")
     return outputs
 
 
@@ -118,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
-        default="float16",
-        help="dtype of the written weights (default float16, like MiniMind's releases)",
+        default=None,
+        help="dtype of the written weights (default: the base's own, e.g. float16 for MiniMind's releases "
+        "and the demo base, bfloat16 for a bf16 Qwen3)",
     )
     return p
 

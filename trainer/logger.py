@@ -139,3 +139,12 @@ def plot_losses(history: dict, path: Path, title: str) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
+
+
+def shown_path(path: str | Path) -> str:
+    """`path` as the user can type it: relative to the working directory when inside it, else absolute."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

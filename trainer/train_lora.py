@@ -72,7 +72,7 @@ from trainer.engine import (
     wrap_ddp,
 )
 from trainer.fsdp import parameters_held, shard_frozen_base
-from trainer.logger import RunLogger, plot_losses, start_wandb
+from trainer.logger import RunLogger, plot_losses, shown_path, start_wandb
 from trainer.loss import SupervisedLoss
 from trainer.schedule import lr_at
 
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if stopped:
             print(f"stopped at step {state.step}/{total_steps}; resume with:\n  {resume_command(info)}", flush=True)
         else:
-            print(f"done: {sibling(stem, '.pth')} and {stem}/ (step {state.step}/{total_steps})", flush=True)
+            print(f"done: {shown_path(sibling(stem, '.pth'))} and {shown_path(stem)}/ (step {state.step}/{total_steps})", flush=True)
     return 0
 
 
