@@ -486,10 +486,13 @@ def print_sft_table(rows: list[dict], title: str) -> None:
               f"{r['pad_frac']:>6.0%}{r['loss']:>8.4f}{r['mfu']:>6.0%}{fmt(r['peak_gib'], '.2f'):>9}")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's command lines as written and shows each flag's default."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, run each configuration in its own process, print the table(s), optionally save JSON."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     g = p.add_argument_group("what to run")
     g.add_argument("--shape", default="qwen3-0.6b", choices=[s for s in SHAPES if s != "tiny"])

@@ -2,15 +2,18 @@
 
     # the demo base on the built-in prompts (greedy, so every run prints the same answers)
     python scripts/chat.py
-    # base vs base+LoRA on the same prompts, answers one under the other
-    python scripts/chat.py --lora_path out/lora_identity_64.pth --compare
-    # your own prompts, one answer per model each
-    python scripts/chat.py --lora_path out/lora_identity_64.pth --compare --prompt "who are you?" --prompt "hi"
-    # a MiniMind release (.pth) with MiniMind's tokenizer, on GPU, talking with history
+    # base vs base+LoRA on the same prompts, one answer under the other (after `python trainer/train_lora.py`)
+    python scripts/chat.py --lora_path out/lora_identity_256.pth --compare
+    # your own prompts, shorter replies, no repetition penalty
+    python scripts/chat.py --lora_path out/lora_identity_256.pth --compare --prompt "who are you?" --prompt "hi" \\
+        --max_new_tokens 32 --repetition_penalty 1.0
+    # type your own prompts, history kept (arrow keys edit the line; an empty line or Ctrl-D quits)
+    python scripts/chat.py --lora_path out/lora_identity_256 --interactive
+    # the merged export of `python scripts/merge_lora.py --lora_path out/lora_identity_256.pth`, sampling
+    python scripts/chat.py --from_weight out/merged_256_hf --temperature 0.8 --top_p 0.9
+    # with MiniMind's released weights in out/ and its tokenizer: on GPU, talking with history
     python scripts/chat.py --from_weight out/full_sft_768.pth --tokenizer_path ~/minimind/model \\
         --lora_path out/lora_medical_768.pth --device cuda --interactive
-    # any transformers model directory (e.g. a merged export), sampling instead of greedy
-    python scripts/chat.py --from_weight out/merged_64_hf --temperature 0.8 --top_p 0.9
 
 Replies stream token by token as they decode; each ends with its length and speed in tokens/s.
 """

@@ -1,15 +1,16 @@
 """Merge a LoRA into its base and export: a MiniMind `.pth` and a model directory plain transformers opens.
 
-    # the demo base + a LoRA trained on it → out/merged_64.pth and out/merged_64_hf/
-    python scripts/merge_lora.py --lora_path out/lora_identity_64.pth
-    # a MiniMind release: MiniMind's tokenizer is copied into the transformers directory
+    # the demo base + the LoRA `python trainer/train_lora.py` trains → out/merged_256.pth and out/merged_256_hf/
+    python scripts/merge_lora.py --lora_path out/lora_identity_256.pth
+    # with MiniMind's released weights in out/: MiniMind's tokenizer is copied into the transformers directory
     python scripts/merge_lora.py --from_weight out/full_sft_768.pth --tokenizer_path ~/minimind/model \\
         --lora_path out/lora_medical_768.pth --save_weight full_sft_medical
-    # a transformers base (e.g. Qwen3): merged and written back as the same architecture
-    python scripts/merge_lora.py --from_weight ~/models/Qwen3-0.6B --lora_path out/lora_qwen --save_weight qwen_merged
+    # a transformers base (e.g. Qwen3, a LoRA trained with --from_weight ~/models/Qwen3-0.6B --lora_name lora_qwen
+    # saved as out/lora_qwen_1024/): merged and written back as the same architecture, in the base's dtype
+    python scripts/merge_lora.py --from_weight ~/models/Qwen3-0.6B --lora_path out/lora_qwen_1024 --save_weight qwen_merged
 
     # then, with no MiniLoRA code at all:
-    python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('out/merged_64_hf')"
+    python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('out/merged_256_hf')"
 
 A MiniMind base is written as `{save_dir}/{save_weight}_{hidden}{_moe}.pth` (MiniMind's own state-dict
 layout and naming, as its eval_llm.py loads them; load_minimind opens it too) and as `{save_dir}/{save_weight}_{hidden}{_moe}_hf/`, a transformers
