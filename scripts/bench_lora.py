@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sft_mix or args.tiny:
         sft = dict(base, shape="tiny" if args.tiny else "minimind3-64m", batch=32 if not args.tiny else 4,
                    packed_rows=6 if not args.tiny else 1, targets="q_proj,o_proj", lr=5e-4, pad_mask=False,
-                   compile_mode=None, autocast=False,  # as measured in session 1; padded layouts vary in shape
+                   compile_mode=None, autocast=False,  # as in the SFT-mix runs of docs/PERF.md; padded layouts vary in shape
                    samples=args.samples, warmup=args.warmup)
         names = args.variants.split(",") if args.variants and args.sft_mix else list(SFT_VARIANTS)
         configs = [(name, {**DEFAULTS, **sft, **opts}) for name, opts in (parse(s, SFT_VARIANTS) for s in names)]
