@@ -5,13 +5,13 @@ scripts/chat.py and scripts/eval_lora.py answer with this code and offer the sam
 """
 
 import argparse
-import inspect
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from model.errors import UserError
+from model.hf_compat import cache_kwargs, cache_of
 
 
 def add_generation_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -91,11 +91,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
     return int(order[pick.to(order.device)])
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """The forward's name for the KV cache: `cache` (transformers 5.2x) or `past_key_values` (older, MiniMind)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def render_prompt(tokenizer: object, messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
     """The token ids of `messages` through the chat template, ending with the assistant's turn opened."""
     if getattr(tokenizer, "chat_template", None) is None:
@@ -135,13 +130,12 @@ def generate_reply(
     seen = torch.tensor(sorted(set(prompt)), dtype=torch.long, device=device)
     stops = stop_token_ids(model, tokenizer)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    cache_kwarg = _cache_kwarg(model)
     out: list[int] = []
     shown = ""
     cache = None
     for _ in range(max_new_tokens):
-        step = model(ids, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
-        cache = step.cache if getattr(step, "cache", None) is not None else step.past_key_values
+        step = model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+        cache = cache_of(step)
         logits = penalize_repeats(step.logits[0, -1], seen, repetition_penalty)
         token = sample_next(logits, temperature, top_p, gen)
         if token in stops:

@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from model.errors import UserError
+from model.hf_compat import CACHE_NAME
 
 
 class ModelConfigError(UserError):
@@ -321,6 +322,32 @@ class MiniMindBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h)), None
 
 
+# Keyword arguments transformers' `generate` may pass that carry nothing this model needs: positions come
+# from the cache length, and outputs are always a dataclass.
+IGNORED_GENERATION_KWARGS = {"return_dict", "cache_position"}
+# Accepted only when false: this model returns neither per-layer attentions nor hidden states.
+UNSUPPORTED_OUTPUTS = {"output_attentions", "output_hidden_states"}
+
+
+def check_generation_kwargs(kwargs: dict) -> None:
+    """Refuse keyword arguments the forward would otherwise drop without a word."""
+    unknown = sorted(set(kwargs) - IGNORED_GENERATION_KWARGS - UNSUPPORTED_OUTPUTS)
+    if unknown:
+        raise TypeError(f"MiniMind forward got unexpected keyword arguments {unknown}; it takes input_ids, "
+                        "attention_mask, position_ids, cache (or past_key_values), use_cache, inputs_embeds, "
+                        f"labels, logits_to_keep and ignores {sorted(IGNORED_GENERATION_KWARGS)}")
+    asked = sorted(name for name in UNSUPPORTED_OUTPUTS if kwargs.get(name))
+    if asked:
+        raise ValueError(f"MiniMind does not return {asked}; pass them as False (the default)")
+
+
+def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache given under either name (transformers renamed `past_key_values` to `cache`)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
+
 AttentionMask = torch.Tensor | BlockMask | None
 
 
@@ -418,8 +445,14 @@ class MiniMindModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool | None = None, inputs_embeds: torch.Tensor | None = None,
-                **kwargs) -> MiniMindModelOutput:
-        """Run the decoder; see `build_attention_mask` for how padding and packing are read."""
+                cache: Cache | None = None, **kwargs) -> MiniMindModelOutput:
+        """Run the decoder; see `build_attention_mask` for how padding and packing are read.
+
+        The KV cache comes as `cache` (transformers >= 5.2x) or `past_key_values` (older); other keyword
+        arguments are checked by `check_generation_kwargs`.
+        """
+        check_generation_kwargs(kwargs)
+        past_key_values = one_cache(cache, past_key_values)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         bsz, seq_len, _ = x.shape
         # A cache only when one is passed in or asked for (generate does both): a training forward
@@ -442,8 +475,8 @@ class MiniMindModel(nn.Module):
                 x, aux = layer(x, cos, sin, attn_mask, is_causal, past_key_values)
             if aux is not None:
                 aux_loss = aux_loss + aux
-        return MiniMindModelOutput(last_hidden_state=self.norm(x), past_key_values=past_key_values,
-                                   aux_loss=aux_loss)
+        return MiniMindModelOutput(last_hidden_state=self.norm(x), aux_loss=aux_loss,
+                                   **{CACHE_NAME: past_key_values})
 
 
 class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
@@ -461,10 +494,12 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 past_key_values: Cache | None = None, use_cache: bool | None = None,
                 logits_to_keep: int | torch.Tensor = 0, inputs_embeds: torch.Tensor | None = None,
-                **kwargs) -> MiniMindCausalLMOutput:
+                cache: Cache | None = None, **kwargs) -> MiniMindCausalLMOutput:
         """Logits (only the last `logits_to_keep` positions when > 0) and, with `labels`, the loss."""
+        check_generation_kwargs(kwargs)
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds)
+                         past_key_values=one_cache(cache, past_key_values), use_cache=use_cache,
+                         inputs_embeds=inputs_embeds)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
@@ -475,8 +510,8 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         if labels is not None:
             shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
             loss = F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100) + out.aux_loss
-        return MiniMindCausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                      aux_loss=out.aux_loss)
+        return MiniMindCausalLMOutput(loss=loss, logits=logits, aux_loss=out.aux_loss,
+                                      **{CACHE_NAME: getattr(out, CACHE_NAME)})
 
 
 AutoConfig.register("minimind", MiniMindConfig, exist_ok=True)

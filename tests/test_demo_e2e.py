@@ -6,7 +6,6 @@ checks greedy answers: the LoRA answers as Lumen by Aurora Lab, the base alone d
 """
 
 import copy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from model.generate import generate_reply
 from model.model_lora import load_lora
+from tests.train_utils import run_cli
 from trainer.base_model import DEMO_BASE, load_base
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
     # From inside trainer/, as MiniMind users run it; defaults pick the demo base and the identity data.
     cmd = [sys.executable, "train_lora.py", "--save_dir", str(out), "--max_steps", "60",
            "--learning_rate", "1e-3", "--log_interval", "20"]
-    run = subprocess.run(cmd, cwd=REPO / "trainer", capture_output=True, text=True, timeout=600)
+    run = run_cli(cmd, timeout=1800, cwd=REPO / "trainer")   # ~3 min on 2 free cores
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"base {DEMO_BASE}" in run.stdout and "dataset/lora_identity.jsonl: kept 400 samples" in run.stdout
     return out / "lora_identity_256.pth", run.stdout

@@ -1,7 +1,6 @@
 """chat.py: cached decoding equals a plain greedy loop, top-p keeps the nucleus, and the CLI compares."""
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from scripts import chat, eval_lora, merge_lora, visualize_lora
 from scripts.chat import PROMPTS, parse_args
+from tests.train_utils import run_cli as run_process
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers" / "minimind"
 CHAT_PY = Path(__file__).resolve().parents[1] / "scripts" / "chat.py"
@@ -202,9 +202,7 @@ def model_dir(tmp_path_factory, tokenizer):
 
 
 def run_cli(*flags: str, stdin: str = "") -> str:
-    result = subprocess.run(
-        [sys.executable, str(CHAT_PY), *flags], input=stdin, capture_output=True, text=True, timeout=300
-    )
+    result = run_process([sys.executable, str(CHAT_PY), *flags], timeout=600, input=stdin)
     assert result.returncode == 0, result.stderr
     return result.stdout
 

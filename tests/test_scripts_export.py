@@ -241,7 +241,7 @@ def test_transformers_export_matches_base_plus_lora(exports, name):
 
 def test_transformers_base_matches_peft(exports):
     """The merged transformers directory equals PEFT's own base + adapter."""
-    from peft import PeftModel
+    PeftModel = pytest.importorskip("peft").PeftModel
 
     cases, got = exports
     base_dir, adapter = cases["qwen3_dir"]["peft"]

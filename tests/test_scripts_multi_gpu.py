@@ -3,18 +3,17 @@ part end to end with tiny shapes on CPU (gloo), through the same code."""
 
 import json
 import math
-import subprocess
 
 import pytest
 
-from tests.train_utils import REPO, python, subprocess_env
+from tests.train_utils import REPO, python, run_cli, subprocess_env
 
 
 @pytest.mark.slow
 def test_cpu_smoke_runs_every_part(tmp_path):
     out = tmp_path / "out"
-    run = subprocess.run([python(), str(REPO / "scripts" / "multi_gpu_check.py"), "--cpu-smoke", "--out", str(out)],
-                         cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    run = run_cli([python(), str(REPO / "scripts" / "multi_gpu_check.py"), "--cpu-smoke", "--out", str(out)],
+                  timeout=600, cwd=tmp_path, env=subprocess_env())
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
 

@@ -11,6 +11,7 @@ from tests.train_utils import (
     REPO,
     lora_args,
     python,
+    run_cli,
     save_tiny_minimind,
     subprocess_env,
     tokenizer_dir,
@@ -24,7 +25,7 @@ def _profile(tmp: Path, steps: str, *extra: str) -> subprocess.CompletedProcess:
     weight, data = save_tiny_minimind(tmp / "full_sft_64.pth"), write_chat_data(tmp / "data.jsonl", 9)
     cmd = [python(), str(REPO / "scripts" / "bench" / "profile_trainer.py"), "--steps", steps, "--out",
            str(tmp / "prof"), *extra, "--", *lora_args(tmp, weight, data, batch_size=2, max_steps=4)]
-    run = subprocess.run(cmd, cwd=tmp, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    run = run_cli(cmd, timeout=600, cwd=tmp, env=subprocess_env())
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "done: " in run.stdout  # the run itself went on to its end
     return run

@@ -117,9 +117,11 @@ def run_timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 2
               mark: str = "done: ") -> Finished:
     """Run `cmd`, timestamping its output lines, so a test can say how fast it exits after the first line
     that starts with `mark` (by default, the line a finished run prints)."""
+    timeout = scaled(timeout)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killer = threading.Timer(timeout, proc.kill)
+    killed = threading.Event()
+    killer = threading.Timer(timeout, lambda: (killed.set(), proc.kill()))
     killer.start()
     lines, done_at = [], None
     for line in proc.stdout:
@@ -129,7 +131,30 @@ def run_timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 2
     proc.wait()
     killer.cancel()
     end = time.monotonic()
+    if killed.is_set():
+        fail_slow(cmd, timeout, "".join(lines))
     return Finished(proc.returncode, "".join(lines), end - start, None if done_at is None else end - done_at)
+
+
+def scaled(timeout: float) -> float:
+    """A test's time limit times $MINILORA_TEST_TIMEOUT_SCALE (default 1), for machines slower than 2 free cores."""
+    return timeout * float(os.environ.get("MINILORA_TEST_TIMEOUT_SCALE", "1"))
+
+
+def fail_slow(cmd: list[str], timeout: float, output: str) -> None:
+    """Fail with a message that says the command was too slow, not that it was wrong."""
+    pytest.fail(f"{' '.join(map(str, cmd))} did not finish within {timeout:.0f} s; on a slow or busy machine set "
+                f"MINILORA_TEST_TIMEOUT_SCALE=3 (say). Output so far:\n{output[-3000:]}", pytrace=False)
+
+
+def run_cli(cmd: list[str], timeout: float, **kwargs: object) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True)` whose time-out is a clear test failure."""
+    timeout = scaled(timeout)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as err:
+        out = (err.stdout or b"") + (err.stderr or b"")
+        fail_slow(cmd, timeout, out.decode(errors="replace") if isinstance(out, bytes) else out)
 
 
 # A job launcher for fault and data tests: runs trainer/train_lora.py's main() as its entry point does,

@@ -1,0 +1,27 @@
+"""What differs between the transformers versions we support, in one place.
+
+transformers 5.2x renamed the KV-cache argument and output field from `past_key_values` to `cache` and
+warns on the old name; older releases know only `past_key_values`. Code here passes and reads the cache
+under whichever name the installed version uses, so neither version prints deprecation noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+# "cache" on transformers releases that renamed it, "past_key_values" before.
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} \
+    else "past_key_values"
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """The keyword argument that hands `cache` to a transformers-style forward: `{CACHE_NAME: cache}`."""
+    return {CACHE_NAME: cache}
+
+
+def cache_of(output: Any) -> Any:
+    """The KV cache a forward returned (None when it built none)."""
+    return getattr(output, CACHE_NAME)
