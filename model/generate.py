@@ -156,3 +156,27 @@ def generate_reply(
     if on_text is not None and len(reply) > len(shown):
         on_text(reply[len(shown) :])
     return reply
+
+
+def reply_with_flags(
+    model: nn.Module,
+    tokenizer: object,
+    messages: list[dict],
+    args: argparse.Namespace,
+    on_text: Callable[[str], None] | None = None,
+    stats: dict | None = None,
+) -> str:
+    """generate_reply with the settings of add_generation_flags' flags (and `args.template_kwargs`, if any)."""
+    return generate_reply(
+        model,
+        tokenizer,
+        messages,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.seed,
+        on_text=on_text,
+        template_kwargs=getattr(args, "template_kwargs", None),
+        stats=stats,
+        repetition_penalty=args.repetition_penalty,
+    )

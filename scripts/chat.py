@@ -26,7 +26,7 @@ from torch import nn
 from transformers.utils import logging as transformers_logging
 
 from model.errors import exit_on_user_error
-from model.generate import add_generation_flags, check_generation_flags, generate_reply
+from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
 from model.model_lora import load_lora, merge_lora
 from trainer.base_flags import add_base_flags, load_from_flags, resolve_device
 
@@ -41,19 +41,7 @@ def stream_reply(
     print(f"{label}: ", end="", flush=True)
     stats: dict = {}
     start = time.perf_counter()
-    reply = generate_reply(
-        model,
-        tokenizer,
-        messages,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_p,
-        args.seed,
-        on_text=lambda piece: print(piece, end="", flush=True),
-        template_kwargs=args.template_kwargs,
-        stats=stats,
-        repetition_penalty=args.repetition_penalty,
-    )
+    reply = reply_with_flags(model, tokenizer, messages, args, lambda piece: print(piece, end="", flush=True), stats)
     elapsed = time.perf_counter() - start
     print(
         f"\n  [{stats['tokens']} tokens, {stats['tokens'] / max(elapsed, 1e-9):.1f} tokens/s]\n", flush=True

@@ -31,7 +31,7 @@ from transformers.utils import logging as transformers_logging
 from dataset.chat_render import load_chat_format, supervised_spans, token_mask
 from dataset.records import BadRecord, data_error, read_conversations
 from model.errors import UserError, exit_on_user_error
-from model.generate import add_generation_flags, check_generation_flags, generate_reply
+from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
 from model.model_lora import load_lora
 from trainer.args import REPO_ROOT
 from trainer.base_flags import add_base_flags, load_from_flags, resolve_device
@@ -130,21 +130,6 @@ def print_table(samples: list[Sample], results: dict[str, dict]) -> None:
     print(f"{'all':>5} {results[names[0]]['tokens']:>6} {cells}  ({len(samples)} samples)")
 
 
-def answer(model: nn.Module, tokenizer: object, prompt: str, args: argparse.Namespace) -> str:
-    """The model's reply to one user prompt, decoded with the shared generation flags."""
-    return generate_reply(
-        model,
-        tokenizer,
-        [{"role": "user", "content": prompt}],
-        args.max_new_tokens,
-        args.temperature,
-        args.top_p,
-        args.seed,
-        template_kwargs=args.template_kwargs,
-        repetition_penalty=args.repetition_penalty,
-    )
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -163,12 +148,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     results, replies = {}, {}
     start = time.perf_counter()
     results["base"] = score(model, samples)
-    replies["base"] = [answer(model, tokenizer, p, args) for p, _ in prompts]
+    replies["base"] = [reply_with_flags(model, tokenizer, [{"role": "user", "content": p}], args) for p, _ in prompts]
     if args.lora_path:
         load_lora(model, args.lora_path)  # unmerged: the base weights stay exactly as scored above
         model.to(device).eval()
         results["lora"] = score(model, samples)
-        replies["lora"] = [answer(model, tokenizer, p, args) for p, _ in prompts]
+        replies["lora"] = [reply_with_flags(model, tokenizer, [{"role": "user", "content": p}], args) for p, _ in prompts]
     print_table(samples, results)
     print(f"({time.perf_counter() - start:.1f} s)\n")
     for i, (prompt, reference) in enumerate(prompts):
@@ -255,7 +240,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--max_seq_len must be at least 2 (got {args.max_seq_len})")
     if args.max_samples is not None and args.max_samples < 1:
         p.error(f"--max_samples must be at least 1 (got {args.max_samples})")
-    args.template_kwargs = {}
     return args
 
 
