@@ -6,6 +6,7 @@ import pytest
 
 from tests.train_utils import REPO, run_inprocess, tokenizer_dir
 from trainer import train_full_sft, train_pretrain
+from trainer.logger import shown_path
 
 
 @pytest.mark.parametrize("job", [train_pretrain, train_full_sft])
@@ -36,3 +37,12 @@ def test_from_weight_none_pretrains_a_new_model(tmp_path):
              "--max_steps", "1", "--device", "cpu", "--num_workers", "0", "--batch_size", "4"]
     assert run_inprocess(train_pretrain.main, flags) == 0
     assert json.loads((tmp_path / "pretrain_32.json").read_text())["base_model"] == "new"
+
+
+def test_done_line_paths_are_typable_from_here(tmp_path, monkeypatch):
+    (tmp_path / "repo" / "trainer").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "repo")
+    assert shown_path(tmp_path / "repo" / "out" / "lora_identity_256.pth") == "out/lora_identity_256.pth"
+    monkeypatch.chdir(tmp_path / "repo" / "trainer")  # where MiniMind users start their jobs
+    assert shown_path(tmp_path / "repo" / "out" / "x.pth") == "../out/x.pth"
+    assert shown_path("/") == "/"  # further away: absolute
