@@ -5,7 +5,8 @@
     # the same, sampled generations for your own prompts, and the figures as JSON
     python scripts/eval_lora.py --lora_path out/lora_identity_256.pth --temperature 0.8 --top_p 0.9 \\
         --prompt "who are you?" --prompt "What is 3 + 4?" --json out/eval_identity.json
-    # a MiniMind release with a LoRA (a PEFT adapter directory works too), on GPU
+    # with MiniMind's released weights in out/, a LoRA of yours (a PEFT adapter directory works too) and your
+    # own held-out chats, on GPU
     python scripts/eval_lora.py --from_weight out/full_sft_768.pth --tokenizer_path ~/minimind/model \\
         --lora_path out/lora_medical_768.pth --data_path dataset/lora_medical_val.jsonl --device cuda
 
