@@ -37,6 +37,7 @@ from model.model_lora import load_lora
 from trainer.args import REPO_ROOT
 from trainer.base_flags import add_base_flags, load_from_flags, resolve_device
 from trainer.engine import DTYPES
+from trainer.logger import shown_path
 
 DEFAULT_DATA = REPO_ROOT / "dataset" / "lora_identity_val.jsonl"
 
@@ -144,7 +145,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         prompts = [(p, None) for p in args.prompt]
     else:
         prompts = [(s.prompt, s.reference) for s in samples[: args.n_prompts]]
-    print(f"{args.data_path}: {len(samples)} samples scored" + (f", {empty} with nothing to score" if empty else ""))
+    print(f"{shown_path(args.data_path)}: {len(samples)} samples scored" + (f", {empty} with nothing to score" if empty else ""))
 
     results, replies = {}, {}
     start = time.perf_counter()
