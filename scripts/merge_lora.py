@@ -34,6 +34,7 @@ from model.model_lora import load_lora, merge_lora
 from trainer.base_flags import add_base_flags, is_minimind
 from trainer.base_model import TOKENIZER_FILES, load_base
 from trainer.engine import DTYPES
+from trainer.logger import shown_path
 
 
 def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object, torch.dtype]:
@@ -80,7 +81,7 @@ def export(args: argparse.Namespace) -> list[Path]:
         stem = f"{args.save_weight}_{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}"
         save_minimind_pth(model, save_dir / f"{stem}.pth", dtype)
         outputs.append(save_dir / f"{stem}.pth")
-        print(f"MiniMind checkpoint ({dtype_name}): {outputs[-1]}")
+        print(f"MiniMind checkpoint ({dtype_name}): {shown_path(outputs[-1])}")
         hf_dir = save_dir / f"{stem}_hf"
         try:
             arch = export_minimind(model.state_dict(), cfg, hf_dir, dtype)
@@ -95,7 +96,7 @@ def export(args: argparse.Namespace) -> list[Path]:
     for f in hf_dir.iterdir():  # safetensors writes 0600; a shared --save_dir needs others to read it too
         f.chmod(0o644)
     outputs.append(hf_dir)
-    print(f"transformers model directory ({arch}, {dtype_name}, tokenizer: {', '.join(copied)}): {hf_dir}")
+    print(f"transformers model directory ({arch}, {dtype_name}, tokenizer: {', '.join(copied)}): {shown_path(hf_dir)}")
     return outputs
 
 
