@@ -28,7 +28,7 @@ from transformers.utils import logging as transformers_logging
 from model.errors import exit_on_user_error
 from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
 from model.model_lora import load_lora, merge_lora
-from trainer.base_flags import add_base_flags, load_from_flags, resolve_device
+from trainer.base_flags import load_from_flags, resolve_device, script_parser
 
 # Two questions the demo LoRA changes the answer to, and two it should leave alone.
 PROMPTS = ["who are you?", "你是谁？", "What is 3 + 4?", "How many legs does a cat have?"]
@@ -54,14 +54,7 @@ def stream_reply(
 
 def build_parser() -> argparse.ArgumentParser:
     """The chat flags, grouped by topic."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_base_flags(p)
-    g = p.add_argument_group("LoRA")
-    g.add_argument(
-        "--lora_path",
-        default=None,
-        help="LoRA to chat with: a MiniMind .pth LoRA file or a PEFT adapter directory",
-    )
+    p, g = script_parser(__doc__, "LoRA", "the LoRA to chat with")
     g.add_argument(
         "--compare",
         action="store_true",

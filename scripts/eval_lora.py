@@ -35,7 +35,7 @@ from model.errors import UserError, exit_on_user_error
 from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
 from model.model_lora import load_lora
 from trainer.args import REPO_ROOT
-from trainer.base_flags import add_base_flags, load_from_flags, resolve_device
+from trainer.base_flags import load_from_flags, resolve_device, script_parser
 from trainer.engine import DTYPES
 from trainer.logger import shown_path
 
@@ -194,14 +194,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The eval flags: base model, LoRA, data, decoding."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_base_flags(p)
-    g = p.add_argument_group("LoRA and data")
-    g.add_argument(
-        "--lora_path",
-        default=None,
-        help="the LoRA: a MiniMind .pth LoRA file or a PEFT adapter directory (without it: the base alone)",
-    )
+    p, g = script_parser(__doc__, "LoRA and data", "the LoRA to score beside the base (without it: the base alone)")
     g.add_argument(
         "--data_path",
         default=str(DEFAULT_DATA),

@@ -31,7 +31,7 @@ from transformers.utils import logging as transformers_logging
 from model.errors import exit_on_user_error
 from model.hf_export import ExportError, export_minimind
 from model.model_lora import load_lora, merge_lora
-from trainer.base_flags import add_base_flags, is_minimind
+from trainer.base_flags import is_minimind, script_parser
 from trainer.base_model import TOKENIZER_FILES, load_base
 from trainer.engine import DTYPES
 from trainer.logger import shown_path
@@ -102,12 +102,8 @@ def export(args: argparse.Namespace) -> list[Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The merge flags: the base, the LoRA and the outputs."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_base_flags(p, device=False)  # merging is cheap: always on CPU, in float32
-    g = p.add_argument_group("LoRA and outputs")
-    g.add_argument(
-        "--lora_path", required=True, help="the LoRA: a MiniMind .pth LoRA file or a PEFT adapter directory"
-    )
+    # no --device: merging is cheap, always on CPU, in float32
+    p, g = script_parser(__doc__, "LoRA and outputs", "the LoRA to merge", device=False, lora_required=True)
     g.add_argument(
         "--save_weight",
         default="merged",
