@@ -486,10 +486,13 @@ def print_sft_table(rows: list[dict], title: str) -> None:
               f"{r['pad_frac']:>6.0%}{r['loss']:>8.4f}{r['mfu']:>6.0%}{fmt(r['peak_gib'], '.2f'):>9}")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's command lines as written and shows each flag's default."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, run each configuration in its own process, print the table(s), optionally save JSON."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     g = p.add_argument_group("what to run")
     g.add_argument("--shape", default="qwen3-0.6b", choices=[s for s in SHAPES if s != "tiny"])
@@ -540,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sft_mix or args.tiny:
         sft = dict(base, shape="tiny" if args.tiny else "minimind3-64m", batch=32 if not args.tiny else 4,
                    packed_rows=6 if not args.tiny else 1, targets="q_proj,o_proj", lr=5e-4, pad_mask=False,
-                   compile_mode=None, autocast=False,  # as measured in session 1; padded layouts vary in shape
+                   compile_mode=None, autocast=False,  # as in the SFT-mix runs of docs/PERF.md; padded layouts vary in shape
                    samples=args.samples, warmup=args.warmup)
         names = args.variants.split(",") if args.variants and args.sft_mix else list(SFT_VARIANTS)
         configs = [(name, {**DEFAULTS, **sft, **opts}) for name, opts in (parse(s, SFT_VARIANTS) for s in names)]

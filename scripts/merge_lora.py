@@ -1,22 +1,23 @@
 """Merge a LoRA into its base and export: a MiniMind `.pth` and a model directory plain transformers opens.
 
-    # the demo base + a LoRA trained on it → out/merged_64.pth and out/merged_64_hf/
-    python scripts/merge_lora.py --lora_path out/lora_identity_64.pth
-    # a MiniMind release: MiniMind's tokenizer is copied into the transformers directory
+    # the demo base + the LoRA `python trainer/train_lora.py` trains → out/merged_256.pth and out/merged_256_hf/
+    python scripts/merge_lora.py --lora_path out/lora_identity_256.pth
+    # with MiniMind's released weights in out/: MiniMind's tokenizer is copied into the transformers directory
     python scripts/merge_lora.py --from_weight out/full_sft_768.pth --tokenizer_path ~/minimind/model \\
         --lora_path out/lora_medical_768.pth --save_weight full_sft_medical
-    # a transformers base (e.g. Qwen3): merged and written back as the same architecture
-    python scripts/merge_lora.py --from_weight ~/models/Qwen3-0.6B --lora_path out/lora_qwen --save_weight qwen_merged
+    # a transformers base (e.g. Qwen3, a LoRA trained with --from_weight ~/models/Qwen3-0.6B --lora_name lora_qwen
+    # saved as out/lora_qwen_1024/): merged and written back as the same architecture, in the base's dtype
+    python scripts/merge_lora.py --from_weight ~/models/Qwen3-0.6B --lora_path out/lora_qwen_1024 --save_weight qwen_merged
 
     # then, with no MiniLoRA code at all:
-    python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('out/merged_64_hf')"
+    python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('out/merged_256_hf')"
 
 A MiniMind base is written as `{save_dir}/{save_weight}_{hidden}{_moe}.pth` (MiniMind's own state-dict
 layout and naming, as its eval_llm.py loads them; load_minimind opens it too) and as `{save_dir}/{save_weight}_{hidden}{_moe}_hf/`, a transformers
 architecture that computes the same function: minimind-3 → Qwen3ForCausalLM / Qwen3MoeForCausalLM,
-minimind2 → LlamaForCausalLM / Qwen2MoeForCausalLM (see scripts/hf_export.py). A transformers base is
+minimind2 → LlamaForCausalLM / Qwen2MoeForCausalLM (see model/hf_export.py). A transformers base is
 written as `{save_dir}/{save_weight}_hf/` in its own architecture. The merge runs in float32; the files
-are then cast to --dtype.
+are then written in the base's own dtype, or in --dtype.
 """
 
 import argparse
@@ -29,30 +30,24 @@ from transformers.utils import logging as transformers_logging
 
 from model.atomic import atomic_write
 from model.errors import exit_on_user_error
+from model.hf_export import ExportError, export_minimind
 from model.model_lora import load_lora, merge_lora
-from scripts.hf_export import ExportError, export_minimind
-from scripts.load import add_base_flags, is_minimind, load_from_flags
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# Everything a tokenizer folder may hold; copied as-is so the export tokenizes exactly like the base.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-)
+from trainer.base_flags import is_minimind, script_parser
+from trainer.base_model import TOKENIZER_FILES, load_base
+from trainer.engine import DTYPES
+from trainer.logger import shown_path
 
 
-def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object]:
-    """The base (float32, CPU) with the LoRA folded into its weights and plain nn.Linear layers back."""
-    model, tokenizer = load_from_flags(args, torch.device("cpu"), torch.float32)
+def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object, torch.dtype]:
+    """The base with the LoRA folded into its weights in float32 (CPU, plain nn.Linear layers back), its
+    tokenizer, and the dtype the base was stored in."""
+    base = load_base(args.from_weight, args.save_dir, None, args.hidden_size, args.num_hidden_layers,
+                     args.use_moe, args.tokenizer_path)  # dtype None: as stored (.pth tensors, config.json)
+    stored = next(base.model.parameters()).dtype
+    model = base.model.float().eval()
     load_lora(model, args.lora_path)
     merge_lora(model, unload=True)
-    return model, tokenizer
+    return model, base.tokenizer, stored
 
 
 def copy_tokenizer(tokenizer: object, dst: Path) -> list[str]:
@@ -74,8 +69,9 @@ def save_minimind_pth(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
 
 def export(args: argparse.Namespace) -> list[Path]:
     """Merge and write every output for the base's kind; print and return the paths written."""
-    model, tokenizer = merged_model(args)
-    dtype = DTYPES[args.dtype]
+    model, tokenizer, stored = merged_model(args)
+    dtype = DTYPES[args.dtype] if args.dtype else stored
+    dtype_name = str(dtype).removeprefix("torch.")
     save_dir = Path(args.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     print(f"merged {args.lora_path} into the base")
@@ -85,7 +81,7 @@ def export(args: argparse.Namespace) -> list[Path]:
         stem = f"{args.save_weight}_{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}"
         save_minimind_pth(model, save_dir / f"{stem}.pth", dtype)
         outputs.append(save_dir / f"{stem}.pth")
-        print(f"MiniMind checkpoint ({args.dtype}): {outputs[-1]}")
+        print(f"MiniMind checkpoint ({dtype_name}): {shown_path(outputs[-1])}")
         hf_dir = save_dir / f"{stem}_hf"
         try:
             arch = export_minimind(model.state_dict(), cfg, hf_dir, dtype)
@@ -97,19 +93,17 @@ def export(args: argparse.Namespace) -> list[Path]:
         model.to(dtype).save_pretrained(hf_dir)
         arch = type(model).__name__
     copied = copy_tokenizer(tokenizer, hf_dir)
+    for f in hf_dir.iterdir():  # safetensors writes 0600; a shared --save_dir needs others to read it too
+        f.chmod(0o644)
     outputs.append(hf_dir)
-    print(f"transformers model directory ({arch}, {args.dtype}, tokenizer: {', '.join(copied)}): {hf_dir}")
+    print(f"transformers model directory ({arch}, {dtype_name}, tokenizer: {', '.join(copied)}): {shown_path(hf_dir)}")
     return outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The merge flags: the base, the LoRA and the outputs."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_base_flags(p, device=False)  # merging is cheap: always on CPU, in float32
-    g = p.add_argument_group("LoRA and outputs")
-    g.add_argument(
-        "--lora_path", required=True, help="the LoRA: a MiniMind .pth LoRA file or a PEFT adapter directory"
-    )
+    # no --device: merging is cheap, always on CPU, in float32
+    p, g = script_parser(__doc__, "LoRA and outputs", "the LoRA to merge", device=False, lora_required=True)
     g.add_argument(
         "--save_weight",
         default="merged",
@@ -118,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
-        default="float16",
-        help="dtype of the written weights (default float16, like MiniMind's releases)",
+        default=None,
+        help="dtype of the written weights (default: the base's own, e.g. float16 for MiniMind's releases "
+        "and the demo base, bfloat16 for a bf16 Qwen3)",
     )
     return p
 

@@ -63,7 +63,7 @@ WORDS = ("the model learns to answer short questions about numbers colours anima
 def build_parser() -> argparse.ArgumentParser:
     """Flags of the check (and of its worker modes, which it starts itself under torchrun)."""
     # allow_abbrev=False: a fail worker passes train_lora.py's flags through (parse_known_args).
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "out" / "multi_gpu_check"),
                    help="folder for summary.txt, results.json and the logs (default: $OUT, else out/multi_gpu_check)")

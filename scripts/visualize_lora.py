@@ -1,11 +1,13 @@
 """Plot what a LoRA learned (size and rank of each ΔW = scale·B·A) and the loss curves of training runs.
 
     # where did the update go? a layers × modules heatmap of ‖ΔW‖_F plus the singular-value spectra
-    python scripts/visualize_lora.py --lora_path out/lora_identity_768.pth --out_dir out/plots
-    python scripts/visualize_lora.py --lora_path out/lora_identity_768 --out_dir out/plots   # PEFT dir
+    # (after `python trainer/train_lora.py`, which writes out/lora_identity_256.pth and the PEFT dir beside it)
+    python scripts/visualize_lora.py --lora_path out/lora_identity_256.pth --out_dir out/plots
+    python scripts/visualize_lora.py --lora_path out/lora_identity_256 --out_dir out/plots   # PEFT dir
 
-    # loss curves of one or more runs on one plot (a run's .pth or PEFT dir, or a save_dir of runs)
-    python scripts/visualize_lora.py --runs out/lora_r8_64.pth out/lora_r16_64.pth --out_dir out/plots
+    # loss curves of one or more runs on one plot (a run's .pth or PEFT dir, or a save_dir of runs), e.g. after
+    # `python trainer/train_lora.py --lora_rank 8 --lora_name lora_r8` and the same with 16 / lora_r16
+    python scripts/visualize_lora.py --runs out/lora_r8_256.pth out/lora_r16_256.pth --out_dir out/plots
     python scripts/visualize_lora.py --runs out/ --out_dir out/plots
 
 Writes `<name>_delta_norms.png`, `<name>_singular_values.png` and `loss_curves.png` into --out_dir.

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.generate import generate_reply
 from model.model_lora import load_lora
-from scripts.chat import generate_reply
 from tests.train_utils import run_cli
 from trainer.base_model import DEMO_BASE, load_base
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
+from model.generate import generate_reply, penalize_repeats, sample_next
 from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from scripts import chat, merge_lora, visualize_lora
-from scripts.chat import PROMPTS, generate_reply, parse_args, sample_next
+from scripts import chat, eval_lora, merge_lora, visualize_lora
+from scripts.chat import PROMPTS, parse_args
 from tests.train_utils import run_cli as run_process
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers" / "minimind"
@@ -137,7 +138,38 @@ def test_top_p_samples_only_the_nucleus():
     assert sample_next(torch.tensor([0.1, 2.0, -1.0]), 0.0, 0.5, None) == 1
 
 
-@pytest.mark.parametrize("script", [chat, merge_lora, visualize_lora])
+def test_repetition_penalty_equals_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0)) * 3
+    seen = torch.tensor([3, 7, 7, 20, 41])  # a repeated id is penalised once
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(seen[None], logits[None].clone())[0]
+    torch.testing.assert_close(penalize_repeats(logits, seen, 1.3), expected, rtol=0, atol=0)
+    assert penalize_repeats(logits, seen, 1.0) is logits
+
+
+def test_greedy_with_penalty_equals_transformers_generate(tokenizer):
+    model = tiny_qwen()
+    ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tokenizer(ids, add_special_tokens=False).input_ids])
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ref = model.generate(ids, max_new_tokens=20, do_sample=False, repetition_penalty=1.3, eos_token_id=[2, im_end],
+                         attention_mask=torch.ones_like(ids))[0, ids.shape[1]:].tolist()
+    ref = ref[: ref.index(im_end)] if im_end in ref else ref
+    reply = generate_reply(model, tokenizer, MESSAGES, max_new_tokens=20, repetition_penalty=1.3)
+    assert reply == tokenizer.decode(ref, skip_special_tokens=True)
+
+
+def test_repetition_penalty_changes_a_greedy_loop(tokenizer):
+    model = tiny_minimind(3)
+    plain = generate_reply(model, tokenizer, MESSAGES[:1], max_new_tokens=30)
+    penalised = generate_reply(model, tokenizer, MESSAGES[:1], max_new_tokens=30, repetition_penalty=3.0)
+    ids = tokenizer(penalised, add_special_tokens=False).input_ids
+    assert penalised != plain
+    assert len(set(ids)) > len(set(tokenizer(plain, add_special_tokens=False).input_ids))
+
+
+@pytest.mark.parametrize("script", [chat, eval_lora, merge_lora, visualize_lora])
 def test_every_flag_has_help(script, capsys):
     parser = script.build_parser()
     for action in parser._actions:
@@ -185,6 +217,8 @@ def test_cli_compare_prints_both_answers(model_dir, tokenizer):
         "--compare",
         "--max_new_tokens",
         "8",
+        "--repetition_penalty",
+        "1.2",
         "--device",
         "cpu",
         "--prompt",
@@ -198,8 +232,8 @@ def test_cli_compare_prints_both_answers(model_dir, tokenizer):
     for prompt in prompts:
         assert f"user: {prompt}\n" in out
         messages = [{"role": "user", "content": prompt}]
-        base_reply = generate_reply(base, tokenizer, messages, max_new_tokens=8)
-        lora_reply = generate_reply(tuned, tokenizer, messages, max_new_tokens=8)
+        base_reply = generate_reply(base, tokenizer, messages, max_new_tokens=8, repetition_penalty=1.2)
+        lora_reply = generate_reply(tuned, tokenizer, messages, max_new_tokens=8, repetition_penalty=1.2)
         assert base_reply != lora_reply  # otherwise the comparison would show nothing
         # The CLI merges the LoRA into the weights; the unmerged reference must still agree.
         assert f"base: {base_reply}\n  [" in out
@@ -214,6 +248,8 @@ def test_cli_interactive_keeps_history(model_dir, tokenizer):
         "--interactive",
         "--max_new_tokens",
         "6",
+        "--repetition_penalty",
+        "1.0",
         "--device",
         "cpu",
         stdin="hello\nwhat did I say?\n\n",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, Qwen3Config, Qwen3ForCausalLM
 
 from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
@@ -259,8 +260,8 @@ def test_minimind_pth_export_matches_base_plus_lora(exports, name):
         torch.testing.assert_close(merged(c.get("ids", IDS)).logits, c["expected"], rtol=0, atol=1e-4)
 
 
-def tiny_dir(path: Path, **kw) -> MiniMindForCausalLM:
-    """A tiny random MiniMind model directory (with MiniMind's tokenizer) at `path`."""
+def tiny_dir(path: Path, dtype: torch.dtype = torch.float32, **kw) -> MiniMindForCausalLM:
+    """A tiny random MiniMind model directory (with MiniMind's tokenizer) at `path`, stored in `dtype`."""
     need_fixtures()
     torch.manual_seed(0)
     cfg = MiniMindConfig(
@@ -272,13 +273,14 @@ def tiny_dir(path: Path, **kw) -> MiniMindForCausalLM:
         **kw,
     )
     model = MiniMindForCausalLM(cfg).eval()
-    model.save_pretrained(path)
+    model.to(dtype).save_pretrained(path)
     return model
 
 
 def test_no_exact_architecture_still_writes_the_pth(tmp_path, capsys):
     # minimind-3 MoE + shared experts: Qwen3-MoE has no shared expert, so only the .pth is written.
-    model = tiny_dir(tmp_path / "base", generation=3, use_moe=True, num_experts=2, n_shared_experts=1)
+    model = tiny_dir(tmp_path / "base", generation=3, use_moe=True, num_experts=2, n_shared_experts=1,
+                     dtype=torch.float16)
     apply_lora(model, rank=2, targets="q_proj")
     save_lora(model, tmp_path / "lora.pth")
     main(
@@ -292,11 +294,11 @@ def test_no_exact_architecture_still_writes_the_pth(tmp_path, capsys):
             "--save_dir",
             str(tmp_path / "out"),
         ]
-    )  # default dtype float16
+    )  # no --dtype: the base's own, float16 here
     assert "no transformers model directory: a minimind-3 MoE with shared experts" in capsys.readouterr().out
     assert not (tmp_path / "out" / "merged_64_moe_hf").exists()
     sd = torch.load(tmp_path / "out" / "merged_64_moe.pth")
-    assert all(v.dtype == torch.float16 for v in sd.values())  # MiniMind's release dtype
+    assert all(v.dtype == torch.float16 for v in sd.values())
     assert "model.layers.0.mlp.shared_experts.0.up_proj.weight" in sd
 
 
@@ -324,3 +326,30 @@ def test_lora_of_another_model_exits_2(tmp_path, capsys):
         )
     assert exit_info.value.code == 2
     assert "do not fit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["minimind", "qwen3"])
+def test_merge_keeps_the_base_dtype_and_writes_0644(tmp_path, capsys, kind):
+    """A bf16 base stays bf16 without --dtype (fp16 could overflow), and every file is readable by all."""
+    need_fixtures()
+    if kind == "minimind":
+        model = tiny_dir(tmp_path / "base", dtype=torch.bfloat16)
+    else:
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=6400, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+        model.to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / f, tmp_path / "base" / f)
+    apply_lora(model, rank=2, targets="q_proj")
+    save_lora(model, tmp_path / "lora")
+    main(["--from_weight", str(tmp_path / "base"), "--lora_path", str(tmp_path / "lora"),
+          "--save_dir", str(tmp_path / "out")])
+    assert "bfloat16" in capsys.readouterr().out
+    hf = tmp_path / "out" / ("merged_64_hf" if kind == "minimind" else "merged_hf")
+    assert AutoConfig.from_pretrained(hf).dtype == torch.bfloat16
+    with safe_open(hf / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert hf / "model.safetensors" in written and (kind == "qwen3" or tmp_path / "out" / "merged_64.pth" in written)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o644" for p in written}

@@ -94,7 +94,7 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--from_weight", default=None,
                    help="a MiniMind name resolved as {save_dir}/{name}_{hidden_size}{_moe}.pth (e.g. full_sft), "
                         "a .pth path, or a model directory (config.json + weights + tokenizer). default: "
-                        + ("a new random MiniMind model" if job == "pretrain" else "the demo base model/demo/"))
+                        + ("a new random MiniMind model (also: none)" if job == "pretrain" else "the demo base model/demo/"))
     g.add_argument("--hidden_size", "--dim", dest="hidden_size", type=int, default=None,
                    help="MiniMind hidden size: picks the file and must match it (default: from the file)")
     g.add_argument("--num_hidden_layers", "--n_layers", dest="num_hidden_layers", type=int, default=None,
@@ -310,3 +310,19 @@ def _check_template(path: Path) -> None:
         line = getattr(err, "lineno", None)
         raise FlagError(f"--chat_template {path}{f':{line}' if line else ''}: not a valid jinja template "
                         f"({getattr(err, 'message', None) or err})") from None
+
+
+def check_data_files(args: argparse.Namespace) -> None:
+    """Stop before any model is built when --data_path / --val_data_path is missing (the demo data says how to make it)."""
+    for flag, path in (("--data_path", args.data_path), ("--val_data_path", args.val_data_path)):
+        if path is None or Path(path).is_file():
+            continue
+        if Path(path).resolve().parent == REPO_ROOT / "dataset" and Path(path).name.endswith("_demo.jsonl"):
+            raise FlagError(f"{flag} {path}: no such file; the demo pretraining and SFT data are generated, not "
+                            "committed: run `python dataset/make_demo_data.py` first")
+        raise FlagError(f"{flag} {path}: no such file")
+
+
+def from_scratch(from_weight: str | None) -> bool:
+    """--from_weight absent or `none` (MiniMind's spelling): build a new model instead of loading one."""
+    return from_weight is None or from_weight.lower() == "none"

@@ -17,7 +17,9 @@ from trainer.args import REPO_ROOT
 
 DEMO_BASE = REPO_ROOT / "model" / "demo"
 REPO_TOKENIZER = REPO_ROOT / "model" / "tokenizer"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# A folder holding one of these has a tokenizer; merge_lora.py copies all of TOKENIZER_FILES into its exports.
+TOKENIZER_CORE = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = (*TOKENIZER_CORE, "special_tokens_map.json", "chat_template.jinja", "merges.txt", "added_tokens.json")
 
 
 class BaseModelError(UserError):
@@ -80,7 +82,7 @@ def pick_tokenizer(weight: Path | None, tokenizer_path: str | None) -> PreTraine
         return load_tokenizer(Path(tokenizer_path))
     if weight is not None:
         folder = weight if weight.is_dir() else weight.parent
-        if any((folder / f).is_file() for f in TOKENIZER_FILES):
+        if any((folder / f).is_file() for f in TOKENIZER_CORE):
             return load_tokenizer(folder)
     print(f"warning: using the repo's tokenizer {REPO_TOKENIZER}; MiniMind's released weights need MiniMind's own "
           "tokenizer (pass --tokenizer_path <dir>)", flush=True)

@@ -39,7 +39,7 @@ from trainer.engine import (
     wrap_ddp,
 )
 from trainer.guard import DivergenceGuard
-from trainer.logger import RunLogger, plot_losses, start_wandb
+from trainer.logger import RunLogger, plot_losses, shown_path, start_wandb
 from trainer.loss import SupervisedLoss
 from trainer.save_dir import FULL_OUTPUTS, prepare_save_dir
 from trainer.schedule import lr_at
@@ -135,5 +135,5 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
         if stopped:
             print(f"stopped at step {state.step}/{total_steps}; resume with:\n  {resume_command(info)}", flush=True)
         else:
-            print(f"done: {stem}/ (step {state.step}/{total_steps})", flush=True)
+            print(f"done: {shown_path(stem)}/ (step {state.step}/{total_steps})", flush=True)
     return 0

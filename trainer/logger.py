@@ -1,6 +1,7 @@
 """Progress on rank 0: a tqdm bar on a terminal, plain lines in a log file, optional wandb, a loss plot."""
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -149,3 +150,14 @@ def plot_losses(history: dict, path: Path, title: str) -> None:
         atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     finally:
         plt.close(fig)
+
+
+def shown_path(path: str | Path) -> str:
+    """`path` as the user can type it: relative to the working directory when inside it or one level up
+    (`../out/...` from trainer/, where MiniMind users start jobs), else absolute."""
+    path = Path(path).resolve()
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive (Windows): no relative path exists
+        return str(path)
+    return str(path) if relative.startswith(os.path.join(os.pardir, os.pardir)) else relative

@@ -50,7 +50,7 @@ def pad_rows(index: torch.Tensor, targets: torch.Tensor, multiple: int) -> tuple
     Why: the supervised-token count differs in every micro-batch, and so would the head GEMMs' shapes.
     cuBLAS chooses a kernel per new shape on the host: 0.3 ms for the logits GEMM and 3.6 ms for the
     gradient one at a 151,936-token vocabulary on an H200 host, 20 ms per micro-batch in all, which left
-    the GPU waiting for its host (docs/PERF.md, session 6). Padded, the shapes come from a small set that
+    the GPU waiting for its host (docs/PERF.md, "Host time: cuBLAS choosing kernels"). Padded, the shapes come from a small set that
     it has seen before.
     """
     n_pad = -index.numel() % multiple

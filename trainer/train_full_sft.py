@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dataset.lm_dataset import SFTDataset
-from trainer.args import parse_args
+from trainer.args import check_data_files, parse_args
 from trainer.base_model import load_base
 from trainer.checkpoint import seed_everything
 from trainer.distributed import setup_distributed
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     """Fine-tune all weights (flags from `argv`, default sys.argv); returns the exit status."""
     # ------------------------------------------------------------------ config
     args = parse_args(JOB, __doc__.splitlines()[0], argv)
+    check_data_files(args)
     info = setup_distributed(args.device, args.ddp, args.dist_timeout)
     amp_dtype = pick_dtype(args.dtype, info.device)
     seed_everything(args.seed + info.rank)

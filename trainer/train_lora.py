@@ -73,7 +73,7 @@ from trainer.engine import (
 )
 from trainer.fsdp import parameters_held, shard_frozen_base
 from trainer.guard import DivergenceGuard
-from trainer.logger import RunLogger, plot_losses, start_wandb
+from trainer.logger import RunLogger, plot_losses, shown_path, start_wandb
 from trainer.lora_setup import build_lora
 from trainer.loss import SupervisedLoss
 from trainer.save_dir import LORA_OUTPUTS, prepare_save_dir
@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         if stopped:
             print(f"stopped at step {state.step}/{total_steps}; resume with:\n  {resume_command(info)}", flush=True)
         else:
-            pth = "" if args.use_dora else f"{sibling(stem, '.pth')} and "
-            print(f"done: {pth}{stem}/ (step {state.step}/{total_steps})", flush=True)
+            pth = "" if args.use_dora else f"{shown_path(sibling(stem, '.pth'))} and "
+            print(f"done: {pth}{shown_path(stem)}/ (step {state.step}/{total_steps})", flush=True)
     return 0
 
 

@@ -4,7 +4,8 @@ One GPU (or CPU with --device cpu), from the repo root or from inside trainer/:
     python trainer/train_pretrain.py --hidden_size 512 --num_hidden_layers 8 --data_path dataset/pretrain_demo.jsonl
 Several GPUs of one machine:
     torchrun --nproc_per_node 4 trainer/train_pretrain.py --hidden_size 512 --num_hidden_layers 8
-Continue an earlier pretrain: --from_weight pretrain (or a .pth / model directory).
+From scratch (the default, or --from_weight none as in MiniMind), or continue an earlier pretrain:
+--from_weight pretrain (or a .pth / model directory).
 Resume after a stop (Ctrl-C, kill, crash): the same command with --from_resume 1.
 
 Writes, in --save_dir: pretrain_{hidden}{_moe}.pth (MiniMind's layout), pretrain_{...}/ (a model directory:
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dataset.lm_dataset import PretrainDataset
-from trainer.args import parse_args
+from trainer.args import check_data_files, from_scratch, parse_args
 from trainer.base_model import REPO_TOKENIZER, load_base, load_tokenizer, new_minimind
 from trainer.checkpoint import seed_everything
 from trainer.distributed import setup_distributed
@@ -31,11 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     """Pretrain a causal LM (flags from `argv`, default sys.argv); returns the exit status."""
     # ------------------------------------------------------------------ config
     args = parse_args(JOB, __doc__.splitlines()[0], argv)
+    check_data_files(args)  # before the model: a missing file should not wait for a 60M-parameter init
     info = setup_distributed(args.device, args.ddp, args.dist_timeout)
     amp_dtype = pick_dtype(args.dtype, info.device)
 
     # ------------------------------------------------------------------ model (fp32: every weight trains)
-    if args.from_weight is None:
+    if from_scratch(args.from_weight):
         seed_everything(args.seed)  # the same random init on every rank
         tokenizer = load_tokenizer(Path(args.tokenizer_path) if args.tokenizer_path else REPO_TOKENIZER)
         base = new_minimind(tokenizer, args.hidden_size, args.num_hidden_layers, args.use_moe)

@@ -8,6 +8,7 @@ prints (NCCL's transport shows with NCCL_DEBUG=INFO) together with the median ti
 all-reduce per size and dtype.
 """
 
+import argparse
 import os
 import statistics
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 def main() -> None:
     """Time all_reduce for a few sizes on every rank; rank 0 prints the table."""
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))

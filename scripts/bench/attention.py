@@ -7,6 +7,7 @@ kept inside each document), at the Qwen3-0.6B head layout and at minimind3-64m's
 TFLOP/s counted over the causal pairs that each layout really needs.
 """
 
+import argparse
 import statistics
 from collections.abc import Callable
 
@@ -130,6 +131,7 @@ def shape_rows(name: str, B: int, T: int, H: int, KV: int, D: int) -> list[tuple
 
 def main() -> None:
     """Both head layouts, then the table."""
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     rows = shape_rows("qwen3-0.6b", 8, 1024, 16, 8, 128) + shape_rows("minimind3-64m", 6, 1024, 8, 4, 96)
     print(f"\n{'shape':<15}{'attention fwd+bwd':<50}{'ms':>9}{'TFLOP/s':>8}")

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """(our flags, train_lora.py's flags): the two sides of `--`."""
     ours, train = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", default="30-32", help="first-last optimizer step to profile, counted from 1 in this "
                                                     "run (default 30-32: after compilation and warm-up)")

@@ -89,3 +89,16 @@ def load_from_flags(
 def is_minimind(model: nn.Module) -> bool:
     """True for this repo's MiniMind model (exportable as a .pth and as a transformers architecture)."""
     return getattr(getattr(model, "config", None), "model_type", None) == "minimind"
+
+
+def script_parser(
+    doc: str, group: str, lora_help: str, device: bool = True, lora_required: bool = False
+) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
+    """A script's parser: its docstring (with the commands) as --help text, the base-model flags, and the
+    flag group `group` holding --lora_path, returned for the script's own flags."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_base_flags(p, device=device)
+    g = p.add_argument_group(group)
+    g.add_argument("--lora_path", default=None, required=lora_required,
+                   help=f"{lora_help}: a MiniMind .pth LoRA file or a PEFT adapter directory")
+    return p, g
