@@ -528,14 +528,24 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
     if not (path / PEFT_CONFIG).is_file():
         raise LoRAError(f"{path}: no {PEFT_CONFIG} there; give a PEFT adapter directory or a MiniMind .pth file")
-    cfg = json.loads((path / PEFT_CONFIG).read_text())
+    try:
+        cfg = json.loads((path / PEFT_CONFIG).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LoRAError(f"{path / PEFT_CONFIG}: not valid JSON ({err}); the file is damaged: save the adapter "
+                        "again or restore it") from None
+    if not isinstance(cfg, dict):
+        raise LoRAError(f"{path / PEFT_CONFIG}: holds a JSON {type(cfg).__name__}, not PEFT's config object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise LoRAError(f"{path / PEFT_CONFIG}: peft_type is {cfg.get('peft_type')!r}; only LORA is supported")
     for flag in ("lora_bias", "fan_in_fan_out"):
         if cfg.get(flag):
             raise LoRAError(f"{path / PEFT_CONFIG}: {flag}=true is not supported; train with it off")
     if (path / PEFT_WEIGHTS).is_file():
-        sd = load_file(path / PEFT_WEIGHTS)
+        try:
+            sd = load_file(path / PEFT_WEIGHTS)
+        except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
+            raise LoRAError(f"{path / PEFT_WEIGHTS}: cannot be read as safetensors ({err}); the file is damaged "
+                            "or truncated: save the adapter again or restore it") from None
     elif (path / "adapter_model.bin").is_file():  # adapters from PEFT versions before safetensors
         sd = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
     else:
@@ -560,6 +570,12 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
             raise LoRAError(f"{path / PEFT_WEIGHTS}: key '{key}': {PEFT_CONFIG} says use_dora={use_dora}, but "
                             f"'{name}' {'has no' if use_dora else 'has a'} lora_magnitude_vector")
     adapters = _pair_up(path / PEFT_WEIGHTS, pairs, alpha_of)
+    if "r" in cfg:   # PEFT sizes the layers from the config, so a config that disagrees would not load there
+        for name, adapter in adapters.items():
+            rank = _pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"], parents=False)
+            if adapter.A.shape[0] != rank:
+                raise LoRAError(f"{path / PEFT_CONFIG}: says rank {rank} for '{name}', but {PEFT_WEIGHTS} holds "
+                                f"rank {adapter.A.shape[0]}; the config and weights come from different adapters")
     return adapters, bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0)), use_dora
 
 

@@ -344,6 +344,30 @@ def test_mismatched_files_raise_user_errors(tmp_path):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # a failed load leaves the model alone
 
 
+def test_damaged_peft_directories_raise_user_errors(tmp_path):
+    """A truncated or foreign adapter_config.json or safetensors file, or a config whose rank does not match
+    the weights, is a LoRAError naming the file (never a JSON or safetensors traceback)."""
+    model = tiny_qwen()
+    apply_lora(model, rank=4, alpha=8, targets="q_proj,v_proj")
+    save_lora(model, tmp_path / "good")
+    config = (tmp_path / "good" / "adapter_config.json").read_text()
+    weights = (tmp_path / "good" / "adapter_model.safetensors").read_bytes()
+    cases = {
+        "truncated_config": (config[: len(config) // 2], weights, "not valid JSON"),
+        "list_config": ("[]", weights, "holds a JSON list"),
+        "truncated_weights": (config, weights[: len(weights) // 2], "cannot be read as safetensors"),
+        "wrong_rank": (config.replace('"r": 4', '"r": 8'), weights, "says rank 8"),
+    }
+    for name, (cfg_text, blob, message) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(cfg_text)
+        (folder / "adapter_model.safetensors").write_bytes(blob)
+        with pytest.raises(LoRAError, match=message):
+            load_lora(tiny_qwen(), folder)
+    load_lora(tiny_qwen(), tmp_path / "good")   # the untouched directory still loads
+
+
 # ------------------------------------------------------------------------- torch.compile
 
 def test_lora_linear_compiles_without_graph_breaks():

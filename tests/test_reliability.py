@@ -373,7 +373,7 @@ def test_resume_refuses_changed_math_or_data(run, tmp_path, capsys):
 
 BAD_FLAGS = [
     ("num_workers", -1), ("device", "tpu9"), ("device", "cuda:x"), ("learning_rate", "nan"), ("learning_rate", -1),
-    ("learning_rate", "inf"), ("learning_rate", 0), ("weight_decay", 1e10), ("weight_decay", "nan"),
+    ("learning_rate", "inf"), ("weight_decay", 1e10), ("weight_decay", "nan"),
     ("weight_decay", -0.1), ("grad_clip", "inf"), ("max_seq_len", -5), ("max_seq_len", 1), ("warmup_iters", -3),
     ("dist_timeout", "inf"), ("dist_timeout", 0), ("batch_size", 0), ("epochs", -2), ("val_fraction", 1.5),
     ("val_fraction", "nan"), ("max_steps", 0), ("lora_name", ".."), ("lora_name", "a/b"), ("chat_template", "missing"),

@@ -255,8 +255,8 @@ def check_values(args: argparse.Namespace) -> None:
     for flag, low in (("num_workers", 0), ("warmup_iters", 0), ("max_seq_len", 2)):
         if getattr(args, flag) < low:
             raise FlagError(f"--{flag} must be at least {low} (got {getattr(args, flag)})")
-    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        raise FlagError(f"--learning_rate must be a positive finite number such as 1e-4 (got {args.learning_rate})")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate >= 0):   # 0: a run that checks its start
+        raise FlagError(f"--learning_rate must be a finite number >= 0 such as 1e-4 (got {args.learning_rate})")
     for flag in ("weight_decay", "grad_clip"):
         if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
             raise FlagError(f"--{flag} must be a finite number >= 0 (got {getattr(args, flag)})")

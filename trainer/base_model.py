@@ -151,7 +151,7 @@ def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden
                                        ("use_moe", use_moe)) if v is not None}
         model = load_minimind(path, dtype=dtype, **overrides)
     tokenizer = pick_tokenizer(path, tokenizer_path)
-    check_vocab(model, tokenizer)
+    check_vocab(model, tokenizer, chosen=bool(tokenizer_path))
     cfg = model.config
     return BaseModel(model, tokenizer, str(path), cfg.hidden_size, is_moe(model))
 
@@ -167,11 +167,12 @@ def new_minimind(tokenizer: PreTrainedTokenizerBase, hidden_size: int | None, nu
     return BaseModel(model, tokenizer, "new", config.hidden_size, config.use_moe)
 
 
-def check_vocab(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
-    """A tokenizer with ids beyond the embedding table would index out of range mid-run: refuse it now."""
+def check_vocab(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chosen: bool = False) -> None:
+    """A tokenizer with ids beyond the embedding table would index out of range mid-run: refuse it now.
+    The repo's fallback tokenizer must also fill the table exactly, unless --tokenizer_path chose it (`chosen`)."""
     rows = model.get_input_embeddings().weight.shape[0]
     source = Path(getattr(tokenizer, "name_or_path", "") or ".").resolve()
-    if source == REPO_TOKENIZER.resolve() and len(tokenizer) != rows:
+    if not chosen and source == REPO_TOKENIZER.resolve() and len(tokenizer) != rows:
         # The fallback tokenizer on a model sized for another one trains silently on the wrong token ids.
         raise BaseModelError(f"the model's vocabulary has {rows} tokens, the repo's tokenizer {REPO_TOKENIZER} "
                              f"{len(tokenizer)}: it is not this model's tokenizer. Pass the model's own with "
