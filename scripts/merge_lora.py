@@ -91,7 +91,7 @@ def export(args: argparse.Namespace) -> list[Path]:
     else:
         hf_dir = save_dir / f"{args.save_weight}_hf"
         model.to(dtype).save_pretrained(hf_dir)
-        arch = type(model).__name__
+        arch = getattr(model, "original_class", type(model).__name__)   # the fast decoder writes its original class
     copied = copy_tokenizer(tokenizer, hf_dir)
     for f in hf_dir.iterdir():  # safetensors writes 0600; a shared --save_dir needs others to read it too
         f.chmod(0o644)
