@@ -218,6 +218,25 @@ def graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+
+def timed_steps(step: Callable, optimizer: torch.optim.Optimizer, batches: list, warmup: int, steps: int,
+                device: torch.device) -> tuple[list[float], list[torch.Tensor], float]:
+    """Run `warmup + steps` optimizer steps; return the timed steps' milliseconds, every loss, and the
+    seconds the first step took (compile and graph capture included)."""
+    times, losses = [], []
+    t0 = time.perf_counter()
+    for i in range(warmup + steps):
+        timer = Timer(device)
+        losses.append(step(batches[i % len(batches)]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(timer.stop())
+        if i == 0:
+            sync(device)
+            first_step_s = time.perf_counter() - t0
+    sync(device)
+    return [t() for t in times[warmup:]], losses, first_step_s
+
 def run_step_variant(opts: dict) -> dict:
     """Build one stack, train warmup + steps, and return its timings (runs in a subprocess)."""
     device, dtype = torch.device(opts["device"]), getattr(torch, opts["dtype"])
@@ -229,19 +248,7 @@ def run_step_variant(opts: dict) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True if opts["stack"] == "ours" and
                                   device.type == "cuda" else None)
     batches = random_batches(shape, opts["batch"], opts["seq"], opts["prompt_frac"], 4, device)
-    times, losses = [], []
-    t0 = time.perf_counter()
-    for i in range(opts["warmup"] + opts["steps"]):
-        timer = Timer(device)
-        losses.append(step(batches[i % len(batches)]))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(timer.stop())
-        if i == 0:
-            sync(device)
-            first_step_s = time.perf_counter() - t0
-    sync(device)
-    ms = [t() for t in times[opts["warmup"]:]]
+    ms, losses, first_step_s = timed_steps(step, optimizer, batches, opts["warmup"], opts["steps"], device)
     if opts.get("profile"):
         profile_steps(step, optimizer, batches, device)
     step_ms = statistics.median(ms)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.bench_lora import SHAPES, Timer, flops_per_step, graph_count, random_batches, sync
+from scripts.bench_lora import SHAPES, flops_per_step, graph_count, random_batches, timed_steps
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
@@ -131,19 +131,7 @@ def run_worker(opts: dict) -> dict:
     shape = shape_of(config)
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True if opts["stack"] == "ours" and device.type == "cuda" else None)
     batches = random_batches(shape, opts["batch"], opts["seq"], 0.4, 4, device)
-    times, losses = [], []
-    t0 = time.perf_counter()
-    for i in range(opts["warmup"] + opts["steps"]):
-        timer = Timer(device)
-        losses.append(step(batches[i % len(batches)]))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(timer.stop())
-        if i == 0:
-            sync(device)
-            first_step_s = time.perf_counter() - t0
-    sync(device)
-    ms = [t() for t in times[opts["warmup"]:]]
+    ms, losses, first_step_s = timed_steps(step, optimizer, batches, opts["warmup"], opts["steps"], device)
     step_ms = statistics.median(ms)
     tokens, supervised = batches[0]["input_ids"].numel(), batches[0]["sup_targets"].numel()
     flops = flops_per_step(shape, tokens, supervised, opts["batch"] * opts["seq"] * (opts["seq"] + 1) // 2,
