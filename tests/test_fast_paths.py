@@ -408,7 +408,7 @@ def test_attention_flag_picks_flex_only_where_it_trains():
     not_minimind = nn.Module()
     not_minimind.model = nn.Module()
     assert pick_packed_attention(not_minimind, "auto", True, True, cuda) == "sdpa"
-    with pytest.raises(UserError, match="a MiniMind model"):
+    with pytest.raises(UserError, match="MiniMind's decoder"):
         pick_packed_attention(not_minimind, "flex", True, True, cuda)
 
 

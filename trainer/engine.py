@@ -1,5 +1,6 @@
 """The loop pieces the training jobs share: precision, one optimizer step, evaluation, stops, the entry point."""
 
+import atexit
 import contextlib
 import math
 import os
@@ -324,6 +325,14 @@ def run_job(main: Callable[[], int | None]) -> None:
         _leave_process_group(code)
         for s, handler in handlers.items():
             signal.signal(s, handler)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # Under torchrun, interpreter shutdown could abort a rank that had finished cleanly (SIGABRT,
+        # "terminate called without an active exception": C++ threads torn down with the interpreter), and
+        # torchrun then fails the job. Run the exit handlers, flush, and leave without that teardown.
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
