@@ -26,6 +26,7 @@ import torch
 from model.atomic import SaveError, atomic_write_bytes
 from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
 from model.model_minimind import MiniMindForCausalLM
+from tests.test_dataset_errors import FORMATS, TOOL_FORMATS, mutated
 from tests.train_utils import (
     lora_args,
     python,
@@ -229,6 +230,30 @@ def test_full_disk_says_so_and_keeps_the_old_file(run, tmp_path, capsys):
     finally:
         release_locks()  # the run's lock file is open on the mount
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_generated_malformed_data_stops_or_skips_by_file_line(run, tmp_path, capsys):
+    """200 generated records (every data format, tool calls), each with one value broken, fed to the trainer:
+    without --skip_bad_data it stops before training with file:line errors; with it, the bad lines are
+    counted and the run trains on the rest. Never a traceback."""
+    tmp, weight, data, _, flags = run
+    rng = random.Random(1)
+    records = [*FORMATS.values(), *TOOL_FORMATS.values()]
+    variants = [json.dumps(mutated(rng.choice(records), rng)) for _ in range(200)]
+    path = tmp_path / "variants.jsonl"
+    path.write_text("\n".join([*data.read_text().splitlines(), *variants]) + "\n")
+    TALLY["bad inputs tried"] += len(variants)
+    argv = lora_args(tmp, weight, path, save_dir=tmp_path / "out", **{**flags, "epochs": 1})
+    code = run_inprocess(main, argv)
+    out, err = capsys.readouterr()
+    TALLY["tracebacks"] += "Traceback" in out + err
+    assert code == 2 and f"{path}:" in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "out" / f"{STEM}.pth").exists()
+    code = run_inprocess(main, [*argv, "--skip_bad_data", "1"])
+    out, err = capsys.readouterr()
+    TALLY["tracebacks"] += "Traceback" in out + err
+    assert code == 0 and "Traceback" not in out + err, (out + err)[-2000:]
+    assert (tmp_path / "out" / f"{STEM}.pth").is_file()
 
 
 def test_hazardous_save_dirs_are_refused_before_training(run, tmp_path, capsys):
