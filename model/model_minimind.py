@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence  # noqa: UP035  (the forms torch 2.6 reads in a custom op signature)
 
 import torch
 import torch.nn.functional as F
@@ -166,9 +167,10 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype:
 # reads the tables (each layer's q and k norm+rope, forward and backward) and recompute them per head
 # there, 4 ms of a 72 ms Qwen3-0.6B step (docs/PERF.md). Opaque, they are computed once per forward and
 # read from memory, without the graph break that torch.compiler.disable would cost.
+# (typing's Optional[Sequence], not `list | None`, in the op's signature: torch 2.6's schema inference reads only those.)
 @torch.library.custom_op("minilora::rope_tables", mutates_args=())
 def _rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
-                 llama3: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 llama3: Optional[Sequence[float]] = None) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: UP045
     return _rope_math(position_ids, head_dim, theta, dtype, llama3)
 
 
@@ -201,7 +203,7 @@ def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: floa
 
 @_rope_tables.register_fake
 def _rope_tables_shape(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
-                       llama3: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       llama3: Optional[Sequence[float]] = None) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: UP045
     shape = (*position_ids.shape, head_dim)
     return position_ids.new_empty(shape, dtype=dtype), position_ids.new_empty(shape, dtype=dtype)
 
