@@ -13,6 +13,8 @@ In the background, MiniMind style (from inside trainer/):
         --data_path ../dataset/lora_identity.jsonl --num_hidden_layers 20 --use_wandb --from_resume 1 \\
         --from_weight full_sft > train_lora.log 2>&1 &
 Ctrl-C / kill (SIGTERM) finish the current step, save, and print the command that resumes (--from_resume 1).
+On a CUDA device the defaults pack rows and compile the decoder (--packing 0 / --use_compile 0 opt out);
+on a CPU they pad and run eager. The start-up lines say what was chosen and what one step holds.
 
 Writes, in --save_dir: {lora_name}_{hidden}{_moe}.pth (MiniMind's LoRA layout), {...}/ (a PEFT adapter
 directory), {...}.json (this run's config), {...}_loss.png and {...}_resume.pth (to continue the run).
