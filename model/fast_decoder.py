@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from model.hf_compat import ROPE_PARAMETERS
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, MiniMindModel, MiniMindPreTrainedModel
 
 # model_type -> the transformers class whose layout FastCausalLM reproduces
@@ -30,9 +31,18 @@ LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_po
 
 
 def _rope(config: PretrainedConfig) -> dict:
-    """transformers 5's `rope_parameters` (rope_theta, rope_type, and the type's own keys)."""
-    rope = getattr(config, "rope_parameters", None) or {}
-    return rope if isinstance(rope, dict) else {}
+    """The rope settings as one dict (rope_theta, rope_type, and the type's own keys): transformers 5's
+    `rope_parameters`, or transformers 4's `rope_theta` and `rope_scaling` put together."""
+    if ROPE_PARAMETERS:   # read what the installed transformers' own class reads, so the two agree
+        rope = getattr(config, "rope_parameters", None) or {}
+        return rope if isinstance(rope, dict) else {}
+    rope = dict(getattr(config, "rope_scaling", None) or {})
+    if "type" in rope:                                      # 4.x's older spelling of rope_type
+        rope.setdefault("rope_type", rope.pop("type"))
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if getattr(config, key, None) is not None:
+            rope.setdefault(key, getattr(config, key))
+    return rope
 
 
 def _sliding_window(config: PretrainedConfig) -> int | None:
@@ -148,8 +158,9 @@ class LayoutMismatch(ValueError):
 def load_fast(path: str | Path, dtype: torch.dtype | None = None) -> FastCausalLM:
     """Load a Qwen2/Qwen3/Llama/Mistral model directory onto the fast decoder (eval mode), strictly."""
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    model, info = FastCausalLM.from_pretrained(str(path), config=config, local_files_only=True, dtype=dtype,
-                                               output_loading_info=True)
+    # dtype None keeps the file's ("auto": transformers 5's default; 4.x would load float32)
+    model, info = FastCausalLM.from_pretrained(str(path), config=config, local_files_only=True,
+                                               dtype=dtype or "auto", output_loading_info=True)
     # transformers only warns about these and leaves random weights: here they mean a different model
     bad = {k: sorted(info[k])[:3] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
     if bad:

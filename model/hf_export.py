@@ -8,7 +8,7 @@
 | minimind2 MoE | `Qwen2MoeForCausalLM` | zero q/k/v biases; shared experts concatenated into one, gate 0, down ×2 |
 
 transformers 5 keeps MoE experts fused as 3-D tensors (`mlp.experts.gate_up_proj` `[E, 2I, H]`,
-`mlp.experts.down_proj` `[E, H, I]`); we build those, load them strictly into the transformers model
+`mlp.experts.down_proj` `[E, H, I]`; 4.x: a module per expert, MiniMind's own names); we build those, load them strictly into the transformers model
 (so a wrong key or shape fails here, not in the user's hands) and let `save_pretrained` write its own
 on-disk format.
 """
@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from model.errors import UserError
+from model.hf_compat import FUSED_EXPERTS
 
 
 class ExportError(UserError):
@@ -70,7 +71,7 @@ def transformers_config(sd: dict[str, Tensor], cfg: object) -> PretrainedConfig:
         hidden_act="silu",
         max_position_embeddings=getattr(cfg, "max_position_embeddings", 32768),
         rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        rope_theta=float(cfg.rope_theta),   # transformers 5 turns it into rope_parameters; 4.x reads it as is
         # MiniMind ties lm_head to the embedding; keep them separate only if they really differ.
         tie_word_embeddings=torch.equal(sd["lm_head.weight"], embed),
         bos_token_id=getattr(cfg, "bos_token_id", 1),
@@ -138,7 +139,10 @@ def transformers_state_dict(sd: dict[str, Tensor], config: PretrainedConfig) -> 
         return out
     for i in range(config.num_hidden_layers):
         mlp = f"model.layers.{i}.mlp"
-        out.update(_fuse_experts(sd, f"{mlp}.experts", config.num_experts))
+        if FUSED_EXPERTS:
+            out.update(_fuse_experts(sd, f"{mlp}.experts", config.num_experts))
+        else:  # transformers 4.x: a module per expert, under the names MiniMind uses too
+            out.update({k: v for k, v in sd.items() if k.startswith(f"{mlp}.experts.")})
         # mlp.gate.weight keeps its name: MiniMind's router and transformers' TopKRouter both call it weight.
         if config.model_type != "qwen2_moe":
             continue

@@ -124,7 +124,7 @@ def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = Non
                 return model
             except LayoutMismatch as err:
                 reason = str(err)
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype or "auto")
     except Exception as err:
         raise BaseModelError(f"--from_weight {path}: cannot load it as a causal LM ({err})") from err
     if reason:
