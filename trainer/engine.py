@@ -2,6 +2,7 @@
 
 import atexit
 import contextlib
+import faulthandler
 import math
 import os
 import shlex
@@ -322,6 +323,10 @@ def run_job(main: Callable[[], int | None]) -> None:
         code = 1
         _tell_peers(err)
     finally:
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            # Leaving must not hang a rank (seen once, on torch 2.6 under load, blocked in native code where
+            # no Python timer runs): faulthandler's own thread dumps the stacks and exits past the limit.
+            faulthandler.dump_traceback_later(2 * EXIT_GRACE_S, exit=True)
         _leave_process_group(code)
         for s, handler in handlers.items():
             signal.signal(s, handler)
