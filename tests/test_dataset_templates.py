@@ -18,6 +18,7 @@ from transformers.utils.chat_template_utils import _compile_jinja_template
 from dataset.chat_render import TemplateError, load_chat_format, render_conversation
 from dataset.lm_dataset import SFTDataset
 from dataset.records import BadRecord, DataError
+from tests.test_dataset_masks import spans, with_tokens
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TEMPLATES = FIXTURES / "templates"
@@ -179,24 +180,8 @@ def minimind():
 
 def model_tokenizer(minimind, name: str):
     """MiniMind's tokenizer with the template's special tokens and its model's bos/eos."""
-    tok = copy.deepcopy(minimind)
     tokens, roles = MODELS[name]
-    tok.add_tokens(tokens, special_tokens=True)
-    for key, value in roles.items():
-        setattr(tok, key, value)
-    return tok
-
-
-def spans(tok, ids: list[int], mask: list[int]) -> list[str]:
-    """The decoded runs of supervised tokens."""
-    runs, run = [], []
-    for token, m in zip(ids + [None], mask + [0]):
-        if m:
-            run.append(token)
-        elif run:
-            runs.append(tok.decode(run))
-            run = []
-    return runs
+    return with_tokens(minimind, tokens, **roles)
 
 
 def rendered_ids(tok, template: str, messages: list[dict], tools) -> list[list[int]]:
