@@ -4,8 +4,8 @@
     python scripts/bench_e2e.py --variants ours,ours-warm,hf-flatten  # a subset
     python scripts/bench_e2e.py --tiny                                # CPU smoke test (tiny model, 200 chats)
 
-The data: `write_chat_mix`, a fixed-seed synthetic chat SFT mix (default 12,000 conversations, 2.31M
-tokens, mean 193 with the repo tokenizer, half Chinese and half English, 25% multi-turn, 15% with a system
+The data: `write_chat_mix`, a fixed-seed synthetic chat SFT mix (default 12,000 conversations, 2.94M
+tokens, mean 245 with the repo tokenizer, half Chinese and half English, 25% multi-turn, 15% with a system
 prompt). The base: random weights of the Qwen3-0.6B shape (`bench_lora.SHAPES`), as a MiniMind .pth for
 the trainer and as transformers' Qwen3ForCausalLM for the Trainer rows; LoRA r16 on every linear layer,
 learning rate 1e-4, one epoch, samples truncated to 512 tokens, bf16.
@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,8 +42,9 @@ SYSTEMS = {"en": "You are a helpful assistant. Answer briefly and clearly.", "zh
 VARIANTS = {  # name: (stack, trainer flags / Trainer options, full epoch or --steps)
     "ours": ("ours", [], "epoch"),
     "ours-warm": ("ours", [], "epoch"),
-    "ours-model": ("ours", ["--compile_scope", "model"], "epoch"),
-    "ours-model-warm": ("ours", ["--compile_scope", "model"], "epoch"),
+    "ours-layer": ("ours", ["--compile_scope", "layer"], "epoch"),
+    "ours-layer-warm": ("ours", ["--compile_scope", "layer"], "epoch"),
+    "ours-qwen3-dir": ("ours", ["--from_weight", "{qwen3_dir}"], "epoch"),  # on `ours`' cache: the same graphs
     "ours-eager-packed": ("ours", ["--use_compile", "0"], "steps"),
     "ours-eager-padded": ("ours", ["--packing", "0", "--use_compile", "0"], "steps"),
     "ours-eager-padded-unbucketed": ("ours", ["--packing", "0", "--use_compile", "0"], "steps"),
@@ -69,7 +71,7 @@ def _words(rng: object, pool: list[str], cost: dict[str, int], budget: int, sep:
 def write_chat_mix(path: Path, n: int, tokenizer: object, seed: int = 0) -> Path:
     """n conversations whose token lengths follow a chat SFT mix (see the module docstring); fixed seed.
 
-    Length in tokens: 60% short chats (log-normal, median 110), 40% longer ones (median 380), clipped to
+    Length in tokens: 60% short chats (log-normal, median 150), 40% longer ones (median 520), clipped to
     [24, 1000]; the prompt side (system + user turns) takes 20-50% of it. Half the chats are Chinese.
     """
     import numpy as np
@@ -79,7 +81,7 @@ def write_chat_mix(path: Path, n: int, tokenizer: object, seed: int = 0) -> Path
     with open(path, "w", encoding="utf-8") as f:
         for _ in range(n):
             short = rng.random() < 0.6
-            total = int(np.clip(rng.lognormal(math.log(110 if short else 380), 0.5), 24, 1000))
+            total = int(np.clip(rng.lognormal(math.log(150 if short else 520), 0.5), 24, 1000))
             lang = "zh" if rng.random() < 0.5 else "en"
             pool, sep = (ZH, "") if lang == "zh" else (EN, " ")
             turns = int(rng.integers(2, 4)) if rng.random() < 0.25 else 1
@@ -115,9 +117,26 @@ def prepare(workdir: Path, n: int, shape_name: str) -> tuple[Path, Path, dict]:
     base = workdir / f"base_{shape_name}.pth"
     if not base.is_file():
         write_random_base(base, shape_of(shape_name, len(tok)))
+    if not (workdir / f"qwen3_{shape_name}" / "config.json").is_file():
+        write_qwen3_dir(base, workdir / f"qwen3_{shape_name}", shape_of(shape_name, len(tok)))
     ds = SFTDataset(data, tok, max_length=512, log=None)
     stats = dict(conversations=len(ds), tokens=int(ds.lengths.sum()), mean=float(ds.lengths.mean()))
     return base, data, stats
+
+
+def write_qwen3_dir(base: Path, out: Path, shape: dict) -> Path:
+    """The .pth's weights as a transformers Qwen3 directory (the same tensor names; tied head)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen3Config
+
+    state = torch.load(base, map_location="cpu", weights_only=True, mmap=True)
+    out.mkdir(parents=True, exist_ok=True)
+    Qwen3Config(**shape, rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=32768,
+                rope_theta=1e6, architectures=["Qwen3ForCausalLM"], dtype="bfloat16").save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    return out
 
 
 # ------------------------------------------------------------------------- our trainer, through its CLI
@@ -136,7 +155,8 @@ def run_ours(name: str, flags: list[str], base: Path, data: Path, workdir: Path,
     save = workdir / "runs" / name
     argv = [sys.executable, "-u", str(REPO / "trainer" / "train_lora.py"), "--from_weight", str(base),
             "--data_path", str(data), "--tokenizer_path", str(REPO / "model" / "tokenizer"), "--device", device,
-            "--save_dir", str(save), "--epochs", "1", *flags]
+            "--save_dir", str(save), "--epochs", "1",
+            *(f.format(qwen3_dir=base.with_name(f"qwen3_{base.stem.removeprefix('base_')}")) for f in flags)]
     if steps:
         argv += ["--max_steps", str(steps)]
     if name.endswith("unbucketed"):  # the padded path as it was: every batch its own width
@@ -323,10 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         stack, opts, length = VARIANTS[name]
         steps = args.steps if length == "steps" else None
         if stack == "ours":
-            cache = workdir / ("cache_" + name.removesuffix("-warm"))
-            if not name.endswith("-warm") and cache.exists():  # a cold start: an empty compile cache
-                import shutil
-
+            cache = workdir / ("cache_" + ("ours" if name == "ours-qwen3-dir" else name.removesuffix("-warm")))
+            cold = not name.endswith(("-warm", "-dir"))  # -dir: on `ours`' cache, as its graphs are the same
+            if cold and cache.exists():  # a cold start: an empty compile cache
                 shutil.rmtree(cache)
             row = run_ours(name, opts, base, data, workdir, steps, cache, device, args.timeout)
             row["full_epoch"] = steps is None

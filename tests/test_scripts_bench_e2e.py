@@ -20,4 +20,4 @@ def test_chat_mix_has_the_documented_shape(tmp_path):
     assert 0.4 < zh < 0.6 and 0.18 < multi < 0.32 and 0.09 < system < 0.21
     assert all(c[-1]["role"] == "assistant" for c in chats)
     lengths = SFTDataset(path, tok, max_length=512, log=None).lengths
-    assert 150 < lengths.mean() < 240 and lengths.min() >= 16 and lengths.max() <= 512
+    assert 200 < lengths.mean() < 290 and lengths.min() >= 16 and lengths.max() <= 512
