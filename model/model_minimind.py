@@ -431,14 +431,6 @@ def document_block_mask(sample: torch.Tensor) -> BlockMask:
     return create_block_mask(same_sample_causal, bsz, None, seq_len, seq_len, device=sample.device)
 
 
-@torch.compiler.nested_compile_region
-def dense_layer_region(layer: MiniMindBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       attn_mask: AttentionMask, is_causal: bool) -> torch.Tensor:
-    """A dense decoder layer's training forward as a nested compile region: torch.compile of the whole
-    decoder traces and compiles it once and stamps it out for every layer (eager: a plain call)."""
-    return layer(x, cos, sin, attn_mask, is_causal, None)[0]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Models
 
@@ -483,9 +475,6 @@ class MiniMindModel(nn.Module):
         # against 1.37 ms fwd+bwd per Qwen3-0.6B layer, docs/PERF.md). Uncompiled, Flex would materialise
         # the whole score matrix (and it has no backward on CPU), so eager forwards keep SDPA either way.
         self.packed_attention = "sdpa"
-        # Set by the trainer before it compiles the whole decoder: dense layers then run as one nested compile
-        # region (dense_layer_region), so the compile costs about one layer's, not 28 layers' (docs/PERF.md).
-        self.layer_regions = False
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
@@ -514,12 +503,9 @@ class MiniMindModel(nn.Module):
 
         aux_loss = x.new_zeros((), dtype=torch.float32)
         checkpointing = self.gradient_checkpointing and self.training and past_key_values is None
-        regions = self.layer_regions and past_key_values is None and not checkpointing and not self.config.use_moe
         for layer in self.layers:
             if checkpointing:
                 x, aux = checkpoint(layer, x, cos, sin, attn_mask, is_causal, None, use_reentrant=False)
-            elif regions:
-                x, aux = dense_layer_region(layer, x, cos, sin, attn_mask, is_causal), None
             else:
                 x, aux = layer(x, cos, sin, attn_mask, is_causal, past_key_values)
             if aux is not None:

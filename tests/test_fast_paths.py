@@ -202,55 +202,6 @@ def test_compiled_decoder_gives_eager_loss_and_grads_in_one_graph():
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
-def test_whole_decoder_compiles_its_layers_as_one_region(device):
-    """compile_decoder(regions=True) (the trainer's default on MiniMind's decoder): the eager loss and LoRA
-    grads in one graph with no break, and in that graph all four layers call one traced layer subgraph, so the
-    compile costs about one layer's whatever the depth."""
-    from torch._dynamo.utils import counters
-
-    from trainer.engine import compile_decoder
-
-    def make() -> nn.Module:
-        model = tiny_model()
-        model.model.layers.extend(tiny_model(seed=1).model.layers)  # 4 layers
-        return model.to(device)
-
-    ids, labels = batch()
-    positions = torch.tensor([list(range(12)) + list(range(8))] * 3, device=device)  # two samples per row
-    ids, (sup_index, sup_targets) = ids.to(device), (t.to(device) for t in supervision(labels))
-
-    def run(model: nn.Module) -> tuple:
-        model.zero_grad(set_to_none=True)
-        ce, _ = SupervisedLoss(model)(ids, sup_index, sup_targets, position_ids=positions)
-        ce.backward()
-        return ce.detach(), [p.grad.clone() for p in lora_parameters(model)]
-
-    eager = run(make())
-    torch._dynamo.reset()
-    counters.clear()
-    model = make()
-    assert compile_decoder(model, cuda_graphs=False, regions=True) == "compiled"
-    assert_close(run(model), eager)
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-
-    graphs = []
-
-    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    decoder = make().model
-    decoder.layer_regions = True
-    with torch.no_grad():
-        torch.compile(decoder, backend=capture)(ids, position_ids=positions)
-    (gm,) = graphs
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and "invoke_subgraph" in str(n.target)]
-    assert len(calls) == 4 and len({n.args[0].target for n in calls}) == 1
-
-
 @pytest.mark.parametrize("family", ["minimind", "qwen3"])
 def test_per_layer_compile_shares_one_graph_across_layers(family):
     """compile_decoder(per_layer=True) (the trainer's default --compile_scope): the eager loss and LoRA grads,

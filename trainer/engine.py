@@ -70,35 +70,18 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def pick_compile_scope(scope: str, model: nn.Module, fsdp: bool) -> str:
-    """--compile_scope resolved: "model" (the whole decoder, one graph) or "layer" (each layer on its own).
-
-    "auto" takes the whole decoder where its dense layers can run as one nested compile region (MiniMind's
-    decoder, which Qwen3/Llama/Mistral directories also load into; not MoE): the compile then costs about one
-    layer's, and the steps get FlexAttention and one CUDA graph. FSDP keeps the whole decoder too (without
-    regions: its per-layer hooks gather weights). Anything else compiles per layer.
-    """
-    if scope != "auto":
-        return scope
-    decoder = getattr(model, "model", None)
-    regions = hasattr(decoder, "layer_regions") and not getattr(model.config, "use_moe", False)
-    return "model" if fsdp or regions else "layer"
-
-
-def compile_decoder(model: nn.Module, cuda_graphs: bool, per_layer: bool = False, regions: bool = False) -> str:
+def compile_decoder(model: nn.Module, cuda_graphs: bool, per_layer: bool = False) -> str:
     """torch.compile the decoder in place (parameter names, and so the saved files, stay unchanged).
 
     `per_layer`: each decoder layer is compiled on its own; the layers share one code object, so Dynamo
-    traces and Inductor compiles one layer and every other layer reuses that graph. Otherwise the whole
-    decoder is one graph (fewest launches); with `regions` its dense layers run as one nested compile
-    region (MiniMindModel.layer_regions), compiled once and reused, so the compile takes seconds, not
-    minutes, at 28 layers (docs/PERF.md).
+    traces and Inductor compiles one layer and every other layer reuses that graph (seconds instead of
+    minutes at 28 layers; docs/PERF.md). Otherwise the whole decoder is one graph (fewest launches).
     With `cuda_graphs` the compiled forward and backward are also recorded once as CUDA graphs and then
     replayed (mode "reduce-overhead"), so a slow or busy host no longer stalls the GPU. Replaying needs the
     same shapes every step, which packed batches of fixed rows × --max_seq_len give. Returns how it was
     compiled, for the start-up line.
     """
-    options = {"triton.cudagraphs": True} if cuda_graphs else {}  # what mode="reduce-overhead" sets
+    mode = "reduce-overhead" if cuda_graphs else None
     if per_layer and cuda_graphs:
         # During the warm-up steps the next layer's forward runs while an earlier layer's backward is pending,
         # so those steps run without graphs; the steady steps replay them. Not worth a line in users' logs.
@@ -106,14 +89,9 @@ def compile_decoder(model: nn.Module, cuda_graphs: bool, per_layer: bool = False
     layers = getattr(model.model, "layers", None)
     if per_layer and layers is not None:
         for layer in layers:
-            layer.compile(options=options)
+            layer.compile(mode=mode)
     else:
-        if regions and hasattr(model.model, "layer_regions"):
-            model.model.layer_regions = True
-            # Inductor (torch 2.13, 2.14) reuses a buffer that a reused region's backward still needs: every
-            # layer's gradients but the last come out wrong. tests/test_fast_paths.py checks this stays off.
-            options = {**options, "allow_buffer_reuse": False}
-        model.model.compile(options=options)
+        model.model.compile(mode=mode)
     flex = getattr(model.model, "packed_attention", "sdpa") == "flex"  # set before by pick_packed_attention
     scope = " per layer" if per_layer and layers is not None else ""
     return f"compiled{scope}{', CUDA graphs' if cuda_graphs else ''}" + ("; FlexAttention" if flex else "")

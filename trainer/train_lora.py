@@ -64,7 +64,6 @@ from trainer.engine import (
     evaluate,
     make_optimizer,
     make_scaler,
-    pick_compile_scope,
     pick_dtype,
     pick_packed_attention,
     resume_command,
@@ -106,15 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         set_lora_fused(model)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    # One layer compiled once and reused by every layer: a first step in seconds, not minutes.
-    per_layer = pick_compile_scope(args.compile_scope, model, args.fsdp) == "layer"
+    # One layer's graph reused by every layer: a first step in seconds, not minutes (--fsdp keeps one graph).
+    per_layer = args.compile_scope == "layer" or (args.compile_scope == "auto" and not args.fsdp)
     pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device, per_layer)
     compiled, cuda_graphs = "", False
     if args.use_compile:
         # CUDA graphs need one shape per step (packed rows) and no graph breaks (MoE, checkpointing, FSDP).
         cuda_graphs = (info.device.type == "cuda" and args.packing and not args.fsdp and not base.use_moe
                        and not args.gradient_checkpointing)
-        compiled = "; " + compile_decoder(model, cuda_graphs, per_layer, regions=not args.fsdp)
+        compiled = "; " + compile_decoder(model, cuda_graphs, per_layer)
     loss_module = SupervisedLoss(model)
     # Every rank starts from rank 0's weights; an MoE base keeps DDP (an expert no rank used keeps a None grad).
     if args.fsdp:
