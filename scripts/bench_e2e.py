@@ -10,7 +10,8 @@ prompt). The base: random weights of the Qwen3-0.6B shape (`bench_lora.SHAPES`),
 the trainer and as transformers' Qwen3ForCausalLM for the Trainer rows; LoRA r16 on every linear layer,
 learning rate 1e-4, one epoch, samples truncated to 512 tokens, bf16.
 
-Each variant runs in its own process. `ours` is the bare command (`train_lora.py --from_weight ... --data_path
+Each variant runs in its own process, all on one bytecode cache filled before the first (as after a pip
+install; see cache_bytecode). `ours` is the bare command (`train_lora.py --from_weight ... --data_path
 ... --device cuda`, no speed flags) with an empty compile cache; `ours-warm` the same again on the cache the
 first one filled. Rows marked "projected" ran --steps optimizer steps only: their epoch time is the measured
 time to the end of their warm-up plus the epoch's remaining tokens at their steady rate. The Trainer rows use
@@ -144,6 +145,23 @@ def write_qwen3_dir(base: Path, out: Path, shape: dict) -> Path:
 def python_path() -> str:
     """This checkout first, then whatever PYTHONPATH already holds (e.g. carried wheels)."""
     return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
+# What both stacks import: warmed once into the bytecode cache before any timed run.
+COMMON_IMPORTS = ("torch, torch._dynamo, torch._inductor.compile_fx, transformers, peft, "
+                  "transformers.trainer, trainer.train_lora, scripts.bench_e2e")
+
+
+def cache_bytecode(workdir: Path) -> None:
+    """Give every run a bytecode cache, as a pip install does, and fill it once (untimed).
+
+    Without one (PYTHONDONTWRITEBYTECODE, or a read-only site-packages, as on some GPU images) each new
+    process compiles the sources of torch and transformers again: about 10 s at every start-up, for both stacks.
+    """
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ.setdefault("PYTHONPYCACHEPREFIX", str(workdir / "pycache"))
+    subprocess.run([sys.executable, "-c", f"import {COMMON_IMPORTS}"], cwd=REPO, check=False,
+                   env={**os.environ, "PYTHONPATH": python_path()})
 
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) .*?\| ([\d,]+) tok/s \| (warm-up ([\d.]+) s|eta)")
@@ -337,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir)
     t = time.perf_counter()
     base, data, stats = prepare(workdir, n, shape)
+    cache_bytecode(workdir)
     print(f"data and base ready in {time.perf_counter() - t:.0f} s: {stats}", flush=True)
     rows = []
     for name in args.variants.split(","):

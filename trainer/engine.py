@@ -298,10 +298,13 @@ EXIT_GRACE_S = 30  # seconds an exiting rank may spend leaving the process group
 PEER_LOST = ("closed by peer", "Connection reset by peer", "remote process exited", "Timed out", "timed out")
 
 
-def run_job(main: Callable[[], int | None]) -> None:
+def run_job(main: Callable[[], int | None], teardown: bool = True) -> None:
     """Run a job's main(): a UserError is printed without a traceback (exit 2); under torchrun a failure
     is reported as `rank R failed at step N: ...` (the launcher only says which rank exited); the process
-    group is left without hanging on a dead peer; signal handlers are put back as they were."""
+    group is left without hanging on a dead peer; signal handlers are put back as they were.
+
+    `teardown=False` (the scripts' entry points) leaves, once the exit handlers have run and the output is
+    flushed, without the interpreter's teardown: after a compiled run that takes 2-4 s (docs/PERF.md)."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 1
     try:
@@ -330,8 +333,8 @@ def run_job(main: Callable[[], int | None]) -> None:
         _leave_process_group(code)
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        # Under torchrun, interpreter shutdown could abort a rank that had finished cleanly (SIGABRT,
+    if not teardown or "TORCHELASTIC_RUN_ID" in os.environ:
+        # Under torchrun, interpreter shutdown could also abort a rank that had finished cleanly (SIGABRT,
         # "terminate called without an active exception": C++ threads torn down with the interpreter), and
         # torchrun then fails the job. Run the exit handlers, flush, and leave without that teardown.
         atexit._run_exitfuncs()
