@@ -5,9 +5,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from tests.train_utils import tiny_lm
 from trainer.args import parse_args, pick_speed_defaults
 from trainer.data import bucket_width, collate_bucketed, collate_supervised, packed_rows, prepare_data
 from trainer.distributed import DistInfo
@@ -65,15 +64,7 @@ def test_bucket_width_rounds_up_and_never_past_the_cap():
 @pytest.mark.parametrize("family", ["minimind", "qwen3"])
 def test_bucketed_widths_give_the_same_loss_as_unbucketed(family):
     """Extra right padding up to the bucket must not move the summed loss nor the supervised positions."""
-    torch.manual_seed(0)
-    if family == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=100, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             head_dim=16, attn_implementation="sdpa"))
-    else:
-        model = MiniMindForCausalLM(MiniMindConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
-                                                   num_attention_heads=4, num_key_value_heads=2))
-    model.eval()
+    model = tiny_lm(family)
     loss = SupervisedLoss(model)
     samples = []
     for n in (5, 23, 41, 9):

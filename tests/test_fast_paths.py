@@ -6,6 +6,7 @@ from torch import nn
 
 from model.model_lora import apply_lora, lora_parameters, set_lora_fused
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from tests.train_utils import fill_random
 from trainer.loss import IGNORE_INDEX, SupervisedLoss, pad_rows, supervision
 
 
@@ -15,10 +16,7 @@ def tiny_model(seed: int = 0) -> MiniMindForCausalLM:
                          num_key_value_heads=2, intermediate_size=96, vocab_size=300)
     model = MiniMindForCausalLM(cfg)
     apply_lora(model, rank=4, alpha=8)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # non-zero B, or half of every gradient check would be vacuous
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    fill_random(lora_parameters(model), seed=seed + 1)  # non-zero B, or half of every gradient check is vacuous
     return model.train()
 
 
@@ -176,6 +174,16 @@ def test_rope_tables_op_is_registered_correctly_and_exact():
     assert (cos.double() - angles.cos()).abs().max() < 1e-6 and (sin.double() - angles.sin()).abs().max() < 1e-6
 
 
+def packed_loss_and_grads(model: nn.Module) -> tuple:
+    """Loss and LoRA grads of batch() as packed rows (two samples per row): what the compile tests compare."""
+    ids, labels = batch()
+    positions = torch.tensor([list(range(12)) + list(range(8))] * 3)
+    model.zero_grad(set_to_none=True)
+    ce, _ = SupervisedLoss(model)(ids, *supervision(labels), position_ids=positions)
+    ce.backward()
+    return ce.detach(), [p.grad.clone() for p in lora_parameters(model)]
+
+
 def test_compiled_decoder_gives_eager_loss_and_grads_in_one_graph():
     """compile_decoder (the trainer's --use_compile) on packed rows: one graph, no break (the RoPE tables
     are an opaque op, not a torch.compiler.disable island), and the eager loss and LoRA grads."""
@@ -183,22 +191,12 @@ def test_compiled_decoder_gives_eager_loss_and_grads_in_one_graph():
 
     from trainer.engine import compile_decoder
 
-    ids, labels = batch()
-    positions = torch.tensor([list(range(12)) + list(range(8))] * 3)  # two samples per row
-    sup_index, sup_targets = supervision(labels)
-
-    def run(model: nn.Module) -> tuple:
-        model.zero_grad(set_to_none=True)
-        ce, _ = SupervisedLoss(model)(ids, sup_index, sup_targets, position_ids=positions)
-        ce.backward()
-        return ce.detach(), [p.grad.clone() for p in lora_parameters(model)]
-
-    eager = run(tiny_model())
+    eager = packed_loss_and_grads(tiny_model())
     torch._dynamo.reset()
     counters.clear()
     model = tiny_model()
     assert compile_decoder(model, cuda_graphs=False) == "compiled"
-    assert_close(run(model), eager)
+    assert_close(packed_loss_and_grads(model), eager)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
@@ -222,29 +220,16 @@ def test_per_layer_compile_shares_one_graph_across_layers(family):
                                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                              head_dim=16, attn_implementation="sdpa"))
         apply_lora(model, rank=4, alpha=8)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in lora_parameters(model):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        fill_random(lora_parameters(model), seed=1)
         return model.train()
 
-    ids, labels = batch()
-    positions = torch.tensor([list(range(12)) + list(range(8))] * 3)  # two samples per row
-    sup_index, sup_targets = supervision(labels)
-
-    def run(model: nn.Module) -> tuple:
-        model.zero_grad(set_to_none=True)
-        ce, _ = SupervisedLoss(model)(ids, sup_index, sup_targets, position_ids=positions)
-        ce.backward()
-        return ce.detach(), [p.grad.clone() for p in lora_parameters(model)]
-
-    eager = run(make())
+    eager = packed_loss_and_grads(make())
     torch._dynamo.reset()
     counters.clear()
     model = make()
     assert compile_decoder(model, cuda_graphs=False, per_layer=True) == "compiled per layer"
-    assert_close(run(model), eager)
-    assert_close(run(model), eager)  # a second step reuses the graphs
+    assert_close(packed_loss_and_grads(model), eager)
+    assert_close(packed_loss_and_grads(model), eager)  # a second step reuses the graphs
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
 
 

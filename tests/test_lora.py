@@ -26,6 +26,7 @@ from model.model_lora import (
     unmerge_lora,
 )
 from model.model_minimind import load_minimind
+from tests.train_utils import fill_random
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minimind"
 GENERATIONS = ["minimind2_dense", "minimind2_moe", "minimind3_dense", "minimind3_moe"]
@@ -46,11 +47,10 @@ def tiny_qwen(seed: int = 0, tie: bool = False) -> Qwen3ForCausalLM:
 
 def randomize_lora(model: nn.Module, seed: int = 1, fp16_exact: bool = False) -> None:
     """Non-zero B (a fresh B is 0, which would hide every scale and key mistake)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            if fp16_exact:  # values fp16 holds exactly, so a fp16 file round trip loses nothing
+    fill_random(lora_parameters(model), seed)
+    if fp16_exact:  # values fp16 holds exactly, so a fp16 file round trip loses nothing
+        with torch.no_grad():
+            for p in lora_parameters(model):
                 p.copy_(p.half().float())
 
 

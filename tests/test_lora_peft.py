@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
+from tests.train_utils import fill_random
 
 peft = pytest.importorskip("peft")
 
@@ -38,13 +39,6 @@ def load_base(path):
     return cls.from_pretrained(path).eval()
 
 
-def randomize(params, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def logits(model, ids=IDS) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
@@ -64,7 +58,7 @@ CASES = {
 def test_peft_loads_our_adapter(base_dir, tmp_path, case):
     ours = load_base(base_dir)
     apply_lora(ours, **CASES[case])
-    randomize(lora_parameters(ours))
+    fill_random(lora_parameters(ours))
     save_lora(ours, tmp_path / "adapter")
     theirs = peft.PeftModel.from_pretrained(load_base(base_dir), tmp_path / "adapter").eval()
     n_lora = sum(1 for n, _ in theirs.named_modules() if n.endswith(".lora_A.default"))
@@ -87,7 +81,7 @@ PEFT_CASES = {
 @pytest.mark.parametrize("case", PEFT_CASES)
 def test_we_load_peft_adapter(base_dir, tmp_path, case):
     theirs = peft.get_peft_model(load_base(base_dir), peft.LoraConfig(task_type="CAUSAL_LM", **PEFT_CASES[case]))
-    randomize(p for n, p in theirs.named_parameters() if "lora_" in n)
+    fill_random(p for n, p in theirs.named_parameters() if "lora_" in n)
     theirs.eval()
     want = logits(theirs)
     theirs.save_pretrained(tmp_path / "adapter")
@@ -101,7 +95,7 @@ def test_we_load_peft_adapter(base_dir, tmp_path, case):
 def test_llama_with_biases_both_ways(llama_dir, tmp_path):
     ours = load_base(llama_dir)
     apply_lora(ours, rank=4, alpha=8, targets="q_proj,v_proj,down_proj")
-    randomize(lora_parameters(ours))
+    fill_random(lora_parameters(ours))
     want = logits(ours)
     assert (want - logits(load_base(llama_dir))).abs().max() > 1e-2
     save_lora(ours, tmp_path / "ours")
@@ -110,7 +104,7 @@ def test_llama_with_biases_both_ways(llama_dir, tmp_path):
 
     theirs = peft.get_peft_model(load_base(llama_dir), peft.LoraConfig(
         task_type="CAUSAL_LM", r=2, lora_alpha=6, target_modules=["k_proj", "o_proj", "up_proj"]))
-    randomize((p for n, p in theirs.named_parameters() if "lora_" in n), seed=2)
+    fill_random((p for n, p in theirs.named_parameters() if "lora_" in n), seed=2)
     theirs.eval().save_pretrained(tmp_path / "theirs")
     ours = load_base(llama_dir)
     load_lora(ours, tmp_path / "theirs")

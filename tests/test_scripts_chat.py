@@ -13,6 +13,7 @@ from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from scripts import chat, eval_lora, merge_lora, visualize_lora
 from scripts.chat import PROMPTS, parse_args
+from tests.train_utils import fill_random
 from tests.train_utils import run_cli as run_process
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers" / "minimind"
@@ -64,10 +65,7 @@ def tiny_qwen() -> Qwen3ForCausalLM:
 
 def with_random_lora(model: torch.nn.Module) -> torch.nn.Module:
     apply_lora(model, rank=4, alpha=8)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    fill_random(lora_parameters(model), seed=1, scale=0.3)
     return model
 
 

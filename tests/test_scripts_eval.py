@@ -11,6 +11,7 @@ from dataset.chat_render import render_conversation
 from dataset.records import read_conversations
 from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
 from scripts.eval_lora import DEFAULT_DATA, evaluate, parse_args, read_samples, score
+from tests.train_utils import fill_random
 from trainer.base_model import load_base
 
 N = 6  # samples: enough for single- and multi-turn conversations, few enough for 2 CPU cores
@@ -39,10 +40,7 @@ def float64_losses(model: torch.nn.Module, tokenizer: object, n: int) -> list[tu
 def with_random_lora(model: torch.nn.Module) -> torch.nn.Module:
     tuned = copy.deepcopy(model)
     apply_lora(tuned, rank=4, alpha=8)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in lora_parameters(tuned):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    fill_random(lora_parameters(tuned), seed=0, scale=0.05)
     return tuned.eval()
 
 

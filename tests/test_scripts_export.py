@@ -20,6 +20,7 @@ from transformers import AutoConfig, Qwen3Config, Qwen3ForCausalLM
 from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_minimind
 from scripts.merge_lora import main
+from tests.train_utils import fill_random
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TOKENIZER = SHARED / "tokenizers" / "minimind"
@@ -83,13 +84,6 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
             p.copy_(base + torch.randn(p.shape, generator=g) * (0.2 if "norm" in name else 0.05))
 
 
-def randomize_lora(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def minimind_logits(pth: Path, lora: Path | None, ids: torch.Tensor = IDS, **overrides) -> torch.Tensor:
     """base (+ LoRA, unmerged) in this repo's model, fp32."""
     model = load_minimind(pth, dtype=torch.float32, **overrides)
@@ -140,7 +134,7 @@ def exports(tmp_path_factory):
         # A MiniMind model directory: its config.json carries what a .pth cannot (heads, top-k).
         model.save_pretrained(tmp / f"{name}_base")
         apply_lora(model, rank=4, alpha=8)  # every linear layer, experts included; scale 2
-        randomize_lora(model, seed=2)
+        fill_random(lora_parameters(model), seed=2)
         lora = tmp / (f"{name}_peft" if name == "mm3_dense" else f"{name}_lora.pth")  # one PEFT adapter dir
         save_lora(model, lora)
         merge(tmp / f"{name}_base", lora, tmp / name)
@@ -192,7 +186,7 @@ def exports(tmp_path_factory):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER / f, tmp / "qwen_base" / f)
     apply_lora(qwen, rank=4, alpha=16, targets="q_proj,v_proj,up_proj")
-    randomize_lora(qwen, seed=4)
+    fill_random(lora_parameters(qwen), seed=4)
     save_lora(qwen, tmp / "qwen_peft")
     main(
         [

@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoTokenizer
 
 from dataset.lm_dataset import PackedDataset, SFTDataset, collate_packed, collate_padded
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from tests.train_utils import tiny_lm
 from trainer.base_model import REPO_TOKENIZER
 from trainer.loss import SupervisedLoss, supervision
 
@@ -28,15 +29,8 @@ def test_packed_loss_equals_padded_loss(tmp_path, family):
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps({"conversations": c}) + "\n" for c in chats))
     ds = SFTDataset(path, tok, max_length=128, log=None)
-    torch.manual_seed(0)
-    if family == "qwen3":  # use_cache defaults to True in its config: the case that once leaked across samples
-        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             head_dim=16, attn_implementation="sdpa"))
-    else:
-        model = MiniMindForCausalLM(MiniMindConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
-                                                   num_attention_heads=4, num_key_value_heads=2))
-    model.eval()
+    # qwen3: use_cache defaults to True in its config, the case that once leaked across samples
+    model = tiny_lm(family, vocab_size=len(tok))
     padded = collate_padded([ds[i] for i in range(len(ds))], pad_id=tok.pad_token_id)
     rows = PackedDataset(ds, 128, seed=0)
     assert len(rows) < len(ds)  # several samples share a row
@@ -50,15 +44,7 @@ def test_packed_loss_equals_padded_loss(tmp_path, family):
 @pytest.mark.parametrize("family", ["qwen3", "minimind"])
 def test_right_padding_needs_no_mask(family):
     """The trainer drops the padding mask of right-padded batches (faster kernels): the loss must not move."""
-    torch.manual_seed(0)
-    if family == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=100, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             head_dim=16, attn_implementation="sdpa"))
-    else:
-        model = MiniMindForCausalLM(MiniMindConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
-                                                   num_attention_heads=4, num_key_value_heads=2))
-    model.eval()
+    model = tiny_lm(family)
     samples = [(torch.randint(3, 100, (n,)), torch.randint(3, 100, (n,))) for n in (5, 17, 9)]
     batch = collate_padded(samples, pad_id=0)
     loss = SupervisedLoss(model)

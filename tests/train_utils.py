@@ -8,12 +8,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 
@@ -30,6 +32,28 @@ def tokenizer_dir() -> Path:
     if not (TOKENIZER / "tokenizer.json").is_file():
         pytest.skip(f"fixtures not found at {TOKENIZER}")
     return TOKENIZER
+
+
+def fill_random(params: Iterable[torch.Tensor], seed: int = 1, scale: float = 0.1) -> None:
+    """Overwrite `params`, in order, with N(0, scale²) values from a generator seeded with `seed`: LoRA weights
+    that are not zero (a fresh B is 0, which would hide every scale, key and gradient mistake)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def tiny_lm(family: str, vocab_size: int = 100) -> torch.nn.Module:
+    """A random 2-layer causal LM (seed 0) in eval mode: transformers' Qwen3 ("qwen3") or MiniMind ("minimind")."""
+    torch.manual_seed(0)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16, attn_implementation="sdpa"))
+    else:
+        model = MiniMindForCausalLM(MiniMindConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2))
+    return model.eval()
 
 
 def tiny_config(**over: object) -> MiniMindConfig:
