@@ -118,11 +118,16 @@ def prepare(workdir: Path, n: int, shape_name: str) -> tuple[Path, Path, dict]:
     base = workdir / f"base_{shape_name}.pth"
     if not base.is_file():
         write_random_base(base, shape_of(shape_name, len(tok)))
-    if not (workdir / f"qwen3_{shape_name}" / "config.json").is_file():
-        write_qwen3_dir(base, workdir / f"qwen3_{shape_name}", shape_of(shape_name, len(tok)))
+    if not (qwen3_dir(base) / "config.json").is_file():
+        write_qwen3_dir(base, qwen3_dir(base), shape_of(shape_name, len(tok)))
     ds = SFTDataset(data, tok, max_length=512, log=None)
     stats = dict(conversations=len(ds), tokens=int(ds.lengths.sum()), mean=float(ds.lengths.mean()))
     return base, data, stats
+
+
+def qwen3_dir(base: Path) -> Path:
+    """Where the base .pth's weights are also written as a Qwen3 directory (base_X.pth -> qwen3_X/)."""
+    return base.with_name("qwen3_" + base.stem.removeprefix("base_"))
 
 
 def write_qwen3_dir(base: Path, out: Path, shape: dict) -> Path:
@@ -174,7 +179,7 @@ def run_ours(name: str, flags: list[str], base: Path, data: Path, workdir: Path,
     argv = [sys.executable, "-u", str(REPO / "trainer" / "train_lora.py"), "--from_weight", str(base),
             "--data_path", str(data), "--tokenizer_path", str(REPO / "model" / "tokenizer"), "--device", device,
             "--save_dir", str(save), "--epochs", "1",
-            *(f.format(qwen3_dir=base.with_name(f"qwen3_{base.stem.removeprefix('base_')}")) for f in flags)]
+            *(f.format(qwen3_dir=qwen3_dir(base)) for f in flags)]
     if steps:
         argv += ["--max_steps", str(steps)]
     if name.endswith("unbucketed"):  # the padded path as it was: every batch its own width

@@ -41,6 +41,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from scripts.bench_lora import timed_steps
+
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  intermediate_size=128, vocab_size=512, tie_word_embeddings=True),
@@ -146,33 +148,6 @@ def build_peft_bnb(shape: dict, opts: dict, dev: torch.device,
     return loss, [p for p in model.parameters() if p.requires_grad], (count, held)
 
 
-def measure(step: Callable[[], torch.Tensor], warmup: int, steps: int, cuda: bool) -> dict:
-    """Call `step` (one optimizer step; returns the loss) warmup + steps times: memory, median time, losses."""
-    resting = torch.cuda.memory_allocated() if cuda else 0
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-        loss = step()
-        if cuda:
-            end.record()
-            end.synchronize()
-            ms = begin.elapsed_time(end)
-        else:
-            ms = (time.perf_counter() - t0) * 1000
-        losses.append(loss.item())
-        if i >= warmup:
-            times.append(ms)
-    return dict(resting_gib=round(resting / 2**30, 2),
-                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-                step_ms=round(statistics.median(times), 1), first_loss=round(losses[0], 4),
-                last_loss=round(losses[-1], 4))
-
-
 def run_one(shape_name: str, variant: str, batch: int, seq: int, steps: int, warmup: int, device: str) -> dict:
     """Build, train `warmup + steps` steps, and measure one configuration in this process."""
     opts, dev, shape = VARIANTS[variant], torch.device(device), SHAPES[shape_name]
@@ -188,22 +163,25 @@ def run_one(shape_name: str, variant: str, batch: int, seq: int, steps: int, war
     build_s = time.perf_counter() - start
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
 
-    def step() -> torch.Tensor:
-        """One training step: forward under bf16 autocast (CUDA), backward, AdamW."""
+    def step(_batch: object) -> torch.Tensor:
+        """Forward under bf16 autocast (CUDA) and backward; timed_steps adds AdamW's step."""
         with torch.autocast(dev.type, torch.bfloat16, enabled=cuda):
             loss = loss_fn()
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    m = measure(step, warmup, steps, cuda)
+    resting = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    ms, losses, _ = timed_steps(step, optimizer, [ids], warmup, steps, dev)
+    step_ms = statistics.median(ms)
     return dict(shape=shape_name, variant=variant, batch=batch, seq=seq,
                 device=torch.cuda.get_device_name() if cuda else "cpu", nf4_layers=quantized[0],
-                nf4_gib=round(quantized[1] / 2**30, 3),
-                resting_gib=m["resting_gib"], peak_gib=m["peak_gib"], step_ms=m["step_ms"],
-                tokens_per_s=round(batch * seq / m["step_ms"] * 1000), build_s=round(build_s, 1),
-                first_loss=m["first_loss"], last_loss=m["last_loss"], torch=torch.__version__)
+                nf4_gib=round(quantized[1] / 2**30, 3), resting_gib=round(resting / 2**30, 2),
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                step_ms=round(step_ms, 1), tokens_per_s=round(batch * seq / step_ms * 1000),
+                build_s=round(build_s, 1), first_loss=round(losses[0].item(), 4),
+                last_loss=round(losses[-1].item(), 4), torch=torch.__version__)
 
 
 def plan(shapes: list[str], variants: str) -> list[tuple[str, str]]:
