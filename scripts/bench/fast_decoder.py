@@ -8,7 +8,13 @@ rope scaling, tied head). Each is loaded as the trainer loads it (trainer/base_m
 its own process for --warmup + --steps LoRA steps of scripts/bench_lora.py's `ours` step (bf16, fused LoRA, fused
 linear CE, fused AdamW; rows of one sequence each), the decoder compiled per layer (--compile blocks, fast to
 compile, but a host-bound step that can differ by 10% from one process to the next: --repeats alternates the
-variants; "whole" is the trainer's --use_compile, with CUDA graphs). The Llama directory also runs through
+variants; "layers" adds CUDA graphs, as the trainer's default; "whole" is one graph with CUDA graphs).
+
+    python scripts/bench/fast_decoder.py --variants "qwen3-0.6b minimind-dir,qwen3-0.6b qwen3-dir" --interleave 10
+
+--interleave R loads the `ours` variants into one process and alternates them there, --steps steps each per
+round for R rounds, the order swapped every round: drift of the machine's speed over the call then hits every
+variant alike. Reports each variant's median step and the per-round ratios against the first. The Llama directory also runs through
 transformers' LlamaForCausalLM + PEFT + torch.compile (bench_lora's `peft-compile` step). Tokens/s is the median
 step, peak memory torch.cuda.max_memory_allocated, MFU bench_lora's count of necessary FLOPs over --peak-tflops.
 """
@@ -97,6 +103,7 @@ def build(opts: dict, device: torch.device) -> tuple:
 
     from model.model_lora import apply_lora, lora_parameters, set_lora_fused
     from trainer.base_model import load_directory
+    from trainer.engine import compile_decoder
     from trainer.loss import SupervisedLoss
 
     model = load_directory(Path(opts["path"]), dtype, max_seq_len=opts["seq"]).to(device)
@@ -104,13 +111,11 @@ def build(opts: dict, device: torch.device) -> tuple:
     apply_lora(model, rank=opts["rank"], alpha=2 * opts["rank"], targets="all-linear")
     set_lora_fused(model, True)
     model.train()
-    if opts["compile"] == "none":
-        pass
-    elif opts["compile"] == "blocks":
+    if opts["compile"] == "blocks":
         for layer in model.model.layers:
             layer.compile(fullgraph=True)
-    else:
-        model.model.compile(fullgraph=True, mode="reduce-overhead")
+    elif opts["compile"] != "none":
+        compile_decoder(model, cuda_graphs=True, per_layer=opts["compile"] == "layers")
     loss_module = SupervisedLoss(model, fused=True)
 
     def step(batch: dict) -> torch.Tensor:
@@ -123,23 +128,55 @@ def build(opts: dict, device: torch.device) -> tuple:
     return step, lora_parameters(model), model.config
 
 
+def summary(ms: list[float], losses: list[torch.Tensor], first_step_s: float, batches: list, config: object,
+            opts: dict) -> dict:
+    """One row of the table from a variant's timed steps."""
+    step_ms = statistics.median(ms)
+    tokens, supervised = batches[0]["input_ids"].numel(), batches[0]["sup_targets"].numel()
+    flops = flops_per_step(shape_of(config), tokens, supervised, opts["batch"] * opts["seq"] * (opts["seq"] + 1) // 2,
+                           opts["rank"], "all-linear")
+    return dict(tokens_per_s=tokens / step_ms * 1e3, step_ms=step_ms, step_ms_spread=max(ms) - min(ms),
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+                mfu=flops / (step_ms / 1e3) / (opts["peak_tflops"] * 1e12), first_step_s=first_step_s,
+                loss_first=losses[0].item(), loss_last=losses[-1].item(), graphs=graph_count())
+
+
+def start(opts: dict, device: torch.device) -> dict:
+    """Build one variant and run its warm-up steps."""
+    torch.manual_seed(0)
+    step, params, config = build(opts, device)
+    fused = True if opts["stack"] == "ours" and device.type == "cuda" else None
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused)
+    batches = random_batches(shape_of(config), opts["batch"], opts["seq"], 0.4, 4, device)
+    _, losses, first_step_s = timed_steps(step, optimizer, batches, opts["warmup"], 0, device)
+    return dict(step=step, optimizer=optimizer, batches=batches, config=config, first_step_s=first_step_s,
+                losses=losses, ms=[], rounds=[])
+
+
 def run_worker(opts: dict) -> dict:
     """Load, train warmup + steps, return the timings (in its own process)."""
     device = torch.device(opts["device"])
-    torch.manual_seed(0)
-    step, params, config = build(opts, device)
-    shape = shape_of(config)
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True if opts["stack"] == "ours" and device.type == "cuda" else None)
-    batches = random_batches(shape, opts["batch"], opts["seq"], 0.4, 4, device)
-    ms, losses, first_step_s = timed_steps(step, optimizer, batches, opts["warmup"], opts["steps"], device)
-    step_ms = statistics.median(ms)
-    tokens, supervised = batches[0]["input_ids"].numel(), batches[0]["sup_targets"].numel()
-    flops = flops_per_step(shape, tokens, supervised, opts["batch"] * opts["seq"] * (opts["seq"] + 1) // 2,
-                           opts["rank"], "all-linear")
-    return dict(tokens_per_s=tokens / step_ms * 1e3, step_ms=step_ms, step_ms_spread=max(ms) - min(ms),
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
-                mfu=flops / (step_ms / 1e3) / (opts["peak_tflops"] * 1e12), first_step_s=first_step_s,
-                loss_first=losses[0].item(), loss_last=losses[-1].item(), graphs=graph_count())
+    m = start(opts, device)
+    ms, losses, _ = timed_steps(m["step"], m["optimizer"], m["batches"], 0, opts["steps"], device)
+    return summary(ms, m["losses"] + losses, m["first_step_s"], m["batches"], m["config"], opts)
+
+
+def run_interleaved(all_opts: list[dict], rounds: int) -> list[dict]:
+    """All variants in this process, alternated: per round, --steps timed steps of each (after one untimed step
+    that switches the CUDA graphs over), the order reversed every other round. Peak memory holds them all."""
+    device = torch.device(all_opts[0]["device"])
+    models = [start(opts, device) for opts in all_opts]
+    for r in range(rounds):
+        for m in models if r % 2 == 0 else models[::-1]:
+            ms, losses, _ = timed_steps(m["step"], m["optimizer"], m["batches"], 1, all_opts[0]["steps"], device)
+            m["ms"] += ms
+            m["losses"] += losses
+            m["rounds"].append(statistics.median(ms))
+    first = models[0]["rounds"]
+    return [dict(summary(m["ms"], m["losses"], m["first_step_s"], m["batches"], m["config"], opts),
+                 round_ms=[round(x, 2) for x in m["rounds"]],
+                 vs_first_by_round=[round(a / b, 4) for a, b in zip(first, m["rounds"])])
+            for m, opts in zip(models, all_opts)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank on every linear (alpha = 2 x rank)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--compile", choices=("blocks", "whole", "none"), default="blocks")
+    p.add_argument("--compile", choices=("blocks", "layers", "whole", "none"), default="blocks")
+    p.add_argument("--interleave", type=int, default=0, metavar="R",
+                   help="alternate the `ours` variants in one process for R rounds (see above)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes, no compile, 2 steps")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 matmul rate")
     p.add_argument("--repeats", type=int, default=1, help="run the variant list this many times, alternating")
@@ -161,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))))
+        opts = json.loads(args.worker)
+        rows = run_interleaved(opts, args.interleave) if isinstance(opts, list) else run_worker(opts)
+        print(json.dumps(rows))
         return 0
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,22 +213,31 @@ def main(argv: list[str] | None = None) -> int:
     write_directories(work, args.tiny, device)
     print(f"directories written in {time.perf_counter() - t0:.0f} s", flush=True)
     results = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", settings=vars(args), rows=[])
-    for name in args.variants.split(",") * args.repeats:
+    def opts_of(name: str) -> dict:
         folder, stack = VARIANTS[name]
-        opts = dict(path=str(work / folder), stack=stack, batch=args.batch, seq=args.seq, rank=args.rank,
+        return dict(path=str(work / folder), stack=stack, batch=args.batch, seq=args.seq, rank=args.rank,
                     warmup=args.warmup, steps=args.steps, compile=args.compile, peak_tflops=args.peak_tflops,
                     device=device)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(opts)]
+
+    names = args.variants.split(",")
+    jobs = [([n], opts_of(n)) for n in names * args.repeats]
+    if args.interleave:
+        jobs = [(names, [opts_of(n) for n in names])]
+    for job_names, opts in jobs:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(opts),
+               "--interleave", str(args.interleave)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             out = proc.stdout.strip().splitlines()
-            row = json.loads(out[-1]) if proc.returncode == 0 else \
+            rows = json.loads(out[-1]) if proc.returncode == 0 else \
                 dict(error=(proc.stderr.strip().splitlines() or ["?"])[-1][:300])
-            row["log"] = [line for line in out if line.startswith(("model:", "loaded as"))]
         except subprocess.TimeoutExpired:
-            row = dict(error=f"timed out after {args.timeout:.0f} s")
-        results["rows"].append(dict(name=name, **row))
-        print(f"  {name}: {row}", flush=True)
+            rows = dict(error=f"timed out after {args.timeout:.0f} s")
+        for name, row in zip(job_names, rows if isinstance(rows, list) else [rows] * len(job_names)):
+            row = dict(name=name, **row)
+            row["log"] = [line for line in out if line.startswith(("model:", "loaded as"))] if "error" not in row else []
+            results["rows"].append(row)
+            print(f"  {name}: {row}", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     print(f"\n{results['device']}, batch {args.batch} x {args.seq}, LoRA r{args.rank} all linear, bf16, 40% prompt, "
