@@ -410,10 +410,7 @@ def build_attention_mask(attention_mask: torch.Tensor | None, position_ids: torc
         start = position_ids[..., :1] - 1
         sample = (torch.diff(position_ids, dim=-1, prepend=start) != 1).cumsum(dim=-1)   # [B, T]
         if flex:
-            # Inside a compiled forward the mask is built in its graph; an eager forward (each layer compiled
-            # on its own) calls the compiled builder once per step, as eagerly it costs 12x the attention.
-            build = document_block_mask if torch.compiler.is_compiling() else compiled_document_block_mask
-            return build(sample), False
+            return document_block_mask(sample), False
         same_sample = sample[:, :, None] == sample[:, None, :]
         return (same_sample & causal[None])[:, None], False
     if past_len == 0:
@@ -432,10 +429,6 @@ def document_block_mask(sample: torch.Tensor) -> BlockMask:
 
     bsz, seq_len = sample.shape
     return create_block_mask(same_sample_causal, bsz, None, seq_len, seq_len, device=sample.device)
-
-
-# One shape per run (packed rows), so no dynamic shapes: compiled on first use, then a few small kernels per step.
-compiled_document_block_mask = torch.compile(document_block_mask, fullgraph=True, dynamic=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -477,10 +470,10 @@ class MiniMindModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # transformers' gradient_checkpointing_enable() sets this flag; so can a trainer, directly.
         self.gradient_checkpointing = False
-        # How packed rows attend in training forwards of a compiled decoder (whole, or layer by layer): "sdpa"
-        # with a dense block-diagonal mask, or "flex": FlexAttention with a block mask, which skips the masked
-        # tiles and keeps GQA (0.65 against 1.37 ms fwd+bwd per Qwen3-0.6B layer, docs/PERF.md). Evaluation
-        # runs eagerly, where Flex would materialise the whole score matrix: it keeps SDPA either way.
+        # How packed rows attend when this forward runs under torch.compile: "sdpa" with a dense block-diagonal
+        # mask, or "flex": FlexAttention with a block mask, which skips the masked tiles and keeps GQA (0.65
+        # against 1.37 ms fwd+bwd per Qwen3-0.6B layer, docs/PERF.md). Uncompiled, Flex would materialise
+        # the whole score matrix (and it has no backward on CPU), so eager forwards keep SDPA either way.
         self.packed_attention = "sdpa"
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -501,7 +494,7 @@ class MiniMindModel(nn.Module):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        flex = self.packed_attention == "flex" and self.training
+        flex = self.packed_attention == "flex" and torch.compiler.is_compiling()
         attn_mask, is_causal = build_attention_mask(attention_mask, position_ids, seq_len, past_len, x.device, flex)
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=x.device)[None]

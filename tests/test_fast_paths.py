@@ -351,41 +351,22 @@ def packed_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     return dict(input_ids=ids, position_ids=position_ids, sup_index=sup_index, sup_targets=sup_targets)
 
 
-@pytest.mark.parametrize("scope", ["model", "layer"])
-def test_flex_block_mask_forward_equals_the_dense_packed_mask(scope):
+def test_flex_block_mask_forward_equals_the_dense_packed_mask():
     """Compiled with packed_attention "flex" (FlexAttention's document block mask; forward only, as Flex has
-    no backward on CPU), whole or layer by layer (the block mask then built once per forward by its own
-    compiled builder), the decoder gives the hidden states of the eager dense block-diagonal mask, and an
-    evaluation forward (eager) keeps the dense mask."""
-    from torch._dynamo.utils import counters
-
+    no backward on CPU) the decoder gives the hidden states of the eager dense block-diagonal mask, and an
+    eager forward (validation runs eagerly) keeps the dense mask."""
     from model.model_minimind import BlockMask, build_attention_mask
-    from trainer.engine import compile_decoder
 
     model = tiny_model()
     b = packed_batch()
     with torch.no_grad():
         want = model.model(b["input_ids"], position_ids=b["position_ids"]).last_hidden_state
         model.model.packed_attention = "flex"
-        model.eval()
         eager = model.model(b["input_ids"], position_ids=b["position_ids"]).last_hidden_state
-        model.train()
         torch._dynamo.reset()
-        counters.clear()
-        compile_decoder(model, cuda_graphs=False, per_layer=scope == "layer")
-        compiled = model.model(b["input_ids"], position_ids=b["position_ids"]).last_hidden_state
-        # Other packings of the same shape reuse the graphs (the block mask is an input, not a constant).
-        other = packed_batch(seed=1)
-        other["position_ids"] = other["position_ids"].roll(3, dims=1)
-        again = model.model(other["input_ids"], position_ids=other["position_ids"]).last_hidden_state
-        model.model.packed_attention = "sdpa"
-        with torch.compiler.set_stance("force_eager"):
-            again_dense = model.model(other["input_ids"], position_ids=other["position_ids"]).last_hidden_state
+        compiled = torch.compile(model.model)(b["input_ids"], position_ids=b["position_ids"]).last_hidden_state
     torch.testing.assert_close(eager, want, atol=0, rtol=0)
     torch.testing.assert_close(compiled, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(again, again_dense, atol=1e-5, rtol=1e-5)
-    # whole: one graph; per layer: the layer graph and the block-mask builder's
-    assert counters["stats"]["unique_graphs"] == (1 if scope == "model" else 2), dict(counters["stats"])
     # Not vacuous: the block mask really differs from plain causal attention on these rows.
     mask, _ = build_attention_mask(None, b["position_ids"], 20, 0, torch.device("cpu"), flex=True)
     assert isinstance(mask, BlockMask)
@@ -418,8 +399,7 @@ def test_attention_flag_picks_flex_only_where_it_trains():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("per_layer", [False, True])
-def test_flex_packed_steps_follow_eager_dense_mask(dtype, per_layer):
+def test_flex_packed_steps_follow_eager_dense_mask(dtype):
     """The trainer's fastest packed path (compiled, CUDA graphs, FlexAttention, gradients in place) trains
     the LoRA of the eager dense-mask path over 4 steps of 2 micro-batches: fp32 tightly, bf16 autocast
     within its rounding (losses)."""
@@ -433,7 +413,7 @@ def test_flex_packed_steps_follow_eager_dense_mask(dtype, per_layer):
         if fast:
             torch._dynamo.reset()
             assert pick_packed_attention(model, "flex", True, True, info.device) == "flex"
-            compile_decoder(model, cuda_graphs=True, per_layer=per_layer)
+            compile_decoder(model, cuda_graphs=True)
         params = lora_parameters(model)
         optimizer = make_optimizer(params, lr=1e-2, weight_decay=0.0)
         losses = []

@@ -174,13 +174,13 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
                                                        if job == "lora" else ""))
     if job == "lora":
         g.add_argument("--compile_scope", default="auto", choices=["auto", "model", "layer"],
-                       help="what one compiled graph holds: model = the whole decoder (fewest launches; a first "
-                            "step of about 2 minutes at 0.6B with an empty cache), layer = one "
+                       help="what one compiled graph holds: model = the whole decoder (fastest steps, FlexAttention for "
+                            "packed rows; a first step of about 2 minutes at 0.6B with an empty cache), layer = one "
                             "decoder layer, reused by every layer (a first step of 25 s, 8 s with a warm cache); "
                             "auto (default) = layer")
     g.add_argument("--attention", default="auto", choices=["auto", "flex", "sdpa"],
                    help="how packed rows attend in the compiled decoder: flex = FlexAttention, which skips the "
-                        "masked tiles (needs --packing, --use_compile 1, a CUDA device, a MiniMind or fast-decoder "
+                        "masked tiles (needs --packing, --use_compile 1, --compile_scope model, a CUDA device, a MiniMind "
                         "model); sdpa = "
                         "a dense block-diagonal mask (e.g. if Flex's kernels do not fit your GPU); auto (default) = "
                         "flex where it applies")

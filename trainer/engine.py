@@ -97,16 +97,18 @@ def compile_decoder(model: nn.Module, cuda_graphs: bool, per_layer: bool = False
     return f"compiled{scope}{', CUDA graphs' if cuda_graphs else ''}" + ("; FlexAttention" if flex else "")
 
 
-def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled: bool, device: torch.device) -> str:
+def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled: bool, device: torch.device,
+                          per_layer: bool = False) -> str:
     """Set how the compiled decoder attends within packed rows (--attention) and return it: "flex"
     (FlexAttention, block mask) or "sdpa" (dense block-diagonal mask); see MiniMindModel.packed_attention.
 
-    "auto" takes Flex where it pays and trains: packed rows, a compiled decoder (whole or per layer; eager
-    Flex materialises the score matrix), a CUDA device (Flex has no backward on CPU), and MiniMind's decoder
+    "auto" takes Flex where it pays and trains: packed rows, the whole decoder compiled (its block mask is
+    built inside the compiled forward), a CUDA device (Flex has no backward on CPU), and MiniMind's decoder
     (transformers' models attend their own way).
     """
     decoder = getattr(model, "model", None)
-    needs = {"--packing": packing, "--use_compile 1": compiled, "a CUDA device": device.type == "cuda",
+    needs = {"--packing": packing, "--use_compile 1": compiled, "--compile_scope model": not per_layer,
+             "a CUDA device": device.type == "cuda",
              "MiniMind's decoder (transformers' own classes keep their own attention)": hasattr(decoder, "packed_attention")}
     missing = [what for what, ok in needs.items() if not ok]
     if choice == "flex" and missing:

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         enable_activation_checkpointing(model)
     # One layer's graph reused by every layer: a first step in seconds, not minutes (--fsdp keeps one graph).
     per_layer = args.compile_scope == "layer" or (args.compile_scope == "auto" and not args.fsdp)
-    pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device)
+    pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device, per_layer)
     compiled, cuda_graphs = "", False
     if args.use_compile:
         # CUDA graphs need one shape per step (packed rows) and no graph breaks (MoE, checkpointing, FSDP).
