@@ -209,3 +209,18 @@ def test_weights_that_do_not_fit_the_config_fall_back_not_half_random(tmp_path, 
     assert not isinstance(model, FastCausalLM)
     lines = [line for line in capsys.readouterr().out.splitlines() if "fast paths off" in line]
     assert len(lines) == 1 and "do not fit" in lines[0] and "mlp.down_proj.bias" in lines[0], lines
+
+
+def test_bench_alternates_the_qwen3_and_minimind_directories_on_equal_terms(tmp_path):
+    """scripts/bench/fast_decoder.py --interleave (the run behind the README's Qwen3-vs-MiniMind figure), CPU
+    smoke size: both directories of the same weights train in one process, alternated, with the same losses."""
+    from scripts.bench.fast_decoder import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--tiny", "--work", str(tmp_path / "work"), "--json", str(out), "--interleave", "2",
+                 "--variants", "qwen3-0.6b minimind-dir,qwen3-0.6b qwen3-dir"]) == 0
+    mm, qwen = json.loads(out.read_text())["rows"]
+    loaded = [line for line in qwen["log"] if line.startswith("loaded as")]  # one process: one log, in order
+    assert loaded == ["loaded as MiniMindForCausalLM", "loaded as FastCausalLM"]
+    assert len(mm["round_ms"]) == len(qwen["round_ms"]) == 2
+    assert (mm["loss_first"], mm["loss_last"]) == (qwen["loss_first"], qwen["loss_last"])

@@ -8,15 +8,17 @@ rope scaling, tied head). Each is loaded as the trainer loads it (trainer/base_m
 its own process for --warmup + --steps LoRA steps of scripts/bench_lora.py's `ours` step (bf16, fused LoRA, fused
 linear CE, fused AdamW; rows of one sequence each), the decoder compiled per layer (--compile blocks, fast to
 compile, but a host-bound step that can differ by 10% from one process to the next: --repeats alternates the
-variants; "layers" adds CUDA graphs, as the trainer's default; "whole" is one graph with CUDA graphs).
+variants; "layers" adds CUDA graphs, as the trainer's default; "whole" is one graph with CUDA graphs). The Llama
+directory also runs through transformers' LlamaForCausalLM + PEFT + torch.compile (bench_lora's `peft-compile`
+step). Tokens/s is the median step, peak memory torch.cuda.max_memory_allocated, MFU bench_lora's count of
+necessary FLOPs over --peak-tflops.
 
-    python scripts/bench/fast_decoder.py --variants "qwen3-0.6b minimind-dir,qwen3-0.6b qwen3-dir" --interleave 10
+    python scripts/bench/fast_decoder.py --variants "qwen3-0.6b minimind-dir,qwen3-0.6b qwen3-dir" \
+        --compile layers --interleave 12
 
---interleave R loads the `ours` variants into one process and alternates them there, --steps steps each per
-round for R rounds, the order swapped every round: drift of the machine's speed over the call then hits every
-variant alike. Reports each variant's median step and the per-round ratios against the first. The Llama directory also runs through
-transformers' LlamaForCausalLM + PEFT + torch.compile (bench_lora's `peft-compile` step). Tokens/s is the median
-step, peak memory torch.cuda.max_memory_allocated, MFU bench_lora's count of necessary FLOPs over --peak-tflops.
+--interleave R loads the variants into one process and alternates them there, --steps steps each per round for R
+rounds, the order swapped every round: drift of the machine's speed over the call then hits every variant alike.
+Each row then also holds its per-round medians and the first variant's per-round step over its own.
 """
 
 import argparse
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--compile", choices=("blocks", "layers", "whole", "none"), default="blocks")
     p.add_argument("--interleave", type=int, default=0, metavar="R",
-                   help="alternate the `ours` variants in one process for R rounds (see above)")
+                   help="alternate the variants in one process for R rounds (see above)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes, no compile, 2 steps")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 matmul rate")
     p.add_argument("--repeats", type=int, default=1, help="run the variant list this many times, alternating")
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     write_directories(work, args.tiny, device)
     print(f"directories written in {time.perf_counter() - t0:.0f} s", flush=True)
     results = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", settings=vars(args), rows=[])
+
     def opts_of(name: str) -> dict:
         folder, stack = VARIANTS[name]
         return dict(path=str(work / folder), stack=stack, batch=args.batch, seq=args.seq, rank=args.rank,
