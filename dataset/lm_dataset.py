@@ -29,6 +29,7 @@ from dataset.records import (
     parse_text,
     read_lines,
 )
+from model.varlen import cu_seqlens_of
 
 IGNORE_INDEX = -100
 CHUNK = 1000  # records per multiprocessing task: large enough for the batched Rust tokenizer to pay off
@@ -302,14 +303,16 @@ class PackedDataset(Dataset):
 
 def collate_packed(
     batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_id: int, width: int | None = None,
-    rows: int | None = None,
+    rows: int | None = None, segments: int | None = None,
 ) -> dict[str, torch.Tensor | int]:
     """Stack packed rows: input_ids, labels, position_ids; short rows end in a pad segment of their own.
 
     `width` (default: the longest row) and `rows` (default: the rows given) fix the batch's shape, so that
     every step has the same one, which compiled graphs and CUDA graphs replay without recompiling; the
     epoch's last step, which runs short, gets rows of pads only (nothing supervised). Packed rows are nearly
-    full anyway. `n_tokens` counts the real tokens (no pad segments), for an honest tokens/s.
+    full anyway. `n_tokens` counts the real tokens (no pad segments), for an honest tokens/s. With
+    `segments`, also `cu_seqlens`: where the samples and pad segments start, in `segments` + 1 entries
+    (model.varlen.cu_seqlens_of).
     """
     width = max([len(ids) for ids, _, _ in batch] + [width or 0])
     n_rows = max(len(batch), rows or 0)
@@ -321,5 +324,8 @@ def collate_packed(
         n = len(ids)
         input_ids[row, :n], labels[row, :n], position_ids[row, :n] = ids, lab, pos
         position_ids[row, n:] = torch.arange(width - n)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "n_tokens": sum(len(ids) for ids, _, _ in batch)}
+    out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+           "n_tokens": sum(len(ids) for ids, _, _ in batch)}
+    if segments:
+        out["cu_seqlens"] = cu_seqlens_of(position_ids, segments)
+    return out

@@ -26,6 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from model.errors import UserError
 from model.hf_compat import CACHE_NAME
+from model.varlen import PackedSegments, attend_segments
 
 
 class ModelConfigError(UserError):
@@ -237,8 +238,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: AttentionMask,
                 is_causal: bool, past_key_values: Cache | None) -> torch.Tensor:
-        """Attend over the current tokens (and the cached ones); `attn_mask` is boolean (True = may attend)
-        or, for packed rows in a compiled forward, a FlexAttention block mask."""
+        """Attend over the current tokens (and the cached ones); `attn_mask` is boolean (True = may attend),
+        or for packed rows the samples' boundaries (PackedSegments) or, compiled, a FlexAttention block mask."""
         bsz, seq_len, _ = x.shape
         q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)
@@ -246,6 +247,10 @@ class Attention(nn.Module):
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(attn_mask, PackedSegments):  # the rows as one sequence cut into samples: [B*T, heads, D]
+            out = attend_segments(*(t.reshape(bsz * seq_len, t.shape[2], self.head_dim) for t in (q, k, v)),
+                                  attn_mask)
+            return self.o_proj(out.view(bsz, seq_len, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
@@ -382,7 +387,7 @@ def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | Non
     return cache if cache is not None else past_key_values
 
 
-AttentionMask = torch.Tensor | BlockMask | None
+AttentionMask = torch.Tensor | BlockMask | PackedSegments | None
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
@@ -479,11 +484,13 @@ class MiniMindModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool | None = None, inputs_embeds: torch.Tensor | None = None,
-                cache: Cache | None = None, **kwargs) -> MiniMindModelOutput:
+                cache: Cache | None = None, cu_seqlens: torch.Tensor | None = None, **kwargs) -> MiniMindModelOutput:
         """Run the decoder; see `build_attention_mask` for how padding and packing are read.
 
-        The KV cache comes as `cache` (transformers >= 5.2x) or `past_key_values` (older); other keyword
-        arguments are checked by `check_generation_kwargs`.
+        `cu_seqlens` (packed rows, no mask, no cache): where the rows' samples start (`model.varlen`); attention
+        then runs within each sample through Flash attention's varlen kernel (on CUDA), `position_ids` still
+        give the positions. The KV cache comes as `cache` (transformers >= 5.2x) or `past_key_values`
+        (older); other keyword arguments are checked by `check_generation_kwargs`.
         """
         check_generation_kwargs(kwargs)
         past_key_values = one_cache(cache, past_key_values)
@@ -494,8 +501,14 @@ class MiniMindModel(nn.Module):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        flex = self.packed_attention == "flex" and torch.compiler.is_compiling()
-        attn_mask, is_causal = build_attention_mask(attention_mask, position_ids, seq_len, past_len, x.device, flex)
+        if cu_seqlens is not None and (attention_mask is not None or past_len):
+            raise ValueError("cu_seqlens marks the samples of packed rows: pass it without attention_mask and cache")
+        if cu_seqlens is not None:
+            attn_mask, is_causal = PackedSegments(cu_seqlens, seq_len), False
+        else:
+            flex = self.packed_attention == "flex" and torch.compiler.is_compiling()
+            attn_mask, is_causal = build_attention_mask(attention_mask, position_ids, seq_len, past_len, x.device,
+                                                        flex)
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=x.device)[None]
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype,

@@ -43,6 +43,8 @@ SYSTEMS = {"en": "You are a helpful assistant. Answer briefly and clearly.", "zh
 VARIANTS = {  # name: (stack, trainer flags / Trainer options, full epoch or --steps)
     "ours": ("ours", [], "epoch"),
     "ours-warm": ("ours", [], "epoch"),
+    "ours-sdpa": ("ours", ["--attention", "sdpa"], "epoch"),  # packed rows through the dense block mask
+    "ours-sdpa-warm": ("ours", ["--attention", "sdpa"], "epoch"),
     "ours-layer": ("ours", ["--compile_scope", "layer"], "epoch"),
     "ours-layer-warm": ("ours", ["--compile_scope", "layer"], "epoch"),
     "ours-qwen3-dir": ("ours", ["--from_weight", "{qwen3_dir}"], "epoch"),  # on `ours`' cache: the same graphs

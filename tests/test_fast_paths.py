@@ -375,21 +375,31 @@ def test_flex_block_mask_forward_equals_the_dense_packed_mask():
     assert (causal[0, 5:] - want[0, 5:]).abs().max() > 1e-2
 
 
-def test_attention_flag_picks_flex_only_where_it_trains():
-    """--attention: auto falls back to the dense mask unless packing, compile, CUDA and a MiniMind decoder
-    all hold; an explicit flex that cannot run is a clear error naming what is missing."""
+def test_attention_flag_picks_varlen_then_flex_where_they_train():
+    """--attention auto: varlen for packed rows of a MiniMind decoder on CUDA in bf16/fp16, else Flex where it
+    trains (packing, whole-decoder compile, CUDA), else the dense mask; an explicit choice that cannot run is
+    a clear error naming what is missing."""
     from model.errors import UserError
     from trainer.engine import pick_packed_attention
 
     model, cpu, cuda = tiny_model(), torch.device("cpu"), torch.device("cuda")
-    assert pick_packed_attention(model, "auto", True, True, cuda) == "flex"
+    assert pick_packed_attention(model, "auto", True, True, cuda) == "varlen"
+    assert pick_packed_attention(model, "auto", True, False, cuda, per_layer=True) == "varlen"  # eager too
+    assert model.model.packed_attention == "sdpa"  # the decoder's compiled-mask switch stays off
+    assert pick_packed_attention(model, "auto", True, True, cuda, dtype=torch.float32) == "flex"
     assert model.model.packed_attention == "flex"
+    assert pick_packed_attention(model, "auto", True, True, cuda, per_layer=True, dtype=torch.float32) == "sdpa"
+    assert pick_packed_attention(model, "flex", True, True, cuda) == "flex"
     assert pick_packed_attention(model, "auto", True, True, cpu) == "sdpa"
     assert model.model.packed_attention == "sdpa"
     assert pick_packed_attention(model, "auto", False, True, cuda) == "sdpa"
     assert pick_packed_attention(model, "sdpa", True, True, cuda) == "sdpa"
     with pytest.raises(UserError, match=r"--attention flex needs --use_compile 1, a CUDA device; use"):
         pick_packed_attention(model, "flex", True, False, cpu)
+    with pytest.raises(UserError, match=r"--attention varlen needs --packing, a CUDA device; use"):
+        pick_packed_attention(model, "varlen", False, True, cpu)
+    with pytest.raises(UserError, match=r"--attention varlen needs --dtype bfloat16 or float16"):
+        pick_packed_attention(model, "varlen", True, True, cuda, dtype=torch.float32)
     not_minimind = nn.Module()
     not_minimind.model = nn.Module()
     assert pick_packed_attention(not_minimind, "auto", True, True, cuda) == "sdpa"

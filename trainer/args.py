@@ -178,12 +178,13 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
                             "packed rows; a first step of about 2 minutes at 0.6B with an empty cache), layer = one "
                             "decoder layer, reused by every layer (a first step of 25 s, 8 s with a warm cache); "
                             "auto (default) = layer")
-    g.add_argument("--attention", default="auto", choices=["auto", "flex", "sdpa"],
-                   help="how packed rows attend in the compiled decoder: flex = FlexAttention, which skips the "
-                        "masked tiles (needs --packing, --use_compile 1, --compile_scope model, a CUDA device, a MiniMind "
-                        "model); sdpa = "
-                        "a dense block-diagonal mask (e.g. if Flex's kernels do not fit your GPU); auto (default) = "
-                        "flex where it applies")
+    g.add_argument("--attention", default="auto", choices=["auto", "varlen", "flex", "sdpa"],
+                   help="how packed rows attend: varlen = Flash attention's varlen kernel, only the pairs inside each "
+                        "sample (needs --packing, a CUDA device, bf16 or fp16, a MiniMind model or a directory on its "
+                        "decoder); flex = FlexAttention, which skips the masked tiles (needs --packing, --use_compile 1, "
+                        "--compile_scope model, a CUDA device, a MiniMind model); sdpa = a dense block-diagonal mask "
+                        "(e.g. if the other kernels do not fit your GPU); auto (default) = the first of varlen, flex "
+                        "that applies, else sdpa")
     _switch(g, "--gradient_checkpointing", help="recompute activations in backward to save memory")
     _switch(g, "--ddp", help="multi-GPU run; needs torchrun (detected from the environment anyway)")
     if job == "lora":

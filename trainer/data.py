@@ -241,11 +241,20 @@ class TrainData:
 BUCKET = 64  # padded widths on a GPU are multiples of this: at most 63 pad tokens more per row
 
 
-def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info: DistInfo, pad_id: int) -> TrainData:
+def segment_slots(packed: PackedDataset, rows: int) -> int:
+    """Sample boundaries a micro-batch of `rows` packed rows sends (`cu_seqlens`): every row's samples and its
+    pad segment, for the row with the most samples in the first epoch's packing. Fixed for the run, so that
+    the compiled step keeps one shape; a later micro-batch with more gets a longer tensor (one recompile)."""
+    return rows * (max((len(r) for r in packed.rows), default=0) + 1)
+
+
+def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info: DistInfo, pad_id: int,
+                 segments: bool = False) -> TrainData:
     """Tokenized training (and validation) data from the flags, padded or packed, sharded for this rank.
 
     Packed, --batch_size keeps its meaning (samples per micro-batch): a micro-batch is `packed_rows` rows of
-    --max_seq_len tokens, sized from the data's mean sample length.
+    --max_seq_len tokens, sized from the data's mean sample length. With `segments`, packed micro-batches also
+    carry `cu_seqlens`, the samples' boundaries (for --attention varlen).
     """
     train, val = load_split(make, args.data_path, args.val_data_path, args.val_fraction, args.seed)
     mean = float(np.mean(train.lengths)) if len(train) else 1.0
@@ -260,7 +269,8 @@ def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info:
         why = "--packed_rows" if given else f"--batch_size {args.batch_size} × mean sample {mean:.0f} tokens"
         note = (f"packed: {rows} row(s) of {args.max_seq_len} tokens per micro-batch ({why}); one optimizer step ≈ "
                 f"{rows * per_step * per_row:.0f} samples, {rows * per_step * args.max_seq_len:,} token slots")
-        train_collate = partial(collate_packed, pad_id=pad_id, width=args.max_seq_len, rows=rows)
+        slots = segment_slots(train, rows) if segments else None
+        train_collate = partial(collate_packed, pad_id=pad_id, width=args.max_seq_len, rows=rows, segments=slots)
     else:
         rows = args.batch_size
         note = (f"padded: {rows} samples per micro-batch" + (f", widths rounded up to multiples of {multiple}"

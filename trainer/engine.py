@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.errors import UserError
+from model.varlen import varlen_available
 from trainer.data import to_device
 from trainer.distributed import (
     DistInfo,
@@ -92,31 +93,44 @@ def compile_decoder(model: nn.Module, cuda_graphs: bool, per_layer: bool = False
             layer.compile(mode=mode)
     else:
         model.model.compile(mode=mode)
-    flex = getattr(model.model, "packed_attention", "sdpa") == "flex"  # set before by pick_packed_attention
     scope = " per layer" if per_layer and layers is not None else ""
-    return f"compiled{scope}{', CUDA graphs' if cuda_graphs else ''}" + ("; FlexAttention" if flex else "")
+    return f"compiled{scope}{', CUDA graphs' if cuda_graphs else ''}"
+
+
+PACKED_ATTENTION_NOTES = {"varlen": "packed rows attend through Flash attention's varlen kernel",
+                          "flex": "packed rows attend through FlexAttention",
+                          "sdpa": "packed rows attend through SDPA with a block-diagonal mask"}
 
 
 def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled: bool, device: torch.device,
-                          per_layer: bool = False) -> str:
-    """Set how the compiled decoder attends within packed rows (--attention) and return it: "flex"
-    (FlexAttention, block mask) or "sdpa" (dense block-diagonal mask); see MiniMindModel.packed_attention.
+                          per_layer: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Set how packed rows attend (--attention) and return it: "varlen" (Flash attention's varlen kernel over
+    the samples' boundaries, which the data pipeline then sends as `cu_seqlens`), "flex" (FlexAttention,
+    block mask) or "sdpa" (dense block-diagonal mask); see MiniMindModel.forward and .packed_attention.
 
-    "auto" takes Flex where it pays and trains: packed rows, the whole decoder compiled (its block mask is
-    built inside the compiled forward), a CUDA device (Flex has no backward on CPU), and MiniMind's decoder
-    (transformers' models attend their own way).
+    "auto" takes varlen where it runs (packed rows on a CUDA device with torch's varlen_attn, autocast `dtype`
+    bf16 or fp16, MiniMind's decoder: transformers' own classes keep their own attention), else Flex where it
+    runs, else sdpa.
     """
     decoder = getattr(model, "model", None)
-    needs = {"--packing": packing, "--use_compile 1": compiled, "--compile_scope model": not per_layer,
-             "a CUDA device": device.type == "cuda",
-             "MiniMind's decoder (transformers' own classes keep their own attention)": hasattr(decoder, "packed_attention")}
-    missing = [what for what, ok in needs.items() if not ok]
-    if choice == "flex" and missing:
-        raise UserError(f"--attention flex needs {', '.join(missing)}; use --attention auto or sdpa")
-    chosen = "flex" if choice == "flex" or (choice == "auto" and not missing) else "sdpa"
+    minimind = hasattr(decoder, "packed_attention")
+    needs = {
+        "varlen": {"--packing": packing, "a CUDA device": device.type == "cuda",
+                   "--dtype bfloat16 or float16 and torch's varlen_attn": varlen_available(device, dtype) or
+                   device.type != "cuda",
+                   "MiniMind's decoder (transformers' own classes keep their own attention)": minimind},
+        "flex": {"--packing": packing, "--use_compile 1": compiled, "--compile_scope model": not per_layer,
+                 "a CUDA device": device.type == "cuda",
+                 "MiniMind's decoder (transformers' own classes keep their own attention)": minimind},
+    }
+    missing = {kind: [what for what, ok in need.items() if not ok] for kind, need in needs.items()}
+    if choice in needs and missing[choice]:
+        raise UserError(f"--attention {choice} needs {', '.join(missing[choice])}; use --attention auto or sdpa")
+    if choice == "auto":
+        choice = next((kind for kind in ("varlen", "flex") if not missing[kind]), "sdpa")
     if hasattr(decoder, "packed_attention"):
-        decoder.packed_attention = chosen
-    return chosen
+        decoder.packed_attention = "flex" if choice == "flex" else "sdpa"
+    return choice
 
 
 def wrap_ddp(module: nn.Module, info: DistInfo, find_unused: bool) -> nn.Module:
@@ -180,7 +194,7 @@ def train_step(step_module: nn.Module, micro_batches: list[dict], n_supervised: 
             with autocast(info.device, amp_dtype):
                 ce_sum, aux = step_module(batch["input_ids"], batch["sup_index"], batch["sup_targets"],
                                           attention_mask=batch.get("attention_mask"),
-                                          position_ids=batch.get("position_ids"))
+                                          position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"))
             loss = ce_sum * scale + aux / n_micro
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
@@ -222,7 +236,7 @@ def evaluate(loss_module: nn.Module, batches: Iterable[dict], info: DistInfo, am
         with autocast(info.device, amp_dtype), torch.compiler.set_stance("force_eager"):
             ce_sum, _ = loss_module(batch["input_ids"], batch["sup_index"], batch["sup_targets"],
                                     attention_mask=batch.get("attention_mask"),
-                                    position_ids=batch.get("position_ids"))
+                                    position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"))
         sums[0] += ce_sum.double()
         sums[1] += batch["sup_targets"].numel()
     loss_module.train(was_training)

@@ -53,7 +53,8 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     model = base.model.to(info.device).train()
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device)
+    attention = pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device,
+                                      dtype=amp_dtype)
     compiled = ""
     if args.use_compile:  # CUDA graphs are measured for LoRA only (train_lora.py)
         compiled = "; " + compile_decoder(model, cuda_graphs=False)
@@ -69,7 +70,8 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
         print(f"model {base.source}: {sum(p.numel() for p in params) / 1e6:.1f}M parameters, all trained; "
               f"{info.world_size} process(es) on {info.device}, {autocast_note(amp_dtype, torch.float32)}{compiled}", flush=True)
 
-    data = prepare_data(make_dataset, args, info, pad_id=base.tokenizer.pad_token_id or 0)
+    data = prepare_data(make_dataset, args, info, pad_id=base.tokenizer.pad_token_id or 0,
+                        segments=attention == "varlen")
 
     # ------------------------------------------------------------------ resume
     resume_path = sibling(stem, "_resume.pth")

@@ -125,12 +125,16 @@ class SupervisedLoss(nn.Module):
         sup_targets: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed CE over the supervised positions, aux loss or 0)."""
+        """(summed CE over the supervised positions, aux loss or 0); `cu_seqlens`: packed rows' sample
+        boundaries, for a decoder that attends through them (MiniMindModel)."""
         if self.drop_padding_mask:
             attention_mask = None
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         # use_cache=False: with a KV cache transformers models skip the check that keeps packed samples apart.
-        out = self.model.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        out = self.model.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                               **packed)
         hidden = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         lm_head = self.model.lm_head
         # Pad rows are ignored by both heads below (F.cross_entropy's ignore_index, _ce_and_grad's mask).

@@ -56,6 +56,7 @@ from trainer.distributed import (
     setup_distributed,
 )
 from trainer.engine import (
+    PACKED_ATTENTION_NOTES,
     StopSignal,
     at_step,
     autocast_note,
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         enable_activation_checkpointing(model)
     # One layer's graph reused by every layer: a first step in seconds, not minutes (--fsdp keeps one graph).
     per_layer = args.compile_scope == "layer" or (args.compile_scope == "auto" and not args.fsdp)
-    pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device, per_layer)
+    attention = pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device, per_layer,
+                                      amp_dtype)
     compiled, cuda_graphs = "", False
     if args.use_compile:
         # CUDA graphs need one shape per step (packed rows) and no graph breaks (MoE, checkpointing, FSDP).
@@ -139,12 +141,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{autocast_note(amp_dtype, base_dtype)}{nf4}{compiled}{sharded}", flush=True)
         if speed:
             print(f"speed defaults for {info.device.type}: {speed}", flush=True)
+        if args.packing:
+            print(f"attention: {PACKED_ATTENTION_NOTES[attention]} (--attention {args.attention})", flush=True)
 
     # ------------------------------------------------------------------ data
     template = Path(args.chat_template).read_text() if args.chat_template else None
     make = partial(SFTDataset, tokenizer=base.tokenizer, max_length=args.max_seq_len, skip_invalid=args.skip_bad_data,
                    chat_template=template, template_name=args.chat_template, log=print if info.is_main else None)
-    data = prepare_data(make, args, info, pad_id=base.tokenizer.pad_token_id or 0)
+    data = prepare_data(make, args, info, pad_id=base.tokenizer.pad_token_id or 0, segments=attention == "varlen")
     if info.is_main:
         print(data.note, flush=True)
 

@@ -3,19 +3,22 @@
     python scripts/bench/attention.py
 
 Full causal rows (the fixed-shape benchmark) and packed rows (documents of the SFT mix's lengths, attention
-kept inside each document), at the Qwen3-0.6B head layout and at minimind3-64m's. Prints median ms and
+kept inside each document), at the Qwen3-0.6B head layout (rows of 1024, and of 512 as the trainer packs by
+default) and at minimind3-64m's. Prints median ms and
 TFLOP/s counted over the causal pairs that each layout really needs.
 """
 
 import argparse
 import statistics
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from model.varlen import PackedSegments, attend_segments, varlen_available
 from scripts.bench_lora import sft_lengths
 
 
@@ -95,21 +98,12 @@ def shape_rows(name: str, B: int, T: int, H: int, KV: int, D: int) -> list[tuple
         "packed: flex, mask built each call": lambda: flex(q, k, v, block_mask=create_block_mask(
             doc_mod, B, None, T, T), enable_gqa=True),
     }
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-
-        cu = torch.tensor(np.concatenate([[0], np.cumsum([n for r in docs for n in r])]), device="cuda",
-                          dtype=torch.int32)
-        longest = max(n for r in docs for n in r)
-
-        def varlen() -> torch.Tensor:
-            flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v)]
-            out = varlen_attn(*flat, cu, cu, longest, longest, window_size=(-1, 0), enable_gqa=True)
-            return out.view(B, T, H, D).transpose(1, 2)
-        packed["packed: varlen_attn (flash, cu_seqlens)"] = varlen
-    except ImportError:
-        pass
-
+    if varlen_available(q.device, q.dtype):
+        ends = np.cumsum([n for r in docs for n in r])
+        for slots in (len(ends), 4 * len(ends)):  # as many boundaries as samples, and padded with empty ones
+            cu = torch.tensor(np.concatenate([[0], ends, [B * T] * (slots - len(ends))]), dtype=torch.int32,
+                              device="cuda")
+            packed[f"packed: varlen kernel, {slots} segment slots"] = partial(varlen, q, k, v, cu, T)
     def fwd_bwd(f: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def go() -> None:
             q.grad = k.grad = v.grad = None
@@ -129,14 +123,22 @@ def shape_rows(name: str, B: int, T: int, H: int, KV: int, D: int) -> list[tuple
     return rows
 
 
+def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, width: int) -> torch.Tensor:
+    """model.varlen's attention over [B, heads, T, D] rows cut at `cu` (the trainer's packed path)."""
+    B, H, T, D = q.shape
+    flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v)]
+    return attend_segments(*flat, PackedSegments(cu, width)).view(B, T, H, D).transpose(1, 2)
+
+
 def main() -> None:
     """Both head layouts, then the table."""
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    rows = shape_rows("qwen3-0.6b", 8, 1024, 16, 8, 128) + shape_rows("minimind3-64m", 6, 1024, 8, 4, 96)
-    print(f"\n{'shape':<15}{'attention fwd+bwd':<50}{'ms':>9}{'TFLOP/s':>8}")
+    rows = (shape_rows("qwen3-0.6b", 8, 1024, 16, 8, 128) + shape_rows("qwen3-0.6b 512", 8, 512, 16, 8, 128)
+            + shape_rows("minimind3-64m", 6, 1024, 8, 4, 96))
+    print(f"\n{'shape':<17}{'attention fwd+bwd':<50}{'ms':>9}{'TFLOP/s':>8}")
     for r in rows:
-        print(f"{r[0]:<15}{r[1]:<50}{r[2]:>9}{r[3]:>8}")
+        print(f"{r[0]:<17}{r[1]:<50}{r[2]:>9}{r[3]:>8}")
 
 
 if __name__ == "__main__":
