@@ -480,6 +480,9 @@ class MiniMindModel(nn.Module):
         # against 1.37 ms fwd+bwd per Qwen3-0.6B layer, docs/PERF.md). Uncompiled, Flex would materialise
         # the whole score matrix (and it has no backward on CPU), so eager forwards keep SDPA either way.
         self.packed_attention = "sdpa"
+        # Set by trainer.engine.compile_decoder when each layer is compiled on its own: the first layer's input
+        # then needs a gradient too, as every other layer's does, so that all layers share one compiled graph.
+        self.layers_share_graph = False
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: Cache | None = None,
@@ -516,6 +519,10 @@ class MiniMindModel(nn.Module):
 
         aux_loss = x.new_zeros((), dtype=torch.float32)
         checkpointing = self.gradient_checkpointing and self.training and past_key_values is None
+        if self.layers_share_graph and torch.is_grad_enabled() and not x.requires_grad:
+            # The frozen embedding's output needs no gradient, which would give the first layer a compiled graph
+            # of its own (a second compile); its gradient costs a few small GEMMs per step.
+            x = x.detach().requires_grad_()
         for layer in self.layers:
             if checkpointing:
                 x, aux = checkpoint(layer, x, cos, sin, attn_mask, is_causal, None, use_reentrant=False)

@@ -89,6 +89,8 @@ def compile_decoder(model: nn.Module, cuda_graphs: bool, per_layer: bool = False
         warnings.filterwarnings("ignore", message="Unable to hit fast path of CUDAGraphs")
     layers = getattr(model.model, "layers", None)
     if per_layer and layers is not None:
+        if hasattr(model.model, "layers_share_graph"):  # MiniMind's decoder: one graph, not two (its forward)
+            model.model.layers_share_graph = True
         for layer in layers:
             layer.compile(mode=mode)
     else:
