@@ -43,6 +43,8 @@ SYSTEMS = {"en": "You are a helpful assistant. Answer briefly and clearly.", "zh
 VARIANTS = {  # name: (stack, trainer flags / Trainer options, full epoch or --steps)
     "ours": ("ours", [], "epoch"),
     "ours-warm": ("ours", [], "epoch"),
+    "ours-b32": ("ours", ["--batch_size", "32"], "epoch"),  # MiniMind's train_lora.py default batch size
+    "ours-b32-warm": ("ours", ["--batch_size", "32"], "epoch"),
     "ours-sdpa": ("ours", ["--attention", "sdpa"], "epoch"),  # packed rows through the dense block mask
     "ours-sdpa-warm": ("ours", ["--attention", "sdpa"], "epoch"),
     "ours-layer": ("ours", ["--compile_scope", "layer"], "epoch"),
