@@ -174,10 +174,10 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
                                                        if job == "lora" else ""))
     if job == "lora":
         g.add_argument("--compile_scope", default="auto", choices=["auto", "model", "layer"],
-                       help="what one compiled graph holds: model = the whole decoder (fastest steps, FlexAttention for "
-                            "packed rows; a first step of about 2 minutes at 0.6B with an empty cache), layer = one "
-                            "decoder layer, reused by every layer (a first step of 25 s, 8 s with a warm cache); "
-                            "auto (default) = layer")
+                       help="what one compiled graph holds: model = the whole decoder (fewest graph launches; a first "
+                            "step of about 2 minutes at 0.6B with an empty cache), layer = one decoder layer, reused "
+                            "by every layer (a first step of about 9 s, 4 s with a warm cache, on one H200); auto "
+                            "(default) = layer")
     g.add_argument("--attention", default="auto", choices=["auto", "varlen", "flex", "sdpa"],
                    help="how packed rows attend: varlen = Flash attention's varlen kernel, only the pairs inside each "
                         "sample (needs --packing, a CUDA device, bf16 or fp16, a MiniMind model or a directory on its "
