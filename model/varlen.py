@@ -35,10 +35,13 @@ _CAUSAL = {"is_causal": True} if "is_causal" in _PARAMS else {"window_size": (-1
 _GQA_FLAG = "enable_gqa" in _PARAMS
 
 
+VARLEN_DTYPES = (torch.bfloat16, torch.float16)  # the kernel's only dtypes
+
+
 def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether packed rows can attend through the varlen kernel: CUDA, torch's varlen_attn, and q/k/v in
-    bfloat16 or float16 (the kernel's only dtypes; `dtype` is the autocast dtype)."""
-    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None
+    one of VARLEN_DTYPES (`dtype` is the autocast dtype)."""
+    return device.type == "cuda" and dtype in VARLEN_DTYPES and varlen_attn is not None
 
 
 def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: PackedSegments) -> torch.Tensor:

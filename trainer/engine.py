@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.errors import UserError
-from model.varlen import varlen_available
+from model.varlen import VARLEN_DTYPES, varlen_attn
 from trainer.data import to_device
 from trainer.distributed import (
     DistInfo,
@@ -118,8 +118,8 @@ def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled
     minimind = hasattr(decoder, "packed_attention")
     needs = {
         "varlen": {"--packing": packing, "a CUDA device": device.type == "cuda",
-                   "--dtype bfloat16 or float16 and torch's varlen_attn": varlen_available(device, dtype) or
-                   device.type != "cuda",
+                   "--dtype bfloat16 or float16": dtype in VARLEN_DTYPES,
+                   "torch >= 2.9 (torch.nn.attention.varlen)": varlen_attn is not None,
                    "MiniMind's decoder (transformers' own classes keep their own attention)": minimind},
         "flex": {"--packing": packing, "--use_compile 1": compiled, "--compile_scope model": not per_layer,
                  "a CUDA device": device.type == "cuda",
