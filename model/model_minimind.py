@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from model.errors import UserError
 from model.hf_compat import CACHE_NAME
-from model.varlen import PackedSegments, attend_segments
+from model.varlen import PackedSegments, attend_segments, sample_starts
 
 
 class ModelConfigError(UserError):
@@ -410,10 +410,8 @@ def build_attention_mask(attention_mask: torch.Tensor | None, position_ids: torc
         allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]
         return allowed[:, None], False
     if past_len == 0 and position_ids is not None:
-        # Packed rows: a new sample starts wherever the position does not continue by +1 (e.g. back at 0),
-        # and attention stays inside each sample. Built without data-dependent branches (compile-friendly).
-        start = position_ids[..., :1] - 1
-        sample = (torch.diff(position_ids, dim=-1, prepend=start) != 1).cumsum(dim=-1)   # [B, T]
+        # Packed rows: attention stays inside each sample (numbered along each row).
+        sample = sample_starts(position_ids).cumsum(dim=-1)   # [B, T]
         if flex:
             return document_block_mask(sample), False
         same_sample = sample[:, :, None] == sample[:, None, :]

@@ -68,18 +68,20 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
     return out
 
 
+def sample_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """Where the samples of packed rows start ([B, T] bool): wherever the position does not continue by +1
+    (e.g. back at 0), and at every row's first token. No data-dependent branch (compile-friendly)."""
+    return torch.diff(position_ids, dim=-1, prepend=position_ids[..., :1]) != 1
+
+
 def cu_seqlens_of(position_ids: torch.Tensor, slots: int | None = None) -> torch.Tensor:
-    """Segment offsets of packed rows from their positions (a segment starts wherever the position does not
-    continue by +1, and at every row's start), padded with the total to `slots` + 1 entries. int32, on the
-    positions' device. Runs on the CPU in the data pipeline (it has a data-dependent size)."""
-    flat = position_ids.reshape(-1)
-    n = flat.numel()
-    starts = torch.ones(n, dtype=torch.bool, device=flat.device)
-    starts[1:] = flat[1:] != flat[:-1] + 1
-    starts[:: position_ids.shape[-1]] = True
-    offsets = starts.nonzero().flatten()
+    """Segment offsets of packed rows from their positions (`sample_starts`), padded with the total to
+    `slots` + 1 entries. int32, on the positions' device. Runs on the CPU in the data pipeline (it has a
+    data-dependent size)."""
+    n = position_ids.numel()
+    offsets = sample_starts(position_ids).reshape(-1).nonzero().flatten()
     count = offsets.numel()
     slots = max(slots or count, count)  # more segments than slots: a longer tensor (and a recompile), not wrong
-    cu = torch.full((slots + 1,), n, dtype=torch.int32, device=flat.device)
+    cu = torch.full((slots + 1,), n, dtype=torch.int32, device=position_ids.device)
     cu[:count] = offsets.to(torch.int32)
     return cu
