@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,42 +45,95 @@ def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
 
 
 class _FusedLoRA(torch.autograd.Function):
-    """Training-time LoRA with no extra pass over the big activations: y = x·(W + s·B·A)ᵀ + b.
+    """Training-time LoRA with no extra pass over the big activations: y = x·(W + s·B·A)ᵀ + b, for one layer
+    or for several that read the same x (q/k/v, gate/up), their outputs side by side.
 
     The plain path reads x and writes [N, out] tensors for the update, its add and their gradients
     (several passes per layer, memory-bound). Here forward is one base-sized GEMM on the merged weight
     plus z = x·Aᵀ ([N, r]); backward reuses the merged weight for dx (so the LoRA branch's share of dx
     is free) and gets dA, dB from rank-r products. The full-size weight gradient is never formed. The
     merged weight is rebuilt in backward rather than kept (an in×out addmm, ~1 ms per step at 0.6B).
+    Several layers stack their merged weights and their A: one GEMM for y, one for z, and in backward one
+    each for dx, s·dy·B (block-diagonal B), dA and dB (whose off-diagonal blocks, rank-r products, are
+    dropped): fewer and larger kernels than one call per layer.
     All math runs in x's dtype (bf16 next to a bf16 base, like PEFT under autocast). A 4-bit base comes
     as `weight` None plus its NF4 parts, dequantized in forward and again in backward.
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
-                nf4_shape: tuple[int, int] | None, *nf4_parts: torch.Tensor) -> torch.Tensor:
-        A, sB = lora_A.to(x.dtype), (lora_B * scale).to(x.dtype)
-        dense = weight.to(x.dtype) if weight is not None else dequantize_nf4(*nf4_parts, nf4_shape, x.dtype)
-        merged = torch.addmm(dense, sB, A)  # W + s·B·A, rounded once
-        y = F.linear(x, merged, None if bias is None else bias.to(x.dtype))
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, layout: tuple,
+                *tensors: torch.Tensor | None) -> torch.Tensor:
+        """layout: per layer (scale, NF4 shape or None, number of NF4 parts); tensors: per layer its weight
+        (None when NF4), bias (or None), lora_A, lora_B and NF4 parts (LoRALinear._fused_inputs)."""
+        layers = _fused_layers(layout, tensors)
+        As = [layer.A.to(x.dtype) for layer in layers]
+        sBs = [(layer.B * layer.scale).to(x.dtype) for layer in layers]
+        bias = None if layers[0].bias is None else _stack([layer.bias.to(x.dtype) for layer in layers])
+        y = F.linear(x, _merged_weight(layers, As, sBs, x.dtype), bias)
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, A, sB, x2 @ A.t(), weight, *nf4_parts)
-        ctx.x_shape, ctx.scale, ctx.dtypes, ctx.nf4_shape = x.shape, scale, (lora_A.dtype, lora_B.dtype), nf4_shape
+        A = _stack(As)
+        ctx.save_for_backward(x2, A, x2 @ A.t(), *sBs, *tensors)
+        ctx.x_shape, ctx.layout = x.shape, layout
         return y
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
-        x2, A, sB, z, weight, *nf4_parts = ctx.saved_tensors
+        x2, A, z, *rest = ctx.saved_tensors
+        sBs, tensors = rest[:len(ctx.layout)], rest[len(ctx.layout):]
+        layers = _fused_layers(ctx.layout, tensors)
+        ranks, outs = [layer.A.shape[0] for layer in layers], [layer.B.shape[0] for layer in layers]
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
-        gB = g @ sB  # [N, r] = s·(dy·B)
+        gB = g @ (sBs[0] if len(sBs) == 1 else torch.block_diag(*sBs))  # [N, Σr] = s·(dy·B), layer by layer
         grad_x = None
         if ctx.needs_input_grad[0]:
-            dense = weight.to(x2.dtype) if weight is not None else dequantize_nf4(*nf4_parts, ctx.nf4_shape, x2.dtype)
-            grad_x = (g @ torch.addmm(dense, sB, A)).view(ctx.x_shape)
-        grad_A = (gB.t() @ x2).to(ctx.dtypes[0])
-        grad_B = (g.t() @ z).to(ctx.dtypes[1]) * ctx.scale
-        return grad_x, None, None, grad_A, grad_B, None, None, *([None] * len(nf4_parts))
+            grad_x = (g @ _merged_weight(layers, A.split(ranks), sBs, x2.dtype)).view(ctx.x_shape)
+        grad_A = gB.t() @ x2  # [Σr, in]
+        grad_B = g.t() @ z  # [Σout, Σr]: each layer's dB is its diagonal block
+        grads: list[torch.Tensor | None] = [grad_x, None]
+        r0 = o0 = 0
+        for layer, r, o in zip(layers, ranks, outs, strict=True):
+            grads += [None, None, grad_A[r0:r0 + r].to(layer.A.dtype),
+                      grad_B[o0:o0 + o, r0:r0 + r].to(layer.B.dtype) * layer.scale, *[None] * len(layer.nf4_parts)]
+            r0, o0 = r0 + r, o0 + o
+        return tuple(grads)
+
+
+class _FusedInput(NamedTuple):
+    """One layer's share of _FusedLoRA's inputs."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    nf4_shape: tuple[int, int] | None
+    nf4_parts: tuple[torch.Tensor, ...]
+
+
+def _fused_layers(layout: tuple, tensors: tuple) -> list[_FusedInput]:
+    """_FusedLoRA's flat inputs back into one record per layer."""
+    layers, i = [], 0
+    for scale, nf4_shape, n_parts in layout:
+        weight, bias, A, B = tensors[i:i + 4]
+        layers.append(_FusedInput(weight, bias, A, B, scale, nf4_shape, tuple(tensors[i + 4:i + 4 + n_parts])))
+        i += 4 + n_parts
+    return layers
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along dim 0, without a copy for a single tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _merged_weight(layers: list[_FusedInput], As: list[torch.Tensor], sBs: list[torch.Tensor],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The layers' W + s·B·A stacked by output rows, in `dtype` (each rounded once)."""
+    merged = []
+    for layer, A, sB in zip(layers, As, sBs, strict=True):
+        dense = (layer.weight.to(dtype) if layer.weight is not None else
+                 dequantize_nf4(*layer.nf4_parts, layer.nf4_shape, dtype))
+        merged.append(torch.addmm(dense, sB, A))
+    return _stack(merged)
 
 
 class LoRALinear(nn.Module):
@@ -136,15 +190,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus the scaled low-rank update (skipped once merged into the weight)."""
-        if (self.fused and self.training and not self.merged and self.dropout_p == 0 and torch.is_grad_enabled()
-                and not self.use_dora):
-            dtype = x.dtype
-            if torch.is_autocast_enabled(x.device.type):  # the dtype autocast would run the GEMMs in
-                dtype = torch.get_autocast_dtype(x.device.type)
-            nf4 = (None,) if self.weight_nf4 is None else (self.weight_nf4.shape, *self.weight_nf4.parts())
-            with torch.autocast(x.device.type, enabled=False):
-                return _FusedLoRA.apply(x.to(dtype), self.weight, self.bias, self.lora_A, self.lora_B, self.scale,
-                                        *nf4)
+        if self.fused_ready():
+            return LoRALinear.fused_forward(x, (self,))
         if self.merged:
             return self._base_forward(x)
         if self.use_dora:
@@ -154,6 +201,35 @@ class LoRALinear(nn.Module):
         # Identity child when it is off.
         z = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
         return y + self._update(z).to(y.dtype)
+
+    def fused_ready(self) -> bool:
+        """Whether this call trains through _FusedLoRA (set_lora_fused; training with grad, dropout 0, unmerged)."""
+        return (self.fused and self.training and not self.merged and self.dropout_p == 0 and not self.use_dora
+                and torch.is_grad_enabled())
+
+    def _fused_inputs(self) -> tuple[tuple, tuple]:
+        """This layer's entry in _FusedLoRA's layout, and its tensors."""
+        nf4 = self.weight_nf4
+        parts = () if nf4 is None else nf4.parts()
+        return (self.scale, None if nf4 is None else nf4.shape, len(parts)), (self.weight, self.bias, self.lora_A,
+                                                                              self.lora_B, *parts)
+
+    @staticmethod
+    def fused_forward(x: torch.Tensor, layers: tuple["LoRALinear", ...]) -> torch.Tensor:
+        """`layers` (fused_ready, all reading x) through one _FusedLoRA: their outputs side by side, computed
+        in the dtype autocast would run the GEMMs in."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        layout, tensors = zip(*(layer._fused_inputs() for layer in layers), strict=True)
+        with torch.autocast(x.device.type, enabled=False):
+            return _FusedLoRA.apply(x.to(dtype), layout, *(t for group in tensors for t in group))
+
+    @staticmethod
+    def project_together(x: torch.Tensor, layers: tuple["LoRALinear", ...]) -> tuple[torch.Tensor, ...] | None:
+        """x through several LoRA layers that all read it (q/k/v, gate/up): one fused call when every one
+        trains fused and they agree on having a bias, else None (the caller then runs them one by one)."""
+        if not all(layer.fused_ready() for layer in layers) or len({layer.bias is None for layer in layers}) > 1:
+            return None
+        return LoRALinear.fused_forward(x, layers).split([layer.out_features for layer in layers], dim=-1)
 
     def _update(self, z: torch.Tensor) -> torch.Tensor:
         """s · z Aᵀ Bᵀ in the adapter's dtype (fp32 next to a bf16 base)."""

@@ -216,6 +216,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """x through several linear layers that all read it (q/k/v, gate/up). Layers whose class can run them
+    together do (`project_together`: LoRA layers in fused training make one GEMM of their stacked weights,
+    model/model_lora.py); otherwise each runs on its own."""
+    together = getattr(type(linears[0]), "project_together", None)
+    if together is not None and all(type(m) is type(linears[0]) for m in linears):
+        out = together(x, linears)
+        if out is not None:
+            return out
+    return tuple(m(x) for m in linears)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention through `F.scaled_dot_product_attention` (optional q/k RMSNorm)."""
 
@@ -241,9 +253,10 @@ class Attention(nn.Module):
         """Attend over the current tokens (and the cached ones); `attn_mask` is boolean (True = may attend),
         or for packed rows the samples' boundaries (PackedSegments) or, compiled, a FlexAttention block mask."""
         bsz, seq_len, _ = x.shape
-        q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(bsz, seq_len, self.num_heads, self.head_dim)
+        k = k.view(bsz, seq_len, self.num_kv_heads, self.head_dim)
+        v = v.view(bsz, seq_len, self.num_kv_heads, self.head_dim)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -279,7 +292,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the MLP to the last dimension."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoEFeedForward(nn.Module):

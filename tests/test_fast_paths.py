@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from model.model_lora import apply_lora, lora_parameters, set_lora_fused
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from model.model_lora import LoRALinear, apply_lora, lora_parameters, set_lora_fused
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, project
 from tests.train_utils import fill_random
 from trainer.loss import IGNORE_INDEX, SupervisedLoss, pad_rows, supervision
 
@@ -50,6 +50,57 @@ def test_fused_lora_model_gives_plain_loss_and_grads():
     plain = loss_and_grads(model, loss, ids, labels)
     set_lora_fused(model)
     assert_close(loss_and_grads(model, loss, ids, labels), plain)
+
+
+def _lora_group(biases: tuple[bool, ...]) -> list[LoRALinear]:
+    """Fused float64 LoRA layers that read one 8-wide input: ranks, scales and outputs all differ."""
+    torch.manual_seed(0)
+    layers = [LoRALinear(nn.Linear(8, out, bias=bias, dtype=torch.float64), rank, alpha)
+              for out, rank, alpha, bias in zip((6, 4, 5), (2, 4, 3), (4.0, 1.0, 6.0), biases, strict=True)]
+    for layer in layers:
+        fill_random([layer.lora_B], seed=len(layer.lora_B))
+        layer.train().fused = True
+    return layers
+
+
+def _outputs_and_grads(layers: list[LoRALinear], x: torch.Tensor,
+                       together: bool) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Each layer's output on x, then the gradients of x and of every A and B, for a fixed random loss."""
+    x = x.clone().requires_grad_(True)
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+        layer.fused = together
+    outs = project(x, *layers)
+    torch.manual_seed(1)
+    sum((o * torch.randn_like(o)).sum() for o in outs).backward()
+    return [*outs, x.grad, *(p.grad for layer in layers for p in (layer.lora_A, layer.lora_B))], outs
+
+
+def test_layers_projected_together_equal_each_layer_on_its_own():
+    """project() over fused LoRA layers that share their input (q/k/v, gate/up) makes one _FusedLoRA call for
+    all; outputs and the gradients of x, each A and each B equal every plain layer's own (float64)."""
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    for biases in ((True, True, True), (False, False, False)):
+        layers = _lora_group(biases)
+        want, _ = _outputs_and_grads(layers, x, together=False)
+        got, outs = _outputs_and_grads(layers, x, together=True)
+        assert len({id(o.grad_fn) for o in outs}) == 1  # views of one output: the layers ran as one call
+        assert "FusedLoRA" in type(outs[0].grad_fn.next_functions[0][0]).__name__
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == b.shape and (a - b).abs().max() <= 1e-12 * b.abs().max()
+
+
+def test_layers_that_cannot_run_together_run_one_by_one():
+    """A group mixing biased and unbiased layers, or LoRA and plain layers, runs each layer on its own call."""
+    x = torch.randn(2, 8, dtype=torch.float64)
+    mixed = _lora_group((True, False, True))
+    got, outs = _outputs_and_grads(mixed, x, together=True)
+    assert len({id(o.grad_fn) for o in outs}) == 3
+    want, _ = _outputs_and_grads(mixed, x, together=False)
+    assert all((a - b).abs().max() <= 1e-12 * b.abs().max() for a, b in zip(got, want, strict=True))
+    plain = nn.Linear(8, 3, dtype=torch.float64)
+    outs = project(x, mixed[0], plain)
+    assert [o.shape[-1] for o in outs] == [6, 3] and (outs[1] - plain(x)).abs().max() == 0
 
 
 def test_fused_lora_under_bf16_autocast_runs_in_bf16():
