@@ -349,7 +349,8 @@ def test_compiled_steps_with_accumulation_follow_eager(device):
             torch._dynamo.reset()
             compile_decoder(model, cuda_graphs=device == "cuda")
         params = lora_parameters(model)
-        optimizer = make_optimizer(params, lr=1e-2, weight_decay=0.0)
+        flat_grads = FlatGradients(params) if compiled else None  # as train_lora.py: AdamW over one flat tensor
+        optimizer = make_optimizer(params, lr=1e-2, weight_decay=0.0, flat_grads=flat_grads)
         losses = []
         for step in range(4):  # CUDA graph trees: warm-up call, recording call, then replays
             micro_batches = []
@@ -360,7 +361,7 @@ def test_compiled_steps_with_accumulation_follow_eager(device):
             n_supervised = sum(b["sup_targets"].numel() for b in micro_batches)
             loss, _ = train_step(SupervisedLoss(model), micro_batches, n_supervised, info, optimizer, None, params,
                                  lr=1e-2, grad_clip=1.0, amp_dtype=torch.float32,
-                                 flat_grads=FlatGradients(params) if compiled else None)
+                                 flat_grads=flat_grads)
             losses.append(loss.item())
         return losses, [p.detach().cpu() for p in params]
 
@@ -478,14 +479,15 @@ def test_flex_packed_steps_follow_eager_dense_mask(dtype):
             assert pick_packed_attention(model, "flex", True, True, info.device) == "flex"
             compile_decoder(model, cuda_graphs=True)
         params = lora_parameters(model)
-        optimizer = make_optimizer(params, lr=1e-2, weight_decay=0.0)
+        flat_grads = FlatGradients(params) if fast else None  # as train_lora.py: AdamW over one flat tensor
+        optimizer = make_optimizer(params, lr=1e-2, weight_decay=0.0, flat_grads=flat_grads)
         losses = []
         for step in range(4):
             micro_batches = [{k: v.cuda() for k, v in packed_batch(seed=10 * step + i).items()} for i in range(2)]
             n_supervised = sum(b["sup_targets"].numel() for b in micro_batches)
             loss, _ = train_step(SupervisedLoss(model), micro_batches, n_supervised, info, optimizer, None, params,
                                  lr=1e-2, grad_clip=1.0, amp_dtype=dtype,
-                                 flat_grads=FlatGradients(params) if fast else None)
+                                 flat_grads=flat_grads)
             losses.append(loss.item())
         return losses, [p.detach().cpu() for p in params]
 

@@ -100,7 +100,8 @@ def test_varlen_packed_steps_follow_eager_dense_mask_on_cuda():
             assert pick_packed_attention(model, "auto", True, True, info.device, per_layer=True) == "varlen"
             compile_decoder(model, cuda_graphs=True, per_layer=True)
         params = lora_parameters(model)
-        optimizer = make_optimizer(params, lr=1e-2, weight_decay=0.0)
+        flat_grads = FlatGradients(params) if fast else None  # as train_lora.py: AdamW over one flat tensor
+        optimizer = make_optimizer(params, lr=1e-2, weight_decay=0.0, flat_grads=flat_grads)
         losses = []
         for step in range(4):
             micro_batches = []
@@ -112,7 +113,7 @@ def test_varlen_packed_steps_follow_eager_dense_mask_on_cuda():
             n_supervised = sum(b["sup_targets"].numel() for b in micro_batches)
             loss, _ = train_step(SupervisedLoss(model), micro_batches, n_supervised, info, optimizer, None, params,
                                  lr=1e-2, grad_clip=1.0, amp_dtype=torch.bfloat16,
-                                 flat_grads=FlatGradients(params) if fast else None)
+                                 flat_grads=flat_grads)
             losses.append(loss.item())
         return losses
 

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     params = lora_parameters(model)
     # One gradient buffer for the run: CUDA graphs need it, and ranks all-reduce it in one call.
     flat_grads = FlatGradients(params) if not base.use_moe or args.fsdp else None
-    optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
+    optimizer = make_optimizer(params, args.learning_rate, args.weight_decay, flat_grads)
     scaler = make_scaler(info.device, amp_dtype)
     stem = output_stem(args.save_dir, args.lora_name, base.hidden_size, base.use_moe)
     # An unwritable --save_dir, or another run writing these files, stops the run now, not at its first save.
