@@ -353,8 +353,8 @@ def memory_worker(result_file: str, cpu: bool) -> None:
             if mode == "ddp":  # as train_lora.py does: every rank starts from rank 0's weights
                 broadcast_from_rank0_([*loss_module.parameters(), *loss_module.buffers()], info)
             params = lora_parameters(model)
-            flat_grads = FlatGradients(params)  # how train_lora.py averages a dense model's LoRA gradients
-            optimizer = make_optimizer(params, 1e-4, 0.0)
+            flat_grads = FlatGradients(params)  # as train_lora.py: one gradient buffer, AdamW over one flat tensor
+            optimizer = make_optimizer(params, 1e-4, 0.0, flat_grads)
             row["params_held"], row["lora_params"] = parameters_held(model), sum(p.numel() for p in params)
             row["weights_gib"] = round((torch.cuda.memory_allocated() - before) / 2**30, 2) if not cpu else None
             g = torch.Generator().manual_seed(100 + info.rank)
