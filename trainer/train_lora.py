@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         step_module = loss_module.to(info.device)
         broadcast_from_rank0_([*loss_module.parameters(), *loss_module.buffers()], info)
     params = lora_parameters(model)
-    # One gradient buffer for the run: CUDA graphs need it, and ranks all-reduce it in one call.
+    # One gradient buffer for the run (CUDA graphs need it, ranks all-reduce it in one call); AdamW then updates
+    # the parameters as one tensor beside it.
     flat_grads = FlatGradients(params) if not base.use_moe or args.fsdp else None
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay, flat_grads)
     scaler = make_scaler(info.device, amp_dtype)
