@@ -18,6 +18,7 @@ from model.model_lora import (
 )
 from model.model_minimind import load_minimind
 from tests.train_utils import lora_args, run_inprocess, save_tiny_minimind, tokenizer_dir, write_chat_data
+from trainer.logger import shown_path
 from trainer.train_lora import main
 
 peft = pytest.importorskip("peft")
@@ -131,7 +132,8 @@ def test_use_dora_flag_trains_a_peft_dora_adapter(tmp_path, capsys):
     assert run_inprocess(main, argv + ["--use_dora"]) == 0
     out = tmp_path / "out"
     assert not (out / "lora_identity_64.pth").exists()  # MiniMind's layout has no DoRA magnitude
-    assert f"done: {out / 'lora_identity_64'}/" in capsys.readouterr().out
+    # as the log shows paths: relative when the run's folder is near the working directory (shown_path)
+    assert f"done: {shown_path(out / 'lora_identity_64')}/" in capsys.readouterr().out
     resume = torch.load(out / "lora_identity_64_resume.pth", weights_only=False)
     assert sum(k.endswith("lora_magnitude_vector") for k in resume["trainable"]) == 14
     ids = torch.randint(3, 6400, (2, 12))
