@@ -113,6 +113,11 @@ PACKED_ATTENTION_NOTES = {"varlen": "packed rows attend through Flash attention'
                           "sdpa": "packed rows attend through SDPA with a block-diagonal mask"}
 
 
+def attention_line(attention: str, flag: str) -> str:
+    """The start-up line on how packed rows attend (`attention`, pick_packed_attention's answer to `--attention flag`)."""
+    return f"attention: {PACKED_ATTENTION_NOTES[attention]} (--attention {flag})"
+
+
 def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled: bool, device: torch.device,
                           per_layer: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
     """Set how packed rows attend (--attention) and return it: "varlen" (Flash attention's varlen kernel over

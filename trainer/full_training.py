@@ -23,9 +23,9 @@ from trainer.checkpoint import (
 from trainer.data import prepare_data
 from trainer.distributed import DistInfo, gather_objects, same_on_all_ranks
 from trainer.engine import (
-    PACKED_ATTENTION_NOTES,
     StopSignal,
     at_step,
+    attention_line,
     autocast_note,
     compile_decoder,
     enable_activation_checkpointing,
@@ -71,7 +71,7 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
         print(f"model {base.source}: {sum(p.numel() for p in params) / 1e6:.1f}M parameters, all trained; "
               f"{info.world_size} process(es) on {info.device}, {autocast_note(amp_dtype, torch.float32)}{compiled}", flush=True)
         if args.packing:
-            print(f"attention: {PACKED_ATTENTION_NOTES[attention]} (--attention {args.attention})", flush=True)
+            print(attention_line(attention, args.attention), flush=True)
 
     data = prepare_data(make_dataset, args, info, pad_id=base.tokenizer.pad_token_id or 0,
                         segments=attention == "varlen")

@@ -56,9 +56,9 @@ from trainer.distributed import (
     setup_distributed,
 )
 from trainer.engine import (
-    PACKED_ATTENTION_NOTES,
     StopSignal,
     at_step,
+    attention_line,
     autocast_note,
     compile_decoder,
     enable_activation_checkpointing,
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if speed:
             print(f"speed defaults for {info.device.type}: {speed}", flush=True)
         if args.packing:
-            print(f"attention: {PACKED_ATTENTION_NOTES[attention]} (--attention {args.attention})", flush=True)
+            print(attention_line(attention, args.attention), flush=True)
 
     # ------------------------------------------------------------------ data
     template = Path(args.chat_template).read_text() if args.chat_template else None
