@@ -16,7 +16,8 @@ install; see cache_bytecode). `ours` is the bare command (`train_lora.py --from_
 first one filled. Rows marked "projected" ran --steps optimizer steps only: their epoch time is the measured
 time to the end of their warm-up plus the epoch's remaining tokens at their steady rate. The Trainer rows use
 32 samples per batch (padded, or padding-free with DataCollatorWithFlattening), `hf-liger` adds Liger
-Kernel's Qwen3 patches (needs `liger_kernel`). docs/PERF.md holds the results.
+Kernel's Qwen3 patches (needs `liger_kernel`). `unsloth` is the padded Trainer row on Unsloth's model and LoRA
+(`FastLanguageModel`, needs `unsloth`; it loads the base's Qwen3 directory). docs/PERF.md holds the results.
 """
 
 import argparse
@@ -57,6 +58,7 @@ VARIANTS = {  # name: (stack, trainer flags / Trainer options, full epoch or --s
     "hf-flatten": ("hf", {"collator": "flatten"}, "steps"),
     "hf-liger": ("hf", {"collator": "padded", "liger": True}, "steps"),
     "hf-liger-flatten": ("hf", {"collator": "flatten", "liger": True}, "steps"),
+    "unsloth": ("hf", {"collator": "padded", "unsloth": True}, "steps"),  # Unsloth's model and LoRA, same Trainer
 }
 DEFAULT_VARIANTS = "ours,ours-warm,ours-eager-padded,ours-eager-padded-unbucketed,hf-padded,hf-flatten,hf-liger"
 
@@ -146,6 +148,8 @@ def write_qwen3_dir(base: Path, out: Path, shape: dict) -> Path:
                 rope_theta=1e6, architectures=["Qwen3ForCausalLM"], dtype="bfloat16").save_pretrained(out)
     save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, out / "model.safetensors",
               metadata={"format": "pt"})
+    for f in (REPO / "model" / "tokenizer").iterdir():  # a complete model directory, as loaders expect
+        shutil.copy(f, out / f.name)
     return out
 
 
@@ -228,6 +232,9 @@ def run_ours(name: str, flags: list[str], base: Path, data: Path, workdir: Path,
 def run_hf(opts: dict) -> dict:
     """One Trainer run in this process (a subprocess of main): time to each step end, tokens per step."""
     import torch
+
+    if opts.get("unsloth"):  # before transformers and PEFT: it patches them as they load
+        from unsloth import FastLanguageModel
     from peft import LoraConfig, get_peft_model
     from transformers import (
         AutoTokenizer,
@@ -252,10 +259,18 @@ def run_hf(opts: dict) -> dict:
     samples = [{"input_ids": ds[i][0].tolist(), "labels": ds[i][1].tolist()} for i in range(len(ds))]
     cfg = Qwen3Config(**shape_of(opts["shape"], len(tok)), tie_word_embeddings=True, rope_theta=1e6,
                       max_position_embeddings=32768, attn_implementation="sdpa")
-    with torch.device(opts["device"]):
-        model = Qwen3ForCausalLM(cfg).to(torch.bfloat16 if cuda else torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    if opts.get("unsloth"):  # the base's own weights (the Qwen3 directory); no activation checkpointing, as ours
+        model, _ = FastLanguageModel.from_pretrained(opts["qwen3_dir"], max_seq_length=512, dtype=torch.bfloat16,
+                                                     load_in_4bit=False, fix_tokenizer=False)
+        model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                 "up_proj", "down_proj"],
+                                                 use_gradient_checkpointing=False)
+    else:
+        with torch.device(opts["device"]):
+            model = Qwen3ForCausalLM(cfg).to(torch.bfloat16 if cuda else torch.float32)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
     pad = tok.pad_token_id or 0
 
     def padded(batch: list[dict]) -> dict:
@@ -303,7 +318,7 @@ def run_hf_subprocess(opts: dict, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", json.dumps(opts)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                           env={**os.environ, "PYTHONPATH": python_path()})
+                           env={**os.environ, "PYTHONPATH": python_path(), "UNSLOTH_DISABLE_STATISTICS": "1"})
     except subprocess.TimeoutExpired:
         return dict(name=opts["name"], code=124, error=f"timed out after {timeout:.0f} s")
     for line in reversed(p.stdout.splitlines()):
@@ -379,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             row["full_epoch"] = steps is None
         else:
             row = run_hf_subprocess(dict(opts, name=name, data=str(data), shape=shape, device=device,
+                                         qwen3_dir=str(qwen3_dir(base)),
                                          steps=steps or 0, batch=32, out=str(workdir / "runs" / name)),
                                     args.timeout)
         rows.append(row)
