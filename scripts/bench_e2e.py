@@ -13,7 +13,8 @@ learning rate 1e-4, one epoch, samples truncated to 512 tokens, bf16.
 Each variant runs in its own process, all on one bytecode cache filled before the first (as after a pip
 install; see cache_bytecode). `ours` is the bare command (`train_lora.py --from_weight ... --data_path
 ... --device cuda`, no speed flags) with an empty compile cache; `ours-warm` the same again on the cache the
-first one filled. Rows marked "projected" ran --steps optimizer steps only: their epoch time is the measured
+first one filled (likewise `unsloth` and `unsloth-warm`: every row has its own compile caches, emptied first
+unless its name ends in -warm). The table compares each row with the fastest peer row (Trainer or Unsloth). Rows marked "projected" ran --steps optimizer steps only: their epoch time is the measured
 time to the end of their warm-up plus the epoch's remaining tokens at their steady rate. The Trainer rows use
 32 samples per batch (padded, or padding-free with DataCollatorWithFlattening), `hf-liger` adds Liger
 Kernel's Qwen3 patches (needs `liger_kernel`). `unsloth` is the padded Trainer row on Unsloth's model and LoRA
@@ -59,6 +60,14 @@ VARIANTS = {  # name: (stack, trainer flags / Trainer options, full epoch or --s
     "hf-liger": ("hf", {"collator": "padded", "liger": True}, "steps"),
     "hf-liger-flatten": ("hf", {"collator": "flatten", "liger": True}, "steps"),
     "unsloth": ("hf", {"collator": "padded", "unsloth": True}, "steps"),  # Unsloth's model and LoRA, same Trainer
+    "unsloth-warm": ("hf", {"collator": "padded", "unsloth": True}, "steps"),
+    # The padded eager path at 8 samples of up to 1024 tokens per step, and on the Qwen3 directory
+    "ours-eager-padded-1024": ("ours", ["--packing", "0", "--use_compile", "0", "--batch_size", "8",
+                                        "--max_seq_len", "1024"], "steps"),
+    "ours-eager-padded-1024-unbucketed": ("ours", ["--packing", "0", "--use_compile", "0", "--batch_size", "8",
+                                                   "--max_seq_len", "1024"], "steps"),
+    "ours-eager-padded-1024-qwen3-dir": ("ours", ["--packing", "0", "--use_compile", "0", "--batch_size", "8",
+                                                  "--max_seq_len", "1024", "--from_weight", "{qwen3_dir}"], "steps"),
 }
 DEFAULT_VARIANTS = "ours,ours-warm,ours-eager-padded,ours-eager-padded-unbucketed,hf-padded,hf-flatten,hf-liger"
 
@@ -313,12 +322,15 @@ def run_hf(opts: dict) -> dict:
                 first_step_s=ends[0], warmup_end_s=ends[warm], steps=len(ends), projected_s=projected)
 
 
-def run_hf_subprocess(opts: dict, timeout: float) -> dict:
-    """run_hf in a fresh process (clean memory, its own patches)."""
+def run_hf_subprocess(opts: dict, cache: Path, timeout: float) -> dict:
+    """run_hf in a fresh process (clean memory, its own patches), its compile caches in `cache` (Inductor's,
+    Triton's, and Unsloth's, which it writes to the working folder)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", json.dumps(opts)]
+    cache.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": python_path(), "TORCHINDUCTOR_CACHE_DIR": str(cache),
+           "TRITON_CACHE_DIR": str(cache / "triton"), "UNSLOTH_DISABLE_STATISTICS": "1"}  # no Hub request
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                           env={**os.environ, "PYTHONPATH": python_path(), "UNSLOTH_DISABLE_STATISTICS": "1"})
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cache, env=env)
     except subprocess.TimeoutExpired:
         return dict(name=opts["name"], code=124, error=f"timed out after {timeout:.0f} s")
     for line in reversed(p.stdout.splitlines()):
@@ -340,19 +352,20 @@ def epoch_s(row: dict, stats: dict) -> float:
 
 
 def print_table(rows: list[dict], stats: dict) -> None:
-    """Every variant's epoch wall time, steady tokens/s and first step, against the fastest Trainer row."""
-    hf = [epoch_s(r, stats) for r in rows if r["name"].startswith("hf") and r.get("code") == 0]
-    ref = min(hf) if hf else float("nan")
+    """Every variant's epoch wall time, steady tokens/s and first step, against the fastest peer row (Trainer
+    + PEFT, with or without Liger, or Unsloth)."""
+    peers = [epoch_s(r, stats) for r in rows if VARIANTS[r["name"]][0] == "hf" and r.get("code") == 0]
+    ref = min(peers) if peers else float("nan")
     print(f"\n{stats['conversations']} conversations, {stats['tokens']:,} tokens (mean {stats['mean']:.0f})")
-    print(f"{'variant':30s} {'epoch s':>9s} {'how':>9s} {'vs best HF':>10s} {'steady tok/s':>12s} "
+    print(f"{'variant':34s} {'epoch s':>9s} {'how':>9s} {'vs fastest peer':>15s} {'steady tok/s':>12s} "
           f"{'1st step s':>10s}")
     for r in rows:
         if r.get("code") != 0:
-            print(f"{r['name']:30s} failed: {str(r.get('error', ''))[-300:]}")
+            print(f"{r['name']:34s} failed: {str(r.get('error', ''))[-300:]}")
             continue
         e = epoch_s(r, stats)
         how = "measured" if r.get("full_epoch") else "projected"
-        print(f"{r['name']:30s} {e:9.1f} {how:>9s} {ref / e:9.2f}x {r['steady_tok_s']:12,.0f} "
+        print(f"{r['name']:34s} {e:9.1f} {how:>9s} {ref / e:14.2f}x {r['steady_tok_s']:12,.0f} "
               f"{r['first_step_s']:10.1f}")
 
 
@@ -376,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     shape = "tiny" if args.tiny else "qwen3-0.6b"
     n = 200 if args.tiny else args.conversations
-    workdir = Path(args.workdir)
+    workdir = Path(args.workdir).resolve()  # the Trainer rows run in their cache folders
     t = time.perf_counter()
     base, data, stats = prepare(workdir, n, shape)
     cache_bytecode(workdir)
@@ -385,18 +398,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.variants.split(","):
         stack, opts, length = VARIANTS[name]
         steps = args.steps if length == "steps" else None
+        cache = workdir / ("cache_" + ("ours" if name == "ours-qwen3-dir" else name.removesuffix("-warm")))
+        cold = not name.endswith(("-warm", "-dir"))  # -dir: on `ours`' cache, as its graphs are the same
+        if cold and cache.exists():  # a cold start: empty compile caches
+            shutil.rmtree(cache)
         if stack == "ours":
-            cache = workdir / ("cache_" + ("ours" if name == "ours-qwen3-dir" else name.removesuffix("-warm")))
-            cold = not name.endswith(("-warm", "-dir"))  # -dir: on `ours`' cache, as its graphs are the same
-            if cold and cache.exists():  # a cold start: an empty compile cache
-                shutil.rmtree(cache)
             row = run_ours(name, opts, base, data, workdir, steps, cache, device, args.timeout)
             row["full_epoch"] = steps is None
         else:
             row = run_hf_subprocess(dict(opts, name=name, data=str(data), shape=shape, device=device,
                                          qwen3_dir=str(qwen3_dir(base)),
                                          steps=steps or 0, batch=32, out=str(workdir / "runs" / name)),
-                                    args.timeout)
+                                    cache, args.timeout)
         rows.append(row)
         print(json.dumps(row, default=str)[:1500], flush=True)
         if args.json:
