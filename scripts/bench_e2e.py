@@ -14,8 +14,9 @@ Each variant runs in its own process, all on one bytecode cache filled before th
 install; see cache_bytecode). `ours` is the bare command (`train_lora.py --from_weight ... --data_path
 ... --device cuda`, no speed flags) with an empty compile cache; `ours-warm` the same again on the cache the
 first one filled (likewise `unsloth` and `unsloth-warm`: every row has its own compile caches, emptied first
-unless its name ends in -warm). The table compares each row with the fastest peer row (Trainer or Unsloth). Rows marked "projected" ran --steps optimizer steps only: their epoch time is the measured
-time to the end of their warm-up plus the epoch's remaining tokens at their steady rate. The Trainer rows use
+unless its name ends in -warm). The table compares each row with the fastest peer row (Trainer or Unsloth).
+Rows marked "projected" ran --steps optimizer steps only: their epoch time is the measured time to the end
+of their warm-up plus the epoch's remaining tokens at their steady rate. The Trainer rows use
 32 samples per batch (padded, or padding-free with DataCollatorWithFlattening), `hf-liger` adds Liger
 Kernel's Qwen3 patches (needs `liger_kernel`). `unsloth` is the padded Trainer row on Unsloth's model and LoRA
 (`FastLanguageModel`, needs `unsloth`; it loads the base's Qwen3 directory). docs/PERF.md holds the results.
