@@ -43,6 +43,8 @@ ZH = ("我们 学习 数据 模型 训练 问题 回答 语言 系统 例子 文
       "请 告诉 更多 关于 这个 那个 因为 所以 但是 如果 可以 需要 时间 方法 结果 今天 中国 世界").split()
 SYSTEMS = {"en": "You are a helpful assistant. Answer briefly and clearly.", "zh": "你是一个有帮助的助手，请简洁清楚地回答。"}
 
+# The padded eager path at 8 samples of up to 1024 tokens per step
+EAGER_1024 = ["--packing", "0", "--use_compile", "0", "--batch_size", "8", "--max_seq_len", "1024"]
 VARIANTS = {  # name: (stack, trainer flags / Trainer options, full epoch or --steps)
     "ours": ("ours", [], "epoch"),
     "ours-warm": ("ours", [], "epoch"),
@@ -62,13 +64,9 @@ VARIANTS = {  # name: (stack, trainer flags / Trainer options, full epoch or --s
     "hf-liger-flatten": ("hf", {"collator": "flatten", "liger": True}, "steps"),
     "unsloth": ("hf", {"collator": "padded", "unsloth": True}, "steps"),  # Unsloth's model and LoRA, same Trainer
     "unsloth-warm": ("hf", {"collator": "padded", "unsloth": True}, "steps"),
-    # The padded eager path at 8 samples of up to 1024 tokens per step, and on the Qwen3 directory
-    "ours-eager-padded-1024": ("ours", ["--packing", "0", "--use_compile", "0", "--batch_size", "8",
-                                        "--max_seq_len", "1024"], "steps"),
-    "ours-eager-padded-1024-unbucketed": ("ours", ["--packing", "0", "--use_compile", "0", "--batch_size", "8",
-                                                   "--max_seq_len", "1024"], "steps"),
-    "ours-eager-padded-1024-qwen3-dir": ("ours", ["--packing", "0", "--use_compile", "0", "--batch_size", "8",
-                                                  "--max_seq_len", "1024", "--from_weight", "{qwen3_dir}"], "steps"),
+    "ours-eager-padded-1024": ("ours", EAGER_1024, "steps"),
+    "ours-eager-padded-1024-unbucketed": ("ours", EAGER_1024, "steps"),
+    "ours-eager-padded-1024-qwen3-dir": ("ours", [*EAGER_1024, "--from_weight", "{qwen3_dir}"], "steps"),
 }
 DEFAULT_VARIANTS = "ours,ours-warm,ours-eager-padded,ours-eager-padded-unbucketed,hf-padded,hf-flatten,hf-liger"
 
