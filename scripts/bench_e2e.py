@@ -265,8 +265,6 @@ def run_hf(opts: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(REPO / "model" / "tokenizer")
     ds = SFTDataset(Path(opts["data"]), tok, max_length=512, log=None)
     samples = [{"input_ids": ds[i][0].tolist(), "labels": ds[i][1].tolist()} for i in range(len(ds))]
-    cfg = Qwen3Config(**shape_of(opts["shape"], len(tok)), tie_word_embeddings=True, rope_theta=1e6,
-                      max_position_embeddings=32768, attn_implementation="sdpa")
     if opts.get("unsloth"):  # the base's own weights (the Qwen3 directory); no activation checkpointing, as ours
         model, _ = FastLanguageModel.from_pretrained(opts["qwen3_dir"], max_seq_length=512, dtype=torch.bfloat16,
                                                      load_in_4bit=False, fix_tokenizer=False)
@@ -275,6 +273,8 @@ def run_hf(opts: dict) -> dict:
                                                                  "up_proj", "down_proj"],
                                                  use_gradient_checkpointing=False)
     else:
+        cfg = Qwen3Config(**shape_of(opts["shape"], len(tok)), tie_word_embeddings=True, rope_theta=1e6,
+                          max_position_embeddings=32768, attn_implementation="sdpa")
         with torch.device(opts["device"]):
             model = Qwen3ForCausalLM(cfg).to(torch.bfloat16 if cuda else torch.float32)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
@@ -397,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.variants.split(","):
         stack, opts, length = VARIANTS[name]
         steps = args.steps if length == "steps" else None
-        cache = workdir / ("cache_" + ("ours" if name == "ours-qwen3-dir" else name.removesuffix("-warm")))
-        cold = not name.endswith(("-warm", "-dir"))  # -dir: on `ours`' cache, as its graphs are the same
-        if cold and cache.exists():  # a cold start: empty compile caches
+        on_ours = name == "ours-qwen3-dir"  # on `ours`' cache, as its graphs are the same
+        cache = workdir / ("cache_" + ("ours" if on_ours else name.removesuffix("-warm")))
+        if not (on_ours or name.endswith("-warm")) and cache.exists():  # a cold start: empty compile caches
             shutil.rmtree(cache)
         if stack == "ours":
             row = run_ours(name, opts, base, data, workdir, steps, cache, device, args.timeout)
