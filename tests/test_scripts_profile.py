@@ -35,11 +35,12 @@ def test_profiles_the_chosen_steps_of_a_real_run(tmp_path):
     run = _profile(tmp_path, "2-3", "--with-stack")
     summary = (tmp_path / "prof" / "profile_rank0.txt").read_text()
     assert re.match(r"rank 0: steps 2-3 \(2 loop iterations\), [\d.]+ ms wall, [\d.]+ ms per step", summary)
-    assert "aten::mm" in summary and "Optimizer.step" in summary  # forward/backward and the update are inside
+    assert "aten::mm" in summary  # the summary's top operators (sorted by self time) hold the matmuls
     assert summary.splitlines()[0] in run.stdout
     trace = json.loads(gzip.decompress((tmp_path / "prof" / "trace_rank0.json.gz").read_bytes()))
     names = {e.get("name", "") for e in trace["traceEvents"]}
-    assert "aten::mm" in names and any("DataLoader" in n for n in names)  # the next batch's fetch is in the window
+    assert "aten::mm" in names and any(n.startswith("Optimizer.step") for n in names)  # forward/backward, update
+    assert any("DataLoader" in n for n in names)  # the next batch's fetch is in the window
     assert any(n.startswith("trainer/engine.py(") and n.endswith(": train_step") for n in names)  # --with-stack
     # A CPU trace has no device timeline to read gaps from, and trace_gaps says so.
     events = trace_gaps.load_events(tmp_path / "prof" / "trace_rank0.json.gz")
