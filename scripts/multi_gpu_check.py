@@ -473,8 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the parts, write summary.txt and results.json, print the table."""
     args, rest = build_parser().parse_known_args(argv)
     if args.worker == "memory":
-        memory_worker(args.json, args.cpu_smoke)
-        return 0
+        from trainer.engine import run_job  # leaves without the interpreter's teardown under torchrun (see there)
+
+        run_job(lambda: memory_worker(args.json, args.cpu_smoke))
     if args.worker == "fail":
         fail_worker(rest)
         return 0
