@@ -54,7 +54,7 @@ class _FusedLoRA(torch.autograd.Function):
     is free) and gets dA, dB from rank-r products. The full-size weight gradient is never formed. The
     merged weight is rebuilt in backward rather than kept (an in×out addmm, ~1 ms per step at 0.6B).
     Several layers stack their merged weights and their A: one GEMM for y, one for z, and in backward one
-    each for dx, s·dy·B (block-diagonal B), dA and dB (whose off-diagonal blocks, rank-r products, are
+    each for dx, dy·B (block-diagonal B), dA and dB (whose off-diagonal blocks, rank-r products, are
     dropped): fewer and larger kernels than one call per layer.
     All math runs in x's dtype (bf16 next to a bf16 base, like PEFT under autocast). A 4-bit base comes
     as `weight` None plus its NF4 parts, dequantized in forward and again in backward.
@@ -66,34 +66,34 @@ class _FusedLoRA(torch.autograd.Function):
         """layout: per layer (scale, NF4 shape or None, number of NF4 parts); tensors: per layer its weight
         (None when NF4), bias (or None), lora_A, lora_B and NF4 parts (LoRALinear._fused_inputs)."""
         layers = _fused_layers(layout, tensors)
-        As = [layer.A.to(x.dtype) for layer in layers]
-        sBs = [(layer.B * layer.scale).to(x.dtype) for layer in layers]
+        A = _stack([layer.A for layer in layers]).to(x.dtype)  # stacked, then cast once: fewer launches
+        Bs = [layer.B.to(x.dtype) for layer in layers]
         bias = None if layers[0].bias is None else _stack([layer.bias.to(x.dtype) for layer in layers])
-        y = F.linear(x, _merged_weight(layers, As, sBs, x.dtype), bias)
+        y = F.linear(x, _merged_weight(layers, A, Bs, x.dtype), bias)
         x2 = x.reshape(-1, x.shape[-1])
-        A = _stack(As)
-        ctx.save_for_backward(x2, A, x2 @ A.t(), *sBs, *tensors)
+        ctx.save_for_backward(x2, A, x2 @ A.t(), *Bs, *tensors)
         ctx.x_shape, ctx.layout = x.shape, layout
         return y
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor) -> tuple:
         x2, A, z, *rest = ctx.saved_tensors
-        sBs, tensors = rest[:len(ctx.layout)], rest[len(ctx.layout):]
+        Bs, tensors = rest[:len(ctx.layout)], rest[len(ctx.layout):]
         layers = _fused_layers(ctx.layout, tensors)
-        ranks, outs = [layer.A.shape[0] for layer in layers], [layer.B.shape[0] for layer in layers]
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
-        gB = g @ (sBs[0] if len(sBs) == 1 else torch.block_diag(*sBs))  # [N, Σr] = s·(dy·B), layer by layer
+        gB = g @ (Bs[0] if len(Bs) == 1 else torch.block_diag(*Bs))  # [N, Σr] = dy·B, layer by layer
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ _merged_weight(layers, A.split(ranks), sBs, x2.dtype)).view(ctx.x_shape)
-        grad_A = gB.t() @ x2  # [Σr, in]
-        grad_B = g.t() @ z  # [Σout, Σr]: each layer's dB is its diagonal block
+            grad_x = (g @ _merged_weight(layers, A, Bs, x2.dtype)).view(ctx.x_shape)
+        # In the adapters' dtype (fp32 next to a bf16 base), cast once for the whole group.
+        grad_A = (gB.t() @ x2).to(layers[0].A.dtype)  # [Σr, in]
+        grad_B = (g.t() @ z).to(layers[0].B.dtype)  # [Σout, Σr]: each layer's dB is its diagonal block
         grads: list[torch.Tensor | None] = [grad_x, None]
         r0 = o0 = 0
-        for layer, r, o in zip(layers, ranks, outs, strict=True):
-            grads += [None, None, grad_A[r0:r0 + r].to(layer.A.dtype),
-                      grad_B[o0:o0 + o, r0:r0 + r].to(layer.B.dtype) * layer.scale, *[None] * len(layer.nf4_parts)]
+        for layer in layers:
+            o, r = layer.B.shape
+            grads += [None, None, _scaled(grad_A[r0:r0 + r], layer.scale),
+                      _scaled(grad_B[o0:o0 + o, r0:r0 + r], layer.scale), *[None] * len(layer.nf4_parts)]
             r0, o0 = r0 + r, o0 + o
         return tuple(grads)
 
@@ -125,14 +125,20 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-def _merged_weight(layers: list[_FusedInput], As: list[torch.Tensor], sBs: list[torch.Tensor],
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """t · scale, with no operator at all for the default scale 1 (alpha = r)."""
+    return t if scale == 1 else t * scale
+
+
+def _merged_weight(layers: list[_FusedInput], A: torch.Tensor, Bs: list[torch.Tensor],
                    dtype: torch.dtype) -> torch.Tensor:
-    """The layers' W + s·B·A stacked by output rows, in `dtype` (each rounded once)."""
+    """The layers' W + s·B·A stacked by output rows, in `dtype` (each rounded once); A is their stacked A."""
+    As = (A,) if len(layers) == 1 else A.split([layer.A.shape[0] for layer in layers])
     merged = []
-    for layer, A, sB in zip(layers, As, sBs, strict=True):
+    for layer, A, B in zip(layers, As, Bs, strict=True):
         dense = (layer.weight.to(dtype) if layer.weight is not None else
                  dequantize_nf4(*layer.nf4_parts, layer.nf4_shape, dtype))
-        merged.append(torch.addmm(dense, sB, A))
+        merged.append(torch.addmm(dense, B, A, alpha=layer.scale))
     return _stack(merged)
 
 
