@@ -225,6 +225,67 @@ def test_rope_tables_op_is_registered_correctly_and_exact():
     assert (cos.double() - angles.cos()).abs().max() < 1e-6 and (sin.double() - angles.sin()).abs().max() < 1e-6
 
 
+def _rope_inputs(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [2, 6, 3 heads, 16] and its cos/sin tables (float64 angles), for the RoPE checks."""
+    from model.model_minimind import rope_cos_sin
+
+    torch.manual_seed(0)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1], [5, 6, 7, 8, 9, 10]], device=device)
+    cos, sin = rope_cos_sin(positions, 16, 1e4, torch.float64)
+    return torch.randn(2, 6, 3, 16, dtype=torch.float64, device=device), cos.to(dtype), sin.to(dtype)
+
+
+def test_rope_autograd_function_is_the_plain_rotation_and_its_exact_gradient():
+    """_Rope (apply_rope's one-node form for eager GPU training) against the plain rotation and float64
+    finite differences (gradcheck), on a CPU."""
+    from model.model_minimind import _Rope, apply_rope
+
+    x, cos, sin = _rope_inputs("cpu", torch.float64)
+    cos4, sin4 = cos[:, :, None, :], sin[:, :, None, :]
+    assert torch.allclose(_Rope.apply(x, cos4, sin4), apply_rope(x, cos, sin), rtol=0, atol=1e-15)
+    assert torch.autograd.gradcheck(_Rope.apply, (x.requires_grad_(), cos4, sin4))
+
+
+def _rms_norm64(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eager_gpu_forms_of_rms_norm_and_rope_match_float64():
+    """Eager bf16 training on a GPU runs RMSNorm through torch's fused kernel (autocast off around it) and
+    RoPE through _Rope: outputs stay bf16 under autocast, and outputs and gradients match float64 to bf16
+    precision."""
+    from model.model_minimind import RMSNorm, apply_rope
+
+    norm = RMSNorm(64, 1e-6).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 7, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(4, 7, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = norm(x)
+    (y * g).sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    y64 = _rms_norm64(x64, w64, 1e-6)
+    (y64 * g.double()).sum().backward()
+    assert y.dtype == torch.bfloat16
+    for got, want in ((y, y64), (x.grad, x64.grad), (norm.weight.grad, w64.grad)):
+        assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max(), (got, want)
+
+    x, cos, sin = _rope_inputs("cuda", torch.bfloat16)
+    xb = x.to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = apply_rope(xb, cos, sin)
+    assert "_Rope" in type(out.grad_fn).__name__ and out.dtype == torch.bfloat16
+    gr = torch.randn_like(out)
+    (out * gr).sum().backward()
+    x64 = xb.detach().double().cpu().requires_grad_()
+    out64 = apply_rope(x64, cos.double().cpu(), sin.double().cpu())
+    (out64 * gr.double().cpu()).sum().backward()
+    assert (out.double().cpu() - out64).abs().max() <= 2e-2 * out64.abs().max()
+    assert (xb.grad.double().cpu() - x64.grad).abs().max() <= 2e-2 * x64.grad.abs().max()
+
+
 def packed_loss_and_grads(model: nn.Module) -> tuple:
     """Loss and LoRA grads of batch() as packed rows (two samples per row): what the compile tests compare."""
     ids, labels = batch()
