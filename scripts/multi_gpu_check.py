@@ -473,8 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the parts, write summary.txt and results.json, print the table."""
     args, rest = build_parser().parse_known_args(argv)
     if args.worker == "memory":
-        from trainer.engine import run_job  # leaves without the interpreter's teardown under torchrun (see there)
+        from trainer.engine import run_job
 
+        # run_job leaves without the interpreter's teardown under torchrun, which could abort a finished rank.
         run_job(lambda: memory_worker(args.json, args.cpu_smoke))
     if args.worker == "fail":
         fail_worker(rest)
