@@ -53,10 +53,11 @@ def test_fused_lora_model_gives_plain_loss_and_grads():
 
 
 def _lora_group(biases: tuple[bool, ...]) -> list[LoRALinear]:
-    """Fused float64 LoRA layers that read one 8-wide input: ranks, scales and outputs all differ."""
+    """Fused float64 LoRA layers that read one 8-wide input: ranks and outputs all differ; scales 2, 1 and 2
+    (1 takes the path that multiplies nothing)."""
     torch.manual_seed(0)
     layers = [LoRALinear(nn.Linear(8, out, bias=bias, dtype=torch.float64), rank, alpha)
-              for out, rank, alpha, bias in zip((6, 4, 5), (2, 4, 3), (4.0, 1.0, 6.0), biases, strict=True)]
+              for out, rank, alpha, bias in zip((6, 4, 5), (2, 4, 3), (4.0, 4.0, 6.0), biases, strict=True)]
     for layer in layers:
         fill_random([layer.lora_B], seed=len(layer.lora_B))
         layer.train().fused = True
