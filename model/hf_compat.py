@@ -32,6 +32,18 @@ def cache_of(output: Any) -> Any:
 # Whether configs hold their rope settings in `rope_parameters` (transformers 5) or in `rope_theta` and
 # `rope_scaling` (4.x).
 ROPE_PARAMETERS = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def rope_config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    """Config keyword arguments for rope settings given as transformers 5's `rope_parameters` (rope_theta,
+    rope_type and the type's keys), in the form the installed transformers reads: the dict itself on 5,
+    `rope_theta` plus `rope_scaling` on 4.x (which would keep an unknown `rope_parameters` unread)."""
+    if ROPE_PARAMETERS:
+        return {"rope_parameters": params}
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    return {"rope_theta": params["rope_theta"], "rope_scaling": scaling or None}
+
+
 # Whether MoE experts are fused 3-D tensors (`experts.gate_up_proj`, transformers 5) or a module per
 # expert (`experts.N.gate_proj`, 4.x).
 FUSED_EXPERTS = ROPE_PARAMETERS

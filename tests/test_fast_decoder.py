@@ -15,7 +15,7 @@ from transformers import (
 )
 
 from model.fast_decoder import FastCausalLM, why_not_fast
-from model.hf_compat import ROPE_PARAMETERS
+from model.hf_compat import rope_config_kwargs
 from model.model_lora import apply_lora, lora_parameters, merge_lora, save_lora
 from model.model_minimind import rope_cos_sin
 from trainer.base_model import BaseModelError, load_directory
@@ -30,21 +30,12 @@ LLAMA3 = dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.
 
 
 
-def rope(params: dict) -> dict:
-    """Config keyword arguments for these rope settings on the installed transformers (5: rope_parameters;
-    4.x: rope_theta and rope_scaling)."""
-    if ROPE_PARAMETERS:
-        return {"rope_parameters": params}
-    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    return {"rope_theta": params["rope_theta"], "rope_scaling": scaling or None}
-
-
 # One tiny config per switch: q/k norm, q/k/v(/o) biases, MLP biases, llama3 rope, head_dim, tied/untied head.
 CONFIGS = {
     "qwen3_tied": lambda: Qwen3Config(**SIZES, head_dim=24, tie_word_embeddings=True),
     "qwen3_untied_bias": lambda: Qwen3Config(**SIZES, head_dim=16, attention_bias=True, tie_word_embeddings=False),
-    "qwen2_tied": lambda: Qwen2Config(**SIZES, tie_word_embeddings=True, **rope(dict(rope_theta=1e6))),
-    "llama3_untied": lambda: LlamaConfig(**SIZES, tie_word_embeddings=False, **rope(LLAMA3),
+    "qwen2_tied": lambda: Qwen2Config(**SIZES, tie_word_embeddings=True, **rope_config_kwargs(dict(rope_theta=1e6))),
+    "llama3_untied": lambda: LlamaConfig(**SIZES, tie_word_embeddings=False, **rope_config_kwargs(LLAMA3),
                                          max_position_embeddings=256),
     "llama2_biases_tied": lambda: LlamaConfig(**SIZES, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
     "mistral_untied": lambda: MistralConfig(**SIZES, sliding_window=None, tie_word_embeddings=False),
@@ -138,7 +129,7 @@ def save_tiny(config, path) -> None:
 
 
 @pytest.mark.parametrize("name, config, max_seq_len, reason", [
-    ("yarn", Qwen3Config(**SIZES, **rope(dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
+    ("yarn", Qwen3Config(**SIZES, **rope_config_kwargs(dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
                                                             original_max_position_embeddings=64))), 32, "rope type 'yarn'"),
     ("window", MistralConfig(**SIZES, sliding_window=16), 32, "sliding window (16 tokens) is shorter than --max_seq_len 32"),
     ("gpt2", GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2), 32, "architecture (gpt2) is not one of"),
@@ -185,7 +176,7 @@ def test_llama3_rope_tables_match_transformers_and_the_op_checks():
     """The RoPE table op with llama3 scaling: transformers' inv_freq, and opcheck's schema/fake/compile checks."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    config = LlamaConfig(**SIZES, **rope(LLAMA3), max_position_embeddings=256)
+    config = LlamaConfig(**SIZES, **rope_config_kwargs(LLAMA3), max_position_embeddings=256)
     inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
     positions = torch.tensor([[0, 1, 2, 3, 0, 1], [5, 60, 70, 80, 90, 200]])
     llama3 = [float(LLAMA3[k]) for k in ("factor", "low_freq_factor", "high_freq_factor",

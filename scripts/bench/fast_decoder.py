@@ -36,9 +36,9 @@ from scripts.bench_lora import SHAPES, flops_per_step, graph_count, random_batch
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
-                max_position_embeddings=131072, tie_word_embeddings=True,
-                rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=32.0, low_freq_factor=1.0,
-                                     high_freq_factor=4.0, original_max_position_embeddings=8192))
+                max_position_embeddings=131072, tie_word_embeddings=True)
+LLAMA_1B_ROPE = dict(rope_type="llama3", rope_theta=5e5, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=8192)
 VARIANTS = {  # name: (directory, stack)
     "qwen3-0.6b minimind-dir": ("minimind_qwen3_06b", "ours"),
     "qwen3-0.6b qwen3-dir": ("qwen3_06b", "ours"),
@@ -51,6 +51,7 @@ def write_directories(work: Path, tiny: bool, device: str) -> None:
     """The three random-weight directories (kept if already there)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config
 
+    from model.hf_compat import rope_config_kwargs
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 
     torch.manual_seed(0)
@@ -64,12 +65,12 @@ def write_directories(work: Path, tiny: bool, device: str) -> None:
         qwen = work / "qwen3_06b"
         qwen.mkdir(parents=True, exist_ok=True)
         Qwen3Config(**shape, rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=32768,
-                    rope_parameters=dict(rope_type="default", rope_theta=1e6), architectures=["Qwen3ForCausalLM"],
+                    **rope_config_kwargs(dict(rope_type="default", rope_theta=1e6)), architectures=["Qwen3ForCausalLM"],
                     dtype="bfloat16").save_pretrained(qwen)
         shutil.copyfile(work / "minimind_qwen3_06b" / "model.safetensors", qwen / "model.safetensors")
     if not (work / "llama32_1b" / "config.json").is_file():
         with torch.device(device):
-            llama = LlamaForCausalLM(LlamaConfig(**llama_shape))
+            llama = LlamaForCausalLM(LlamaConfig(**llama_shape, **rope_config_kwargs(LLAMA_1B_ROPE)))
         llama.to(torch.bfloat16).save_pretrained(work / "llama32_1b")
 
 
