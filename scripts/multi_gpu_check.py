@@ -482,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from trainer.fsdp import fsdp_supported
+
     cpu = args.cpu_smoke
     if not cpu and torch.cuda.device_count() < 2:
         print("needs 2 GPUs (or --cpu-smoke)", file=sys.stderr)
@@ -504,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
             elif part in "ab":
                 results[part] = compare_one_and_two(part, spec, work, out, cpu, deadline, args.repeats,
                                                     tuple(shlex.split(args.train_flags)))
+            elif part == "c" and not fsdp_supported():
+                results[part] = dict(skipped=f"skipped: --fsdp needs torch >= 2.7; this is {torch.__version__}")
             elif part == "c":
                 results[part] = memory(spec, out, cpu, deadline)
             else:

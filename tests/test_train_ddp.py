@@ -23,6 +23,7 @@ from tests.train_utils import (
     write_chat_data,
     write_launcher,
 )
+from trainer.fsdp import fsdp_supported
 from trainer.train_lora import main
 
 SCRIPT = str(REPO / "trainer" / "train_lora.py")
@@ -148,6 +149,11 @@ def test_fsdp_equals_ddp_and_one_process_and_resumes(ddp, tmp_path, capsys):
     argv = lora_args(tmp_path, ddp.weight, ddp.data, save_dir=tmp_path / "alone", batch_size=4, **FLAGS)
     assert run_inprocess(main, argv + ["--fsdp"]) == 2  # nothing to shard over: a clear error
     assert "--fsdp shards the base over several processes; start it with torchrun" in capsys.readouterr().err
+    if not fsdp_supported():  # torch < 2.7: the ranks stop with a clear error instead
+        cmd = torchrun("--standalone", "--nproc_per_node", "2", SCRIPT, *argv, "--fsdp")
+        run = run_timed(cmd, cwd=tmp_path, env=subprocess_env())
+        assert run.returncode != 0 and "error: --fsdp needs torch >= 2.7" in run.output, run.output[-2000:]
+        return
 
     out = tmp_path / "fsdp"
     run = _two_ranks(tmp_path, ddp.weight, ddp.data, out, "--fsdp", batch_size=4, **FLAGS)

@@ -28,6 +28,11 @@ except ImportError:  # torch < 2.6; shard_frozen_base says what to do
     fully_shard = None
 
 
+def fsdp_supported() -> bool:
+    """Whether this torch has what --fsdp uses: FSDP2's fully_shard with ignored_params (torch >= 2.7)."""
+    return fully_shard is not None and "ignored_params" in inspect.signature(fully_shard).parameters
+
+
 def shard_frozen_base(loss_module: nn.Module, info: DistInfo) -> nn.Module:
     """Shard `loss_module.model`'s frozen weights over the ranks (FSDP2), LoRA factors replicated on each.
 
@@ -43,7 +48,7 @@ def shard_frozen_base(loss_module: nn.Module, info: DistInfo) -> nn.Module:
     if not isinstance(layers, nn.ModuleList):
         raise DistributedError(f"--fsdp shards the decoder layers model.model.layers, which "
                                f"{type(model).__name__} does not have")
-    if fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters:
+    if not fsdp_supported():
         raise DistributedError(f"--fsdp needs torch >= 2.7 (FSDP2 with ignored_params); this is {torch.__version__}")
     lora = lora_parameters(model)  # a list: every rank must broadcast in the same order
     with torch.no_grad():
