@@ -135,10 +135,10 @@ def _merged_weight(layers: list[_FusedInput], A: torch.Tensor, Bs: list[torch.Te
     """The layers' W + s·B·A stacked by output rows, in `dtype` (each rounded once); A is their stacked A."""
     As = (A,) if len(layers) == 1 else A.split([layer.A.shape[0] for layer in layers])
     merged = []
-    for layer, A, B in zip(layers, As, Bs, strict=True):
+    for layer, a, b in zip(layers, As, Bs, strict=True):
         dense = (layer.weight.to(dtype) if layer.weight is not None else
                  dequantize_nf4(*layer.nf4_parts, layer.nf4_shape, dtype))
-        merged.append(torch.addmm(dense, B, A, alpha=layer.scale))
+        merged.append(torch.addmm(dense, b, a, alpha=layer.scale))
     return _stack(merged)
 
 

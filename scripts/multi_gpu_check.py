@@ -477,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # run_job leaves without the interpreter's teardown under torchrun, which could abort a finished rank.
         run_job(lambda: memory_worker(args.json, args.cpu_smoke))
+        return 0  # not reached: run_job exits
     if args.worker == "fail":
         fail_worker(rest)
         return 0

@@ -65,8 +65,8 @@ def write_directories(work: Path, tiny: bool, device: str) -> None:
         qwen = work / "qwen3_06b"
         qwen.mkdir(parents=True, exist_ok=True)
         Qwen3Config(**shape, rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=32768,
-                    **rope_config_kwargs(dict(rope_type="default", rope_theta=1e6)), architectures=["Qwen3ForCausalLM"],
-                    dtype="bfloat16").save_pretrained(qwen)
+                    **rope_config_kwargs(dict(rope_type="default", rope_theta=1e6)),
+                    architectures=["Qwen3ForCausalLM"], dtype="bfloat16").save_pretrained(qwen)
         shutil.copyfile(work / "minimind_qwen3_06b" / "model.safetensors", qwen / "model.safetensors")
     if not (work / "llama32_1b" / "config.json").is_file():
         with torch.device(device):
