@@ -51,7 +51,9 @@ def test_a_run_past_its_time_is_stopped_with_its_torchrun_workers(tmp_path):
     from scripts.multi_gpu_check import _alive, child_env, launcher, run_logged
 
     worker = tmp_path / "sleeper.py"
-    worker.write_text("import os, time\nprint('worker', os.getpid(), flush=True)\ntime.sleep(300)\n")
+    # One write() per line: the two workers share the pipe, and with PYTHONUNBUFFERED=1 (as in CI) print()
+    # writes "worker", " ", the pid and "\n" one by one, so two lines could interleave ("workerworker 9743").
+    worker.write_text("import os, time\nos.write(1, f'worker {os.getpid()}\\n'.encode())\ntime.sleep(300)\n")
     # torchrun needs about 3 s to start both workers here, but on the loaded 2-core CI machine 5 s, and
     # once even 20 s, were too short; the check needs both started, so a slow start gets a longer try.
     for timeout in (20, 90):
