@@ -402,7 +402,7 @@ BAD_FLAGS = [
     ("weight_decay", -0.1), ("grad_clip", "inf"), ("max_seq_len", -5), ("max_seq_len", 1), ("warmup_iters", -3),
     ("dist_timeout", "inf"), ("dist_timeout", 0), ("batch_size", 0), ("epochs", -2), ("val_fraction", 1.5),
     ("val_fraction", "nan"), ("max_steps", 0), ("lora_name", ".."), ("lora_name", "a/b"), ("chat_template", "missing"),
-    ("chat_template", "broken"), ("chat_template", "empty"), ("chat_template", "binary"),
+    ("chat_template", "broken"), ("chat_template", "empty"), ("chat_template", "binary"), ("cuda_graphs", 1),
 ]
 
 

@@ -32,6 +32,7 @@ from trainer.distributed import (
     launched_by_torchrun,
 )
 from trainer.flat_adamw import FlatAdamW, flatten_parameters
+from trainer.step_graphs import MicroStepGraphs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -177,16 +178,34 @@ def step_begin(micro_batches: list[dict], stop_requested: bool, info: DistInfo) 
     return int(sup), int(tokens), stop > 0
 
 
+def forward_backward(step_module: nn.Module, batch: dict, scales: torch.Tensor | tuple[float, float],
+                     device: torch.device, amp_dtype: torch.dtype,
+                     scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """One micro-batch's forward and backward, its gradients added to `.grad`; returns its loss, detached.
+
+    loss = summed CE · scales[0] + MoE aux loss · scales[1]. `scales` may be a device tensor, so that a CUDA
+    graph of this call (trainer/step_graphs.py) reads each step's values.
+    """
+    with autocast(device, amp_dtype):
+        ce_sum, aux = step_module(batch["input_ids"], batch["sup_index"], batch["sup_targets"],
+                                  attention_mask=batch.get("attention_mask"),
+                                  position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"))
+    loss = ce_sum * scales[0] + aux * scales[1]
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return loss.detach()
+
+
 def train_step(step_module: nn.Module, micro_batches: list[dict], n_supervised: int, info: DistInfo,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, params: list[nn.Parameter],
-               lr: float, grad_clip: float, amp_dtype: torch.dtype,
-               flat_grads: FlatGradients | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               lr: float, grad_clip: float, amp_dtype: torch.dtype, flat_grads: FlatGradients | None = None,
+               graphs: MicroStepGraphs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward over the step's micro-batches, then one (skippable) optimizer update.
 
     Each micro-batch's summed token loss is divided by the step's supervised-token count over all
     micro-batches and ranks, and multiplied by world_size because the ranks' gradients are averaged: the
     result is the gradient of one big batch. Returns this rank's share of the loss and the gradient
-    norm, both still on the device (no host sync here).
+    norm, both still on the device (no host sync here). `graphs`: the micro-batches run through their
+    CUDA graphs (uncompiled GPU runs; trainer/step_graphs.py).
 
     `flat_grads`: the gradients live in one buffer across steps (zeroed, never freed). Several ranks
     average their gradients either there, after the last micro-batch, or in DDP's backward (`step_module`
@@ -203,17 +222,14 @@ def train_step(step_module: nn.Module, micro_batches: list[dict], n_supervised: 
     n_micro = len(micro_batches)
     total = torch.zeros((), device=info.device)
     for i, cpu_batch in enumerate(micro_batches):
-        batch = to_device(cpu_batch, info.device)
+        if graphs is not None:
+            total += graphs(cpu_batch, (scale, 1 / n_micro))
+            continue
         # DDP all-reduces in the last micro-batch's backward only (no_sync on the others).
         sync = contextlib.nullcontext() if i == n_micro - 1 or not is_ddp else step_module.no_sync()
         with sync:
-            with autocast(info.device, amp_dtype):
-                ce_sum, aux = step_module(batch["input_ids"], batch["sup_index"], batch["sup_targets"],
-                                          attention_mask=batch.get("attention_mask"),
-                                          position_ids=batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"))
-            loss = ce_sum * scale + aux / n_micro
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.detach()
+            total += forward_backward(step_module, to_device(cpu_batch, info.device), (scale, 1 / n_micro),
+                                      info.device, amp_dtype, scaler)
     if flat_grads is not None:
         flat_grads.average_(info)  # one all-reduce of all the gradients, where DDP would in the last backward
     if scaler is not None:

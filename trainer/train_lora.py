@@ -13,8 +13,9 @@ In the background, MiniMind style (from inside trainer/):
         --data_path ../dataset/lora_identity.jsonl --num_hidden_layers 20 --use_wandb --from_resume 1 \\
         --from_weight full_sft > train_lora.log 2>&1 &
 Ctrl-C / kill (SIGTERM) finish the current step, save, and print the command that resumes (--from_resume 1).
-On a CUDA device the defaults pack rows and compile the decoder (--packing 0 / --use_compile 0 opt out);
-on a CPU they pad and run eager. The start-up lines say what was chosen and what one step holds.
+On a CUDA device the defaults pack rows and compile the decoder (--packing 0 / --use_compile 0 opt out), and
+steps replay as CUDA graphs, compiled or not (--cuda_graphs 0 opts out); on a CPU they pad and run eager. The
+start-up lines say what was chosen and what one step holds.
 
 Writes, in --save_dir: {lora_name}_{hidden}{_moe}.pth (MiniMind's LoRA layout), {...}/ (a PEFT adapter
 directory), {...}.json (this run's config), {...}_loss.png and {...}_resume.pth (to continue the run).
@@ -63,6 +64,7 @@ from trainer.engine import (
     compile_decoder,
     enable_activation_checkpointing,
     evaluate,
+    forward_backward,
     make_optimizer,
     make_scaler,
     pick_dtype,
@@ -81,6 +83,7 @@ from trainer.lora_setup import build_lora
 from trainer.loss import SupervisedLoss
 from trainer.save_dir import LORA_OUTPUTS, prepare_save_dir
 from trainer.schedule import lr_at
+from trainer.step_graphs import MicroStepGraphs, cuda_graph_needs, eager_note, pick_cuda_graphs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,12 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     per_layer = args.compile_scope == "layer" or (args.compile_scope == "auto" and not args.fsdp)
     attention = pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device, per_layer,
                                       amp_dtype)
-    compiled, cuda_graphs = "", False
-    if args.use_compile:
-        # CUDA graphs need one shape per step (packed rows) and no graph breaks (MoE, checkpointing, FSDP).
-        cuda_graphs = (info.device.type == "cuda" and args.packing and not args.fsdp and not base.use_moe
-                       and not args.gradient_checkpointing)
-        compiled = "; " + compile_decoder(model, cuda_graphs, per_layer)
+    # CUDA graphs replay each step's kernels without the host: compiled, the decoder's; uncompiled, each micro-batch's.
+    cuda_graphs = pick_cuda_graphs(args.cuda_graphs, cuda_graph_needs(
+        info.device, args.use_compile, args.packing, args.fsdp, base.use_moe, args.gradient_checkpointing,
+        hasattr(model.model, "packed_attention"), amp_dtype))
+    compiled = "; " + compile_decoder(model, cuda_graphs, per_layer) if args.use_compile else ""
     loss_module = SupervisedLoss(model)
     # Every rank starts from rank 0's weights; an MoE base keeps DDP (an expert no rank used keeps a None grad).
     if args.fsdp:
@@ -131,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     flat_grads = FlatGradients(params) if not base.use_moe or args.fsdp else None
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay, flat_grads)
     scaler = make_scaler(info.device, amp_dtype)
+    graphs = None
+    if cuda_graphs and not args.use_compile:
+        graphs = MicroStepGraphs(partial(forward_backward, step_module, device=info.device, amp_dtype=amp_dtype),
+                                 info.device)
     stem = output_stem(args.save_dir, args.lora_name, base.hidden_size, base.use_moe)
     # An unwritable --save_dir, or another run writing these files, stops the run now, not at its first save.
     _lock = prepare_save_dir(stem, LORA_OUTPUTS, info)  # held until main() returns
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         sharded = f"; --fsdp: each holds {(parameters_held(model) - n_lora) / n_base:.0%} of the base" if args.fsdp else ""
         print(f"base {base.source}: {n_base / 1e6:.1f}M parameters, LoRA on {len(targets)} layers: "
               f"{n_lora / 1e6:.3f}M trainable; {info.world_size} process(es) on {info.device}, "
-              f"{autocast_note(amp_dtype, base_dtype)}{nf4}{compiled}{sharded}", flush=True)
+              f"{autocast_note(amp_dtype, base_dtype)}{nf4}{compiled or eager_note(graphs)}{sharded}", flush=True)
         if speed:
             print(f"speed defaults for {info.device.type}: {speed}", flush=True)
         if args.packing:
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         lr = lr_at(state.step, total_steps, args.learning_rate, args.warmup_iters)
         with at_step(state.step + 1):  # a failure names its rank and step (see run_job)
             loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params,
-                                         lr, args.grad_clip, amp_dtype, flat_grads)
+                                         lr, args.grad_clip, amp_dtype, flat_grads, graphs)
         state.advance(epoch, n_samples, len(data.train))
         guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write,
                     check_grads=scaler is None)
@@ -220,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if data.val_batches is not None and not stopped:
         log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
     save(final=True)
+    if graphs is not None:
+        log.write(graphs.note)
     log.close()
     if info.is_main:
         if stopped:

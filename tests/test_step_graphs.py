@@ -1,0 +1,132 @@
+"""CUDA graphs of the uncompiled step (trainer/step_graphs.py): where they apply, their shapes, and on a GPU
+the same losses and weights as the plain eager step."""
+
+import pytest
+import torch
+
+from model.errors import UserError
+from tests.test_fast_paths import tiny_model
+from trainer.args import parse_args
+from trainer.loss import IGNORE_INDEX, SupervisedLoss, supervision
+from trainer.step_graphs import (
+    SUPERVISED_MULTIPLE,
+    cuda_graph_needs,
+    pick_cuda_graphs,
+    shape_key,
+    supervised_padded,
+)
+
+CUDA = torch.device("cuda")
+
+
+def needs(**over: object) -> dict[str, bool]:
+    """cuda_graph_needs for an uncompiled bf16 run of a dense MiniMind model on a GPU, with `over` changed."""
+    kw = dict(device=CUDA, compiled=False, packing=False, fsdp=False, moe=False, checkpointing=False,
+              minimind=True, amp_dtype=torch.bfloat16)
+    return cuda_graph_needs(**{**kw, **over})
+
+
+def test_graphs_are_on_wherever_they_apply_and_off_when_asked():
+    assert parse_args("lora", "", []).cuda_graphs is None
+    assert pick_cuda_graphs(None, needs()) and pick_cuda_graphs(True, needs())
+    assert not pick_cuda_graphs(False, needs())
+    assert pick_cuda_graphs(None, needs(compiled=True, packing=True))
+    for over in (dict(device=torch.device("cpu")), dict(fsdp=True), dict(moe=True), dict(checkpointing=True),
+                 dict(minimind=False), dict(amp_dtype=torch.float16), dict(compiled=True, packing=False)):
+        assert not pick_cuda_graphs(None, needs(**over)), over
+    # Compiled, transformers' own classes and float16 keep their graphs, as before this flag.
+    assert pick_cuda_graphs(None, needs(compiled=True, packing=True, minimind=False, amp_dtype=torch.float16))
+
+
+def test_asking_for_graphs_where_they_cannot_run_names_what_is_missing():
+    with pytest.raises(UserError, match=r"--cuda_graphs 1 needs a CUDA device, no --fsdp"):
+        pick_cuda_graphs(True, needs(device=torch.device("cpu"), fsdp=True))
+
+
+def padded_batch(rows: int, width: int, n_supervised: int, seed: int = 0) -> dict:
+    """A right-padded micro-batch of `rows` × `width` (last row half pads) with `n_supervised` supervised tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 300, (rows, width), generator=g)
+    mask = torch.ones(rows, width, dtype=torch.long)
+    mask[-1, width // 2:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    flat = labels.view(-1)
+    keep = (flat != IGNORE_INDEX).nonzero().flatten()
+    keep = keep[(keep % width) != 0]  # the first token of a row is never a next-token target
+    flat[keep[n_supervised:]] = IGNORE_INDEX
+    sup_index, sup_targets = supervision(labels)
+    return dict(input_ids=ids, attention_mask=mask, sup_index=sup_index, sup_targets=sup_targets,
+                n_tokens=int(mask.sum()))
+
+
+def test_shapes_repeat_across_supervised_counts_and_differ_across_widths():
+    a, b = padded_batch(3, 20, 17), padded_batch(3, 20, 40, seed=1)
+    assert a["sup_index"].numel() != b["sup_index"].numel()
+    assert shape_key(a) == shape_key(b)
+    assert shape_key(padded_batch(3, 24, 17)) != shape_key(a)
+    padded = supervised_padded(a)
+    assert padded["sup_index"].numel() == SUPERVISED_MULTIPLE
+    assert (padded["sup_targets"][17:] == IGNORE_INDEX).all() and torch.equal(padded["sup_index"][:17], a["sup_index"])
+
+
+def test_padded_supervision_changes_neither_loss_nor_gradients():
+    model = tiny_model()
+    loss_module = SupervisedLoss(model)
+    batch = padded_batch(3, 20, 25)
+
+    def loss_and_grads(b: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        ce, _ = loss_module(b["input_ids"], b["sup_index"], b["sup_targets"], attention_mask=b["attention_mask"])
+        ce.backward()
+        return ce.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    plain, padded = loss_and_grads(batch), loss_and_grads(supervised_padded(batch))
+    torch.testing.assert_close(padded[0], plain[0], rtol=1e-6, atol=1e-6)
+    for got, want in zip(padded[1], plain[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_graphed_steps_give_the_eager_steps_losses_and_weights(dtype):
+    """Three micro-batch shapes in an order that records, replays and interleaves them (two per optimizer
+    step, so one replay adds to the gradients of another), supervised counts that differ within a shape:
+    the same losses and LoRA weights as the plain eager step, through the trainer's train_step."""
+    from functools import partial
+
+    from model.model_lora import lora_parameters, set_lora_fused
+    from trainer.distributed import DistInfo, FlatGradients
+    from trainer.engine import forward_backward, make_optimizer, train_step
+    from trainer.step_graphs import MicroStepGraphs
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=CUDA)
+    widths = [20, 20, 32, 20, 32, 32, 24, 20, 24, 32, 20, 24]
+    plan = [[padded_batch(3, w, 10 + 3 * i, seed=i) for i, w in enumerate(widths[s:s + 2], start=s)]
+            for s in range(0, len(widths), 2)]
+
+    def run(graphed: bool) -> tuple[list[float], list[torch.Tensor], MicroStepGraphs | None]:
+        model = tiny_model().to(CUDA)
+        for p in model.parameters():  # as train_lora.py on a GPU: the frozen base in the autocast dtype
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+        set_lora_fused(model)
+        loss_module = SupervisedLoss(model)
+        params = lora_parameters(model)
+        flat_grads = FlatGradients(params)
+        optimizer = make_optimizer(params, 1e-2, 0.0, flat_grads)
+        graphs = MicroStepGraphs(partial(forward_backward, loss_module, device=CUDA, amp_dtype=dtype), CUDA) \
+            if graphed else None
+        losses = []
+        for micro_batches in plan:
+            n_supervised = sum(b["sup_targets"].numel() for b in micro_batches)
+            loss, _ = train_step(loss_module, micro_batches, n_supervised, info, optimizer, None, params, 1e-2, 1.0,
+                                 dtype, flat_grads, graphs)
+            losses.append(loss.item())
+        return losses, [p.detach().float().cpu() for p in params], graphs
+
+    (eager_losses, eager_params, _), (losses, params, graphs) = run(False), run(True)
+    assert not graphs.failure and len(graphs.graphs) == 3, graphs.note
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert losses == pytest.approx(eager_losses, rel=tol)
+    for got, want in zip(params, eager_params, strict=True):
+        assert (got - want).abs().max() <= tol * want.abs().max()
