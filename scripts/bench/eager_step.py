@@ -2,6 +2,7 @@
 
     python scripts/bench/eager_step.py                              # Qwen3-0.6B shape, 8 rows, widths 640 and 1024
     PYTHONPATH=/path/to/other/checkout python scripts/bench/eager_step.py   # the same for another version
+    python scripts/bench/eager_step.py --cuda_graphs 1              # through the trainer's CUDA graphs
 
 The model is built as trainer/train_lora.py builds it on that device (bf16 base, fused LoRA r16 on every
 linear layer, autocast bf16 on a GPU; fp32 on a CPU), random weights. Each width is one padded batch of
@@ -12,10 +13,13 @@ both on one machine, alternated.
 """
 
 import argparse
+import contextlib
 import json
 import time
+from functools import partial
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scripts.bench_lora import SHAPES
 
@@ -43,14 +47,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="rows per micro-batch (default 8)")
     p.add_argument("--warmup", type=int, default=4, help="untimed steps per width (default 4)")
     p.add_argument("--steps", type=int, default=12, help="timed steps per width (default 12)")
+    p.add_argument("--cuda_graphs", type=int, default=0, choices=[0, 1],
+                   help="1: run the micro-batch through its CUDA graph, as the trainer's uncompiled GPU default "
+                        "(trainer/step_graphs.py); 0 (default): plain eager")
+    p.add_argument("--sdpa", default="auto", choices=["auto", "flash"],
+                   help="attention backends SDPA may pick: auto (default, torch's choice; cuDNN on an H200) or "
+                        "flash (Flash, then memory-efficient, then math)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
     from model.model_lora import apply_lora, lora_parameters, set_lora_fused
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     from trainer.distributed import DistInfo, FlatGradients
-    from trainer.engine import make_optimizer, train_step
+    from trainer.engine import forward_backward, make_optimizer, train_step
     from trainer.loss import SupervisedLoss
+    from trainer.step_graphs import MicroStepGraphs
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -68,17 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     flat_grads = FlatGradients(params)
     optimizer = make_optimizer(params, 1e-4, 0.0, flat_grads)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    graphs = (MicroStepGraphs(partial(forward_backward, loss_module, device=device, amp_dtype=dtype), device)
+              if args.cuda_graphs else None)
+    flash = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
     results = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if gpu else "cpu",
-               "shape": args.shape, "batch": args.batch, "widths": {}}
+               "shape": args.shape, "batch": args.batch, "cuda_graphs": args.cuda_graphs, "sdpa": args.sdpa,
+               "widths": {}}
     g = torch.Generator().manual_seed(1)
     for width in (int(w) for w in args.widths.split(",")):
         batch, n_tokens = padded_batch(shape, args.batch, width, g)
 
         def run(n: int, batch: dict = batch) -> float:
-            for _ in range(n):
-                loss, _ = train_step(loss_module, [batch], batch["sup_targets"].numel(), info, optimizer, None,
-                                     params, 1e-4, 1.0, dtype, flat_grads)
+            with contextlib.nullcontext() if args.sdpa == "auto" else sdpa_kernel(flash):
+                for _ in range(n):
+                    loss, _ = train_step(loss_module, [batch], batch["sup_targets"].numel(), info, optimizer, None,
+                                         params, 1e-4, 1.0, dtype, flat_grads, graphs)
             return float(loss)  # a host sync: the steps are done
 
         run(args.warmup)
