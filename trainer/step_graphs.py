@@ -19,11 +19,13 @@ from collections.abc import Callable
 import torch
 
 from model.errors import UserError
+from trainer.data import to_device
 from trainer.loss import IGNORE_INDEX, pad_rows
 
 SUPERVISED_MULTIPLE = 1024  # supervised rows padded to this: few shapes; at 0.6B at most ~1 ms more head work
 MAX_GRAPHS = 64  # shapes past this many run eagerly (each graph's host-side record costs memory and time)
 
+SUPERVISION = ("sup_index", "sup_targets")  # the tensors padded to SUPERVISED_MULTIPLE rows
 MicroStep = Callable[[dict, torch.Tensor], torch.Tensor]  # (device batch, [loss scale, aux scale]) -> detached loss
 
 
@@ -37,7 +39,7 @@ def shape_key(batch: dict) -> tuple:
     """What a graph is recorded for: every tensor's name, shape and dtype (supervision padded)."""
     n_sup = batch["sup_index"].numel()
     n_sup += -n_sup % SUPERVISED_MULTIPLE
-    return tuple((name, n_sup if name in ("sup_index", "sup_targets") else tuple(t.shape), t.dtype)
+    return tuple((name, n_sup if name in SUPERVISION else tuple(t.shape), t.dtype)
                  for name, t in sorted(batch.items()) if torch.is_tensor(t))
 
 
@@ -66,8 +68,7 @@ class MicroStepGraphs:
             static_scales.copy_(torch.tensor(scales), non_blocking=True)
             graph.replay()
             return loss.clone()  # the next replay, of any graph in the pool, may reuse this memory
-        batch = supervised_padded({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                                   for k, v in cpu_batch.items()})
+        batch = supervised_padded(to_device(cpu_batch, self.device))
         scales_t = torch.tensor(scales, device=self.device)
         if key not in self.seen or self.failure or len(self.graphs) >= MAX_GRAPHS:
             self.seen.add(key)
@@ -102,7 +103,7 @@ def _fill(inputs: dict, cpu_batch: dict) -> None:
     """Copy a CPU micro-batch into a graph's input tensors; supervision rows past the batch's own are padding."""
     for name, static in inputs.items():
         value = cpu_batch[name]
-        if name in ("sup_index", "sup_targets"):
+        if name in SUPERVISION:
             n = value.numel()
             static[:n].copy_(value, non_blocking=True)
             static[n:].fill_(0 if name == "sup_index" else IGNORE_INDEX)
