@@ -9,9 +9,10 @@ rows and the loss does not change). A shape's first micro-batch runs eagerly, wh
 must not do for the first time (cuBLAS and attention kernel choice, the loss's compiled kernels); its second is
 recorded and replayed, and so is every later one.
 
-All graphs share one memory pool, so memory holds one step's activations, not one per shape. That is safe
+All graphs share one memory pool, so they hold one step's activations, not one per shape. That is safe
 because nothing a graph allocated outlives its replay: the gradients add into FlatGradients' buffer (allocated
-before any capture) and the loss is copied out at once.
+before any capture) and the loss is copied out at once. The eager first runs allocate outside that pool, so
+while shapes are still being recorded the GPU may hold up to two steps' worth (hence --cuda_graphs 0).
 """
 
 from collections.abc import Callable
