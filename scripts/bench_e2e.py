@@ -19,7 +19,10 @@ Rows marked "projected" ran --steps optimizer steps only: their epoch time is th
 of their warm-up plus the epoch's remaining tokens at their steady rate. The Trainer rows use
 32 samples per batch (padded, or padding-free with DataCollatorWithFlattening), `hf-liger` adds Liger
 Kernel's Qwen3 patches (needs `liger_kernel`). `unsloth` is the padded Trainer row on Unsloth's model and LoRA
-(`FastLanguageModel`, needs `unsloth`; it loads the base's Qwen3 directory). docs/PERF.md holds the results.
+(`FastLanguageModel`, needs `unsloth`; it loads the base's Qwen3 directory). The `ours-eager-*` rows run
+uncompiled (`--use_compile 0`), padded or packed, with their CUDA graphs per micro-batch shape or, in the
+`-nographs` rows, without; as they record graphs for a while, each row also gives `late_tok_s`, the median of
+its second half. docs/PERF.md holds the results.
 """
 
 import argparse
