@@ -135,3 +135,20 @@ def test_eta_and_tokens_per_second_leave_the_warm_up_steps_out(monkeypatch, caps
     lines = capsys.readouterr().out.splitlines()
     assert "warm-up 100.0 s" in lines[0] and "warm-up 101.0 s" in lines[1]
     assert lines[3].endswith("1,000 tok/s | eta 0:00:06")
+
+
+def test_eta_follows_a_run_that_speeds_up(monkeypatch, capsys):
+    """After the warm-up, 2 s per step up to step 12, then 0.5 s per step (uncompiled steps once their CUDA
+    graphs are recorded): at step 40 of 100 the ETA is 60 × 0.5 s = 30 s, the pace of the later half of the
+    steps since the warm-up, not the 54 s of the average since then (10 × 2 s + 28 × 0.5 s over 38 steps)."""
+    from trainer import logger
+
+    now = [0.0]
+    monkeypatch.setattr(logger.time, "perf_counter", lambda: now[0])
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    log = logger.RunLogger(info, total_steps=100, start_step=0, log_interval=2)
+    for step in range(1, 41):
+        now[0] += 2.0 if step <= 12 else 0.5
+        log.step(step, 1, torch.tensor(1.0), torch.tensor(0.5), 1e-4, n_tokens=1000)
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("step 40/100") and last.endswith("eta 0:00:30"), last

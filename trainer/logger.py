@@ -45,7 +45,8 @@ class RunLogger:
         self.start_step, self.t0 = start_step, time.perf_counter()
         self.tokens_since, self.t_last = 0, self.t0
         # The first WARMUP steps compile and record CUDA graphs: ETA and tokens/s count from the end of them.
-        self.steady_step, self.t_steady = start_step + self.WARMUP, None
+        self.steady_step = start_step + self.WARMUP
+        self.marks: list[tuple[int, float]] = []  # (step, time) of each line from the end of the warm-up on
         self.bar = None
         if info.is_main and sys.stdout.isatty():
             from tqdm import tqdm
@@ -87,11 +88,12 @@ class RunLogger:
         if step <= self.steady_step:  # warm-up: report its time, not a rate that would mislead the ETA
             eta_text = f"warm-up {now - self.t0:.1f} s"
             if step == self.steady_step:
-                self.t_steady = now
-        elif self.t_steady is not None:
-            eta_text = f"eta {_duration((now - self.t_steady) / (step - self.steady_step) * (self.total - step))}"
-        else:  # resumed or started past the warm-up window
-            eta_text = f"eta {_duration((now - self.t0) / max(step - self.start_step, 1) * (self.total - step))}"
+                self.marks.append((step, now))
+        else:
+            if not self.marks:  # resumed or started past the warm-up window
+                self.marks.append((self.start_step, self.t0))
+            eta_text = f"eta {_duration(self._pace(step, now) * (self.total - step))}"
+            self.marks.append((step, now))
         mem = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}GB" if self.info.device.type == "cuda" else ""
         fields = dict(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
         if self.bar is not None:
@@ -102,6 +104,14 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                             "train/tokens_per_s": tok_s, "train/epoch": epoch}, step=step)
+
+    def _pace(self, step: int, now: float) -> float:
+        """Seconds per step over the later half of the steps since the warm-up: as steady as the whole average
+        on an even run, and it follows a run that speeds up (uncompiled steps while their CUDA graphs are
+        recorded, one per new batch shape) instead of holding on to its slow start."""
+        middle = (self.marks[0][0] + step) / 2
+        mark_step, mark_time = next(m for m in reversed(self.marks) if m[0] <= middle)
+        return (now - mark_time) / (step - mark_step)
 
     def val(self, step: int, loss: float) -> None:
         """Record and show a validation loss."""
