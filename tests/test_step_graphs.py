@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from model.errors import UserError
+from model.model_lora import lora_parameters, set_lora_fused
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from tests.test_fast_paths import tiny_model
 from trainer.args import parse_args
+from trainer.lora_setup import build_lora
 from trainer.loss import IGNORE_INDEX, SupervisedLoss, supervision
 from trainer.step_graphs import (
     SUPERVISED_MULTIPLE,
@@ -86,30 +89,58 @@ def test_padded_supervision_changes_neither_loss_nor_gradients():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+# Runs that train_lora.py gives CUDA graphs when uncompiled on a GPU: --dtype, and LoRA flags beyond the rank.
+GRAPHED_RUNS = {
+    "bf16": (torch.bfloat16, []),
+    "fp32": (torch.float32, []),
+    "bf16-dora": (torch.bfloat16, ["--use_dora"]),
+    # up_proj without LoRA: a plain NF4Linear runs too, beside fused LoRA on NF4 weights (q/k/v as one GEMM).
+    "bf16-4bit": (torch.bfloat16, ["--load_in_4bit",
+                                   "--lora_targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,down_proj"]),
+}
+
+
+def gpu_lora_model(dtype: torch.dtype, flags: list[str]) -> MiniMindForCausalLM:
+    """tiny_model()'s MiniMind as train_lora.py builds it on a GPU: the whole base in `dtype` (a bf16 run
+    holds it in bf16), LoRA by build_lora from `flags` (--load_in_4bit puts the base's linear weights on the
+    GPU in NF4), fused LoRA training. The LoRA tensors are randomized as tiny_model's (non-zero B), a DoRA
+    magnitude only by ±10% (it stays near ‖W‖): without flags the weights are tiny_model()'s, exactly."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(generation=3, hidden_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2,
+                                               intermediate_size=96, vocab_size=300)).to(dtype)
+    build_lora(model, parse_args("lora", "", ["--lora_rank", "4", "--lora_alpha", "8", *flags]), CUDA)
+    g = torch.Generator().manual_seed(1)  # fill_random(seed=1)'s draws
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(p * (1 + 0.1 * noise) if p.dim() == 1 else noise * 0.1)  # 1-D: DoRA's magnitude
+    model.to(CUDA).train()
+    set_lora_fused(model)  # as train_lora.py on a GPU without --fsdp (DoRA layers keep their own path)
+    return model
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_graphed_steps_give_the_eager_steps_losses_and_weights(dtype):
+@pytest.mark.parametrize("run_name", list(GRAPHED_RUNS))
+def test_graphed_steps_give_the_eager_steps_losses_and_weights(run_name):
     """Three micro-batch shapes in an order that records, replays and interleaves them (two per optimizer
     step, so one replay adds to the gradients of another), supervised counts that differ within a shape:
-    the same losses and LoRA weights as the plain eager step, through the trainer's train_step."""
+    the same losses and LoRA weights (with DoRA, its magnitudes too) as the plain eager step, through the
+    trainer's train_step; plain LoRA in bf16 and fp32, DoRA and a 4-bit base in bf16."""
     from functools import partial
 
-    from model.model_lora import lora_parameters, set_lora_fused
     from trainer.distributed import DistInfo, FlatGradients
     from trainer.engine import forward_backward, make_optimizer, train_step
     from trainer.step_graphs import MicroStepGraphs
 
+    dtype, flags = GRAPHED_RUNS[run_name]
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=CUDA)
     widths = [20, 20, 32, 20, 32, 32, 24, 20, 24, 32, 20, 24]
     plan = [[padded_batch(3, w, 10 + 3 * i, seed=i) for i, w in enumerate(widths[s:s + 2], start=s)]
             for s in range(0, len(widths), 2)]
 
     def run(graphed: bool) -> tuple[list[float], list[torch.Tensor], MicroStepGraphs | None]:
-        model = tiny_model().to(CUDA)
-        for p in model.parameters():  # as train_lora.py on a GPU: the frozen base in the autocast dtype
-            if not p.requires_grad:
-                p.data = p.data.to(dtype)
-        set_lora_fused(model)
+        model = gpu_lora_model(dtype, flags)
         loss_module = SupervisedLoss(model)
         params = lora_parameters(model)
         flat_grads = FlatGradients(params)
