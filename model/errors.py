@@ -1,7 +1,14 @@
-"""The one exception type for mistakes a user can fix (bad data, wrong flags, mismatched files)."""
+"""The one exception type for mistakes a user can fix (bad data, wrong flags, mismatched files), and how to
+tell running out of memory from them."""
 
 import sys
 from collections.abc import Callable
+
+import torch
+
+# How an allocation failure reads: CUDA's own type (in str for older torch), MPS's RuntimeError, and the CPU
+# allocator's RuntimeError (torch has no type for the last two).
+OUT_OF_MEMORY_TEXTS = ("CUDA out of memory", "MPS backend out of memory", "can't allocate memory")
 
 
 class UserError(Exception):
@@ -15,3 +22,9 @@ def exit_on_user_error(run: Callable[[], object]) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is an allocation failure (GPU, MPS or CPU): never a sign of a damaged file or bad data."""
+    return isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)) or any(
+        text in str(err) for text in OUT_OF_MEMORY_TEXTS)

@@ -26,7 +26,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from model.atomic import atomic_write, atomic_write_bytes, atomic_write_text
-from model.errors import UserError
+from model.errors import UserError, is_out_of_memory
 from model.nf4 import dequantize_nf4, nf4_linear
 
 PEFT_CONFIG = "adapter_config.json"
@@ -595,6 +595,8 @@ def _read_minimind(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if is_out_of_memory(e):  # not a damaged file: say so (run_job), keep it
+            raise
         raise LoRAError(f"{path}: cannot read it as a torch checkpoint ({e})") from e
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, value in sd.items():
@@ -626,6 +628,8 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
         try:
             sd = load_file(path / PEFT_WEIGHTS)
         except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
+            if is_out_of_memory(err):  # not a damaged file: say so (run_job), keep it
+                raise
             raise LoRAError(f"{path / PEFT_WEIGHTS}: cannot be read as safetensors ({err}); the file is damaged "
                             "or truncated: save the adapter again or restore it") from None
     elif (path / "adapter_model.bin").is_file():  # adapters from PEFT versions before safetensors

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from model.errors import UserError
+from model.errors import UserError, is_out_of_memory
 from model.hf_compat import CACHE_NAME
 from model.varlen import PackedSegments, attend_segments, sample_starts
 
@@ -630,6 +630,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             # Files written with the legacy (non-zip) torch.save format cannot be memory-mapped.
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with code, a truncated download, not a torch file at all
+        if is_out_of_memory(err):  # not a damaged file: say so (run_job), keep it
+            raise
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelConfigError(f"{path}: cannot be read as a PyTorch state dict ({text}); is the file complete "
                                "(a truncated download) and a .pth weights file?") from err

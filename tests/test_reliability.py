@@ -13,7 +13,9 @@ import json
 import math
 import os
 import random
+import re
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -28,8 +30,10 @@ from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
 from model.model_minimind import MiniMindForCausalLM
 from tests.test_dataset_errors import FORMATS, TOOL_FORMATS, mutated
 from tests.train_utils import (
+    REPO,
     lora_args,
     python,
+    run_cli,
     run_inprocess,
     run_timed,
     save_tiny_minimind,
@@ -466,6 +470,126 @@ def test_written_files_are_readable_by_others_and_leave_no_litter(tmp_path):
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o644
     assert sorted(os.listdir(tmp_path)) == ["a.json", "model"]
+
+
+# ------------------------------------------------------------------------- running out of memory
+
+# Runs the main() of the job module argv[1] (trainer.train_lora) as its entry point does, with little memory:
+# a real allocation failure. On a GPU (--device cuda) PyTorch's allocator may hold argv[2] GiB; on a CPU the
+# address space is limited to what the process has mapped after its imports plus argv[2] GiB.
+LIMITED_MEMORY = """
+import importlib, re, resource, sys
+import torch
+from trainer.engine import run_job
+job = importlib.import_module(sys.argv.pop(1))
+spare = float(sys.argv.pop(1)) * 2**30
+if "cuda" in sys.argv:
+    torch.cuda.set_per_process_memory_fraction(spare / torch.cuda.get_device_properties(0).total_memory)
+else:
+    mapped = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + int(spare), resource.RLIM_INFINITY))
+sys.argv = [job.__file__, *sys.argv[1:]]
+run_job(job.main, teardown=False)
+"""
+HEAVY_BATCH = 32  # step 3 of heavy_step_data: 32 samples of 2,000 tokens
+
+
+def heavy_step_data(path: Path, n: int = 128) -> Path:
+    """n chats of a few tokens, but those of step 3 (--batch_size 32, --seed 1) have 2,000-token answers."""
+    from trainer.data import epoch_order
+
+    heavy = set(epoch_order(n, 1, 0)[2 * HEAVY_BATCH:3 * HEAVY_BATCH])
+    with open(path, "w") as f:
+        for i in range(n):
+            answer = " ".join(["model"] * (2000 if i in heavy else 5))
+            f.write(json.dumps({"conversations": [{"role": "user", "content": "who are you"},
+                                                  {"role": "assistant", "content": answer}]}) + "\n")
+    return path
+
+
+def out_of_memory(spare_gib: float, argv: list[str], first_line: str, job: str = "trainer.train_lora",
+                  ) -> tuple[str, str]:
+    """Run `job` with `argv` and `spare_gib` of memory: exit 2, no traceback, stderr starting with `error: ` and then
+    what the regular expression `first_line` matches; return the error and the command it says to continue
+    with."""
+    env = subprocess_env(MALLOC_ARENA_MAX="2")  # few malloc arenas: the threads reserve little address space
+    limited = run_cli([python(), "-c", LIMITED_MEMORY, job, str(spare_gib), *argv], 300, cwd=REPO, env=env)
+    TALLY["bad inputs tried"] += 1
+    TALLY["tracebacks"] += "Traceback" in limited.stderr
+    assert limited.returncode == 2 and "Traceback" not in limited.stderr, limited.stdout[-2000:] + limited.stderr
+    assert re.match(f"error: {first_line}", limited.stderr), limited.stderr
+    return limited.stderr, limited.stderr.split("\n  ", 1)[-1].splitlines()[0]
+
+
+def continue_with(command: str, from_step: int) -> None:
+    """Run the command an out-of-memory error printed (no memory limit): it trains from `from_step` + 1 on."""
+    argv = shlex.split(command)
+    assert argv[0] == "python"
+    resumed = run_cli([python(), *argv[1:]], 300, cwd=REPO, env=subprocess_env())
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"training steps {from_step + 1}..4" in resumed.stdout and "step 4/4" in resumed.stdout
+
+
+def test_out_of_memory_keeps_the_last_step_and_says_how_to_continue(tmp_path):
+    """Step 3 needs 2-3 GiB, the other steps less than 0.4; the process has 1 GiB to spare. The run stops at
+    step 3 with the error, no traceback and exit 2; its resume file holds step 2 exactly as a run that
+    stopped there (weights, AdamW, and the RNG that LoRA dropout draws from); the command it prints
+    continues in micro-batches of 16."""
+    weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
+    data = heavy_step_data(tmp_path / "data.jsonl")
+    # Warm-up covers steps 1-2, so their learning rates do not depend on the run's length.
+    flags = dict(batch_size=HEAVY_BATCH, max_seq_len=2064, epochs=1, warmup_iters=4, lora_dropout=0.1)
+    _, command = out_of_memory(1, lora_args(tmp_path, weight, data, **flags),
+                            "out of memory on cpu at step 3, in a micro-batch of 32 × 2024 tokens. Step 2 is "
+                            f"saved in {re.escape(str(tmp_path / 'out' / STEM))}_resume.pth: nothing is lost.")
+    ref_dir = tmp_path / "ref"
+    assert run_inprocess(main, lora_args(tmp_path, weight, data, save_dir=ref_dir, max_steps=2, **flags)) == 0
+    got, want = (load_resume(d / f"{STEM}_resume.pth") for d in (tmp_path / "out", ref_dir))
+    assert got["state"]["step"] == want["state"]["step"] == 2
+    for key, tensor in want["trainable"].items():
+        assert torch.equal(got["trainable"][key], tensor), key
+    assert torch.equal(got["optimizer"]["state"][0]["exp_avg"], want["optimizer"]["state"][0]["exp_avg"])
+    assert torch.equal(got["rng"][0]["torch"], want["rng"][0]["torch"])  # the state before step 3's dropout
+    assert command.endswith("--batch_size 16 --accumulation_steps 2 --from_resume 1"), command
+    continue_with(command, from_step=2)
+
+    # No memory to spare: the base's weights cannot be read. That is no damaged file (the message used to
+    # say it was, and to delete the resume file): it says what ran out.
+    error, _ = out_of_memory(0, lora_args(tmp_path, weight, data, **flags), r"out of memory \(")
+    assert "--load_in_4bit" in error and "cannot be read" not in error, error
+
+
+def test_out_of_memory_in_full_sft_keeps_the_last_step(tmp_path):
+    """The full-SFT job (every weight trains) on the same data: the same error, step 2 kept."""
+    weight = save_tiny_minimind(tmp_path / "pretrain_64.pth")
+    data = heavy_step_data(tmp_path / "data.jsonl")
+    argv = lora_args(tmp_path, weight, data, batch_size=HEAVY_BATCH, max_seq_len=2064, epochs=1)
+    argv = argv[:argv.index("--lora_rank")] + argv[argv.index("--lora_rank") + 2:]
+    _, command = out_of_memory(1, argv, "out of memory on cpu at step 3, in a micro-batch of 32 × 2024 tokens. "
+                               f"Step 2 is saved in {re.escape(str(tmp_path / 'out'))}/full_sft_64_resume.pth",
+                               job="trainer.train_full_sft")
+    assert load_resume(tmp_path / "out" / "full_sft_64_resume.pth")["state"]["step"] == 2
+    assert command.endswith("--batch_size 16 --accumulation_steps 2 --from_resume 1"), command
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_out_of_memory_on_a_gpu(tmp_path):
+    """On a GPU with 1 GiB for PyTorch (hidden size 512): the uncompiled padded path with its CUDA graphs
+    fails at step 3 and keeps step 2, as on a CPU; the default path (packed, compiled) with micro-batches
+    far too big fails at step 1, where nothing is lost and the command starts afresh."""
+    weight = save_tiny_minimind(tmp_path / "full_sft_512.pth", hidden_size=512)
+    data = heavy_step_data(tmp_path / "data.jsonl")
+    flags = dict(device="cuda", batch_size=HEAVY_BATCH, max_seq_len=2064, epochs=1)
+    argv = lora_args(tmp_path, weight, data, **flags, packing=0, use_compile=0)
+    _, command = out_of_memory(1, argv, r"out of memory on cuda(:0)? at step 3, in a micro-batch of 32 × 2048 "
+                                        r"tokens; this run held up to [\d.]+ GiB of the GPU's [\d.]+ GiB\. Step 2 is saved")
+    assert load_resume(tmp_path / "out" / "lora_identity_512_resume.pth")["state"]["step"] == 2
+    continue_with(command, from_step=2)
+
+    argv = lora_args(tmp_path, weight, data, save_dir=tmp_path / "compiled", **{**flags, "batch_size": 512})
+    error, command = out_of_memory(1, argv, r"out of memory on cuda(:0)? at step 1, in a micro-batch of \d+ × 2064 ")
+    assert "No step had finished, so nothing is lost." in error and "--from_resume" not in command, error
+    assert command.endswith("--batch_size 256 --accumulation_steps 2"), command
 
 
 # ------------------------------------------------------------------------- a peer rank dies

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from model.atomic import atomic_write, atomic_write_text, fsync_dir, share_readable, temp_name
-from model.errors import UserError
+from model.errors import UserError, is_out_of_memory
 
 
 class CheckpointError(UserError):
@@ -127,6 +127,8 @@ def load_resume(path: Path) -> dict | None:
         # It is a file this trainer wrote into the user's own save_dir.
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
+        if is_out_of_memory(err):  # not a damaged file: say so (run_job), keep it
+            raise
         raise CheckpointError(f"{path}: cannot read the resume file ({_first_line(err)}); it is truncated "
                               f"or not a torch file; {fresh}") from err
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in RESUME_KEYS):

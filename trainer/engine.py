@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model.errors import UserError
+from model.errors import UserError, is_out_of_memory
 from model.varlen import VARLEN_DTYPES, varlen_attn
 from trainer.data import to_device
 from trainer.distributed import (
@@ -324,19 +324,26 @@ def at_step(step: int) -> Iterator[None]:
 
 def resume_command(info: DistInfo) -> str:
     """The command line that continues this run (`--from_resume 1` added or switched on)."""
+    return rerun_command(info, {"from_resume": "1"})
+
+
+def rerun_command(info: DistInfo, changes: dict[str, str]) -> str:
+    """This run's command line with the flags in `changes` set to their values (dropped where given, then
+    appended)."""
     argv, out, skip = sys.argv[1:], [], False
     for i, a in enumerate(argv):
         if skip:
             skip = False
             continue
-        if a == "--from_resume":
-            skip = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            continue
-        if a.startswith("--from_resume="):
+        name = a.removeprefix("--").split("=", 1)[0]
+        if a.startswith("--") and name in changes:
+            skip = "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--")
             continue
         out.append(a)
+    for name, value in changes.items():
+        out += [f"--{name}", value]
     launcher = ["python"] if not info.distributed else ["torchrun", f"--nproc_per_node={info.world_size}"]
-    return shlex.join([*launcher, sys.argv[0], *out, "--from_resume", "1"])
+    return shlex.join([*launcher, sys.argv[0], *out])
 
 
 EXIT_GRACE_S = 30  # seconds an exiting rank may spend leaving the process group
@@ -365,11 +372,17 @@ def run_job(main: Callable[[], int | None], teardown: bool = True) -> None:
         _tell_peers(err)
     except Exception as err:
         distributed = dist.is_available() and dist.is_initialized()
-        if not (distributed and _peer_lost(err)):  # a peer's death: its one line says all there is to say
+        code = 1
+        if is_out_of_memory(err):  # outside a step (trainer/out_of_memory.py has those): loading the model
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"error: out of memory ({text}). A base model too big for the device trains with --load_in_4bit "
+                  "(LoRA) or --fsdp over several GPUs; a lower --batch_size or --max_seq_len needs less per step",
+                  file=sys.stderr, flush=True)
+            code = 2
+        elif not (distributed and _peer_lost(err)):  # a peer's death: its one line says all there is to say
             traceback.print_exc()
         if distributed:
             print(_failure_line(err), file=sys.stderr, flush=True)
-        code = 1
         _tell_peers(err)
     finally:
         if "TORCHELASTIC_RUN_ID" in os.environ:

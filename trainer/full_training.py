@@ -42,6 +42,7 @@ from trainer.engine import (
 from trainer.guard import DivergenceGuard
 from trainer.logger import RunLogger, plot_losses, shown_path, start_wandb
 from trainer.loss import SupervisedLoss
+from trainer.out_of_memory import MemoryWatch
 from trainer.save_dir import FULL_OUTPUTS, prepare_save_dir
 from trainer.schedule import lr_at
 
@@ -90,13 +91,13 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
         wandb_run = start_wandb(args.wandb_project, stem.name, vars(args), state.wandb_id)
         state.wandb_id = getattr(wandb_run, "id", None)
 
-    def save(final: bool) -> None:
-        """Model files + config JSON + resume file (rank 0 writes; every rank hands over its RNG state), unless
-        the guard finds the run diverged (train_lora.py's save says how)."""
+    def save(final: bool, rng: dict | None = None) -> bool:
+        """Model files + config JSON + resume file (rank 0 writes; every rank hands over its RNG state, or
+        `rng`), unless the guard finds the run diverged (train_lora.py's save says how). Whether it saved."""
         ok = guard.allow_save(state.step, params, log, final, check_grads=scaler is None)
-        rng = gather_objects(capture_rng(), info)
+        rng = gather_objects(rng or capture_rng(), info)
         if not ok or not info.is_main:
-            return
+            return ok
         config = run_config(args, info, base.source, model, state.step, total_steps, history=state.history,
                             train_samples=len(data.train))
         save_full_model(model, base.tokenizer, stem, minimind=getattr(model.config, "model_type", "") == "minimind")
@@ -104,11 +105,13 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
         save_resume(resume_path, model.state_dict(), optimizer, scaler, state, rng, config)
         if final:
             plot_losses(state.history, sibling(stem, "_loss.png"), f"{title} {stem.name}")
+        return True
 
     # ------------------------------------------------------------------ loop
     log = RunLogger(info, total_steps, state.step, args.log_interval, state.history, wandb_run)
     stop = StopSignal()
     guard = DivergenceGuard(model.config.vocab_size, params, state.history["train"], resume_path, state.step)
+    memory = MemoryWatch(info, args, keep_rng=True)  # a transformers model may have dropout
     log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
               "kill stops after the current step and saves" if state.step < total_steps else
               f"nothing to train: the run already reached step {total_steps}")
@@ -120,20 +123,31 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
         if stopped:
             break
         lr = lr_at(state.step, total_steps, args.learning_rate, args.warmup_iters)
-        with at_step(state.step + 1):  # a failure names its rank and step (see run_job), as in train_lora.py
+        # As in train_lora.py: a failure names its rank and step, running out of memory ends the loop.
+        with at_step(state.step + 1), memory.watch(state.step + 1, micro_batches):
             loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params,
                                          lr, args.grad_clip, amp_dtype)
+        if memory.failed:
+            break
         state.advance(epoch, n_samples, len(data.train))
         guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write,
                     check_grads=scaler is None)
         if state.step < total_steps and data.val_batches is not None and state.step % args.eval_interval == 0:
-            log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
+            with memory.watch(state.step):
+                log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
+            if memory.failed:
+                break
         if state.step < total_steps and state.step % args.save_interval == 0:
             save(final=False)
 
     # ------------------------------------------------------------------ finish
-    if data.val_batches is not None and not stopped:
-        log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
+    if data.val_batches is not None and not stopped and not memory.failed:
+        with memory.watch(state.step):
+            log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
+    if memory.failed:  # the weights are the last finished step's (see train_lora.py)
+        saved = state.step > 0 and save(final=False, rng=memory.rng)
+        log.close()
+        raise memory.error(state.step, resume_path if saved else None)
     save(final=True)
     log.close()
     if info.is_main:

@@ -81,6 +81,7 @@ from trainer.guard import DivergenceGuard
 from trainer.logger import RunLogger, plot_losses, shown_path, start_wandb
 from trainer.lora_setup import build_lora
 from trainer.loss import SupervisedLoss
+from trainer.out_of_memory import MemoryWatch
 from trainer.save_dir import LORA_OUTPUTS, prepare_save_dir
 from trainer.schedule import lr_at
 from trainer.step_graphs import MicroStepGraphs, cuda_graph_needs, eager_note, pick_cuda_graphs
@@ -173,13 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         wandb_run = start_wandb(args.wandb_project, stem.name, vars(args), state.wandb_id)
         state.wandb_id = getattr(wandb_run, "id", None)
 
-    def save(final: bool) -> None:
-        """LoRA files + config JSON + resume file (rank 0 writes; every rank hands over its RNG state), unless
-        the guard finds the run diverged: then the last good checkpoint stays as it is."""
+    def save(final: bool, rng: dict | None = None) -> bool:
+        """LoRA files + config JSON + resume file (rank 0 writes; every rank hands over its RNG state, or
+        `rng`, the state at the start of a step that failed), unless the guard finds the run diverged: then
+        the last good checkpoint stays as it is. Returns whether it saved."""
         ok = guard.allow_save(state.step, params, log, final, check_grads=scaler is None)
-        rng = gather_objects(capture_rng(), info)
+        rng = gather_objects(rng or capture_rng(), info)
         if not ok or not info.is_main:
-            return
+            return ok
         config = run_config(args, info, base.source, model, state.step, total_steps, lora_targets=targets,
                             history=state.history, train_samples=len(data.train))
         if not args.use_dora:  # MiniMind's .pth layout has no DoRA magnitude; the PEFT directory holds it
@@ -191,11 +193,13 @@ def main(argv: list[str] | None = None) -> int:
             plot_losses(state.history, sibling(stem, "_loss.png"), f"LoRA {stem.name}")
             if loader_note:
                 log.write(loader_note)
+        return True
 
     # ------------------------------------------------------------------ loop
     log = RunLogger(info, total_steps, state.step, args.log_interval, state.history, wandb_run)
     stop = StopSignal()
     guard = DivergenceGuard(model.config.vocab_size, params, state.history["train"], resume_path, state.step)
+    memory = MemoryWatch(info, args, keep_rng=args.lora_dropout > 0)
     loader_note = minimind_loader_note(model, targets, sibling(stem, ".pth"))
     log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
               "kill stops after the current step and saves" if state.step < total_steps else
@@ -211,20 +215,32 @@ def main(argv: list[str] | None = None) -> int:
         if stopped:
             break
         lr = lr_at(state.step, total_steps, args.learning_rate, args.warmup_iters)
-        with at_step(state.step + 1):  # a failure names its rank and step (see run_job)
+        # A failure names its rank and step (see run_job); running out of memory ends the loop (below).
+        with at_step(state.step + 1), memory.watch(state.step + 1, micro_batches):
             loss, grad_norm = train_step(step_module, micro_batches, n_supervised, info, optimizer, scaler, params,
                                          lr, args.grad_clip, amp_dtype, flat_grads, graphs)
+        if memory.failed:
+            break
         state.advance(epoch, n_samples, len(data.train))
         guard.check(log.step(state.step, epoch + 1, loss, grad_norm, lr, n_tokens), log.write,
                     check_grads=scaler is None)
         if state.step < total_steps and data.val_batches is not None and state.step % args.eval_interval == 0:
-            log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
+            with memory.watch(state.step):
+                log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
+            if memory.failed:
+                break
         if state.step < total_steps and state.step % args.save_interval == 0:
             save(final=False)
 
     # ------------------------------------------------------------------ finish
-    if data.val_batches is not None and not stopped:
-        log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
+    if data.val_batches is not None and not stopped and not memory.failed:
+        with memory.watch(state.step):
+            log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
+    if memory.failed:
+        # A step that ran out of memory never reached its update: the weights are the last finished step's.
+        saved = state.step > 0 and save(final=False, rng=memory.rng)
+        log.close()
+        raise memory.error(state.step, resume_path if saved else None)
     save(final=True)
     if graphs is not None:
         log.write(graphs.note)
