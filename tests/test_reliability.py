@@ -572,6 +572,29 @@ def test_out_of_memory_in_full_sft_keeps_the_last_step(tmp_path):
     assert command.endswith("--batch_size 16 --accumulation_steps 2 --from_resume 1"), command
 
 
+def test_out_of_memory_advice_keeps_what_a_resumed_run_must_keep():
+    """The flags to continue with keep the samples per optimizer step and --packed_rows (a resumed run must);
+    where halving cannot, activation checkpointing is the change; a full-weights job gets no QLoRA advice."""
+    from trainer.args import parse_args
+    from trainer.out_of_memory import lighter_flags
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+
+    def advice(job: str, *argv: str, device: torch.device = cpu, graphs: bool = False) -> tuple[dict, str]:
+        changes, others = lighter_flags(parse_args(job, "", list(argv)), device, graphs)
+        return changes, "; ".join(others)
+
+    assert advice("lora", "--batch_size", "8", "--accumulation_steps", "3")[0] == {"batch_size": "4",
+                                                                                  "accumulation_steps": "6"}
+    for argv in (["--batch_size", "7"], ["--packed_rows", "6"]):
+        changes, others = advice("lora", *argv)
+        assert changes == {"gradient_checkpointing": "1"} and "--gradient_checkpointing" not in others, argv
+    changes, others = advice("lora", "--batch_size", "1", "--gradient_checkpointing")
+    assert changes == {} and "--load_in_4bit" in others and "nvidia-smi" not in others
+    changes, others = advice("full_sft", "--batch_size", "1", device=cuda, graphs=True)
+    assert "--load_in_4bit" not in others and "--cuda_graphs 0" in others and "nvidia-smi" in others
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_out_of_memory_on_a_gpu(tmp_path):
     """On a GPU with 1 GiB for PyTorch (hidden size 512): the uncompiled padded path with its CUDA graphs
@@ -581,9 +604,11 @@ def test_out_of_memory_on_a_gpu(tmp_path):
     data = heavy_step_data(tmp_path / "data.jsonl")
     flags = dict(device="cuda", batch_size=HEAVY_BATCH, max_seq_len=2064, epochs=1)
     argv = lora_args(tmp_path, weight, data, **flags, packing=0, use_compile=0)
-    _, command = out_of_memory(1, argv, r"out of memory on cuda(:0)? at step 3, in a micro-batch of 32 × 2048 "
-                                        r"tokens; this run held up to [\d.]+ GiB of the GPU's [\d.]+ GiB\. Step 2 is saved")
+    error, command = out_of_memory(1, argv, r"out of memory on cuda(:0)? at step 3, in a micro-batch of 32 × 2048 "
+                                        r"tokens; this run held up to [\d.]+ GiB of the GPU's [\d.]+ GiB(, [\d.]+ GiB held by "
+                                        r"other processes and CUDA itself)?\. Step 2 is saved")
     assert load_resume(tmp_path / "out" / "lora_identity_512_resume.pth")["state"]["step"] == 2
+    assert "--cuda_graphs 0" in error, error  # the graphs' pool beside the eager first runs' memory
     continue_with(command, from_step=2)
 
     argv = lora_args(tmp_path, weight, data, save_dir=tmp_path / "compiled", **{**flags, "batch_size": 512})

@@ -131,9 +131,14 @@ class RunLogger:
             print(text, flush=True)
 
     def close(self) -> None:
-        """Close the bar and the wandb run."""
+        """Close the bar and the wandb run; on a GPU, say the run's peak memory."""
         if self.bar is not None:
             self.bar.close()
+        if self.info.device.type == "cuda":
+            # The step lines' `mem` counts tensors; the allocator's cache on top is what other processes lack.
+            self.write(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB in tensors, "
+                       f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved by PyTorch (nvidia-smi adds "
+                       "CUDA's own)")
         if self.wandb is not None:
             self.wandb.finish()
 

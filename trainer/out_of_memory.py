@@ -32,11 +32,11 @@ class MemoryWatch:
     One process: the failure is recorded (`failed`) for the loop to break, save the last finished step and
     raise `error(...)`. Several: it is raised at once as OutOfMemory, since the peers wait in a collective.
     `keep_rng`: remember the RNG state at each step's start (LoRA dropout draws from it), so the saved
-    step continues bit for bit.
+    step continues bit for bit. `step_graphs`: the uncompiled step replays CUDA graphs (trainer/step_graphs.py).
     """
 
-    def __init__(self, info: DistInfo, args: argparse.Namespace, keep_rng: bool) -> None:
-        self.info, self.args, self.keep_rng = info, args, keep_rng
+    def __init__(self, info: DistInfo, args: argparse.Namespace, keep_rng: bool, step_graphs: bool = False) -> None:
+        self.info, self.args, self.keep_rng, self.step_graphs = info, args, keep_rng, step_graphs
         self.failed: str | None = None  # what ran out, for the message
         self.rng: dict | None = None
 
@@ -62,7 +62,7 @@ class MemoryWatch:
     def error(self, finished: int, saved: Path | None) -> OutOfMemory:
         """The error to raise: what ran out, what is kept (`saved`: the file that now holds step `finished`,
         the last finished one), the command that continues in less memory, and what else needs less."""
-        changes, others = lighter_flags(self.args, self.info.device)
+        changes, others = lighter_flags(self.args, self.info.device, self.step_graphs)
         if finished == 0:
             kept = "No step had finished, so nothing is lost."
         elif saved is not None:
@@ -79,11 +79,13 @@ class MemoryWatch:
         return OutOfMemory("\n".join(lines))
 
 
-def lighter_flags(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, str], list[str]]:
+def lighter_flags(args: argparse.Namespace, device: torch.device, step_graphs: bool = False,
+                  ) -> tuple[dict[str, str], list[str]]:
     """Flags that need less memory per micro-batch and that a resumed run may take (the same samples per
-    optimizer step), and the other options, as text."""
+    optimizer step), and the other options, as text. `step_graphs`: the uncompiled step's CUDA graphs are on."""
     changes: dict[str, str] = {}
-    others = []
+    # The graphs' pool sits beside the eager first runs' memory: about twice a step's (docs/PERF.md).
+    others = ["--cuda_graphs 0 (slower steps, about half the memory reserved)"] if step_graphs else []
     halves = args.batch_size % 2 == 0 and not getattr(args, "packed_rows", None)  # --packed_rows must stay
     if halves:
         changes = {"batch_size": str(args.batch_size // 2), "accumulation_steps": str(args.accumulation_steps * 2)}
@@ -101,10 +103,11 @@ def lighter_flags(args: argparse.Namespace, device: torch.device) -> tuple[dict[
 
 
 def _held(device: torch.device) -> str:
-    """`; this run held up to X GiB of the GPU's Y GiB` (and what other processes hold), on CUDA."""
+    """`; this run held up to X GiB of the GPU's Y GiB` (and what other processes hold, when that is much), on
+    CUDA."""
     if device.type != "cuda":
         return ""
     free, total = torch.cuda.mem_get_info(device)
     others = total - free - torch.cuda.memory_reserved(device)
     text = f"; this run held up to {torch.cuda.max_memory_reserved(device) / GIB:.1f} GiB of the GPU's {total / GIB:.1f} GiB"
-    return text + (f", other processes {others / GIB:.1f} GiB" if others > GIB else "")
+    return text + (f", {others / GIB:.1f} GiB held by other processes and CUDA itself" if others > GIB else "")

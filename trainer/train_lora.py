@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     log = RunLogger(info, total_steps, state.step, args.log_interval, state.history, wandb_run)
     stop = StopSignal()
     guard = DivergenceGuard(model.config.vocab_size, params, state.history["train"], resume_path, state.step)
-    memory = MemoryWatch(info, args, keep_rng=args.lora_dropout > 0)
+    memory = MemoryWatch(info, args, keep_rng=args.lora_dropout > 0, step_graphs=graphs is not None)
     loader_note = minimind_loader_note(model, targets, sibling(stem, ".pth"))
     log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
               "kill stops after the current step and saves" if state.step < total_steps else
