@@ -28,3 +28,9 @@ def is_out_of_memory(err: BaseException) -> bool:
     """Whether `err` is an allocation failure (GPU, MPS or CPU): never a sign of a damaged file or bad data."""
     return isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)) or any(
         text in str(err) for text in OUT_OF_MEMORY_TEXTS)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of `err`'s message (its type's name if it has none): enough for a one-line error."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

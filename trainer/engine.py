@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model.errors import UserError, is_out_of_memory
+from model.errors import UserError, first_line, is_out_of_memory
 from model.varlen import VARLEN_DTYPES, varlen_attn
 from trainer.data import to_device
 from trainer.distributed import (
@@ -374,8 +374,7 @@ def run_job(main: Callable[[], int | None], teardown: bool = True) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         code = 1
         if is_out_of_memory(err):  # outside a step (trainer/out_of_memory.py has those): loading the model
-            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"error: out of memory ({text}). A base model too big for the device trains with --load_in_4bit "
+            print(f"error: out of memory ({first_line(err)}). A base model too big for the device trains with --load_in_4bit "
                   "(LoRA) or --fsdp over several GPUs; a lower --batch_size or --max_seq_len needs less per step",
                   file=sys.stderr, flush=True)
             code = 2

@@ -62,7 +62,7 @@ class MemoryWatch:
     def error(self, finished: int, saved: Path | None) -> OutOfMemory:
         """The error to raise: what ran out, what is kept (`saved`: the file that now holds step `finished`,
         the last finished one), the command that continues in less memory, and what else needs less."""
-        changes, others = lighter_flags(self.args, self.info.device, self.step_graphs)
+        changes, others = lighter_flags(self.args, self.step_graphs)
         if finished == 0:
             kept = "No step had finished, so nothing is lost."
         elif saved is not None:
@@ -76,11 +76,12 @@ class MemoryWatch:
             command = rerun_command(self.info, {**changes, "from_resume": "1"} if finished else changes)
             lines.append(f"Continue with {how}:\n  {command}")
         lines.append("Other ways to need less memory: " + "; ".join(others) + ".")
+        if self.info.device.type == "cuda":
+            lines.append("Or free what other processes hold on the GPU (nvidia-smi lists them).")
         return OutOfMemory("\n".join(lines))
 
 
-def lighter_flags(args: argparse.Namespace, device: torch.device, step_graphs: bool = False,
-                  ) -> tuple[dict[str, str], list[str]]:
+def lighter_flags(args: argparse.Namespace, step_graphs: bool = False) -> tuple[dict[str, str], list[str]]:
     """Flags that need less memory per micro-batch and that a resumed run may take (the same samples per
     optimizer step), and the other options, as text. `step_graphs`: the uncompiled step's CUDA graphs are on."""
     changes: dict[str, str] = {}
@@ -97,8 +98,6 @@ def lighter_flags(args: argparse.Namespace, device: torch.device, step_graphs: b
     new_run = ["a lower --max_seq_len"] + (["--load_in_4bit (QLoRA)"] if hasattr(args, "load_in_4bit") and
                                             not args.load_in_4bit else [])
     others.append("for a new run, " + " or ".join(new_run))
-    if device.type == "cuda":
-        others.append("other processes on the same GPU (nvidia-smi) freed")
     return changes, others
 
 
