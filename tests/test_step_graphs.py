@@ -17,6 +17,7 @@ from trainer.step_graphs import (
     pick_cuda_graphs,
     shape_key,
     supervised_padded,
+    whole_step_needs,
 )
 
 CUDA = torch.device("cuda")
@@ -37,8 +38,10 @@ def test_graphs_are_on_wherever_they_apply_and_off_when_asked():
     for over in (dict(device=torch.device("cpu")), dict(fsdp=True), dict(moe=True), dict(checkpointing=True),
                  dict(minimind=False), dict(amp_dtype=torch.float16), dict(compiled=True, packing=False)):
         assert not pick_cuda_graphs(None, needs(**over)), over
-    # Compiled, transformers' own classes and float16 keep their graphs, as before this flag.
+    # Compiled, transformers' own classes and float16 keep graphs: the compiled decoder's own, not whole steps.
     assert pick_cuda_graphs(None, needs(compiled=True, packing=True, minimind=False, amp_dtype=torch.float16))
+    assert all(whole_step_needs(True, torch.bfloat16).values()) and all(whole_step_needs(True, torch.float32).values())
+    assert not any(whole_step_needs(False, torch.float16).values())
 
 
 def test_asking_for_graphs_where_they_cannot_run_names_what_is_missing():
@@ -72,6 +75,19 @@ def test_shapes_repeat_across_supervised_counts_and_differ_across_widths():
     assert (padded["sup_targets"][17:] == IGNORE_INDEX).all() and torch.equal(padded["sup_index"][:17], a["sup_index"])
 
 
+def test_a_packed_run_has_one_shape_whatever_its_supervised_count():
+    """Packed rows (no attention_mask) pad their supervision to one row per position, even with none."""
+    rows = [padded_batch(2, 16, n, seed=n) for n in (0, 5, 20)]
+    for batch in rows:
+        del batch["attention_mask"]
+    assert len({shape_key(b) for b in rows}) == 1
+    for batch in rows:
+        padded = supervised_padded(batch)
+        assert padded["sup_index"].numel() == padded["sup_targets"].numel() == 32
+        n = batch["sup_index"].numel()
+        assert (padded["sup_targets"][n:] == IGNORE_INDEX).all() and (padded["sup_index"][n:] == 0).all()
+
+
 def test_padded_supervision_changes_neither_loss_nor_gradients():
     model = tiny_model()
     loss_module = SupervisedLoss(model)
@@ -89,14 +105,16 @@ def test_padded_supervision_changes_neither_loss_nor_gradients():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
-# Runs that train_lora.py gives CUDA graphs when uncompiled on a GPU: --dtype, and LoRA flags beyond the rank.
+# Runs that train_lora.py gives CUDA graphs of whole micro-steps on a GPU: --dtype, LoRA flags beyond the rank,
+# and whether the decoder is compiled (per layer, as the bare command; both runs of the test then compile it).
 GRAPHED_RUNS = {
-    "bf16": (torch.bfloat16, []),
-    "fp32": (torch.float32, []),
-    "bf16-dora": (torch.bfloat16, ["--use_dora"]),
+    "bf16": (torch.bfloat16, [], False),
+    "fp32": (torch.float32, [], False),
+    "bf16-dora": (torch.bfloat16, ["--use_dora"], False),
     # up_proj without LoRA: a plain NF4Linear runs too, beside fused LoRA on NF4 weights (q/k/v as one GEMM).
     "bf16-4bit": (torch.bfloat16, ["--load_in_4bit",
-                                   "--lora_targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,down_proj"]),
+                                   "--lora_targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,down_proj"], False),
+    "bf16-compiled": (torch.bfloat16, [], True),
 }
 
 
@@ -125,15 +143,15 @@ def gpu_lora_model(dtype: torch.dtype, flags: list[str]) -> MiniMindForCausalLM:
 def test_graphed_steps_give_the_eager_steps_losses_and_weights(run_name):
     """Three micro-batch shapes in an order that records, replays and interleaves them (two per optimizer
     step, so one replay adds to the gradients of another), supervised counts that differ within a shape:
-    the same losses and LoRA weights (with DoRA, its magnitudes too) as the plain eager step, through the
-    trainer's train_step; plain LoRA in bf16 and fp32, DoRA and a 4-bit base in bf16."""
+    the same losses and LoRA weights (with DoRA, its magnitudes too) as the step without graphs, through the
+    trainer's train_step; plain LoRA in bf16 and fp32, DoRA, a 4-bit base and the compiled decoder in bf16."""
     from functools import partial
 
     from trainer.distributed import DistInfo, FlatGradients
-    from trainer.engine import forward_backward, make_optimizer, train_step
+    from trainer.engine import compile_decoder, forward_backward, make_optimizer, train_step
     from trainer.step_graphs import MicroStepGraphs
 
-    dtype, flags = GRAPHED_RUNS[run_name]
+    dtype, flags, compiled = GRAPHED_RUNS[run_name]
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=CUDA)
     widths = [20, 20, 32, 20, 32, 32, 24, 20, 24, 32, 20, 24]
     plan = [[padded_batch(3, w, 10 + 3 * i, seed=i) for i, w in enumerate(widths[s:s + 2], start=s)]
@@ -141,6 +159,9 @@ def test_graphed_steps_give_the_eager_steps_losses_and_weights(run_name):
 
     def run(graphed: bool) -> tuple[list[float], list[torch.Tensor], MicroStepGraphs | None]:
         model = gpu_lora_model(dtype, flags)
+        if compiled:
+            torch._dynamo.reset()
+            compile_decoder(model, cuda_graphs=False, per_layer=True)  # the graphs are this file's, not Inductor's
         loss_module = SupervisedLoss(model)
         params = lora_parameters(model)
         flat_grads = FlatGradients(params)

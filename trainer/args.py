@@ -169,16 +169,17 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="autocast dtype (default: bfloat16 on GPU, float32 on CPU); float16 uses a GradScaler")
     g.add_argument("--use_compile", type=str2bool, default=None,
-                   help="torch.compile the decoder (0/1); with --packing on GPUs (one, or DDP) also replay it as CUDA "
-                        "graphs, the fastest steps" + (" (default: on with a CUDA device and Triton, off on CPU)"
+                   help="torch.compile the decoder (0/1); with --packing on GPUs (one, or DDP) each micro-step then "
+                        "replays as a CUDA graph, the fastest steps" + (" (default: on with a CUDA device and Triton, off on CPU)"
                                                        if job == "lora" else ""))
     if job == "lora":
         g.add_argument("--cuda_graphs", type=str2bool, default=None,
                        help="replay each step's kernels as CUDA graphs (0/1), so a slow host no longer stalls the GPU: "
-                            "the compiled decoder's graphs (with --packing), or uncompiled, one graph per micro-batch "
-                            "shape (padded widths come in multiples of 64); default: wherever they apply (a CUDA "
-                            "device, a dense model, no --fsdp or --gradient_checkpointing; uncompiled also MiniMind's "
-                            "decoder and no float16)")
+                            "one graph per micro-batch shape of the whole forward and backward, compiled or not "
+                            "(packed rows: one shape; padded widths come in multiples of 64); compiled with float16 "
+                            "or transformers' own classes, the compiled decoder's graphs instead; default: wherever "
+                            "they apply (a CUDA device, a dense model, no --fsdp or --gradient_checkpointing; "
+                            "compiled: --packing; uncompiled: MiniMind's decoder and no float16)")
         g.add_argument("--compile_scope", default="auto", choices=["auto", "model", "layer"],
                        help="what one compiled graph holds: model = the whole decoder (fewest graph launches; a first "
                             "step of about 2 minutes at 0.6B with an empty cache), layer = one decoder layer, reused "

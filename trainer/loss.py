@@ -53,7 +53,12 @@ def pad_rows(index: torch.Tensor, targets: torch.Tensor, multiple: int) -> tuple
     the GPU waiting for its host (docs/PERF.md, "Host time: cuBLAS choosing kernels"). Padded, the shapes come from a small set that
     it has seen before.
     """
-    n_pad = -index.numel() % multiple
+    return pad_rows_to(index, targets, index.numel() + -index.numel() % multiple)
+
+
+def pad_rows_to(index: torch.Tensor, targets: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`index` and `targets` padded to `rows` rows (index 0, target IGNORE_INDEX)."""
+    n_pad = rows - index.numel()
     if n_pad == 0:
         return index, targets
     return F.pad(index, (0, n_pad)), F.pad(targets, (0, n_pad), value=IGNORE_INDEX)

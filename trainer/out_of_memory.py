@@ -32,7 +32,8 @@ class MemoryWatch:
     One process: the failure is recorded (`failed`) for the loop to break, save the last finished step and
     raise `error(...)`. Several: it is raised at once as OutOfMemory, since the peers wait in a collective.
     `keep_rng`: remember the RNG state at each step's start (LoRA dropout draws from it), so the saved
-    step continues bit for bit. `step_graphs`: the uncompiled step replays CUDA graphs (trainer/step_graphs.py).
+    step continues bit for bit. `step_graphs`: padded micro-batches replay CUDA graphs, one per shape
+    (trainer/step_graphs.py).
     """
 
     def __init__(self, info: DistInfo, args: argparse.Namespace, keep_rng: bool, step_graphs: bool = False) -> None:
@@ -83,9 +84,9 @@ class MemoryWatch:
 
 def lighter_flags(args: argparse.Namespace, step_graphs: bool = False) -> tuple[dict[str, str], list[str]]:
     """Flags that need less memory per micro-batch and that a resumed run may take (the same samples per
-    optimizer step), and the other options, as text. `step_graphs`: the uncompiled step's CUDA graphs are on."""
+    optimizer step), and the other options, as text. `step_graphs`: padded micro-batches replay CUDA graphs."""
     changes: dict[str, str] = {}
-    # The graphs' pool sits beside the eager first runs' memory: about twice a step's (docs/PERF.md).
+    # The graphs' pool sits beside the eager first run of each new shape: about twice a step's (docs/PERF.md).
     others = ["--cuda_graphs 0 (slower steps, about half the memory reserved)"] if step_graphs else []
     halves = args.batch_size % 2 == 0 and not getattr(args, "packed_rows", None)  # --packed_rows must stay
     if halves:

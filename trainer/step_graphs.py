@@ -1,18 +1,22 @@
-"""CUDA graphs for the uncompiled step: each micro-batch shape's forward and backward recorded once, then replayed.
+"""CUDA graphs of whole micro-steps: each micro-batch shape's forward and backward recorded once, then replayed.
 
 Without torch.compile a GPU step is bound by its host: Python, autograd and thousands of kernel launches per
-step, while the GPU idles (docs/PERF.md, "The padded eager path"). A CUDA graph replays all of a micro-batch's
-kernels in one launch. A graph holds fixed shapes and addresses, so there is one per micro-batch shape: padded
-widths come in buckets (trainer/data.py), packed rows have one width, and the supervised positions are padded
-here to a multiple of SUPERVISED_MULTIPLE rows (index 0, target ignored: the head's GEMM runs on a few more
-rows and the loss does not change). A shape's first micro-batch runs eagerly, which also warms what a capture
-must not do for the first time (cuBLAS and attention kernel choice, the loss's compiled kernels); its second is
-recorded and replayed, and so is every later one.
+step, while the GPU idles (docs/PERF.md, "The padded eager path"). Compiled per layer, the host still launches
+each layer's kernels, the embedding, the loss and the optimizer. A CUDA graph replays all of a micro-batch's
+kernels, compiled or not, in one launch. A graph holds fixed shapes and addresses, so there is one per
+micro-batch shape: padded widths come in buckets (trainer/data.py) and their supervised positions are padded
+here to a multiple of SUPERVISED_MULTIPLE rows; packed rows have one width, and their supervised positions are
+padded to one per position (index 0, target ignored: the head's GEMM runs on more rows, the loss does not
+change), so a packed run has one shape. A shape's first micro-batch runs eagerly, which also warms what a
+capture must not do for the first time (compiling, cuBLAS and attention kernel choice); its second is recorded
+and replayed, and so is every later one.
 
 All graphs share one memory pool, so they hold one step's activations, not one per shape. That is safe
 because nothing a graph allocated outlives its replay: the gradients add into FlatGradients' buffer (allocated
-before any capture) and the loss is copied out at once. The eager first runs allocate outside that pool, so
-while shapes are still being recorded the GPU may hold up to two steps' worth (hence --cuda_graphs 0).
+before any capture) and the loss is copied out at once. The eager first runs allocate outside that pool: a
+capture first returns their cached memory to the driver, but the eager first run of a later shape holds its
+own beside the pool. Padded runs, with their many shapes, may so reserve about twice a step's activations
+(hence --cuda_graphs 0 near the limit); a packed run, one shape, does not.
 """
 
 from collections.abc import Callable
@@ -21,25 +25,33 @@ import torch
 
 from model.errors import UserError
 from trainer.data import to_device
-from trainer.loss import IGNORE_INDEX, pad_rows
+from trainer.loss import IGNORE_INDEX, pad_rows_to
 
 SUPERVISED_MULTIPLE = 1024  # supervised rows padded to this: few shapes; at 0.6B at most ~1 ms more head work
 MAX_GRAPHS = 64  # shapes past this many run eagerly (each graph's host-side record costs memory and time)
 
-SUPERVISION = ("sup_index", "sup_targets")  # the tensors padded to SUPERVISED_MULTIPLE rows
+SUPERVISION = ("sup_index", "sup_targets")  # the tensors padded to supervised_rows(batch) rows
 MicroStep = Callable[[dict, torch.Tensor], torch.Tensor]  # (device batch, [loss scale, aux scale]) -> detached loss
 
 
+def supervised_rows(batch: dict) -> int:
+    """The supervised rows a graph of `batch` holds. Packed rows (no attention_mask): one per position, so a
+    packed run has one shape and records once; padded batches: their count rounded up to SUPERVISED_MULTIPLE."""
+    if "attention_mask" not in batch:
+        return batch["input_ids"].numel()
+    n = batch["sup_index"].numel()
+    return n + -n % SUPERVISED_MULTIPLE
+
+
 def supervised_padded(batch: dict) -> dict:
-    """`batch` with sup_index / sup_targets padded to a multiple of SUPERVISED_MULTIPLE rows."""
-    index, targets = pad_rows(batch["sup_index"], batch["sup_targets"], SUPERVISED_MULTIPLE)
+    """`batch` with sup_index / sup_targets padded to supervised_rows(batch) rows."""
+    index, targets = pad_rows_to(batch["sup_index"], batch["sup_targets"], supervised_rows(batch))
     return {**batch, "sup_index": index, "sup_targets": targets}
 
 
 def shape_key(batch: dict) -> tuple:
     """What a graph is recorded for: every tensor's name, shape and dtype (supervision padded)."""
-    n_sup = batch["sup_index"].numel()
-    n_sup += -n_sup % SUPERVISED_MULTIPLE
+    n_sup = supervised_rows(batch)
     return tuple((name, n_sup if name in SUPERVISION else tuple(t.shape), t.dtype)
                  for name, t in sorted(batch.items()) if torch.is_tensor(t))
 
@@ -116,9 +128,8 @@ def cuda_graph_needs(device: torch.device, compiled: bool, packing: bool, fsdp: 
                      checkpointing: bool, minimind: bool, amp_dtype: torch.dtype) -> dict[str, bool]:
     """What CUDA graphs need in this run, each with whether it holds (for --cuda_graphs and its error).
 
-    Compiled, the decoder's graphs need one shape per step (packed rows). Uncompiled, a micro-batch's whole
-    forward and backward is one graph, which MiniMind's decoder allows (transformers' own classes may sync
-    with the host) and float16's GradScaler does not (its scale changes on the host's schedule).
+    Compiled, they need one shape per step (packed rows): the graphs of whole micro-steps where those apply
+    (whole_step_graphs), else the compiled decoder's own. Uncompiled, only whole micro-steps.
     """
     needs = {"a CUDA device": device.type == "cuda", "no --fsdp": not fsdp,
              "a dense model (MoE routing differs per batch)": not moe,
@@ -126,9 +137,15 @@ def cuda_graph_needs(device: torch.device, compiled: bool, packing: bool, fsdp: 
     if compiled:
         needs["--packing (one shape per step)"] = packing
     else:
-        needs["MiniMind's decoder (a MiniMind model, or a directory on its decoder)"] = minimind
-        needs["--dtype bfloat16 or float32"] = amp_dtype != torch.float16
+        needs.update(whole_step_needs(minimind, amp_dtype))
     return needs
+
+
+def whole_step_needs(minimind: bool, amp_dtype: torch.dtype) -> dict[str, bool]:
+    """What one graph of a whole micro-step needs beyond cuda_graph_needs: MiniMind's decoder (transformers'
+    own classes may sync with the host) and no float16 (the GradScaler's scale changes on the host's schedule)."""
+    return {"MiniMind's decoder (a MiniMind model, or a directory on its decoder)": minimind,
+            "--dtype bfloat16 or float32": amp_dtype != torch.float16}
 
 
 def pick_cuda_graphs(flag: bool | None, needs: dict[str, bool]) -> bool:
@@ -139,6 +156,8 @@ def pick_cuda_graphs(flag: bool | None, needs: dict[str, bool]) -> bool:
     return flag is not False and not missing
 
 
-def eager_note(graphs: MicroStepGraphs | None) -> str:
-    """The start-up line's words for an uncompiled step that replays CUDA graphs (none otherwise)."""
-    return "; eager, CUDA graphs per micro-batch shape" if graphs is not None else ""
+def graphs_note(graphs: MicroStepGraphs | None, compiled: bool) -> str:
+    """The start-up line's words for micro-steps that replay CUDA graphs (none otherwise)."""
+    if graphs is None:
+        return ""
+    return ", CUDA graphs per micro-batch shape" if compiled else "; eager, CUDA graphs per micro-batch shape"

@@ -84,7 +84,13 @@ from trainer.loss import SupervisedLoss
 from trainer.out_of_memory import MemoryWatch
 from trainer.save_dir import LORA_OUTPUTS, prepare_save_dir
 from trainer.schedule import lr_at
-from trainer.step_graphs import MicroStepGraphs, cuda_graph_needs, eager_note, pick_cuda_graphs
+from trainer.step_graphs import (
+    MicroStepGraphs,
+    cuda_graph_needs,
+    graphs_note,
+    pick_cuda_graphs,
+    whole_step_needs,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     per_layer = args.compile_scope == "layer" or (args.compile_scope == "auto" and not args.fsdp)
     attention = pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device, per_layer,
                                       amp_dtype)
-    # CUDA graphs replay each step's kernels without the host: compiled, the decoder's; uncompiled, each micro-batch's.
+    # CUDA graphs replay each step's kernels without the host: one graph per micro-batch shape, compiled or not,
+    # where it can hold a whole micro-step; else (compiled: float16, transformers' own classes) each layer's.
+    minimind = hasattr(model.model, "packed_attention")
     cuda_graphs = pick_cuda_graphs(args.cuda_graphs, cuda_graph_needs(
         info.device, args.use_compile, args.packing, args.fsdp, base.use_moe, args.gradient_checkpointing,
-        hasattr(model.model, "packed_attention"), amp_dtype))
-    compiled = "; " + compile_decoder(model, cuda_graphs, per_layer) if args.use_compile else ""
+        minimind, amp_dtype))
+    whole_steps = cuda_graphs and all(whole_step_needs(minimind, amp_dtype).values())
+    compiled = "; " + compile_decoder(model, cuda_graphs and not whole_steps, per_layer) if args.use_compile else ""
     loss_module = SupervisedLoss(model)
     # Every rank starts from rank 0's weights; an MoE base keeps DDP (an expert no rank used keeps a None grad).
     if args.fsdp:
@@ -135,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay, flat_grads)
     scaler = make_scaler(info.device, amp_dtype)
     graphs = None
-    if cuda_graphs and not args.use_compile:
+    if whole_steps:
         graphs = MicroStepGraphs(partial(forward_backward, step_module, device=info.device, amp_dtype=amp_dtype),
                                  info.device)
     stem = output_stem(args.save_dir, args.lora_name, base.hidden_size, base.use_moe)
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         sharded = f"; --fsdp: each holds {(parameters_held(model) - n_lora) / n_base:.0%} of the base" if args.fsdp else ""
         print(f"base {base.source}: {n_base / 1e6:.1f}M parameters, LoRA on {len(targets)} layers: "
               f"{n_lora / 1e6:.3f}M trainable; {info.world_size} process(es) on {info.device}, "
-              f"{autocast_note(amp_dtype, base_dtype)}{nf4}{compiled or eager_note(graphs)}{sharded}", flush=True)
+              f"{autocast_note(amp_dtype, base_dtype)}{nf4}{compiled}{graphs_note(graphs, bool(compiled))}{sharded}", flush=True)
         if speed:
             print(f"speed defaults for {info.device.type}: {speed}", flush=True)
         if args.packing:
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     log = RunLogger(info, total_steps, state.step, args.log_interval, state.history, wandb_run)
     stop = StopSignal()
     guard = DivergenceGuard(model.config.vocab_size, params, state.history["train"], resume_path, state.step)
-    memory = MemoryWatch(info, args, keep_rng=args.lora_dropout > 0, step_graphs=graphs is not None)
+    memory = MemoryWatch(info, args, keep_rng=args.lora_dropout > 0, step_graphs=graphs is not None and not args.packing)
     loader_note = minimind_loader_note(model, targets, sibling(stem, ".pth"))
     log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
               "kill stops after the current step and saves" if state.step < total_steps else
