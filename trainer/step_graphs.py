@@ -129,7 +129,7 @@ def cuda_graph_needs(device: torch.device, compiled: bool, packing: bool, fsdp: 
     """What CUDA graphs need in this run, each with whether it holds (for --cuda_graphs and its error).
 
     Compiled, they need one shape per step (packed rows): the graphs of whole micro-steps where those apply
-    (whole_step_graphs), else the compiled decoder's own. Uncompiled, only whole micro-steps.
+    (whole_step_needs), else the compiled decoder's own. Uncompiled, only whole micro-steps.
     """
     needs = {"a CUDA device": device.type == "cuda", "no --fsdp": not fsdp,
              "a dense model (MoE routing differs per batch)": not moe,
