@@ -3,6 +3,8 @@
     python scripts/bench_e2e.py --json out/e2e.json                   # one GPU: every variant, one table
     python scripts/bench_e2e.py --variants ours,ours-warm,hf-flatten  # a subset
     python scripts/bench_e2e.py --tiny                                # CPU smoke test (tiny model, 200 chats)
+    git worktree add /tmp/before <rev>                                # the trainer of another revision ...
+    python scripts/bench_e2e.py --variants ours,ours-warm --against /tmp/before   # ... in the same run
 
 The data: `write_chat_mix`, a fixed-seed synthetic chat SFT mix (default 12,000 conversations, 2.94M
 tokens, mean 245 with the repo tokenizer, half Chinese and half English, 25% multi-turn, 15% with a system
@@ -22,7 +24,9 @@ Kernel's Qwen3 patches (needs `liger_kernel`). `unsloth` is the padded Trainer r
 (`FastLanguageModel`, needs `unsloth`; it loads the base's Qwen3 directory). The `ours-eager-*` rows run
 uncompiled (`--use_compile 0`), padded or packed, with their CUDA graphs per micro-batch shape or, in the
 `-nographs` rows, without; as they record graphs for a while, each row also gives `late_tok_s`, the median of
-its second half. docs/PERF.md holds the results.
+its second half. With `--against DIR` every `ours*` row is followed by the same row run from the checkout
+in DIR (named `<row>@<DIR's name>`, with compile caches of its own): this trainer before and after a change,
+on one machine and the same data. docs/PERF.md holds the results.
 """
 
 import argparse
@@ -168,9 +172,9 @@ def write_qwen3_dir(base: Path, out: Path, shape: dict) -> Path:
 
 # ------------------------------------------------------------------------- our trainer, through its CLI
 
-def python_path() -> str:
-    """This checkout first, then whatever PYTHONPATH already holds (e.g. carried wheels)."""
-    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+def python_path(repo: Path = REPO) -> str:
+    """The trainer's checkout first, then whatever PYTHONPATH already holds (e.g. carried wheels)."""
+    return os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
 
 
 # What both stacks import: warmed once into the bytecode cache before any timed run.
@@ -194,21 +198,22 @@ STEP_LINE = re.compile(r"^step (\d+)/(\d+) .*?\| ([\d,]+) tok/s \| (warm-up ([\d
 
 
 def run_ours(name: str, flags: list[str], base: Path, data: Path, workdir: Path, steps: int | None,
-             cache: Path, device: str, timeout: float) -> dict:
-    """train_lora.py as a user runs it; wall time from launch to exit, the log lines time-stamped."""
+             cache: Path, device: str, timeout: float, repo: Path = REPO) -> dict:
+    """train_lora.py as a user runs it (from the checkout `repo`); wall time from launch to exit, the log
+    lines time-stamped."""
     save = workdir / "runs" / name
-    argv = [sys.executable, "-u", str(REPO / "trainer" / "train_lora.py"), "--from_weight", str(base),
+    argv = [sys.executable, "-u", str(repo / "trainer" / "train_lora.py"), "--from_weight", str(base),
             "--data_path", str(data), "--tokenizer_path", str(REPO / "model" / "tokenizer"), "--device", device,
             "--save_dir", str(save), "--epochs", "1",
             *(f.format(qwen3_dir=qwen3_dir(base)) for f in flags)]
     if steps:
         argv += ["--max_steps", str(steps)]
-    if name.endswith("unbucketed"):  # the padded path as it was: every batch its own width
+    if name.partition("@")[0].endswith("unbucketed"):  # the padded path as it was: every batch its own width
         argv = [sys.executable, "-u", "-c", "import sys, runpy, trainer.data as d; d.BUCKET = 1; "
                 "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')", *argv[2:]]
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONPATH": python_path()}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONPATH": python_path(repo)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=repo)
     lines, t_compile = [], None
     try:
         for line in proc.stdout:
@@ -361,7 +366,7 @@ def epoch_s(row: dict, stats: dict) -> float:
 def print_table(rows: list[dict], stats: dict) -> None:
     """Every variant's epoch wall time, steady tokens/s and first step, against the fastest peer row (Trainer
     + PEFT, with or without Liger, or Unsloth)."""
-    peers = [epoch_s(r, stats) for r in rows if VARIANTS[r["name"]][0] == "hf" and r.get("code") == 0]
+    peers = [epoch_s(r, stats) for r in rows if r["name"] in VARIANTS and VARIANTS[r["name"]][0] == "hf" and r.get("code") == 0]
     ref = min(peers) if peers else float("nan")
     print(f"\n{stats['conversations']} conversations, {stats['tokens']:,} tokens (mean {stats['mean']:.0f})")
     print(f"{'variant':34s} {'epoch s':>9s} {'how':>9s} {'vs fastest peer':>15s} {'steady tok/s':>12s} "
@@ -386,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write every row here")
     p.add_argument("--timeout", type=float, default=400, help="seconds per variant")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, 200 conversations")
+    p.add_argument("--against", default=None,
+                   help="another checkout of this repo (e.g. a `git worktree` of an earlier revision): each ours* "
+                        "row is run from it too, right after, as <row>@<its folder name>")
     p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.hf_worker:
@@ -401,16 +409,25 @@ def main(argv: list[str] | None = None) -> int:
     base, data, stats = prepare(workdir, n, shape)
     cache_bytecode(workdir)
     print(f"data and base ready in {time.perf_counter() - t:.0f} s: {stats}", flush=True)
+    against = Path(args.against).resolve() if args.against else None
+    if against is not None and not (against / "trainer" / "train_lora.py").is_file():
+        p.error(f"--against {args.against}: no trainer/train_lora.py there; pass a checkout of this repo")
+    runs = [(name, REPO) for name in args.variants.split(",")]
+    if against is not None:  # each ours* row, then the same from the other checkout
+        runs = [run for name, repo in runs for run in
+                ([(name, repo), (f"{name}@{against.name}", against)] if VARIANTS[name][0] == "ours" else [(name, repo)])]
     rows = []
-    for name in args.variants.split(","):
-        stack, opts, length = VARIANTS[name]
+    for name, repo in runs:
+        variant, _, tag = name.partition("@")
+        stack, opts, length = VARIANTS[variant]
         steps = args.steps if length == "steps" else None
-        on_ours = name == "ours-qwen3-dir"  # on `ours`' cache, as its graphs are the same
-        cache = workdir / ("cache_" + ("ours" if on_ours else name.removesuffix("-warm")))
-        if not (on_ours or name.endswith("-warm")) and cache.exists():  # a cold start: empty compile caches
+        on_ours = variant == "ours-qwen3-dir"  # on `ours`' cache, as its graphs are the same
+        suffix = f"@{tag}" if tag else ""
+        cache = workdir / ("cache_" + ("ours" if on_ours else variant.removesuffix("-warm")) + suffix)
+        if not (on_ours or variant.endswith("-warm")) and cache.exists():  # a cold start: empty compile caches
             shutil.rmtree(cache)
         if stack == "ours":
-            row = run_ours(name, opts, base, data, workdir, steps, cache, device, args.timeout)
+            row = run_ours(name, opts, base, data, workdir, steps, cache, device, args.timeout, repo)
             row["full_epoch"] = steps is None
         else:
             row = run_hf_subprocess(dict(opts, name=name, data=str(data), shape=shape, device=device,

@@ -1,11 +1,14 @@
-"""scripts/bench_e2e.py's generated chat mix: the documented languages, turns, system prompts and lengths."""
+"""scripts/bench_e2e.py: its generated chat mix (the documented languages, turns, system prompts and lengths),
+and a run against another checkout of the trainer."""
 
 import json
+import shutil
 
 from transformers import AutoTokenizer
 
 from dataset.lm_dataset import SFTDataset
 from scripts.bench_e2e import write_chat_mix
+from tests.train_utils import REPO, python, run_cli, subprocess_env
 from trainer.base_model import REPO_TOKENIZER
 
 
@@ -21,3 +24,24 @@ def test_chat_mix_has_the_documented_shape(tmp_path):
     assert all(c[-1]["role"] == "assistant" for c in chats)
     lengths = SFTDataset(path, tok, max_length=512, log=None).lengths
     assert 200 < lengths.mean() < 290 and lengths.min() >= 16 and lengths.max() <= 512
+
+
+def test_against_runs_each_of_our_rows_from_the_other_checkout_too(tmp_path):
+    """--against DIR: the ours row, then the same row from DIR's trainer (marked here so that its log shows
+    which code ran), each to a finished epoch, both in the table."""
+    before = tmp_path / "before"
+    shutil.copytree(REPO, before, ignore=shutil.ignore_patterns(".git", "out", ".venv*", "*.egg-info", "__pycache__",
+                                                                ".dev*", ".pytest_cache", ".ruff_cache"))
+    job = before / "trainer" / "train_lora.py"
+    job.write_text(job.read_text().replace("\ndef main(", '\nprint("trainer: the other checkout", flush=True)\n\n\n'
+                                            "def main(", 1))
+    work = tmp_path / "work"
+    out = run_cli([python(), "scripts/bench_e2e.py", "--tiny", "--variants", "ours", "--workdir", str(work),
+                   "--against", str(before), "--json", str(tmp_path / "rows.json")], 400, cwd=REPO,
+                  env=subprocess_env())
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [(r["name"], r["code"], r["full_epoch"]) for r in rows] == [("ours", 0, True), ("ours@before", 0, True)]
+    assert "trainer: the other checkout" in (work / "ours@before.log").read_text()
+    assert "trainer: the other checkout" not in (work / "ours.log").read_text()
+    assert "ours@before" in out.stdout.split("variant")[-1]  # in the table
