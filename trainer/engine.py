@@ -205,7 +205,7 @@ def train_step(step_module: nn.Module, micro_batches: list[dict], n_supervised: 
     micro-batches and ranks, and multiplied by world_size because the ranks' gradients are averaged: the
     result is the gradient of one big batch. Returns this rank's share of the loss and the gradient
     norm, both still on the device (no host sync here). `graphs`: the micro-batches run through their
-    CUDA graphs (uncompiled GPU runs; trainer/step_graphs.py).
+    CUDA graphs (GPU runs, compiled or not; trainer/step_graphs.py).
 
     `flat_grads`: the gradients live in one buffer across steps (zeroed, never freed). Several ranks
     average their gradients either there, after the last micro-batch, or in DDP's backward (`step_module`
