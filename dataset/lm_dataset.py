@@ -45,6 +45,9 @@ class TokenizedDataset(Dataset):
         self.ids, self.mask = ids, mask
         self.lengths = lengths
         self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        # Per sample, the learned tokens after its first: the positions whose next token the loss predicts.
+        learned = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+        self.targets = learned[self.offsets[1:]] - learned[np.minimum(self.offsets[:-1] + 1, self.offsets[1:])]
 
     def __len__(self) -> int:
         return len(self.lengths)

@@ -51,6 +51,20 @@ def sft(tmp_path_factory):
     return tok, SFTDataset(path, tok, MAX_LENGTH, log=None)
 
 
+def test_each_samples_target_count_is_what_the_loss_supervises_alone_and_in_a_packed_row(sft):
+    """TokenizedDataset.targets (which sizes the packed CUDA graphs' supervision) counts the positions that
+    supervision() finds: for each sample alone, and summed over the samples of each packed row."""
+    from trainer.loss import supervision
+
+    _, ds = sft
+    alone = [supervision(collate_padded([ds[i]], pad_id=0)["labels"])[0].numel() for i in range(len(ds))]
+    assert ds.targets.tolist() == alone and min(alone) > 0
+    packed = PackedDataset(ds, MAX_LENGTH, seed=0)
+    for r in range(len(packed)):
+        _, labels, _ = packed[r]
+        assert supervision(labels[None])[0].numel() == ds.targets[packed.rows[r]].sum()
+
+
 def test_packed_rows_restart_positions_and_cut_labels(sft):
     tok, ds = sft
     packed = PackedDataset(ds, MAX_LENGTH, seed=0)

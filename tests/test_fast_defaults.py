@@ -90,6 +90,7 @@ class _Lengths(torch.utils.data.Dataset):
 
     def __init__(self, lengths: list[int]) -> None:
         self.lengths = np.asarray(lengths)
+        self.targets = self.lengths - 1
 
     def __len__(self) -> int:
         return len(self.lengths)

@@ -17,6 +17,7 @@ from trainer.step_graphs import (
     pick_cuda_graphs,
     shape_key,
     supervised_padded,
+    warm_up_key,
     whole_step_needs,
 )
 
@@ -75,17 +76,59 @@ def test_shapes_repeat_across_supervised_counts_and_differ_across_widths():
     assert (padded["sup_targets"][17:] == IGNORE_INDEX).all() and torch.equal(padded["sup_index"][:17], a["sup_index"])
 
 
-def test_a_packed_run_has_one_shape_whatever_its_supervised_count():
-    """Packed rows (no attention_mask) pad their supervision to one row per position, even with none."""
-    rows = [padded_batch(2, 16, n, seed=n) for n in (0, 5, 20)]
-    for batch in rows:
-        del batch["attention_mask"]
-    assert len({shape_key(b) for b in rows}) == 1
-    for batch in rows:
+def packed_batch(n_supervised: int, sup_slots: int | None, seed: int = 0) -> dict:
+    """padded_batch(3, 20, n_supervised) as a packed micro-batch: no attention_mask, the run's sup_slots."""
+    batch = padded_batch(3, 20, n_supervised, seed=seed)
+    del batch["attention_mask"]
+    return {**batch, "sup_slots": sup_slots}
+
+
+def test_a_packed_run_has_one_shape_while_its_supervision_fits_its_slots():
+    """Packed rows pad their supervision to sup_slots, even with none; more than that, or no sup_slots: one
+    row per position. Either way the warm-up key, what an eager run must have met, is the same."""
+    fitting = [packed_batch(n, 24, seed=n) for n in (0, 5, 24)]
+    assert len({shape_key(b) for b in fitting}) == 1
+    for batch in fitting:
         padded = supervised_padded(batch)
-        assert padded["sup_index"].numel() == padded["sup_targets"].numel() == 32
+        assert padded["sup_index"].numel() == padded["sup_targets"].numel() == 24
         n = batch["sup_index"].numel()
         assert (padded["sup_targets"][n:] == IGNORE_INDEX).all() and (padded["sup_index"][n:] == 0).all()
+    for batch in (packed_batch(25, 24), packed_batch(5, None)):
+        assert supervised_padded(batch)["sup_index"].numel() == 60
+        assert shape_key(batch) != shape_key(fitting[0])
+        assert warm_up_key(shape_key(batch)) == warm_up_key(shape_key(fitting[0]))
+    assert warm_up_key(shape_key(padded_batch(3, 20, 5))) != warm_up_key(shape_key(fitting[0]))
+
+
+def test_packed_micro_batches_of_the_first_epoch_fit_their_sup_slots(tmp_path):
+    """sup_slots is the most supervised positions of any rank's micro-batch in the first epoch, rounded up to
+    ROW_MULTIPLE: checked against every micro-batch that the real loader makes, on each of 2 ranks."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from dataset.lm_dataset import SFTDataset
+    from trainer.args import REPO_ROOT
+    from trainer.data import prepare_data
+    from trainer.distributed import DistInfo
+    from trainer.loss import ROW_MULTIPLE
+
+    tok = AutoTokenizer.from_pretrained(REPO_ROOT / "model" / "tokenizer")
+    args = SimpleNamespace(data_path=str(REPO_ROOT / "dataset" / "lora_identity.jsonl"), val_data_path=None,
+                           val_fraction=0.0, seed=3, max_seq_len=512, packing=True, batch_size=32,
+                           accumulation_steps=2, num_workers=0)
+    counts, slots, positions = [], set(), set()
+    for rank in range(2):
+        info = DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+        data = prepare_data(lambda path: SFTDataset(path, tok, 512, log=None), args, info, pad_id=0)
+        for _, micro_batches, _ in data.steps(0, 0, 1):
+            counts += [b["sup_index"].numel() for b in micro_batches]
+            slots |= {b["sup_slots"] for b in micro_batches}
+            positions |= {b["input_ids"].numel() for b in micro_batches}
+    assert len(counts) > 10 and len(slots) == 1 and len(positions) == 1
+    (sup_slots,), (n_positions,) = slots, positions
+    assert max(counts) <= sup_slots < max(counts) + ROW_MULTIPLE and sup_slots % ROW_MULTIPLE == 0
+    assert sup_slots < n_positions  # fewer rows for the head than one per position: the point of it
 
 
 def test_padded_supervision_changes_neither_loss_nor_gradients():
@@ -138,13 +181,10 @@ def gpu_lora_model(dtype: torch.dtype, flags: list[str]) -> MiniMindForCausalLM:
     return model
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("run_name", list(GRAPHED_RUNS))
-def test_graphed_steps_give_the_eager_steps_losses_and_weights(run_name):
-    """Three micro-batch shapes in an order that records, replays and interleaves them (two per optimizer
-    step, so one replay adds to the gradients of another), supervised counts that differ within a shape:
-    the same losses and LoRA weights (with DoRA, its magnitudes too) as the step without graphs, through the
-    trainer's train_step; plain LoRA in bf16 and fp32, DoRA, a 4-bit base and the compiled decoder in bf16."""
+def train_with_and_without_graphs(run_name: str, plan: list[list[dict]]) -> tuple[list[float], list[float], object]:
+    """`plan`'s optimizer steps through the trainer's train_step, without then with MicroStepGraphs, from the
+    same GRAPHED_RUNS model: (eager losses, graphed losses, the graphs), after checking the LoRA weights (with
+    DoRA, its magnitudes too) agree."""
     from functools import partial
 
     from trainer.distributed import DistInfo, FlatGradients
@@ -153,9 +193,6 @@ def test_graphed_steps_give_the_eager_steps_losses_and_weights(run_name):
 
     dtype, flags, compiled = GRAPHED_RUNS[run_name]
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=CUDA)
-    widths = [20, 20, 32, 20, 32, 32, 24, 20, 24, 32, 20, 24]
-    plan = [[padded_batch(3, w, 10 + 3 * i, seed=i) for i, w in enumerate(widths[s:s + 2], start=s)]
-            for s in range(0, len(widths), 2)]
 
     def run(graphed: bool) -> tuple[list[float], list[torch.Tensor], MicroStepGraphs | None]:
         model = gpu_lora_model(dtype, flags)
@@ -177,8 +214,35 @@ def test_graphed_steps_give_the_eager_steps_losses_and_weights(run_name):
         return losses, [p.detach().float().cpu() for p in params], graphs
 
     (eager_losses, eager_params, _), (losses, params, graphs) = run(False), run(True)
-    assert not graphs.failure and len(graphs.graphs) == 3, graphs.note
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert losses == pytest.approx(eager_losses, rel=tol)
     for got, want in zip(params, eager_params, strict=True):
         assert (got - want).abs().max() <= tol * want.abs().max()
+    return eager_losses, losses, graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("run_name", list(GRAPHED_RUNS))
+def test_graphed_steps_give_the_eager_steps_losses_and_weights(run_name):
+    """Three micro-batch shapes in an order that records, replays and interleaves them (two per optimizer
+    step, so one replay adds to the gradients of another), supervised counts that differ within a shape:
+    the same losses and LoRA weights (with DoRA, its magnitudes too) as the step without graphs, through the
+    trainer's train_step; plain LoRA in bf16 and fp32, DoRA, a 4-bit base and the compiled decoder in bf16."""
+    widths = [20, 20, 32, 20, 32, 32, 24, 20, 24, 32, 20, 24]
+    plan = [[padded_batch(3, w, 10 + 3 * i, seed=i) for i, w in enumerate(widths[s:s + 2], start=s)]
+            for s in range(0, len(widths), 2)]
+    *_, graphs = train_with_and_without_graphs(run_name, plan)
+    assert not graphs.failure and len(graphs.graphs) == 3, graphs.note
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("run_name", ["bf16", "bf16-compiled"])
+def test_a_packed_micro_batch_past_its_slots_is_recorded_without_an_eager_run(run_name):
+    """Packed micro-batches of one width: those within sup_slots share a graph; the first with more supervised
+    positions is recorded at once (its width already ran eagerly), and the losses and weights stay the
+    eager step's."""
+    counts = [10, 20, 30, 12, 45, 24, 50, 31, 15, 40]
+    plan = [[packed_batch(n, 32, seed=i) for i, n in enumerate(counts[s:s + 2], start=s)]
+            for s in range(0, len(counts), 2)]
+    *_, graphs = train_with_and_without_graphs(run_name, plan)
+    assert not graphs.failure and len(graphs.graphs) == 2 and len(graphs.seen) == 1, graphs.note

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from dataset.lm_dataset import PackedDataset, collate_packed, collate_padded
 from trainer.distributed import DistInfo
-from trainer.loss import IGNORE_INDEX, supervision
+from trainer.loss import IGNORE_INDEX, ROW_MULTIPLE, supervision
 
 MicroBatch = list[tuple[int, bool]]  # (sample index, live); a dead sample only keeps ranks in step
 
@@ -98,10 +98,14 @@ class _Keyed(Dataset):
         return sample
 
 
-def collate_supervised(samples: list[tuple], collate_fn: Callable[[list[tuple]], dict]) -> dict:
-    """Collate, then add the supervised positions and token counts (on the CPU, in the worker)."""
+def collate_supervised(samples: list[tuple], collate_fn: Callable[[list[tuple]], dict],
+                       sup_slots: int | None = None) -> dict:
+    """Collate, then add the supervised positions and token counts (on the CPU, in the worker), and
+    `sup_slots` if given (see supervised_slots)."""
     batch = collate_fn(samples)
     batch["sup_index"], batch["sup_targets"] = supervision(batch["labels"])
+    if sup_slots is not None:
+        batch["sup_slots"] = sup_slots
     mask = batch.get("attention_mask")
     if "n_tokens" not in batch:  # packed rows count their own (pad segments excluded)
         batch["n_tokens"] = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
@@ -151,7 +155,7 @@ def _end_workers() -> None:
 
 
 def make_loader(dataset: Dataset, batch_sampler: StepSampler, collate_fn: Callable, num_workers: int,
-                pin_memory: bool) -> DataLoader:
+                pin_memory: bool, sup_slots: int | None = None) -> DataLoader:
     """One DataLoader for the whole run; each iter() walks the sampler's current plan (set_epoch)."""
     # Workers outlive an epoch (no re-fork per epoch), except for packed rows: a worker holds its own copy of
     # the dataset, which must see set_epoch's new rows, so those workers are forked again each epoch.
@@ -159,7 +163,7 @@ def make_loader(dataset: Dataset, batch_sampler: StepSampler, collate_fn: Callab
     # Its own generator: creating a loader iterator draws a worker seed, which must not advance the
     # global RNG (dropout uses it), or a resumed run would drift from an uninterrupted one.
     return DataLoader(_Keyed(dataset), batch_sampler=batch_sampler,
-                      collate_fn=partial(collate_supervised, collate_fn=collate_fn),
+                      collate_fn=partial(collate_supervised, collate_fn=collate_fn, sup_slots=sup_slots),
                       num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent,
                       generator=torch.Generator().manual_seed(0),
                       worker_init_fn=_quiet_worker if num_workers > 0 else None)
@@ -199,6 +203,7 @@ class _Part(Subset):
     def __init__(self, dataset: Dataset, indices: list[int]) -> None:
         super().__init__(dataset, indices)
         self.lengths = np.asarray(dataset.lengths)[indices]
+        self.targets = np.asarray(dataset.targets)[indices]
 
 
 def load_split(make: Callable[[str], Dataset], data_path: str, val_data_path: str | None, val_fraction: float,
@@ -248,13 +253,27 @@ def segment_slots(packed: PackedDataset, rows: int) -> int:
     return rows * (max((len(r) for r in packed.rows), default=0) + 1)
 
 
+def supervised_slots(packed: PackedDataset, rows: int, accumulation_steps: int, world_size: int, seed: int) -> int:
+    """Supervised positions a packed micro-batch's CUDA graph holds (trainer/step_graphs.py): the most that one
+    micro-batch of `rows` rows of the first epoch's packing has on any rank, rounded up to ROW_MULTIPLE. Fixed for
+    the run, so that packed steps keep one shape with the head's GEMMs on those rows, not on every position; a
+    later micro-batch with more gets a graph of its own."""
+    per_row = np.array([packed.dataset.targets[row].sum() for row in packed.rows], dtype=np.int64)
+    most = 0
+    for rank in range(world_size):
+        plan = StepSampler(len(packed), rows, accumulation_steps, rank, world_size, seed)
+        plan.set_epoch(0)
+        most = max([most] + [sum(int(per_row[i]) for i, live in micro if live) for micro in plan])
+    return most + -most % ROW_MULTIPLE
+
+
 def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info: DistInfo, pad_id: int,
                  segments: bool = False) -> TrainData:
     """Tokenized training (and validation) data from the flags, padded or packed, sharded for this rank.
 
     Packed, --batch_size keeps its meaning (samples per micro-batch): a micro-batch is `packed_rows` rows of
-    --max_seq_len tokens, sized from the data's mean sample length. With `segments`, packed micro-batches also
-    carry `cu_seqlens`, the samples' boundaries (for --attention varlen).
+    --max_seq_len tokens, sized from the data's mean sample length, carrying `sup_slots` (supervised_slots). With
+    `segments`, packed micro-batches also carry `cu_seqlens`, the samples' boundaries (for --attention varlen).
     """
     train, val = load_split(make, args.data_path, args.val_data_path, args.val_fraction, args.seed)
     mean = float(np.mean(train.lengths)) if len(train) else 1.0
@@ -271,13 +290,14 @@ def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info:
                 f"{rows * per_step * per_row:.0f} samples, {rows * per_step * args.max_seq_len:,} token slots")
         slots = segment_slots(train, rows) if segments else None
         train_collate = partial(collate_packed, pad_id=pad_id, width=args.max_seq_len, rows=rows, segments=slots)
+        sup_slots = supervised_slots(train, rows, args.accumulation_steps, info.world_size, args.seed)
     else:
         rows = args.batch_size
         note = (f"padded: {rows} samples per micro-batch" + (f", widths rounded up to multiples of {multiple}"
                 if multiple > 1 else "") + f"; one optimizer step = {rows * per_step} samples, ≈ "
                 f"{rows * per_step * mean:,.0f} tokens")
-        train_collate = collate
+        train_collate, sup_slots = collate, None
     sampler = StepSampler(len(train), rows, args.accumulation_steps, info.rank, info.world_size, args.seed)
-    loader = make_loader(train, sampler, train_collate, args.num_workers, info.device.type == "cuda")
+    loader = make_loader(train, sampler, train_collate, args.num_workers, info.device.type == "cuda", sup_slots)
     val_batches = eval_loader(val, args.batch_size, info.rank, info.world_size, collate) if val is not None else None
     return TrainData(train, sampler, loader, val_batches, note)

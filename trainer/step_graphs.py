@@ -6,17 +6,19 @@ each layer's kernels, the embedding, the loss and the optimizer. A CUDA graph re
 kernels, compiled or not, in one launch. A graph holds fixed shapes and addresses, so there is one per
 micro-batch shape: padded widths come in buckets (trainer/data.py) and their supervised positions are padded
 here to a multiple of SUPERVISED_MULTIPLE rows; packed rows have one width, and their supervised positions are
-padded to one per position (index 0, target ignored: the head's GEMM runs on more rows, the loss does not
-change), so a packed run has one shape. A shape's first micro-batch runs eagerly, which also warms what a
-capture must not do for the first time (compiling, cuBLAS and attention kernel choice); its second is recorded
-and replayed, and so is every later one.
+padded to the run's `sup_slots` (the most a micro-batch of the first epoch has; index 0, target ignored: the
+head's GEMM runs on a few more rows, the loss does not change), so a packed run has one shape. A shape's first
+micro-batch runs eagerly, which also warms what a capture must not do for the first time (compiling, cuBLAS and
+attention kernel choice); its second is recorded and replayed, and so is every later one. A shape that differs
+from one already run only in its supervised rows is recorded at once: only the loss's head GEMM and its
+cross-entropy (compiled for any row count) meet the new count, and neither needs a warm-up.
 
 All graphs share one memory pool, so they hold one step's activations, not one per shape. That is safe
 because nothing a graph allocated outlives its replay: the gradients add into FlatGradients' buffer (allocated
 before any capture) and the loss is copied out at once. The eager first runs allocate outside that pool: a
-capture first returns their cached memory to the driver, but the eager first run of a later shape holds its
-own beside the pool. Padded runs, with their many shapes, may so reserve about twice a step's activations
-(hence --cuda_graphs 0 near the limit); a packed run, one shape, does not.
+capture first returns their cached memory to the driver, but the eager first run of a later width holds its
+own beside the pool. Padded runs, with their many widths, may so reserve about twice a step's activations
+(hence --cuda_graphs 0 near the limit); a packed run, one width, does not.
 """
 
 from collections.abc import Callable
@@ -35,12 +37,14 @@ MicroStep = Callable[[dict, torch.Tensor], torch.Tensor]  # (device batch, [loss
 
 
 def supervised_rows(batch: dict) -> int:
-    """The supervised rows a graph of `batch` holds. Packed rows (no attention_mask): one per position, so a
-    packed run has one shape and records once; padded batches: their count rounded up to SUPERVISED_MULTIPLE."""
-    if "attention_mask" not in batch:
-        return batch["input_ids"].numel()
+    """The supervised rows a graph of `batch` holds. Packed rows (no attention_mask): the run's `sup_slots`
+    (trainer/data.supervised_slots), or one per position for a micro-batch with more (or without sup_slots);
+    padded batches: their count rounded up to SUPERVISED_MULTIPLE."""
     n = batch["sup_index"].numel()
-    return n + -n % SUPERVISED_MULTIPLE
+    if "attention_mask" in batch:
+        return n + -n % SUPERVISED_MULTIPLE
+    slots = batch.get("sup_slots") or 0
+    return slots if n <= slots else batch["input_ids"].numel()
 
 
 def supervised_padded(batch: dict) -> dict:
@@ -54,6 +58,11 @@ def shape_key(batch: dict) -> tuple:
     n_sup = supervised_rows(batch)
     return tuple((name, n_sup if name in SUPERVISION else tuple(t.shape), t.dtype)
                  for name, t in sorted(batch.items()) if torch.is_tensor(t))
+
+
+def warm_up_key(key: tuple) -> tuple:
+    """The part of a shape_key that an eager run must have met before a capture: all but the supervision."""
+    return tuple(entry for entry in key if entry[0] not in SUPERVISION)
 
 
 class MicroStepGraphs:
@@ -83,8 +92,8 @@ class MicroStepGraphs:
             return loss.clone()  # the next replay, of any graph in the pool, may reuse this memory
         batch = supervised_padded(to_device(cpu_batch, self.device))
         scales_t = torch.tensor(scales, device=self.device)
-        if key not in self.seen or self.failure or len(self.graphs) >= MAX_GRAPHS:
-            self.seen.add(key)
+        if warm_up_key(key) not in self.seen or self.failure or len(self.graphs) >= MAX_GRAPHS:
+            self.seen.add(warm_up_key(key))
             return self.micro_step(batch, scales_t)
         return self._record(key, batch, scales_t)
 
