@@ -15,12 +15,18 @@ class UserError(Exception):
     """A problem in the user's input. Scripts print its message without a traceback and exit 2."""
 
 
+def print_error(err: BaseException) -> None:
+    """`error: <message>` on stderr in one write, so that the ranks of a torchrun job do not interleave theirs."""
+    sys.stderr.write(f"error: {err}\n")
+    sys.stderr.flush()
+
+
 def exit_on_user_error(run: Callable[[], object]) -> None:
     """Call `run()`; a UserError prints `error: <message>` on stderr, with no traceback, and exits 2."""
     try:
         run()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print_error(err)
         sys.exit(2)
 
 

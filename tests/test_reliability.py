@@ -40,6 +40,7 @@ from tests.train_utils import (
     subprocess_env,
     tiny_config,
     tokenizer_dir,
+    torchrun,
     write_chat_data,
 )
 from trainer.checkpoint import TrainState, atomic_save, load_resume, save_resume, write_dir
@@ -591,6 +592,40 @@ def test_out_of_memory_advice_keeps_what_a_resumed_run_must_keep():
     assert changes == {} and "--load_in_4bit" in others and "--cuda_graphs" not in others
     changes, others = advice("full_sft", "--batch_size", "1", graphs=True)
     assert "--load_in_4bit" not in others and "--cuda_graphs 0" in others
+
+
+@pytest.mark.slow
+def test_out_of_memory_under_torchrun_stops_every_rank_and_keeps_the_checkpoint(tmp_path):
+    """Two gloo ranks under a real torchrun, each with 1 GiB to spare: step 3 (16 samples of 2,000 tokens per
+    rank) runs out of memory. A rank cannot save alone (its peer waits in a collective), so the error says the
+    last checkpoint (step 2, --save_interval 2) is kept; no traceback; every process gone within seconds of
+    it; and the torchrun command it prints continues from that checkpoint."""
+    weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
+    data = heavy_step_data(tmp_path / "data.jsonl")
+    launcher = tmp_path / "limited.py"
+    launcher.write_text(LIMITED_MEMORY)
+    flags = dict(batch_size=HEAVY_BATCH // 2, max_seq_len=2064, epochs=1, warmup_iters=4, save_interval=2)
+    cmd = torchrun("--standalone", "--nproc_per_node", "2", str(launcher), "trainer.train_lora", "1",
+                   *lora_args(tmp_path, weight, data, **flags))
+    failed = run_timed(cmd, cwd=REPO, env=subprocess_env(MALLOC_ARENA_MAX="2"), timeout=240,
+                       mark="error: out of memory")
+    # torchrun itself ends with a traceback of its own (ChildFailedError) whenever a worker exits non-zero.
+    ranks_said = failed.output.split("ChildFailedError")[0].rsplit("Traceback", 1)[0]
+    TALLY["bad inputs tried"] += 1
+    TALLY["tracebacks"] += "Traceback" in ranks_said
+    assert failed.returncode != 0 and "Traceback" not in ranks_said, failed.output[-4000:]
+    errors = re.findall(r"^error: out of memory on cpu at step 3, in a micro-batch of 16 × 2024 tokens\. The last "
+                        r"checkpoint is kept as it was\.$", failed.output, re.M)
+    assert 1 <= len(errors) <= 2, failed.output[-4000:]  # each rank that ran out says so, each message whole
+    assert failed.exit_lag < 20, (failed.exit_lag, failed.output[-3000:])
+    assert load_resume(tmp_path / "out" / f"{STEM}_resume.pth")["state"]["step"] == 2
+    command = re.search(r"^  (torchrun --nproc_per_node=2 .*)$", failed.output, re.M).group(1)
+    assert command.endswith("--batch_size 8 --accumulation_steps 2 --from_resume 1"), command
+    argv = shlex.split(command)[2:]
+    assert argv[0].endswith("train_lora.py")
+    resumed = run_timed(torchrun("--standalone", "--nproc_per_node", "2", *argv), cwd=REPO, env=subprocess_env())
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert "training steps 3..4" in resumed.output and "step 4/4" in resumed.output, resumed.output[-3000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

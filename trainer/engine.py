@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model.errors import UserError, first_line, is_out_of_memory
+from model.errors import UserError, first_line, is_out_of_memory, print_error
 from model.varlen import VARLEN_DTYPES, varlen_attn
 from trainer.data import to_device
 from trainer.distributed import (
@@ -363,7 +363,7 @@ def run_job(main: Callable[[], int | None], teardown: bool = True) -> None:
     try:
         code = main() or 0
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print_error(err)
         code = 2
         _tell_peers(err)
     except KeyboardInterrupt as err:
