@@ -15,9 +15,9 @@ class UserError(Exception):
     """A problem in the user's input. Scripts print its message without a traceback and exit 2."""
 
 
-def print_error(err: BaseException) -> None:
+def print_error(message: object) -> None:
     """`error: <message>` on stderr in one write, so that the ranks of a torchrun job do not interleave theirs."""
-    sys.stderr.write(f"error: {err}\n")
+    sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
 
 

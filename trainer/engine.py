@@ -374,9 +374,8 @@ def run_job(main: Callable[[], int | None], teardown: bool = True) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         code = 1
         if is_out_of_memory(err):  # outside a step (trainer/out_of_memory.py has those): loading the model
-            print(f"error: out of memory ({first_line(err)}). A base model too big for the device trains with --load_in_4bit "
-                  "(LoRA) or --fsdp over several GPUs; a lower --batch_size or --max_seq_len needs less per step",
-                  file=sys.stderr, flush=True)
+            print_error(f"out of memory ({first_line(err)}). A base model too big for the device trains with --load_in_4bit "
+                        "(LoRA) or --fsdp over several GPUs; a lower --batch_size or --max_seq_len needs less per step")
             code = 2
         elif not (distributed and _peer_lost(err)):  # a peer's death: its one line says all there is to say
             traceback.print_exc()

@@ -86,7 +86,7 @@ def lighter_flags(args: argparse.Namespace, step_graphs: bool = False) -> tuple[
     """Flags that need less memory per micro-batch and that a resumed run may take (the same samples per
     optimizer step), and the other options, as text. `step_graphs`: padded micro-batches replay CUDA graphs."""
     changes: dict[str, str] = {}
-    # The graphs' pool sits beside the eager first run of each new shape: about twice a step's (docs/PERF.md).
+    # The graphs' pool sits beside the eager first run of each new width: about twice a step's (docs/PERF.md).
     others = ["--cuda_graphs 0 (slower steps, about half the memory reserved)"] if step_graphs else []
     halves = args.batch_size % 2 == 0 and not getattr(args, "packed_rows", None)  # --packed_rows must stay
     if halves:
