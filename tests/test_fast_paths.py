@@ -7,7 +7,7 @@ from torch import nn
 from model.model_lora import LoRALinear, apply_lora, lora_parameters, set_lora_fused
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, project
 from tests.train_utils import fill_random
-from trainer.loss import IGNORE_INDEX, SupervisedLoss, pad_rows, supervision
+from trainer.loss import IGNORE_INDEX, SupervisedLoss, _ce_and_grad, pad_rows, supervision
 
 
 def tiny_model(seed: int = 0) -> MiniMindForCausalLM:
@@ -136,6 +136,26 @@ def test_linear_cross_entropy_gives_checkpointed_chunk_loss_and_grads():
     full = nn.functional.cross_entropy(model(ids).logits[:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1),
                                        reduction="sum")
     assert (plain[0] - full).abs() <= 1e-5 * full
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_ce_and_grad_matches_autograd_in_float64(compiled):
+    """The fused head's per-chunk math (summed CE and d(CE)/d(logits) = softmax - one-hot, zero on ignored rows),
+    eager and as Inductor compiles it, against F.cross_entropy's own gradient in float64. Targets include the
+    first and last vocabulary entries, and rows ignored in the middle and at the end."""
+    torch.manual_seed(0)
+    logits = (torch.randn(9, 301, dtype=torch.float64) * 4).to(torch.bfloat16)
+    targets = torch.tensor([0, 300, IGNORE_INDEX, 17, 17, 150, 299, 1, IGNORE_INDEX])
+    want_logits = logits.double().requires_grad_()
+    want = nn.functional.cross_entropy(want_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    want.backward()
+    run = torch.compile(_ce_and_grad, dynamic=True) if compiled else _ce_and_grad
+    ce, grad = run(logits, targets)
+    assert grad.dtype == torch.bfloat16 and grad.shape == logits.shape
+    assert abs(ce.item() - want.item()) <= 1e-5 * want.item()
+    # bf16 output: within its rounding (2^-8 relative) of the exact gradient, and exactly 0 on ignored rows
+    assert (grad.double() - want_logits.grad).abs().max() <= 2 ** -8
+    assert grad[[2, 8]].abs().max() == 0
 
 
 @pytest.mark.parametrize("fused", [True, False])

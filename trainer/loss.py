@@ -40,8 +40,11 @@ def _ce_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     picked_at = targets.clamp(min=0)[:, None]
     lse = torch.logsumexp(logits32, dim=-1, keepdim=True)
     picked = logits32.gather(1, picked_at)
-    grad = torch.exp(logits32 - lse).scatter_add_(1, picked_at, torch.full_like(picked, -1.0))
-    return ((lse - picked) * keep).sum(), (grad * keep).to(logits.dtype)
+    # The one-hot as a comparison, not a scatter into the softmax: compiled, the gradient is then one pass that
+    # writes the logits' dtype, with no fp32 [rows, vocab] buffer in between (docs/PERF.md).
+    one_hot = torch.arange(logits.shape[1], device=logits.device) == picked_at
+    grad = torch.where(keep, torch.exp(logits32 - lse) - one_hot.float(), 0.0)
+    return ((lse - picked) * keep).sum(), grad.to(logits.dtype)
 
 
 def pad_rows(index: torch.Tensor, targets: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
