@@ -54,6 +54,10 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
         if torch.is_autocast_enabled("cuda"):  # as autocast casts SDPA's inputs (an fp32 base under fp16/bf16)
             dtype = torch.get_autocast_dtype("cuda")
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if k.shape[1] != q.shape[1] and torch.compiler.is_compiling():
+            # Flash's own GQA backward sums dk/dv over the heads that share a kv head in a separate, slow
+            # reduction; with the heads repeated here, Inductor folds that sum into the rope's backward.
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         gqa = {"enable_gqa": True} if _GQA_FLAG and k.shape[1] != q.shape[1] else {}
         cu, n = segments.cu_seqlens, segments.max_len
         return varlen_attn(q, k, v, cu, cu, n, n, **_CAUSAL, **gqa)
