@@ -41,9 +41,10 @@ def _ce_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     lse = torch.logsumexp(logits32, dim=-1, keepdim=True)
     picked = logits32.gather(1, picked_at)
     # The one-hot as a comparison, not a scatter into the softmax: compiled, the gradient is then one pass that
-    # writes the logits' dtype, with no fp32 [rows, vocab] buffer in between (docs/PERF.md).
+    # writes the logits' dtype, with no fp32 [rows, vocab] buffer in between (docs/PERF.md). In place, so that
+    # eager (CPU) runs hold no more [rows, vocab] temporaries than the softmax itself.
     one_hot = torch.arange(logits.shape[1], device=logits.device) == picked_at
-    grad = torch.where(keep, torch.exp(logits32 - lse) - one_hot.float(), 0.0)
+    grad = torch.exp(logits32 - lse).add_(one_hot, alpha=-1).masked_fill_(~keep, 0.0)
     return ((lse - picked) * keep).sum(), grad.to(logits.dtype)
 
 
