@@ -19,9 +19,8 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     results = json.loads((out / "results.json").read_text())
 
     a = results["a"]  # 1 process × accumulation 2 == 2 ranks (fp32 here: equal up to rounding)
-    runs_output = (out / "a.log").read_text()[-4000:]  # says why, where a run failed
-    assert (a["one"]["returncode"], a["two"]["returncode"]) == (0, 0), json.dumps(a) + "\n" + runs_output
-    assert a["steps_compared"] == 4
+    why = json.dumps(a) + "\n" + (out / "a.log").read_text()[-4000:]  # the two runs' output, should one fail
+    assert (a["one"]["returncode"], a["two"]["returncode"], a.get("steps_compared")) == (0, 0, 4), why
     assert a["max_abs_loss_diff"] < 1e-5
     assert a["speedup"] > 0 and a["two"]["exit_after_done_s"] < 10
 
