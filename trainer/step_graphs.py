@@ -92,8 +92,9 @@ class MicroStepGraphs:
             return loss.clone()  # the next replay, of any graph in the pool, may reuse this memory
         batch = supervised_padded(to_device(cpu_batch, self.device))
         scales_t = torch.tensor(scales, device=self.device)
-        if warm_up_key(key) not in self.seen or self.failure or len(self.graphs) >= MAX_GRAPHS:
-            self.seen.add(warm_up_key(key))
+        warm_up = warm_up_key(key)
+        if warm_up not in self.seen or self.failure or len(self.graphs) >= MAX_GRAPHS:
+            self.seen.add(warm_up)
             return self.micro_step(batch, scales_t)
         return self._record(key, batch, scales_t)
 
