@@ -22,7 +22,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dataset.records import data_error, parse_line, read_conversations, read_lines, read_texts
-from model.errors import UserError
+from model.errors import UserError, print_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = [REPO_ROOT / "dataset" / "pretrain_demo.jsonl", REPO_ROOT / "dataset" / "sft_demo.jsonl"]
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             texts += corpus_texts(path)
         tokenizer = train_bpe(texts, args.vocab_size)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     out = save_tokenizer(tokenizer, args.out_dir, args.model_max_length)
     size = tokenizer.get_vocab_size()
