@@ -1,6 +1,8 @@
 """The trainer's pieces against references: LR endpoints, flags, loss vs float64, sharding, nan skipping."""
 
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from dataset.lm_dataset import collate_padded
 from model.model_lora import apply_lora, lora_parameters
 from model.model_minimind import MiniMindForCausalLM
-from tests.train_utils import save_tiny_minimind, tiny_config
+from tests.train_utils import python, save_tiny_minimind, scaled, subprocess_env, tiny_config
 from trainer.args import FlagError, parse_args
 from trainer.base_model import BaseModelError, resolve_weight
 from trainer.data import StepSampler, collate_supervised, epoch_order
@@ -303,3 +305,41 @@ def test_gradient_checkpointing_gives_the_same_step():
         grads.append([x - p.detach() for x, p in zip(before, params)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------- leaving
+
+_RELEASE_WORKERS = """
+import os
+from torch._inductor.async_compile import AsyncCompile
+from trainer.engine import CompileWorkers
+
+def children():
+    with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+        return f.read().split()
+
+AsyncCompile.process_pool().submit(sum, [1, 2]).result()  # the pool a GPU compile starts, with a job done
+never = CompileWorkers(None)
+for done in range(5):
+    never.before_step(done, epoch=0)
+assert never.thread is None and children(), "a run that may still compile keeps its compile workers"
+workers = CompileWorkers(release_after=2)
+workers.before_step(0, epoch=0)
+workers.before_step(1, epoch=0)
+assert workers.thread is None and children(), "released during the warm-up"
+workers.before_step(2, epoch=0)
+assert workers.thread is not None
+workers.before_step(3, epoch=1)  # a new epoch may compile a new shape: the stop in flight is waited for
+assert not workers.thread.is_alive()
+print("left", children())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child processes from Linux's /proc")
+def test_compile_workers_go_after_the_warm_up():
+    """CompileWorkers stops Inductor's compile worker processes in a thread once the warm-up steps are done,
+    never for a run that may still compile, and waits for a stop in flight when a new epoch begins."""
+    run = subprocess.run([python(), "-c", _RELEASE_WORKERS], env=subprocess_env(TORCHINDUCTOR_COMPILE_THREADS="2"),
+                         capture_output=True, text=True, timeout=scaled(180))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "left []"

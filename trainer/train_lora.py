@@ -57,6 +57,7 @@ from trainer.distributed import (
     setup_distributed,
 )
 from trainer.engine import (
+    CompileWorkers,
     StopSignal,
     at_step,
     attention_line,
@@ -206,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------ loop
     log = RunLogger(info, total_steps, state.step, args.log_interval, state.history, wandb_run)
+    # Compiled steps replayed as CUDA graphs keep one shape (and validation runs eagerly): after the warm-up
+    # nothing compiles, so Inductor's compile workers can go.
+    workers = CompileWorkers(state.step + RunLogger.WARMUP if compiled and cuda_graphs else None)
     stop = StopSignal()
     guard = DivergenceGuard(model.config.vocab_size, params, state.history["train"], resume_path, state.step)
     memory = MemoryWatch(info, args, keep_rng=args.lora_dropout > 0, step_graphs=graphs is not None and not args.packing)
@@ -220,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     for epoch, micro_batches, n_samples in data.steps(state.epoch, state.position, args.epochs):
         if state.step >= total_steps:  # --max_steps reached, or a finished run resumed
             break
+        workers.before_step(state.step, epoch)
         n_supervised, n_tokens, stopped = step_begin(micro_batches, stop.requested, info)
         if stopped:
             break
@@ -242,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             save(final=False)
 
     # ------------------------------------------------------------------ finish
+    workers.join()
     if data.val_batches is not None and not stopped and not memory.failed:
         with memory.watch(state.step):
             log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
