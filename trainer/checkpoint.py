@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from model.atomic import atomic_write, atomic_write_text, fsync_dir, share_readable, temp_name
-from model.errors import UserError, is_out_of_memory
+from model.errors import UserError, first_line, is_out_of_memory
 
 
 class CheckpointError(UserError):
@@ -129,7 +129,7 @@ def load_resume(path: Path) -> dict | None:
     except Exception as err:
         if is_out_of_memory(err):  # not a damaged file: say so (run_job), keep it
             raise
-        raise CheckpointError(f"{path}: cannot read the resume file ({_first_line(err)}); it is truncated "
+        raise CheckpointError(f"{path}: cannot read the resume file ({type(err).__name__}: {first_line(err)}); it is truncated "
                               f"or not a torch file; {fresh}") from err
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in RESUME_KEYS):
         raise CheckpointError(f"{path}: is not a resume file written by this trainer ({_looks_like(ckpt)}); "
@@ -139,11 +139,6 @@ def load_resume(path: Path) -> dict | None:
         raise CheckpointError(f"{path}: its checksum does not match its contents (the file was damaged after "
                               f"it was written); {fresh}")
     return ckpt
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _looks_like(obj: object) -> str:
