@@ -16,7 +16,9 @@ Each variant runs in its own process, all on one bytecode cache filled before th
 install; see cache_bytecode). `ours` is the bare command (`train_lora.py --from_weight ... --data_path
 ... --device cuda`, no speed flags) with an empty compile cache; `ours-warm` the same again on the cache the
 first one filled (likewise `unsloth` and `unsloth-warm`: every row has its own compile caches, emptied first
-unless its name ends in -warm). The table compares each row with the fastest peer row (Trainer or Unsloth).
+unless its name ends in -warm). The table compares each row with the fastest peer row (Trainer or Unsloth)
+and gives, for our measured epochs, the loss at the last step: rows with another step size (`ours-b32`)
+finish the epoch in fewer optimizer steps, so they are compared by how far they got too.
 Rows marked "projected" ran --steps optimizer steps only: their epoch time is the measured time to the end
 of their warm-up plus the epoch's remaining tokens at their steady rate. The Trainer rows use
 32 samples per batch (padded, or padding-free with DataCollatorWithFlattening), `hf-liger` adds Liger
@@ -195,6 +197,7 @@ def cache_bytecode(workdir: Path) -> None:
 
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) .*?\| ([\d,]+) tok/s \| (warm-up ([\d.]+) s|eta)")
+LOSS = re.compile(r"\| loss ([\d.]+) \|")
 
 
 def run_ours(name: str, flags: list[str], base: Path, data: Path, workdir: Path, steps: int | None,
@@ -240,6 +243,8 @@ def run_ours(name: str, flags: list[str], base: Path, data: Path, workdir: Path,
     out = dict(name=name, code=code, wall_s=wall, steady_tok_s=steady, first_step_s=first_step,
                late_tok_s=statistics.median(late) if late else float("nan"),
                warmup_end_s=warm[-1][0] if warm else float("nan"), steps=rows[-1][1].group(1) if rows else None,
+               # rows that train with other step sizes compare by how far they got, not only by how fast
+               last_loss=float(LOSS.search(rows[-1][1].string).group(1)) if rows else float("nan"),
                note=next((text for _, text in lines if text.startswith(("packed:", "padded:"))), ""),
                head=next((text for _, text in lines if text.startswith("base ")), ""),
                tail=[text for _, text in lines[-3:]])
@@ -364,21 +369,22 @@ def epoch_s(row: dict, stats: dict) -> float:
 
 
 def print_table(rows: list[dict], stats: dict) -> None:
-    """Every variant's epoch wall time, steady tokens/s and first step, against the fastest peer row (Trainer
-    + PEFT, with or without Liger, or Unsloth)."""
+    """Every variant's epoch wall time, steady tokens/s, first step and (a measured epoch of ours) loss at the
+    last step, against the fastest peer row (Trainer + PEFT, with or without Liger, or Unsloth)."""
     peers = [epoch_s(r, stats) for r in rows if r["name"] in VARIANTS and VARIANTS[r["name"]][0] == "hf" and r.get("code") == 0]
     ref = min(peers) if peers else float("nan")
     print(f"\n{stats['conversations']} conversations, {stats['tokens']:,} tokens (mean {stats['mean']:.0f})")
     print(f"{'variant':34s} {'epoch s':>9s} {'how':>9s} {'vs fastest peer':>15s} {'steady tok/s':>12s} "
-          f"{'1st step s':>10s}")
+          f"{'1st step s':>10s} {'last loss':>9s}")
     for r in rows:
         if r.get("code") != 0:
             print(f"{r['name']:34s} failed: {str(r.get('error', ''))[-300:]}")
             continue
         e = epoch_s(r, stats)
         how = "measured" if r.get("full_epoch") else "projected"
+        loss = f"{r['last_loss']:9.4f}" if r.get("full_epoch") and "last_loss" in r else f"{'-':>9s}"
         print(f"{r['name']:34s} {e:9.1f} {how:>9s} {ref / e:14.2f}x {r['steady_tok_s']:12,.0f} "
-              f"{r['first_step_s']:10.1f}")
+              f"{r['first_step_s']:10.1f} {loss}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 and a run against another checkout of the trainer."""
 
 import json
+import re
 import shutil
 
 from transformers import AutoTokenizer
@@ -44,4 +45,11 @@ def test_against_runs_each_of_our_rows_from_the_other_checkout_too(tmp_path):
     assert [(r["name"], r["code"], r["full_epoch"]) for r in rows] == [("ours", 0, True), ("ours@before", 0, True)]
     assert "trainer: the other checkout" in (work / "ours@before.log").read_text()
     assert "trainer: the other checkout" not in (work / "ours.log").read_text()
-    assert "ours@before" in out.stdout.split("variant")[-1]  # in the table
+    table = out.stdout.split("variant")[-1]
+    assert "ours@before" in table
+    # The loss at the last step, read from each log's last step line: the same code and data train alike.
+    for row in rows:
+        last_step = [line for line in (work / f"{row['name']}.log").read_text().splitlines() if re.search(r" step \d+/\d+ ", line)][-1]
+        assert f"| loss {row['last_loss']:.4f} |" in last_step, (row["last_loss"], last_step)
+        assert f"{row['last_loss']:9.4f}" in table
+    assert rows[0]["last_loss"] == rows[1]["last_loss"]
