@@ -1,5 +1,6 @@
 """The trainer's pieces against references: LR endpoints, flags, loss vs float64, sharding, nan skipping."""
 
+import json
 import math
 import subprocess
 from pathlib import Path
@@ -343,3 +344,64 @@ def test_compile_workers_go_after_the_warm_up():
                          capture_output=True, text=True, timeout=scaled(180))
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "left []"
+
+
+_FUNCTION = '''
+import torch
+
+
+class Product(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        return grad @ w.t() * FACTOR, x.t() @ grad
+
+
+def layer(x, w):
+    return torch.sin(Product.apply(x, w))
+'''
+_COMPILE_ONCE = '''
+import json, sys
+import torch
+from torch._dynamo.utils import counters
+sys.path.insert(0, sys.argv[1])
+import function
+from trainer.engine import compiler_settings
+
+compiler_settings()
+torch.manual_seed(0)
+x, w = torch.randn(8, 16, requires_grad=True), torch.randn(16, 4, requires_grad=True)
+torch.compile(function.layer)(x, w).sum().backward()
+compiled = x.grad.clone()
+x.grad = None
+function.layer(x, w).sum().backward()
+aot = counters["aot_autograd"]
+print(json.dumps(dict(hit=aot["autograd_cache_hit"], miss=aot["autograd_cache_miss"],
+                      same=torch.allclose(compiled, x.grad), grad=compiled.sum().item())))
+'''
+
+
+@pytest.mark.skipif(not hasattr(torch._functorch.config, "autograd_cache_allow_custom_autograd_functions"),
+                    reason="torch < 2.7 keeps graphs with custom autograd.Functions out of AOTAutograd's cache")
+def test_warm_start_reuses_a_graph_with_our_autograd_function_and_never_a_stale_one(tmp_path):
+    """compiler_settings lets AOTAutograd's cache hold a compiled graph with a custom autograd.Function (as
+    the fused LoRA layer is), so a second process loads it instead of tracing it again. A Function whose
+    backward changed misses the cache, and the compiled gradient is the new backward's."""
+    def run(factor: float) -> dict:
+        (tmp_path / "function.py").write_text(_FUNCTION.replace("FACTOR", repr(factor)))
+        env = subprocess_env(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"), PYTHONDONTWRITEBYTECODE="1")
+        out = subprocess.run([python(), "-c", _COMPILE_ONCE, str(tmp_path)], env=env, capture_output=True,
+                             text=True, timeout=scaled(300))
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, again, edited = run(1.0), run(1.0), run(2.0)
+    assert (first["hit"], first["miss"]) == (0, 1) and first["same"]
+    assert (again["hit"], again["miss"]) == (1, 0) and again["same"] and again["grad"] == first["grad"]
+    assert (edited["hit"], edited["miss"]) == (0, 1) and edited["same"]
+    assert edited["grad"] == pytest.approx(2 * first["grad"])

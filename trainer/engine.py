@@ -81,6 +81,19 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def compiler_settings() -> None:
+    """Two settings of the compile stack for the trainer's compiled layers, process-wide (docs/PERF.md, "A warm
+    start from AOTAutograd's cache; pointwise kernels untimed")."""
+    # AOTAutograd's cache skips a graph holding a custom autograd.Function (the fused LoRA layer) unless this is
+    # set, so every warm start traced and partitioned the layer again. Its key holds the Function's traced
+    # forward and backward, so an edited Function misses (tests/test_train_engine.py).
+    if hasattr(torch._functorch.config, "autograd_cache_allow_custom_autograd_functions"):  # torch >= 2.7
+        torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
+    # Pointwise kernels take Inductor's own block sizes instead of timing every candidate on their first run:
+    # a shorter cold compile at the same step time. Pointwise kernels hold no reduction, so the math is the same.
+    torch._inductor.config.triton.autotune_pointwise = False
+
+
 def compile_decoder(model: nn.Module, cuda_graphs: bool, per_layer: bool = False) -> str:
     """torch.compile the decoder in place (parameter names, and so the saved files, stay unchanged).
 
@@ -92,6 +105,7 @@ def compile_decoder(model: nn.Module, cuda_graphs: bool, per_layer: bool = False
     same shapes every step, which packed batches of fixed rows × --max_seq_len give. Returns how it was
     compiled, for the start-up line.
     """
+    compiler_settings()
     mode = "reduce-overhead" if cuda_graphs else None
     if per_layer and cuda_graphs:
         # During the warm-up steps the next layer's forward runs while an earlier layer's backward is pending,
