@@ -129,8 +129,8 @@ def load_resume(path: Path) -> dict | None:
     except Exception as err:
         if is_out_of_memory(err):  # not a damaged file: say so (run_job), keep it
             raise
-        raise CheckpointError(f"{path}: cannot read the resume file ({type(err).__name__}: {first_line(err)}); it is truncated "
-                              f"or not a torch file; {fresh}") from err
+        raise CheckpointError(f"{path}: cannot read the resume file ({type(err).__name__}: {first_line(err)}); "
+                              f"it is truncated or not a torch file; {fresh}") from err
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in RESUME_KEYS):
         raise CheckpointError(f"{path}: is not a resume file written by this trainer ({_looks_like(ckpt)}); "
                               f"{fresh}")
