@@ -382,7 +382,7 @@ def print_table(rows: list[dict], stats: dict) -> None:
             continue
         e = epoch_s(r, stats)
         how = "measured" if r.get("full_epoch") else "projected"
-        loss = f"{r['last_loss']:9.4f}" if r.get("full_epoch") and "last_loss" in r else f"{'-':>9s}"
+        loss = f"{r['last_loss']:9.4f}" if r.get("full_epoch") else f"{'-':>9s}"  # full epochs: ours only
         print(f"{r['name']:34s} {e:9.1f} {how:>9s} {ref / e:14.2f}x {r['steady_tok_s']:12,.0f} "
               f"{r['first_step_s']:10.1f} {loss}")
 
