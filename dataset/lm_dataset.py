@@ -29,6 +29,7 @@ from dataset.records import (
     parse_text,
     read_lines,
 )
+from dataset.token_cache import TokenCache, Tokens, tokenizer_fingerprint
 from model.varlen import cu_seqlens_of
 
 IGNORE_INDEX = -100
@@ -61,7 +62,10 @@ class TokenizedDataset(Dataset):
 
 
 class SFTDataset(TokenizedDataset):
-    """Chat data (any format in dataset/records.py) rendered through the chat template, assistant turns learned."""
+    """Chat data (any format in dataset/records.py) rendered through the chat template, assistant turns learned.
+
+    With `cache`, the tokens are read from it when this file was tokenized the same way before, else written
+    to it (dataset/token_cache.py)."""
 
     def __init__(
         self,
@@ -73,21 +77,22 @@ class SFTDataset(TokenizedDataset):
         chat_template: str | None = None,
         log: Callable[[str], None] | None = print,
         template_name: str | None = None,
+        cache: TokenCache | None = None,
     ) -> None:
         # The template is checked first: a tokenizer that cannot make a mask fails before any data is read.
         # template_name (e.g. the --chat_template path) names it in that message
         encode = _ChatEncoder(tokenizer, chat_template, max_length, template_name)
-        lines = read_lines(data_path)
-        chunks = _map_chunks(encode, lines, num_workers)
-        self.skipped, self.dropped = _check(data_path, chunks, len(lines), skip_invalid)
-        super().__init__(*_join(chunks))
-        self.summary = _summary(data_path, len(self), self.dropped, self.skipped, max_length)
+        tokens, cache_note = _tokenize_file(data_path, encode, num_workers, skip_invalid, cache)
+        super().__init__(tokens.ids, tokens.mask, tokens.lengths)
+        self.skipped, self.dropped = tokens.skipped, tokens.dropped
+        self.summary = _summary(data_path, len(self), self.dropped, self.skipped, max_length) + cache_note
         if log:
             log(self.summary)
 
 
 class PretrainDataset(TokenizedDataset):
-    """Plain text {"text": ...} lines as bos + text + eos (as MiniMind does), every real token learned."""
+    """Plain text {"text": ...} lines as bos + text + eos (as MiniMind does), every real token learned; `cache`
+    as for SFTDataset."""
 
     def __init__(
         self,
@@ -97,12 +102,13 @@ class PretrainDataset(TokenizedDataset):
         skip_invalid: bool = False,
         num_workers: int | None = None,
         log: Callable[[str], None] | None = print,
+        cache: TokenCache | None = None,
     ) -> None:
-        lines = read_lines(data_path)
-        chunks = _map_chunks(_TextEncoder(tokenizer, max_length), lines, num_workers)
-        self.skipped, self.dropped = _check(data_path, chunks, len(lines), skip_invalid)
-        super().__init__(*_join(chunks))
-        self.summary = _summary(data_path, len(self), self.dropped, self.skipped, max_length)
+        encode = _TextEncoder(tokenizer, max_length)
+        tokens, cache_note = _tokenize_file(data_path, encode, num_workers, skip_invalid, cache)
+        super().__init__(tokens.ids, tokens.mask, tokens.lengths)
+        self.skipped, self.dropped = tokens.skipped, tokens.dropped
+        self.summary = _summary(data_path, len(self), self.dropped, self.skipped, max_length) + cache_note
         if log:
             log(self.summary)
 
@@ -135,6 +141,11 @@ class _ChatEncoder:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fmt": None}  # compiled jinja templates do not pickle
+
+    def fingerprint(self) -> dict:
+        """What the tokens depend on besides the data and the code (dataset/token_cache.py)."""
+        return {"kind": "chat", "tokenizer": tokenizer_fingerprint(self.tokenizer), "template": self.chat_template,
+                "max_length": self.max_length}
 
     def __call__(self, lines: Sequence[tuple[int, bytes]]) -> _Chunk:
         if self._fmt is None:
@@ -173,6 +184,11 @@ class _TextEncoder:
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self.max_text = max_length - len(self.bos) - len(self.eos)
 
+    def fingerprint(self) -> dict:
+        """What the tokens depend on besides the data and the code (dataset/token_cache.py)."""
+        return {"kind": "text", "backend": self.backend.to_str(), "bos": self.bos, "eos": self.eos,
+                "max_text": self.max_text}
+
     def __call__(self, lines: Sequence[tuple[int, bytes]]) -> _Chunk:
         chunk, texts = _Chunk(), []
         for line, raw in lines:
@@ -197,6 +213,25 @@ def _init_worker(encode: Callable, items: Sequence) -> None:
 
 def _run_chunk(bounds: tuple[int, int]) -> _Chunk:
     return _worker["encode"](_worker["items"][bounds[0] : bounds[1]])
+
+
+def _tokenize_file(data_path: str | Path, encode: Callable, num_workers: int | None, skip_invalid: bool,
+                   cache: TokenCache | None) -> tuple[Tokens, str]:
+    """The file's tokens, from `cache` if it holds them, else tokenized (and written there); and a note on the
+    cache for the data line."""
+    entry = cache.entry(data_path, {**encode.fingerprint(), "skip_invalid": skip_invalid}) if cache else None
+    tokens = cache.load(entry) if entry else None
+    if tokens is not None:
+        return tokens, f"; tokens read from the cache {cache.folder}"
+    lines = read_lines(data_path)
+    chunks = _map_chunks(encode, lines, num_workers)
+    skipped, dropped = _check(data_path, chunks, len(lines), skip_invalid)
+    tokens = Tokens(*_join(chunks), skipped, dropped)
+    if entry is None:
+        return tokens, ""
+    written = cache.save(entry, tokens)
+    return tokens, f"; tokens {written}" if written else (
+        f"; tokens cached in {cache.folder} for the next run" if cache.write else "")
 
 
 def _map_chunks(encode: Callable, items: Sequence, num_workers: int | None) -> list[_Chunk]:

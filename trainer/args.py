@@ -150,6 +150,10 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--packed_rows", type=int, default=None,
                    help="packed rows per micro-batch (default: as many as hold about --batch_size samples of the "
                         "data's mean length)")
+    g.add_argument("--data_cache", default=None,
+                   help="folder that keeps the tokenized data, so that the next run on the same file, tokenizer, "
+                        "chat template and --max_seq_len starts without tokenizing (none: off; default: "
+                        "$MINILORA_CACHE_DIR, else ~/.cache/minilora/tokenized; each file keeps its 3 latest)")
     _switch(g, "--skip_bad_data", "--skip_invalid", help="skip malformed jsonl lines with a warning instead of stopping")
     g.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dataset.lm_dataset import SFTDataset
+from dataset.token_cache import cache_from_flag
 from trainer.args import check_data_files, parse_args
 from trainer.base_model import load_base
 from trainer.checkpoint import seed_everything
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     template = Path(args.chat_template).read_text() if args.chat_template else None
     make_dataset = partial(SFTDataset, tokenizer=base.tokenizer, max_length=args.max_seq_len,
                            skip_invalid=args.skip_bad_data, chat_template=template,
-                           template_name=args.chat_template, log=print if info.is_main else None)
+                           template_name=args.chat_template, log=print if info.is_main else None,
+                           cache=cache_from_flag(args.data_cache, write=info.local_rank == 0))
 
     # ------------------------------------------------------------------ train (trainer/full_training.py)
     return train_all_weights(args, info, amp_dtype, base, make_dataset, JOB, title="full SFT")

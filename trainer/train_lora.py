@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from dataset.lm_dataset import SFTDataset
+from dataset.token_cache import cache_from_flag
 from model.model_lora import (
     load_lora_state_dict,
     lora_parameters,
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------ data
     template = Path(args.chat_template).read_text() if args.chat_template else None
     make = partial(SFTDataset, tokenizer=base.tokenizer, max_length=args.max_seq_len, skip_invalid=args.skip_bad_data,
-                   chat_template=template, template_name=args.chat_template, log=print if info.is_main else None)
+                   chat_template=template, template_name=args.chat_template, log=print if info.is_main else None,
+                   cache=cache_from_flag(args.data_cache, write=info.local_rank == 0))
     data = prepare_data(make, args, info, pad_id=base.tokenizer.pad_token_id or 0, segments=attention == "varlen")
     if info.is_main:
         print(data.note, flush=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dataset.lm_dataset import PretrainDataset
+from dataset.token_cache import cache_from_flag
 from trainer.args import check_data_files, from_scratch, parse_args
 from trainer.base_model import REPO_TOKENIZER, load_base, load_tokenizer, new_minimind
 from trainer.checkpoint import seed_everything
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------ data: plain text, every token learned
     make_dataset = partial(PretrainDataset, tokenizer=base.tokenizer, max_length=args.max_seq_len,
-                           skip_invalid=args.skip_bad_data, log=print if info.is_main else None)
+                           skip_invalid=args.skip_bad_data, log=print if info.is_main else None,
+                           cache=cache_from_flag(args.data_cache, write=info.local_rank == 0))
 
     # ------------------------------------------------------------------ train (trainer/full_training.py)
     return train_all_weights(args, info, amp_dtype, base, make_dataset, JOB, title="pretrain")
