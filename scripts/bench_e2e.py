@@ -260,6 +260,10 @@ def run_ours(name: str, flags: list[str], base: Path, data: Path, workdir: Path,
                last_loss=float(LOSS.search(rows[-1][1].string).group(1)) if rows else float("nan"),
                note=next((text for _, text in lines if text.startswith(("packed:", "padded:"))), ""),
                head=next((text for _, text in lines if text.startswith("base ")), ""),
+               # where a start goes: imports and the model load, then reading the data, then the first step
+               startup_line_s=next((t for t, text in lines if text.startswith("base ")), float("nan")),
+               data_line_s=next((t for t, text in lines if ": kept " in text), float("nan")),
+               step1_line_s=warm[0][0] if warm else float("nan"),
                tail=[text for _, text in lines[-3:]])
     if code != 0:
         out["error"] = log[-3000:]
