@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +52,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict:
 
 
 def _code_and_versions() -> dict:
-    import jinja2
-    import tokenizers
-    import transformers  # its jinja environment (filters, extensions) renders the templates
-
     here = Path(__file__).parent
     code = hashlib.sha256(b"".join((here / name).read_bytes() for name in SOURCES)).hexdigest()
-    return {"code": code, "python": sys.version_info[:2], "tokenizers": tokenizers.__version__,
-            "jinja2": jinja2.__version__, "transformers": transformers.__version__, "numpy": np.__version__}
+    # transformers' jinja environment (its filters and extensions) renders the templates
+    versions = {name: version(name) for name in ("tokenizers", "jinja2", "transformers", "numpy")}
+    return {"code": code, "python": sys.version_info[:2], **versions}
 
 
 def file_digest(path: Path) -> str | None:
@@ -93,11 +91,15 @@ class TokenCache:
 
     def entry(self, data_path: str | os.PathLike, encoder: dict) -> Path | None:
         """Where the tokens of `data_path` under `encoder` (what the encoder depends on) live; None if the file
-        cannot be read."""
+        cannot be read or a library's version is unknown."""
         data = file_digest(Path(data_path))
         if data is None:
             return None
-        key = json.dumps({"data": data, "encoder": encoder, **_code_and_versions()}, sort_keys=True, default=str)
+        try:
+            code = _code_and_versions()
+        except PackageNotFoundError:  # a library run from a source folder: no version to key on, so no cache
+            return None
+        key = json.dumps({"data": data, "encoder": encoder, **code}, sort_keys=True, default=str)
         where = hashlib.sha256(str(Path(data_path).resolve()).encode()).hexdigest()[:16]
         return self.folder / f"{where}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
 
