@@ -227,11 +227,10 @@ def _tokenize_file(data_path: str | Path, encode: Callable, num_workers: int | N
     chunks = _map_chunks(encode, lines, num_workers)
     skipped, dropped = _check(data_path, chunks, len(lines), skip_invalid)
     tokens = Tokens(*_join(chunks), skipped, dropped)
-    if entry is None:
+    if entry is None or not cache.write:
         return tokens, ""
-    written = cache.save(entry, tokens)
-    return tokens, f"; tokens {written}" if written else (
-        f"; tokens cached in {cache.folder} for the next run" if cache.write else "")
+    problem = cache.save(entry, tokens)  # why it was not written, or ""
+    return tokens, f"; tokens {problem}" if problem else f"; tokens cached in {cache.folder} for the next run"
 
 
 def _map_chunks(encode: Callable, items: Sequence, num_workers: int | None) -> list[_Chunk]:

@@ -119,9 +119,7 @@ class TokenCache:
         return tokens
 
     def save(self, entry: Path, tokens: Tokens) -> str:
-        """Write the entry (unless read-only); returns a note for the data line ("" when written)."""
-        if not self.write:
-            return ""
+        """Write the entry; returns why it was not written ("" when it was)."""
         size = tokens.ids.nbytes + tokens.mask.nbytes + tokens.lengths.nbytes
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
