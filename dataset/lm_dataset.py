@@ -61,11 +61,23 @@ class TokenizedDataset(Dataset):
         return input_ids, labels
 
 
-class SFTDataset(TokenizedDataset):
-    """Chat data (any format in dataset/records.py) rendered through the chat template, assistant turns learned.
+class _FileDataset(TokenizedDataset):
+    """A jsonl file tokenized by `encode` on all cores, or read from `cache` when this file was tokenized the same
+    way before (and then written to it; dataset/token_cache.py); `summary` says what was kept."""
 
-    With `cache`, the tokens are read from it when this file was tokenized the same way before, else written
-    to it (dataset/token_cache.py)."""
+    def __init__(self, data_path: str | Path, encode: Callable, max_length: int, skip_invalid: bool,
+                 num_workers: int | None, cache: TokenCache | None, log: Callable[[str], None] | None) -> None:
+        tokens, cache_note = _tokenize_file(data_path, encode, num_workers, skip_invalid, cache)
+        super().__init__(tokens.ids, tokens.mask, tokens.lengths)
+        self.skipped, self.dropped = tokens.skipped, tokens.dropped
+        self.summary = _summary(data_path, len(self), self.dropped, self.skipped, max_length) + cache_note
+        if log:
+            log(self.summary)
+
+
+class SFTDataset(_FileDataset):
+    """Chat data (any format in dataset/records.py) rendered through the chat template, assistant turns learned;
+    `cache` as for _FileDataset."""
 
     def __init__(
         self,
@@ -82,17 +94,12 @@ class SFTDataset(TokenizedDataset):
         # The template is checked first: a tokenizer that cannot make a mask fails before any data is read.
         # template_name (e.g. the --chat_template path) names it in that message
         encode = _ChatEncoder(tokenizer, chat_template, max_length, template_name)
-        tokens, cache_note = _tokenize_file(data_path, encode, num_workers, skip_invalid, cache)
-        super().__init__(tokens.ids, tokens.mask, tokens.lengths)
-        self.skipped, self.dropped = tokens.skipped, tokens.dropped
-        self.summary = _summary(data_path, len(self), self.dropped, self.skipped, max_length) + cache_note
-        if log:
-            log(self.summary)
+        super().__init__(data_path, encode, max_length, skip_invalid, num_workers, cache, log)
 
 
-class PretrainDataset(TokenizedDataset):
+class PretrainDataset(_FileDataset):
     """Plain text {"text": ...} lines as bos + text + eos (as MiniMind does), every real token learned; `cache`
-    as for SFTDataset."""
+    as for _FileDataset."""
 
     def __init__(
         self,
@@ -105,12 +112,7 @@ class PretrainDataset(TokenizedDataset):
         cache: TokenCache | None = None,
     ) -> None:
         encode = _TextEncoder(tokenizer, max_length)
-        tokens, cache_note = _tokenize_file(data_path, encode, num_workers, skip_invalid, cache)
-        super().__init__(tokens.ids, tokens.mask, tokens.lengths)
-        self.skipped, self.dropped = tokens.skipped, tokens.dropped
-        self.summary = _summary(data_path, len(self), self.dropped, self.skipped, max_length) + cache_note
-        if log:
-            log(self.summary)
+        super().__init__(data_path, encode, max_length, skip_invalid, num_workers, cache, log)
 
 
 # ---------------------------------------------------------------------------------------------------------
