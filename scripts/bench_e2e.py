@@ -17,9 +17,10 @@ install), after one small untimed compile in a cache of its own (the machine's f
 the CUDA libraries from disk; see cache_bytecode). `ours` is the bare command (`train_lora.py --from_weight ...
 --data_path ... --device cuda`, no speed flags) with an empty compile cache and an empty tokenized-data cache;
 `ours-warm` the same again on the caches the first one filled (likewise `unsloth` and `unsloth-warm`: every row
-has its own compile caches, emptied first unless its name ends in -warm). The table compares each row with the fastest peer row (Trainer or Unsloth)
-and gives, for our measured epochs, the loss at the last step: rows with another step size (`ours-b32`)
-finish the epoch in fewer optimizer steps, so they are compared by how far they got too.
+has its own compile caches, emptied first unless its name ends in -warm). The table compares each row with the
+fastest peer row (Trainer or Unsloth) and gives, for our measured epochs, the loss at the last step: rows with
+another step size (`ours-b32`) finish the epoch in fewer optimizer steps, so they are compared by how far they
+got too.
 Rows marked "projected" ran --steps optimizer steps only: their epoch time is the measured time to the end
 of their warm-up plus the epoch's remaining tokens at their steady rate. The Trainer rows use
 32 samples per batch (padded, or padding-free with DataCollatorWithFlattening), `hf-liger` adds Liger
