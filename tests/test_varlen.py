@@ -10,7 +10,7 @@ from model.model_lora import lora_parameters
 from model.varlen import PackedSegments, attend_segments, cu_seqlens_of
 from tests.test_fast_defaults import _Lengths
 from tests.test_fast_paths import packed_batch, tiny_model
-from trainer.data import prepare_data
+from trainer.data import SEGMENT_MULTIPLE, prepare_data
 from trainer.distributed import DistInfo
 from trainer.loss import SupervisedLoss
 
@@ -62,23 +62,34 @@ def test_segments_refuse_a_padding_mask():
 
 
 def test_packed_micro_batches_carry_boundaries_of_one_length_that_match_their_positions():
-    """With `segments`, every packed micro-batch of two epochs carries cu_seqlens of the same length (one
-    compiled shape), and its non-empty segments are exactly the samples and pad segments of its rows."""
+    """With `segments`, every packed micro-batch of two epochs on each of 2 ranks carries cu_seqlens of the same
+    length (one compiled shape), and its non-empty segments are exactly the samples and pad segments of its rows.
+    That length is sized from the first epoch's fullest micro-batch, not from its fullest row times the rows:
+    Flash's varlen kernel pays for empty slots."""
     rng = np.random.default_rng(0)
-    lengths = rng.integers(5, 120, size=300).tolist()
+    lengths = rng.integers(5, 120, size=1000).tolist()
     args = SimpleNamespace(data_path="x", val_data_path=None, val_fraction=0.0, seed=0, max_seq_len=128,
-                           packing=True, batch_size=8, accumulation_steps=2, num_workers=0)
-    data = prepare_data(lambda _: _Lengths(lengths), args, CPU, pad_id=0, segments=True)
-    shapes, n_batches = set(), 0
-    for _, micro_batches, _ in data.steps(0, 0, 2):
-        for b in micro_batches:
-            cu = b["cu_seqlens"]
-            shapes.add(tuple(cu.shape))
-            starts = [int(s) for s in cu_seqlens_of(b["position_ids"])[:-1]]
-            assert sorted(set(cu.tolist()) - {b["input_ids"].numel()}) == starts
-            assert cu.dtype == torch.int32 and cu[-1] == b["input_ids"].numel()
-            n_batches += 1
-    assert len(shapes) == 1 and n_batches > 20
+                           packing=True, batch_size=32, accumulation_steps=2, num_workers=0)
+    shapes, used, n_batches = set(), [], 0
+    for rank in range(2):
+        info = DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+        data = prepare_data(lambda _: _Lengths(lengths), args, info, pad_id=0, segments=True)
+        for epoch in range(2):
+            for _, micro_batches, _ in data.steps(epoch, 0, 2):
+                for b in micro_batches:
+                    cu = b["cu_seqlens"]
+                    shapes.add(tuple(cu.shape))
+                    starts = [int(s) for s in cu_seqlens_of(b["position_ids"])[:-1]]
+                    assert sorted(set(cu.tolist()) - {b["input_ids"].numel()}) == starts
+                    assert cu.dtype == torch.int32 and cu[-1] == b["input_ids"].numel()
+                    used += [len(starts)] if epoch == 0 else []
+                    n_batches += 1
+    assert len(shapes) == 1 and n_batches > 40
+    (shape,) = shapes
+    slots, rows = shape[0] - 1, b["input_ids"].shape[0]
+    fullest_row = max(len(row) for row in data.train.rows)
+    assert max(used) <= slots < rows * (fullest_row + 1) and slots % SEGMENT_MULTIPLE == 0
+    assert slots <= max(used) * 5 // 4 + 2 * SEGMENT_MULTIPLE  # a quarter to spare for later epochs, no more
     plain = prepare_data(lambda _: _Lengths(lengths), args, CPU, pad_id=0)
     assert "cu_seqlens" not in next(iter(plain.steps(0, 0, 1)))[1][0]
 

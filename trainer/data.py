@@ -244,26 +244,52 @@ class TrainData:
 
 
 BUCKET = 64  # padded widths on a GPU are multiples of this: at most 63 pad tokens more per row
+SEGMENT_MULTIPLE = 8  # cu_seqlens holds a multiple of this many segments (+ 1 entries)
 
 
-def segment_slots(packed: PackedDataset, rows: int) -> int:
-    """Sample boundaries a micro-batch of `rows` packed rows sends (`cu_seqlens`): every row's samples and its
-    pad segment, for the row with the most samples in the first epoch's packing. Fixed for the run, so that
-    the compiled step keeps one shape; a later micro-batch with more gets a longer tensor (one recompile)."""
-    return rows * (max((len(r) for r in packed.rows), default=0) + 1)
-
-
-def supervised_slots(packed: PackedDataset, rows: int, accumulation_steps: int, world_size: int, seed: int) -> int:
-    """Supervised positions a packed micro-batch's CUDA graph holds (trainer/step_graphs.py): the most that one
-    micro-batch of `rows` rows of the first epoch's packing has on any rank, rounded up to ROW_MULTIPLE. Fixed for
-    the run, so that packed steps keep one shape with the head's GEMMs on those rows, not on every position; a
-    later micro-batch with more gets a graph of its own."""
-    per_row = np.array([packed.dataset.targets[row].sum() for row in packed.rows], dtype=np.int64)
-    most = 0
+def first_epoch_micro_batches(packed: PackedDataset, rows: int, accumulation_steps: int, world_size: int,
+                              seed: int) -> Iterator[list[int]]:
+    """The packed rows of every micro-batch of `rows` rows in the first epoch's packing, on every rank."""
     for rank in range(world_size):
         plan = StepSampler(len(packed), rows, accumulation_steps, rank, world_size, seed)
         plan.set_epoch(0)
-        most = max([most] + [sum(int(per_row[i]) for i, live in micro if live) for micro in plan])
+        for micro in plan:
+            yield [i for i, live in micro if live]
+
+
+def row_sums(packed: PackedDataset, per_sample: np.ndarray) -> np.ndarray:
+    """A per-sample count summed over each packed row's samples."""
+    sizes = np.array([len(row) for row in packed.rows], dtype=np.int64)
+    if not sizes.size:
+        return sizes
+    samples = np.concatenate([np.asarray(row, dtype=np.int64) for row in packed.rows])
+    return np.add.reduceat(np.asarray(per_sample, dtype=np.int64)[samples], np.cumsum(sizes) - sizes)
+
+
+def fullest_micro_batch(per_row: np.ndarray, first_epoch: list[list[int]]) -> int:
+    """The largest sum of a per-row count over the rows of one micro-batch of `first_epoch`."""
+    return max((int(per_row[micro].sum()) for micro in first_epoch), default=0)
+
+
+def segment_slots(packed: PackedDataset, first_epoch: list[list[int]]) -> int:
+    """Sample boundaries a packed micro-batch sends (`cu_seqlens`): the most samples and pad segments that a
+    micro-batch of the first epoch's packing has on any rank (`first_epoch`: first_epoch_micro_batches), plus a
+    quarter (at least 2 × SEGMENT_MULTIPLE) for later epochs' packings, rounded up to SEGMENT_MULTIPLE. Fixed for
+    the run, so that the compiled step keeps one shape; a later micro-batch with more gets a longer tensor (one
+    recompile). Tight, because Flash's varlen kernel runs blocks for empty slots too (docs/PERF.md, "Fewer empty
+    segments")."""
+    pads = row_sums(packed, packed.dataset.lengths) < packed.max_length  # a row not full ends in a pad segment
+    most = fullest_micro_batch(np.array([len(row) for row in packed.rows]) + pads, first_epoch)
+    slots = most + max(2 * SEGMENT_MULTIPLE, most // 4)
+    return slots + -slots % SEGMENT_MULTIPLE
+
+
+def supervised_slots(packed: PackedDataset, first_epoch: list[list[int]]) -> int:
+    """Supervised positions a packed micro-batch's CUDA graph holds (trainer/step_graphs.py): the most that one
+    micro-batch of the first epoch's packing has on any rank (`first_epoch`), rounded up to ROW_MULTIPLE. Fixed
+    for the run, so that packed steps keep one shape with the head's GEMMs on those rows, not on every position;
+    a later micro-batch with more gets a graph of its own."""
+    most = fullest_micro_batch(row_sums(packed, packed.dataset.targets), first_epoch)
     return most + -most % ROW_MULTIPLE
 
 
@@ -288,9 +314,10 @@ def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info:
         why = "--packed_rows" if given else f"--batch_size {args.batch_size} × mean sample {mean:.0f} tokens"
         note = (f"packed: {rows} row(s) of {args.max_seq_len} tokens per micro-batch ({why}); one optimizer step ≈ "
                 f"{rows * per_step * per_row:.0f} samples, {rows * per_step * args.max_seq_len:,} token slots")
-        slots = segment_slots(train, rows) if segments else None
+        first = list(first_epoch_micro_batches(train, rows, args.accumulation_steps, info.world_size, args.seed))
+        slots = segment_slots(train, first) if segments else None
         train_collate = partial(collate_packed, pad_id=pad_id, width=args.max_seq_len, rows=rows, segments=slots)
-        sup_slots = supervised_slots(train, rows, args.accumulation_steps, info.world_size, args.seed)
+        sup_slots = supervised_slots(train, first)
     else:
         rows = args.batch_size
         note = (f"padded: {rows} samples per micro-batch" + (f", widths rounded up to multiples of {multiple}"
