@@ -132,14 +132,18 @@ def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
 
 def _merged_weight(layers: list[_FusedInput], A: torch.Tensor, Bs: list[torch.Tensor],
                    dtype: torch.dtype) -> torch.Tensor:
-    """The layers' W + s·B·A stacked by output rows, in `dtype` (each rounded once); A is their stacked A."""
-    As = (A,) if len(layers) == 1 else A.split([layer.A.shape[0] for layer in layers])
-    merged = []
-    for layer, a, b in zip(layers, As, Bs, strict=True):
-        dense = (layer.weight.to(dtype) if layer.weight is not None else
-                 dequantize_nf4(*layer.nf4_parts, layer.nf4_shape, dtype))
-        merged.append(torch.addmm(dense, b, a, alpha=layer.scale))
-    return _stack(merged)
+    """The layers' W + s·B·A stacked by output rows, in `dtype` (each rounded once); A is their stacked A.
+
+    Layers of one scale (the usual case) merge in one addmm over their stacked W and block-diagonal B: the
+    zero blocks add exact zeros, so each entry is the same sum, in one GEMM instead of one per layer."""
+    dense = [layer.weight.to(dtype) if layer.weight is not None else
+             dequantize_nf4(*layer.nf4_parts, layer.nf4_shape, dtype) for layer in layers]
+    if len({layer.scale for layer in layers}) == 1:
+        B = Bs[0] if len(Bs) == 1 else torch.block_diag(*Bs)
+        return torch.addmm(_stack(dense), B, A, alpha=layers[0].scale)
+    As = A.split([layer.A.shape[0] for layer in layers])
+    return _stack([torch.addmm(w, b, a, alpha=layer.scale) for layer, w, a, b in zip(layers, dense, As, Bs,
+                                                                                       strict=True)])
 
 
 class LoRALinear(nn.Module):

@@ -52,12 +52,12 @@ def test_fused_lora_model_gives_plain_loss_and_grads():
     assert_close(loss_and_grads(model, loss, ids, labels), plain)
 
 
-def _lora_group(biases: tuple[bool, ...]) -> list[LoRALinear]:
-    """Fused float64 LoRA layers that read one 8-wide input: ranks and outputs all differ; scales 2, 1 and 2
-    (1 takes the path that multiplies nothing)."""
+def _lora_group(biases: tuple[bool, ...], alphas: tuple[float, ...] = (4.0, 4.0, 6.0)) -> list[LoRALinear]:
+    """Fused float64 LoRA layers that read one 8-wide input: ranks 2, 4, 3 and outputs all differ; by default
+    scales 2, 1 and 2 (1 takes the path that multiplies nothing; unequal scales merge layer by layer)."""
     torch.manual_seed(0)
     layers = [LoRALinear(nn.Linear(8, out, bias=bias, dtype=torch.float64), rank, alpha)
-              for out, rank, alpha, bias in zip((6, 4, 5), (2, 4, 3), (4.0, 4.0, 6.0), biases, strict=True)]
+              for out, rank, alpha, bias in zip((6, 4, 5), (2, 4, 3), alphas, biases, strict=True)]
     for layer in layers:
         fill_random([layer.lora_B], seed=len(layer.lora_B))
         layer.train().fused = True
@@ -79,10 +79,12 @@ def _outputs_and_grads(layers: list[LoRALinear], x: torch.Tensor,
 
 def test_layers_projected_together_equal_each_layer_on_its_own():
     """project() over fused LoRA layers that share their input (q/k/v, gate/up) makes one _FusedLoRA call for
-    all; outputs and the gradients of x, each A and each B equal every plain layer's own (float64)."""
+    all; outputs and the gradients of x, each A and each B equal every plain layer's own (float64). Unequal
+    scales, and one scale (2, whose layers merge in one GEMM over a block-diagonal B)."""
     x = torch.randn(3, 5, 8, dtype=torch.float64)
-    for biases in ((True, True, True), (False, False, False)):
-        layers = _lora_group(biases)
+    cases = [((True,) * 3, (4.0, 4.0, 6.0)), ((False,) * 3, (4.0, 4.0, 6.0)), ((True,) * 3, (4.0, 8.0, 6.0))]
+    for biases, alphas in cases:
+        layers = _lora_group(biases, alphas)
         want, _ = _outputs_and_grads(layers, x, together=False)
         got, outs = _outputs_and_grads(layers, x, together=True)
         assert len({id(o.grad_fn) for o in outs}) == 1  # views of one output: the layers ran as one call
