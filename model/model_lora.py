@@ -81,10 +81,11 @@ class _FusedLoRA(torch.autograd.Function):
         Bs, tensors = rest[:len(ctx.layout)], rest[len(ctx.layout):]
         layers = _fused_layers(ctx.layout, tensors)
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
-        gB = g @ (Bs[0] if len(Bs) == 1 else torch.block_diag(*Bs))  # [N, Σr] = dy·B, layer by layer
+        B = _block_diagonal(Bs)
+        gB = g @ B  # [N, Σr] = dy·B, layer by layer
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ _merged_weight(layers, A, Bs, x2.dtype)).view(ctx.x_shape)
+            grad_x = (g @ _merged_weight(layers, A, Bs, x2.dtype, B)).view(ctx.x_shape)
         # In the adapters' dtype (fp32 next to a bf16 base), cast once for the whole group.
         grad_A = (gB.t() @ x2).to(layers[0].A.dtype)  # [Σr, in]
         grad_B = (g.t() @ z).to(layers[0].B.dtype)  # [Σout, Σr]: each layer's dB is its diagonal block
@@ -130,16 +131,22 @@ def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
     return t if scale == 1 else t * scale
 
 
-def _merged_weight(layers: list[_FusedInput], A: torch.Tensor, Bs: list[torch.Tensor],
-                   dtype: torch.dtype) -> torch.Tensor:
+def _block_diagonal(Bs: list[torch.Tensor]) -> torch.Tensor:
+    """The layers' B as one block-diagonal [Σout, Σr] matrix (B itself for a single layer)."""
+    return Bs[0] if len(Bs) == 1 else torch.block_diag(*Bs)
+
+
+def _merged_weight(layers: list[_FusedInput], A: torch.Tensor, Bs: list[torch.Tensor], dtype: torch.dtype,
+                   block: torch.Tensor | None = None) -> torch.Tensor:
     """The layers' W + s·B·A stacked by output rows, in `dtype` (each rounded once); A is their stacked A.
 
-    Layers of one scale (the usual case) merge in one addmm over their stacked W and block-diagonal B: the
-    zero blocks add exact zeros, so each entry is the same sum, in one GEMM instead of one per layer."""
+    Layers of one scale (the usual case) merge in one addmm over their stacked W and block-diagonal B (`block`
+    when the caller has it: _block_diagonal(Bs)): the zero blocks add exact zeros, so each entry is the same
+    sum, in one GEMM instead of one per layer."""
     dense = [layer.weight.to(dtype) if layer.weight is not None else
              dequantize_nf4(*layer.nf4_parts, layer.nf4_shape, dtype) for layer in layers]
     if len({layer.scale for layer in layers}) == 1:
-        B = Bs[0] if len(Bs) == 1 else torch.block_diag(*Bs)
+        B = _block_diagonal(Bs) if block is None else block
         return torch.addmm(_stack(dense), B, A, alpha=layers[0].scale)
     As = A.split([layer.A.shape[0] for layer in layers])
     return _stack([torch.addmm(w, b, a, alpha=layer.scale) for layer, w, a, b in zip(layers, dense, As, Bs,
