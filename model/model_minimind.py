@@ -517,10 +517,11 @@ class MiniMindModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # transformers' gradient_checkpointing_enable() sets this flag; so can a trainer, directly.
         self.gradient_checkpointing = False
-        # How packed rows attend when this forward runs under torch.compile: "sdpa" with a dense block-diagonal
-        # mask, or "flex": FlexAttention with a block mask, which skips the masked tiles and keeps GQA (0.65
-        # against 1.37 ms fwd+bwd per Qwen3-0.6B layer, docs/PERF.md). Uncompiled, Flex would materialise
-        # the whole score matrix (and it has no backward on CPU), so eager forwards keep SDPA either way.
+        # How packed rows attend in a compiled decoder (whole, or layer by layer in training): "sdpa" with a dense
+        # block-diagonal mask, or "flex": FlexAttention with a block mask, which skips the masked tiles and keeps
+        # GQA (docs/PERF.md). Layer by layer, the mask is built here, in the eager part, once per forward (the
+        # trainer records it in the micro-step's CUDA graph). Uncompiled, Flex would materialise the whole score
+        # matrix (and it has no backward on CPU), so eager forwards and evaluation keep SDPA either way.
         self.packed_attention = "sdpa"
         # Set by trainer.engine.compile_decoder when each layer is compiled on its own: the first layer's input
         # then needs a gradient too, as every other layer's does, so that all layers share one compiled graph.
@@ -551,7 +552,8 @@ class MiniMindModel(nn.Module):
         if cu_seqlens is not None:
             attn_mask, is_causal = PackedSegments(cu_seqlens, seq_len), False
         else:
-            flex = self.packed_attention == "flex" and torch.compiler.is_compiling()
+            compiled = torch.compiler.is_compiling() or (self.layers_share_graph and self.training)
+            flex = self.packed_attention == "flex" and compiled
             attn_mask, is_causal = build_attention_mask(attention_mask, position_ids, seq_len, past_len, x.device,
                                                         flex)
         if position_ids is None:

@@ -513,10 +513,11 @@ def test_flex_block_mask_forward_equals_the_dense_packed_mask():
     assert (causal[0, 5:] - want[0, 5:]).abs().max() > 1e-2
 
 
-def test_attention_flag_picks_varlen_then_flex_where_they_train():
-    """--attention auto: varlen for packed rows of a MiniMind decoder on CUDA in bf16/fp16, else Flex where it
-    trains (packing, whole-decoder compile, CUDA), else the dense mask; an explicit choice that cannot run is
-    a clear error naming what is missing."""
+def test_attention_flag_picks_flex_varlen_or_the_dense_mask_where_they_train():
+    """--attention auto for packed rows of a MiniMind decoder on CUDA: Flex first where each layer is compiled
+    and whole micro-steps are CUDA graphs (its block mask is recorded once per step), else varlen in bf16/fp16,
+    else Flex where it trains (packing, whole-decoder compile), else the dense mask; an explicit choice that
+    cannot run is a clear error naming what is missing."""
     from model.errors import UserError
     from model.varlen import varlen_attn
     from trainer.engine import pick_packed_attention
@@ -534,6 +535,13 @@ def test_attention_flag_picks_varlen_then_flex_where_they_train():
     assert pick_packed_attention(model, "auto", True, True, cuda, dtype=torch.float32) == "flex"
     assert model.model.packed_attention == "flex"
     assert pick_packed_attention(model, "auto", True, True, cuda, per_layer=True, dtype=torch.float32) == "sdpa"
+    for dtype in (torch.bfloat16, torch.float32):  # the trainer's default on a GPU: Flex, in the step's graph
+        assert pick_packed_attention(model, "auto", True, True, cuda, True, dtype, whole_steps=True) == "flex"
+        assert model.model.packed_attention == "flex"
+    if varlen_attn is not None:  # each layer compiled, no graphs of whole steps: varlen
+        assert pick_packed_attention(model, "auto", True, True, cuda, per_layer=True) == "varlen"
+    with pytest.raises(UserError, match=r"--attention flex needs --compile_scope model, or CUDA graphs of whole"):
+        pick_packed_attention(model, "flex", True, True, cuda, per_layer=True)
     assert pick_packed_attention(model, "flex", True, True, cuda) == "flex"
     assert pick_packed_attention(model, "auto", True, True, cpu) == "sdpa"
     assert model.model.packed_attention == "sdpa"
@@ -553,22 +561,38 @@ def test_attention_flag_picks_varlen_then_flex_where_they_train():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scope", ["model", "layer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flex_packed_steps_follow_eager_dense_mask(dtype):
-    """The trainer's fastest packed path (compiled, CUDA graphs, FlexAttention, gradients in place) trains
-    the LoRA of the eager dense-mask path over 4 steps of 2 micro-batches: fp32 tightly, bf16 autocast
-    within its rounding (losses)."""
+def test_flex_packed_steps_follow_eager_dense_mask(dtype, scope):
+    """The compiled packed paths with FlexAttention (the whole decoder compiled, with Inductor's CUDA graphs;
+    or each layer compiled, the block mask built in the decoder's eager part and the micro-steps recorded as
+    the trainer's CUDA graphs) train the LoRA of the eager dense-mask path over 4 steps of 2 micro-batches:
+    fp32 tightly, bf16 autocast within its rounding (losses)."""
+    from functools import partial
+
     from trainer.distributed import DistInfo, FlatGradients
-    from trainer.engine import compile_decoder, make_optimizer, pick_packed_attention, train_step
+    from trainer.engine import (
+        compile_decoder,
+        forward_backward,
+        make_optimizer,
+        pick_packed_attention,
+        train_step,
+    )
+    from trainer.step_graphs import MicroStepGraphs
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
 
     def run(fast: bool) -> tuple[list[float], list[torch.Tensor]]:
         model = tiny_model().cuda()
+        graphs = None
         if fast:
             torch._dynamo.reset()
-            assert pick_packed_attention(model, "flex", True, True, info.device) == "flex"
-            compile_decoder(model, cuda_graphs=True)
+            per_layer = scope == "layer"
+            assert pick_packed_attention(model, "flex", True, True, info.device, per_layer, dtype) == "flex"
+            compile_decoder(model, cuda_graphs=not per_layer, per_layer=per_layer)
+            if per_layer:
+                graphs = MicroStepGraphs(partial(forward_backward, SupervisedLoss(model), device=info.device,
+                                                 amp_dtype=dtype), info.device)
         params = lora_parameters(model)
         flat_grads = FlatGradients(params) if fast else None  # as train_lora.py: AdamW over one flat tensor
         optimizer = make_optimizer(params, lr=1e-2, weight_decay=0.0, flat_grads=flat_grads)
@@ -578,8 +602,9 @@ def test_flex_packed_steps_follow_eager_dense_mask(dtype):
             n_supervised = sum(b["sup_targets"].numel() for b in micro_batches)
             loss, _ = train_step(SupervisedLoss(model), micro_batches, n_supervised, info, optimizer, None, params,
                                  lr=1e-2, grad_clip=1.0, amp_dtype=dtype,
-                                 flat_grads=flat_grads)
+                                 flat_grads=flat_grads, graphs=graphs)
             losses.append(loss.item())
+        assert graphs is None or (not graphs.failure and len(graphs.graphs) == 1), graphs and graphs.note
         return losses, [p.detach().cpu() for p in params]
 
     (eager_losses, eager_params), (losses, params) = run(False), run(True)

@@ -169,14 +169,18 @@ def attention_line(attention: str, flag: str) -> str:
 
 
 def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled: bool, device: torch.device,
-                          per_layer: bool = False, dtype: torch.dtype = torch.bfloat16) -> str:
+                          per_layer: bool = False, dtype: torch.dtype = torch.bfloat16,
+                          whole_steps: bool = False) -> str:
     """Set how packed rows attend (--attention) and return it: "varlen" (Flash attention's varlen kernel over
     the samples' boundaries, which the data pipeline then sends as `cu_seqlens`), "flex" (FlexAttention,
     block mask) or "sdpa" (dense block-diagonal mask); see MiniMindModel.forward and .packed_attention.
 
-    "auto" takes varlen where it runs (packed rows on a CUDA device with torch's varlen_attn, autocast `dtype`
-    bf16 or fp16, MiniMind's decoder: transformers' own classes keep their own attention), else Flex where it
-    runs, else sdpa.
+    Flex needs its block mask built once per step where no host waits on it: inside the whole compiled decoder,
+    or, with each layer compiled (`per_layer`), in the decoder's eager part while a CUDA graph of the whole
+    micro-step records it (`whole_steps`, trainer/step_graphs.py). "auto" takes Flex first there (125k against
+    119k tokens/s with varlen on one H200, docs/PERF.md), else varlen (packed rows on a CUDA device with torch's
+    varlen_attn, autocast `dtype` bf16 or fp16, MiniMind's decoder: transformers' own classes keep their own
+    attention), else Flex where it runs, else sdpa.
     """
     decoder = getattr(model, "model", None)
     minimind = hasattr(decoder, "packed_attention")
@@ -185,15 +189,17 @@ def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled
                    "--dtype bfloat16 or float16": dtype in VARLEN_DTYPES,
                    "torch >= 2.9 (torch.nn.attention.varlen)": varlen_attn is not None,
                    "MiniMind's decoder (transformers' own classes keep their own attention)": minimind},
-        "flex": {"--packing": packing, "--use_compile 1": compiled, "--compile_scope model": not per_layer,
-                 "a CUDA device": device.type == "cuda",
-                 "MiniMind's decoder (transformers' own classes keep their own attention)": minimind},
+        "flex": {"--packing": packing, "--use_compile 1": compiled, "a CUDA device": device.type == "cuda",
+                 "MiniMind's decoder (transformers' own classes keep their own attention)": minimind,
+                 "--compile_scope model, or CUDA graphs of whole micro-steps (not --cuda_graphs 0, not --dtype "
+                 "float16)": not per_layer or whole_steps},
     }
     missing = {kind: [what for what, ok in need.items() if not ok] for kind, need in needs.items()}
     if choice in needs and missing[choice]:
         raise UserError(f"--attention {choice} needs {', '.join(missing[choice])}; use --attention auto or sdpa")
     if choice == "auto":
-        choice = next((kind for kind in ("varlen", "flex") if not missing[kind]), "sdpa")
+        order = ("flex", "varlen") if per_layer else ("varlen", "flex")
+        choice = next((kind for kind in order if not missing[kind]), "sdpa")
     if hasattr(decoder, "packed_attention"):
         decoder.packed_attention = "flex" if choice == "flex" else "sdpa"
     return choice

@@ -120,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         enable_activation_checkpointing(model)
     # One layer's graph reused by every layer: a first step in seconds, not minutes (--fsdp keeps one graph).
     per_layer = args.compile_scope == "layer" or (args.compile_scope == "auto" and not args.fsdp)
-    attention = pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device, per_layer,
-                                      amp_dtype)
     # CUDA graphs replay each step's kernels without the host: one graph per micro-batch shape, compiled or not,
     # where it can hold a whole micro-step; else (compiled: float16, transformers' own classes) each layer's.
     minimind = hasattr(model.model, "packed_attention")
@@ -129,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         info.device, args.use_compile, args.packing, args.fsdp, base.use_moe, args.gradient_checkpointing,
         minimind, amp_dtype))
     whole_steps = cuda_graphs and all(whole_step_needs(minimind, amp_dtype).values())
+    attention = pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device, per_layer,
+                                      amp_dtype, whole_steps)
     compiled = "; " + compile_decoder(model, cuda_graphs and not whole_steps, per_layer) if args.use_compile else ""
     loss_module = SupervisedLoss(model)
     # Every rank starts from rank 0's weights; an MoE base keeps DDP (an expert no rank used keeps a None grad).
