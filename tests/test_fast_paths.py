@@ -588,7 +588,8 @@ def test_flex_packed_steps_follow_eager_dense_mask(dtype, scope):
         if fast:
             torch._dynamo.reset()
             per_layer = scope == "layer"
-            assert pick_packed_attention(model, "flex", True, True, info.device, per_layer, dtype) == "flex"
+            assert pick_packed_attention(model, "flex", True, True, info.device, per_layer, dtype,
+                                         whole_steps=per_layer) == "flex"
             compile_decoder(model, cuda_graphs=not per_layer, per_layer=per_layer)
             if per_layer:
                 graphs = MicroStepGraphs(partial(forward_backward, SupervisedLoss(model), device=info.device,
