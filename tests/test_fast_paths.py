@@ -536,10 +536,16 @@ def test_attention_flag_picks_flex_varlen_or_the_dense_mask_where_they_train():
     assert model.model.packed_attention == "flex"
     assert pick_packed_attention(model, "auto", True, True, cuda, per_layer=True, dtype=torch.float32) == "sdpa"
     for dtype in (torch.bfloat16, torch.float32):  # the trainer's default on a GPU: Flex, in the step's graph
-        assert pick_packed_attention(model, "auto", True, True, cuda, True, dtype, whole_steps=True) == "flex"
-        assert model.model.packed_attention == "flex"
-    if varlen_attn is not None:  # each layer compiled, no graphs of whole steps: varlen
-        assert pick_packed_attention(model, "auto", True, True, cuda, per_layer=True) == "varlen"
+        for rows in (512, 1024):
+            assert pick_packed_attention(model, "auto", True, True, cuda, True, dtype, True, rows) == "flex"
+            assert model.model.packed_attention == "flex"
+    if varlen_attn is not None:
+        # Each layer compiled without graphs of whole steps, or rows that Flex would pad: varlen
+        assert pick_packed_attention(model, "auto", True, True, cuda, per_layer=True, row_length=512) == "varlen"
+        assert pick_packed_attention(model, "auto", True, True, cuda, True, whole_steps=True, row_length=340) \
+            == "varlen"
+        assert model.model.packed_attention == "sdpa"
+    assert pick_packed_attention(model, "flex", True, True, cuda, True, whole_steps=True, row_length=340) == "flex"
     with pytest.raises(UserError, match=r"--attention flex needs --compile_scope model, or CUDA graphs of whole"):
         pick_packed_attention(model, "flex", True, True, cuda, per_layer=True)
     assert pick_packed_attention(model, "flex", True, True, cuda) == "flex"

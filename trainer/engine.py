@@ -158,6 +158,8 @@ class CompileWorkers:
             self.thread.join()
 
 
+FLEX_BLOCK = 128  # FlexAttention's default tile of queries and keys: rows of other lengths are padded to it
+
 PACKED_ATTENTION_NOTES = {"varlen": "packed rows attend through Flash attention's varlen kernel",
                           "flex": "packed rows attend through FlexAttention",
                           "sdpa": "packed rows attend through SDPA with a block-diagonal mask"}
@@ -170,17 +172,19 @@ def attention_line(attention: str, flag: str) -> str:
 
 def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled: bool, device: torch.device,
                           per_layer: bool = False, dtype: torch.dtype = torch.bfloat16,
-                          whole_steps: bool = False) -> str:
+                          whole_steps: bool = False, row_length: int = 0) -> str:
     """Set how packed rows attend (--attention) and return it: "varlen" (Flash attention's varlen kernel over
     the samples' boundaries, which the data pipeline then sends as `cu_seqlens`), "flex" (FlexAttention,
     block mask) or "sdpa" (dense block-diagonal mask); see MiniMindModel.forward and .packed_attention.
 
     Flex needs its block mask built once per step where no host waits on it: inside the whole compiled decoder,
     or, with each layer compiled (`per_layer`), in the decoder's eager part while a CUDA graph of the whole
-    micro-step records it (`whole_steps`, trainer/step_graphs.py). "auto" takes Flex first there (125k against
-    119k tokens/s with varlen on one H200, docs/PERF.md), else varlen (packed rows on a CUDA device with torch's
-    varlen_attn, autocast `dtype` bf16 or fp16, MiniMind's decoder: transformers' own classes keep their own
-    attention), else Flex where it runs, else sdpa.
+    micro-step records it (`whole_steps`, trainer/step_graphs.py). "auto" takes Flex first there when packed rows
+    of `row_length` tokens fill whole Flex blocks (rows of 512: 125k against 119k tokens/s with varlen on one
+    H200; rows of 1024: 120k against 112k; rows of 340, padded to 384 inside Flex: 114k against 117k;
+    docs/PERF.md), else varlen (packed rows on a CUDA device with torch's varlen_attn, autocast `dtype` bf16 or
+    fp16, MiniMind's decoder: transformers' own classes keep their own attention), else Flex where it runs,
+    else sdpa.
     """
     decoder = getattr(model, "model", None)
     minimind = hasattr(decoder, "packed_attention")
@@ -198,7 +202,8 @@ def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled
     if choice in needs and missing[choice]:
         raise UserError(f"--attention {choice} needs {', '.join(missing[choice])}; use --attention auto or sdpa")
     if choice == "auto":
-        order = ("flex", "varlen") if per_layer else ("varlen", "flex")
+        whole_blocks = row_length > 0 and row_length % FLEX_BLOCK == 0
+        order = ("flex", "varlen") if per_layer and whole_blocks else ("varlen", "flex")
         choice = next((kind for kind in order if not missing[kind]), "sdpa")
     if hasattr(decoder, "packed_attention"):
         decoder.packed_attention = "flex" if choice == "flex" else "sdpa"

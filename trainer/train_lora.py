@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         minimind, amp_dtype))
     whole_steps = cuda_graphs and all(whole_step_needs(minimind, amp_dtype).values())
     attention = pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device, per_layer,
-                                      amp_dtype, whole_steps)
+                                      amp_dtype, whole_steps, args.max_seq_len)
     compiled = "; " + compile_decoder(model, cuda_graphs and not whole_steps, per_layer) if args.use_compile else ""
     loss_module = SupervisedLoss(model)
     # Every rank starts from rank 0's weights; an MoE base keeps DDP (an expert no rank used keeps a None grad).
