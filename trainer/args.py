@@ -187,15 +187,16 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
         g.add_argument("--compile_scope", default="auto", choices=["auto", "model", "layer"],
                        help="what one compiled graph holds: model = the whole decoder (fewest graph launches; a first "
                             "step of about 2 minutes at 0.6B with an empty cache), layer = one decoder layer, reused "
-                            "by every layer (a first step of about 9 s, 4 s with a warm cache, on one H200); auto "
+                            "by every layer (a first step of about 12-15 s, 4 s with a warm cache, on one H200); auto "
                             "(default) = layer")
     g.add_argument("--attention", default="auto", choices=["auto", "varlen", "flex", "sdpa"],
                    help="how packed rows attend: varlen = Flash attention's varlen kernel, only the pairs inside each "
                         "sample (needs --packing, a CUDA device, bf16 or fp16, a MiniMind model or a directory on its "
                         "decoder); flex = FlexAttention, which skips the masked tiles (needs --packing, --use_compile 1, "
-                        "--compile_scope model, a CUDA device, a MiniMind model); sdpa = a dense block-diagonal mask "
-                        "(e.g. if the other kernels do not fit your GPU); auto (default) = the first of varlen, flex "
-                        "that applies, else sdpa")
+                        "a CUDA device, a MiniMind model, and --compile_scope model or CUDA graphs of whole "
+                        "micro-steps); sdpa = a dense block-diagonal mask (e.g. if the other kernels do not fit your "
+                        "GPU); auto (default) = flex where each layer is compiled, whole micro-steps are CUDA graphs and "
+                        "--max_seq_len is a multiple of 128, else the first of varlen, flex that applies, else sdpa")
     _switch(g, "--gradient_checkpointing", help="recompute activations in backward to save memory")
     _switch(g, "--ddp", help="multi-GPU run; needs torchrun (detected from the environment anyway)")
     if job == "lora":
