@@ -63,8 +63,8 @@ VARIANTS = {  # name: (stack, trainer flags / Trainer options, full epoch or --s
     "ours-b32-warm": ("ours", ["--batch_size", "32"], "epoch"),
     "ours-sdpa": ("ours", ["--attention", "sdpa"], "epoch"),  # packed rows through the dense block mask
     "ours-sdpa-warm": ("ours", ["--attention", "sdpa"], "epoch"),
-    "ours-flex": ("ours", ["--attention", "flex"], "epoch"),  # packed rows through FlexAttention's block mask
-    "ours-flex-warm": ("ours", ["--attention", "flex"], "epoch"),
+    "ours-varlen": ("ours", ["--attention", "varlen"], "epoch"),  # packed rows through Flash's varlen kernel
+    "ours-varlen-warm": ("ours", ["--attention", "varlen"], "epoch"),
     "ours-layer": ("ours", ["--compile_scope", "layer"], "epoch"),
     "ours-layer-warm": ("ours", ["--compile_scope", "layer"], "epoch"),
     "ours-qwen3-dir": ("ours", ["--from_weight", "{qwen3_dir}"], "epoch"),  # on `ours`' cache: the same graphs
