@@ -1,16 +1,17 @@
 """Multi-GPU check, run once on a 2-GPU machine: DDP matches one GPU and scales, --fsdp shards, failures end.
 
     PYTHONPATH=$PWD python scripts/multi_gpu_check.py --parts acd --out $OUT   # 2 GPUs, about 5 minutes
-    PYTHONPATH=$PWD python scripts/multi_gpu_check.py --parts b --out $OUT     # about 5 minutes (2 compiles)
+    PYTHONPATH=$PWD python scripts/multi_gpu_check.py --parts b --out $OUT     # about 1.5 minutes (2 compiles)
     python scripts/multi_gpu_check.py --cpu-smoke --out /tmp/check             # the same logic, tiny, CPU + gloo
 
-(All parts in one call, `--parts acdb`, need `--budget 700` or so: more than one 10-minute device call.)
+(All parts in one call, `--parts acdb`: about 5 + 1.5 minutes, one 10-minute device call.)
 
 (a) minimind-3 64M shape, 200 steps: `train_lora.py` on 1 GPU (batch B × accumulation 2) against `torchrun
     --nproc_per_node 2` (batch B per GPU): the same global batch, so the same loss curve up to bf16
     rounding. Reports max |loss difference| over the curve and the tokens/s ratio.
-(b) the same on a Qwen3-0.6B shape, with `--use_compile 1` (CUDA graphs), as the README advises for several GPUs:
-    eager, this step is bound by the CPU that launches its kernels.
+(b) the same on a Qwen3-0.6B shape with the trainer's CUDA defaults (`--use_compile 1`: each layer compiled,
+    each micro-step one CUDA graph, FlexAttention), as the README advises for several GPUs: eager, this step
+    is bound by the CPU that launches its kernels.
 (c) an 8B shape (Qwen3-8B dims; MiniMind ties the head, so 7.6B parameters), random bf16 weights made on the
     GPUs (meta device, then to_empty): peak memory per GPU of a few LoRA steps with --fsdp and without
     ("ddp": the whole base on each GPU, as train_lora.py runs it without --fsdp).
@@ -68,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "out" / "multi_gpu_check"),
                    help="folder for summary.txt, results.json and the logs (default: $OUT, else out/multi_gpu_check)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU with gloo: checks the script itself")
-    p.add_argument("--parts", default="acdb", help="which parts to run, in this order (default: acdb, the long "
-                                                  "part b last; see --budget)")
+    p.add_argument("--parts", default="acdb", help="which parts to run, in this order (default: acdb, part b, "
+                                                  "which compiles, last; see --budget)")
     p.add_argument("--train-flags", default="", help="more train_lora.py flags for parts (a) and (b), e.g. "
                                                     "'--use_compile 1' for (a) too")
     p.add_argument("--repeats", type=int, default=1,
@@ -193,7 +194,7 @@ def lora_flags(base: Path, data: Path, save_dir: Path, cpu: bool, **flags: objec
     common = dict(from_weight=base, data_path=data, tokenizer_path=REPO / "model" / "tokenizer", save_dir=save_dir,
                   epochs=1000, learning_rate=1e-4, warmup_iters=10, log_interval=10, save_interval=100_000,
                   lora_rank=16, device="cpu" if cpu else "cuda", num_workers=0 if cpu else 2,
-                  use_compile=0, compile_scope="model")  # eager unless a part passes --use_compile 1 (later wins)
+                  use_compile=0)  # eager unless a part passes --use_compile 1 (later wins)
     argv = ["--packing"]
     if "batch_size" in flags:  # its tables count packed rows per micro-batch
         flags = {**flags, "packed_rows": flags["batch_size"]}
