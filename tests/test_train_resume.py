@@ -14,11 +14,14 @@ from tests.train_utils import (
     REPO,
     lora_args,
     python,
+    run_cli,
     run_inprocess,
     save_tiny_minimind,
+    subprocess_env,
     tokenizer_dir,
     write_chat_data,
 )
+from trainer.checkpoint import capture_rng, restore_rng
 from trainer.train_lora import main
 
 TOTAL = 24  # 24 samples, batch 2, 2 epochs -> 24 optimizer steps
@@ -115,3 +118,36 @@ def test_resume_on_a_gpu_with_cuda_graphs_gives_the_uninterrupted_result(tmp_pat
     diff = max((got[0][k].float() - ref[0][k].float()).abs().max().item() for k in ref[0])
     print(f"largest difference of a resumed LoRA weight from the uninterrupted run's: {diff:.3g}")
     assert_same_end(ref, got, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CPU-only torch never starts CUDA")
+def test_a_cpu_run_on_a_gpu_machine_leaves_cuda_alone(tmp_path):
+    """--device cpu where a GPU is visible: saving the RNG for the resume file starts no CUDA (which costs
+    seconds, and under a memory limit printed CUDA's warning before the run's own error)."""
+    weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
+    data = write_chat_data(tmp_path / "data.jsonl", 8)
+    argv = lora_args(tmp_path, weight, data, batch_size=2, max_steps=2, lora_dropout=0.1)
+    script = (f"import sys, torch; from trainer.train_lora import main; main({argv!r}); "
+              "print('cuda started:', torch.cuda.is_initialized())")
+    run = run_cli([python(), "-c", script], timeout=120, cwd=REPO, env=subprocess_env())
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "cuda started: False" in run.stdout, run.stdout[-2000:]
+    rng = torch.load(tmp_path / "out" / "lora_identity_64_resume.pth", weights_only=False)["rng"]
+    assert "cuda" not in rng[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_gpu_generator_is_restored_from_new_and_older_resume_files():
+    """A resume file holds this device's CUDA generator; older ones held every visible GPU's (a list). Both
+    give back the draws that followed the save."""
+    torch.zeros(1, device="cuda")  # a GPU run has started CUDA by its first save
+    torch.manual_seed(3)
+    torch.rand(7, device="cuda")
+    state = capture_rng()
+    older = dict(state, cuda=torch.cuda.get_rng_state_all())
+    want = torch.rand(5, device="cuda")
+    assert isinstance(state["cuda"], torch.Tensor)
+    for saved in (state, older):
+        torch.rand(11, device="cuda")
+        restore_rng(saved)
+        assert torch.equal(torch.rand(5, device="cuda"), want)

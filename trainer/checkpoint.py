@@ -54,20 +54,28 @@ def write_dir(path: Path, fill: Callable[[Path], None]) -> None:
 
 
 def capture_rng() -> dict:
-    """Every RNG a step can draw from (dropout, numpy-using data code), to continue bit-exactly."""
+    """Every RNG a step can draw from (dropout, numpy-using data code), to continue bit-exactly. On a GPU that
+    is this process's device's generator; a run that never started CUDA (on the CPU) leaves CUDA alone."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's (setup_distributed sets it per rank)
     return state
 
 
 def restore_rng(state: dict) -> None:
-    """Undo capture_rng()."""
+    """Undo capture_rng(), in a process whose device (and CUDA) is already set up."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_initialized():
+        return
+    if isinstance(cuda, list):  # older resume files hold every visible GPU's generator: take this device's
+        index = torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda)
 
 
 def seed_everything(seed: int) -> None:
