@@ -24,7 +24,9 @@ got too.
 Rows marked "projected" ran --steps optimizer steps only: their epoch time is the measured time to the end
 of their warm-up plus the epoch's remaining tokens at their steady rate. The Trainer rows use
 32 samples per batch (padded, or padding-free with DataCollatorWithFlattening), `hf-liger` adds Liger
-Kernel's Qwen3 patches (needs `liger_kernel`). `unsloth` is the padded Trainer row on Unsloth's model and LoRA
+Kernel's Qwen3 patches (needs `liger_kernel`), the `-grouped` rows the Trainer's length-grouped sampler
+(batches of samples of about one length, so less padding). Each Trainer row gives `pad_share`, the share of
+its batches' token slots that held padding. `unsloth` is the padded Trainer row on Unsloth's model and LoRA
 (`FastLanguageModel`, needs `unsloth`; it loads the base's Qwen3 directory). The `ours-eager-*` rows run
 uncompiled (`--use_compile 0`), padded or packed, with their CUDA graphs per micro-batch shape or, in the
 `-nographs` rows, without; as they record graphs for a while, each row also gives `late_tok_s`, the median of
@@ -34,6 +36,7 @@ on one machine and the same data. docs/PERF.md holds the results.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -76,6 +79,8 @@ VARIANTS = {  # name: (stack, trainer flags / Trainer options, full epoch or --s
     "hf-flatten": ("hf", {"collator": "flatten"}, "steps"),
     "hf-liger": ("hf", {"collator": "padded", "liger": True}, "steps"),
     "hf-liger-flatten": ("hf", {"collator": "flatten", "liger": True}, "steps"),
+    "hf-grouped": ("hf", {"collator": "padded", "grouped": True}, "steps"),  # batches of samples of like length
+    "hf-liger-grouped": ("hf", {"collator": "padded", "grouped": True, "liger": True}, "steps"),
     "unsloth": ("hf", {"collator": "padded", "unsloth": True}, "steps"),  # Unsloth's model and LoRA, same Trainer
     "unsloth-warm": ("hf", {"collator": "padded", "unsloth": True}, "steps"),
     "ours-eager-padded-1024": ("ours", EAGER_1024, "steps"),
@@ -83,7 +88,8 @@ VARIANTS = {  # name: (stack, trainer flags / Trainer options, full epoch or --s
     "ours-eager-padded-1024-nographs": ("ours", [*EAGER_1024, "--cuda_graphs", "0"], "steps"),
     "ours-eager-padded-1024-qwen3-dir": ("ours", [*EAGER_1024, "--from_weight", "{qwen3_dir}"], "steps"),
 }
-DEFAULT_VARIANTS = "ours,ours-warm,ours-eager-padded,ours-eager-padded-unbucketed,hf-padded,hf-flatten,hf-liger"
+DEFAULT_VARIANTS = ("ours,ours-warm,ours-eager-padded,ours-eager-padded-unbucketed,hf-padded,hf-flatten,hf-liger,"
+                    "hf-liger-grouped")
 
 
 # ------------------------------------------------------------------------- data and base model
@@ -331,10 +337,13 @@ def run_hf(opts: dict) -> dict:
 
     flatten = DataCollatorWithFlattening()
     tokens: list[int] = []
+    slots: list[int] = []  # what each batch computes on: tokens and padding
 
     def collate(batch: list[dict]) -> dict:
         tokens.append(sum(len(b["input_ids"]) for b in batch))
-        return padded(batch) if opts["collator"] == "padded" else flatten(batch)
+        out = padded(batch) if opts["collator"] == "padded" else flatten(batch)
+        slots.append(out["input_ids"].numel())
+        return out
 
     ends: list[float] = []
 
@@ -348,7 +357,7 @@ def run_hf(opts: dict) -> dict:
                               max_steps=opts["steps"] or -1, learning_rate=1e-4, bf16=cuda, use_cpu=not cuda,
                               logging_steps=10_000, save_strategy="no", report_to=[], optim="adamw_torch_fused"
                               if cuda else "adamw_torch", dataloader_num_workers=0, remove_unused_columns=False,
-                              disable_tqdm=True)
+                              disable_tqdm=True, **length_grouping(TrainingArguments, opts.get("grouped", False)))
     Trainer(model=model, args=targs, train_dataset=samples, data_collator=collate, callbacks=[Clock()]).train()
     warm = min(2, len(ends) - 1)
     steady = (sum(tokens[warm + 1:len(ends)]) / (ends[-1] - ends[warm])) if len(ends) > warm + 1 else float("nan")
@@ -356,7 +365,18 @@ def run_hf(opts: dict) -> dict:
     done = sum(tokens[:warm + 1])
     projected = ends[warm] + (total - done) / steady
     return dict(name=opts["name"], code=0, wall_s=time.perf_counter() - t0, steady_tok_s=steady,
-                first_step_s=ends[0], warmup_end_s=ends[warm], steps=len(ends), projected_s=projected)
+                first_step_s=ends[0], warmup_end_s=ends[warm], steps=len(ends), projected_s=projected,
+                pad_share=round(1 - sum(tokens) / sum(slots), 4))
+
+
+def length_grouping(training_arguments: type, grouped: bool) -> dict:
+    """The TrainingArguments option of the length-grouped sampler, under the name this transformers gives it."""
+    if not grouped:
+        return {}
+    names = {f.name for f in dataclasses.fields(training_arguments)}
+    if "train_sampling_strategy" in names:  # its name since transformers 5.2
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
 
 
 def run_hf_subprocess(opts: dict, cache: Path, timeout: float) -> dict:
@@ -411,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the chosen variants one after another; print the table; optionally write JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)}")
-    p.add_argument("--conversations", type=int, default=12_000)
+    p.add_argument("--conversations", type=int, default=None, help="chats in the mix (default 12,000; 200 with --tiny)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps of the projected rows")
     p.add_argument("--workdir", default=str(REPO / "out" / "bench_e2e"))
     p.add_argument("--json", default=None, help="write every row here")
@@ -429,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     shape = "tiny" if args.tiny else "qwen3-0.6b"
-    n = 200 if args.tiny else args.conversations
+    n = args.conversations or (200 if args.tiny else 12_000)
     workdir = Path(args.workdir).resolve()  # the Trainer rows run in their cache folders
     t = time.perf_counter()
     base, data, stats = prepare(workdir, n, shape)

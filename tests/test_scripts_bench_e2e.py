@@ -53,3 +53,17 @@ def test_against_runs_each_of_our_rows_from_the_other_checkout_too(tmp_path):
         assert f"| loss {row['last_loss']:.4f} |" in last_step, (row["last_loss"], last_step)
         assert f"{row['last_loss']:9.4f}" in table
     assert rows[0]["last_loss"] == rows[1]["last_loss"]
+
+
+def test_the_length_grouped_trainer_row_pads_less(tmp_path):
+    """The Trainer peer with its length-grouped sampler (the `-grouped` rows) computes on far less padding than
+    the random batches of the plain padded row: a peer this fast belongs in the comparison. Both rows report
+    `pad_share`, the padding's share of their batches' token slots."""
+    out = run_cli([python(), "scripts/bench_e2e.py", "--tiny", "--conversations", "1280", "--steps", "3",
+                   "--variants", "hf-padded,hf-grouped", "--workdir", str(tmp_path / "work"),
+                   "--json", str(tmp_path / "rows.json")], 400, cwd=REPO, env=subprocess_env())
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads((tmp_path / "rows.json").read_text())["rows"]}
+    assert rows["hf-padded"]["code"] == rows["hf-grouped"]["code"] == 0, rows
+    padded, grouped = rows["hf-padded"]["pad_share"], rows["hf-grouped"]["pad_share"]
+    assert 0.3 < padded < 0.8 and grouped < padded / 4, (padded, grouped)
