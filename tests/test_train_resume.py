@@ -122,12 +122,12 @@ def test_resume_on_a_gpu_with_cuda_graphs_gives_the_uninterrupted_result(tmp_pat
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CPU-only torch never starts CUDA")
 def test_a_cpu_run_on_a_gpu_machine_leaves_cuda_alone(tmp_path):
-    """--device cpu where a GPU is visible: saving the RNG for the resume file starts no CUDA (which costs
-    seconds, and under a memory limit printed CUDA's warning before the run's own error)."""
+    """--device cpu where a GPU is visible: saving the RNG for the resume file starts no CUDA (a CPU run draws
+    nothing from the GPU's generator, and starting CUDA takes host memory and time)."""
     weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
     data = write_chat_data(tmp_path / "data.jsonl", 8)
     argv = lora_args(tmp_path, weight, data, batch_size=2, max_steps=2, lora_dropout=0.1)
-    script = (f"import sys, torch; from trainer.train_lora import main; main({argv!r}); "
+    script = (f"import torch; from trainer.train_lora import main; main({argv!r}); "
               "print('cuda started:', torch.cuda.is_initialized())")
     run = run_cli([python(), "-c", script], timeout=120, cwd=REPO, env=subprocess_env())
     assert run.returncode == 0, run.stdout + run.stderr
