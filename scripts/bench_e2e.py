@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=str(REPO / "out" / "bench_e2e"))
     p.add_argument("--json", default=None, help="write every row here")
     p.add_argument("--timeout", type=float, default=400, help="seconds per variant")
-    p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, 200 conversations")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, 200 conversations unless --conversations")
     p.add_argument("--against", default=None,
                    help="another checkout of this repo (e.g. a `git worktree` of an earlier revision): each ours* "
                         "row is run from it too, right after, as <row>@<its folder name>")
