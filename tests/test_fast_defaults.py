@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.train_utils import tiny_lm
-from trainer.args import parse_args, pick_speed_defaults
+from trainer.args import FlagError, parse_args, pick_speed_defaults
 from trainer.data import bucket_width, collate_bucketed, collate_supervised, packed_rows, prepare_data
 from trainer.distributed import DistInfo
 from trainer.loss import SupervisedLoss
@@ -15,7 +15,7 @@ from trainer.loss import SupervisedLoss
 
 def flags(**over: object) -> SimpleNamespace:
     """The two speed flags as parse_args leaves them when not given (None)."""
-    return SimpleNamespace(**{"packing": None, "use_compile": None, **over})
+    return SimpleNamespace(**{"packing": None, "use_compile": None, "group_by_length": False, **over})
 
 
 def test_cuda_defaults_to_packed_and_compiled_cpu_stays_eager_and_padded():
@@ -38,6 +38,18 @@ def test_explicit_flags_win_over_the_device_defaults():
     args = flags(packing=True, use_compile=True)
     pick_speed_defaults(args, "cpu")
     assert (args.packing, args.use_compile) == (True, True)
+
+
+def test_group_by_length_asks_for_padded_batches():
+    """--group_by_length sorts padded batches: on CUDA it turns the packing default off (and says so), and with
+    an explicit --packing it is refused, naming both flags (exit 2 through run_job)."""
+    args = flags(group_by_length=True)
+    why = pick_speed_defaults(args, "cuda", triton=True)
+    assert (args.packing, args.use_compile) == (False, True) and "padded batches (--group_by_length)" in why
+    with pytest.raises(FlagError, match="--group_by_length sorts padded batches.*--packing"):
+        parse_args("lora", "", ["--group_by_length", "--packing", "1"])
+    assert parse_args("lora", "", ["--group_by_length"]).packing is None
+    assert parse_args("full_sft", "", ["--group_by_length"]).group_by_length is True
 
 
 def test_flags_parse_to_none_for_lora_and_to_off_for_full_training():

@@ -394,7 +394,8 @@ def test_resume_refuses_changed_math_or_data(run, tmp_path, capsys):
     shorter = write_chat_data(tmp_path / "short.jsonl", 3)
     for change, needle in ((dict(lora_alpha=64), "--lora_alpha"), (dict(lora_dropout=0.1), "--lora_dropout"),
                            (dict(batch_size=2), "samples per optimizer step"), (dict(max_seq_len=64), "--max_seq_len"),
-                           (dict(lora_targets="q_proj"), "--lora_targets"), (dict(data_path=shorter), "3 training samples")):
+                           (dict(lora_targets="q_proj"), "--lora_targets"), (dict(data_path=shorter), "3 training samples"),
+                           (dict(group_by_length=1), "--group_by_length")):
         argv = lora_args(tmp, weight, data, save_dir=good, **{**flags, **change}) + ["--from_resume", "1"]
         refused(argv, capsys, needle, "cannot continue this run with changed settings")
 

@@ -5,6 +5,7 @@ import math
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from model.model_minimind import MiniMindForCausalLM
 from tests.train_utils import python, save_tiny_minimind, scaled, subprocess_env, tiny_config
 from trainer.args import FlagError, parse_args
 from trainer.base_model import BaseModelError, resolve_weight
-from trainer.data import StepSampler, collate_supervised, epoch_order
+from trainer.data import GROUP_STEPS, StepSampler, collate_supervised, epoch_order, group_by_length
 from trainer.distributed import DistInfo, FlatGradients
 from trainer.engine import (
     enable_activation_checkpointing,
@@ -100,6 +101,42 @@ def test_each_sample_once_per_epoch_and_ranks_stay_in_step(n, world, batch, accu
         s.set_epoch(2, start=done)
     rest = [i for s in other for step in s.steps for mb in step for i, live in mb if live]
     assert sorted(rest) == sorted(epoch_order(n, 7, 2)[done:])
+
+
+def test_group_by_length_pads_less_and_resumes_in_the_same_order():
+    """--group_by_length: the epoch's shuffled order cut into runs of GROUP_STEPS steps' samples, each run longest
+    first; the ranks' steps take it in turn (every sample once), with far less padding than random batches; and
+    a resume on another number of ranks with the same samples per step continues with exactly the unseen ones."""
+    n, batch, accum, world = 1500, 3, 2, 2  # 12 samples per step: runs of 600
+    lengths = np.random.default_rng(0).integers(5, 400, n)
+    plain = epoch_order(n, 7, 1)
+    group = GROUP_STEPS * world * batch * accum
+    grouped = group_by_length(plain, lengths, group)
+    for start in range(0, n, group):
+        assert sorted(grouped[start:start + group]) == sorted(plain[start:start + group])
+        run = [int(lengths[i]) for i in grouped[start:start + group]]
+        assert run == sorted(run, reverse=True)
+
+    def samplers(ranks: int, batch: int, start: int = 0, by_length: bool = True) -> list[StepSampler]:
+        out = [StepSampler(n, batch, accum, r, ranks, seed=7, lengths=lengths if by_length else None)
+               for r in range(ranks)]
+        for s in out:
+            s.set_epoch(1, start=start)
+        return out
+
+    def steps(plan: list[StepSampler]) -> list[list[int]]:
+        """Each global step's samples, over all ranks."""
+        return [sorted(i for s in plan for mb in s.steps[k] for i, live in mb if live) for k in range(len(plan[0].steps))]
+
+    def padding(plan: list[StepSampler]) -> int:
+        """Pad tokens of every micro-batch padded to its longest sample."""
+        return sum(len(mb) * max(lengths[i] for i, _ in mb) - sum(lengths[i] for i, _ in mb)
+                   for s in plan for step in s.steps for mb in step)
+
+    assert steps(samplers(world, batch)) == [sorted(grouped[k:k + 12]) for k in range(0, n, 12)]
+    assert padding(samplers(world, batch)) < padding(samplers(world, batch, by_length=False)) / 10
+    done = 70 * 12  # a resume past the first run, on 3 ranks of 2 × 2 (12 samples per step)
+    assert steps(samplers(3, 2, start=done)) == [sorted(grouped[k:k + 12]) for k in range(done, n, 12)]
 
 
 # ------------------------------------------------------------------------- loss and gradients vs float64

@@ -24,14 +24,18 @@ def _peft_weights(out):
     return load_file(out / "lora_identity_64" / "adapter_model.safetensors")
 
 
-def test_batch_8_equals_batch_2_times_accumulation_4(world):
+@pytest.mark.parametrize("grouped", [0, 1])
+def test_batch_8_equals_batch_2_times_accumulation_4(world, grouped, capsys):
+    """Also with --group_by_length, whose order is made per optimizer step (here: the 8 longest samples, then
+    the shortest), so it does not depend on how a step is cut into micro-batches."""
     tmp, weight, data = world
     results = []
     for name, batch, accum in (("a", 8, 1), ("b", 2, 4)):
         out = tmp / name
         argv = lora_args(tmp, weight, data, save_dir=out, batch_size=batch, accumulation_steps=accum, epochs=1,
-                         learning_rate=1e-2)
+                         learning_rate=1e-2, group_by_length=grouped)
         assert run_inprocess(main, argv) == 0
+        assert ("grouped by length" in capsys.readouterr().out) == bool(grouped)
         history = torch.load(out / "lora_identity_64_resume.pth", weights_only=False)["state"]["history"]
         results.append((_peft_weights(out), history))
     (wa, ha), (wb, hb) = results

@@ -150,6 +150,11 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--packed_rows", type=int, default=None,
                    help="packed rows per micro-batch (default: as many as hold about --batch_size samples of the "
                         "data's mean length)")
+    _switch(g, "--group_by_length", help="padded batches (--packing 0): each optimizer step takes samples of about one "
+                                         "length, so less padding and shorter steps (the shuffled order, sorted "
+                                         "longest first within runs of 50 steps' samples, as transformers' Trainer "
+                                         "does); a run resumes in the same order" + (
+                                             "; with it, --packing defaults to off on CUDA too" if job == "lora" else ""))
     g.add_argument("--data_cache", default=None,
                    help="folder that keeps the tokenized data, so that the next run on the same file, tokenizer, "
                         "chat template and --max_seq_len starts without tokenizing (none: off; default: "
@@ -227,6 +232,9 @@ def parse_args(job: str, description: str, argv: list[str] | None = None) -> arg
         raise FlagError(f"--packed_rows must be at least 1 (got {args.packed_rows})")
     if not 0.0 <= args.val_fraction < 1.0:
         raise FlagError(f"--val_fraction must be in [0, 1) (got {args.val_fraction})")
+    if args.packing and args.group_by_length:
+        raise FlagError("--group_by_length sorts padded batches, and packed rows (--packing) hold no padding to "
+                        "save: drop one of the two")
     if job != "lora":  # the fast-path defaults on CUDA are measured for LoRA; full training opts in
         args.packing, args.use_compile = bool(args.packing), bool(args.use_compile)
     if args.max_steps is not None and args.max_steps < 1:
@@ -254,8 +262,9 @@ def pick_speed_defaults(args: argparse.Namespace, device_type: str, triton: bool
     triton = has_triton() if triton is None and cuda else bool(triton)
     why = []
     if args.packing is None:
-        args.packing = cuda
-        why.append("packed rows (default on CUDA; --packing 0 to pad)" if cuda else "padded batches (default off CUDA)")
+        args.packing = cuda and not args.group_by_length
+        why.append("packed rows (default on CUDA; --packing 0 to pad)" if args.packing else
+                   "padded batches (" + ("--group_by_length" if cuda else "default off CUDA") + ")")
     if args.use_compile is None:
         args.use_compile = cuda and triton
         why.append("compiled decoder (default on CUDA; --use_compile 0 for eager)" if args.use_compile else

@@ -236,7 +236,7 @@ def restore_resume(ckpt: dict, path: Path, load_trainable: Callable[[dict], None
 # Flags that change what a step computes or which samples it sees: a resumed run must keep them.
 SAME_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_rank_pattern",
                   "lora_alpha_pattern", "use_rslora", "use_dora", "load_in_4bit", "max_seq_len", "packing",
-                  "packed_rows", "seed", "val_fraction", "val_data_path", "chat_template")
+                  "packed_rows", "group_by_length", "seed", "val_fraction", "val_data_path", "chat_template")
 # Flags a resumed run may change on purpose (e.g. a lower learning rate after a spike); it says so.
 NOTED_ON_RESUME = ("learning_rate", "warmup_iters", "weight_decay", "grad_clip", "epochs", "max_steps")
 

@@ -33,6 +33,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+GROUP_STEPS = 50  # --group_by_length sorts runs of this many optimizer steps' samples (as transformers' Trainer)
+
+
+def group_by_length(order: list[int], lengths: np.ndarray, group: int) -> list[int]:
+    """`order` cut into runs of `group` samples, each sorted longest first: the samples of one step are then of
+    about one length (little padding), and the runs keep the shuffled order between them. Ties keep their
+    order, so the result depends on `order` alone, as a resume needs."""
+    return [i for start in range(0, len(order), group)
+            for i in sorted(order[start:start + group], key=lambda i: -lengths[i])]
+
+
 def split_step(samples: list[int], rank: int, world_size: int, batch_size: int) -> list[MicroBatch]:
     """This rank's micro-batches for one optimizer step made of `samples` (all ranks' samples).
 
@@ -54,10 +65,11 @@ class StepSampler:
     """
 
     def __init__(self, n_samples: int, batch_size: int, accumulation_steps: int, rank: int, world_size: int,
-                 seed: int) -> None:
+                 seed: int, lengths: np.ndarray | None = None) -> None:
         self.n, self.batch_size, self.rank, self.world_size, self.seed = (
             n_samples, batch_size, rank, world_size, seed)
         self.global_batch = world_size * batch_size * accumulation_steps
+        self.lengths = lengths  # given: each epoch's order is grouped by length (group_by_length)
         self.steps: list[list[MicroBatch]] = []
         self.step_sizes: list[int] = []  # global samples per step, to advance the epoch position
 
@@ -67,7 +79,10 @@ class StepSampler:
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Plan the rest of `epoch` from sample position `start`."""
-        order = epoch_order(self.n, self.seed, epoch)[start:]
+        order = epoch_order(self.n, self.seed, epoch)
+        if self.lengths is not None:  # runs of whole global steps: a resume (same samples per step) keeps them
+            order = group_by_length(order, self.lengths, GROUP_STEPS * self.global_batch)
+        order = order[start:]
         slices = [order[i:i + self.global_batch] for i in range(0, len(order), self.global_batch)]
         self.steps = [split_step(s, self.rank, self.world_size, self.batch_size) for s in slices]
         self.step_sizes = [len(s) for s in slices]
@@ -321,10 +336,11 @@ def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info:
     else:
         rows = args.batch_size
         note = (f"padded: {rows} samples per micro-batch" + (f", widths rounded up to multiples of {multiple}"
-                if multiple > 1 else "") + f"; one optimizer step = {rows * per_step} samples, ≈ "
-                f"{rows * per_step * mean:,.0f} tokens")
+                if multiple > 1 else "") + (", grouped by length" if args.group_by_length else "") +
+                f"; one optimizer step = {rows * per_step} samples, ≈ {rows * per_step * mean:,.0f} tokens")
         train_collate, sup_slots = collate, None
-    sampler = StepSampler(len(train), rows, args.accumulation_steps, info.rank, info.world_size, args.seed)
+    sampler = StepSampler(len(train), rows, args.accumulation_steps, info.rank, info.world_size, args.seed,
+                          lengths=None if args.packing or not args.group_by_length else np.asarray(train.lengths))
     loader = make_loader(train, sampler, train_collate, args.num_workers, info.device.type == "cuda", sup_slots)
     val_batches = eval_loader(val, args.batch_size, info.rank, info.world_size, collate) if val is not None else None
     return TrainData(train, sampler, loader, val_batches, note)
