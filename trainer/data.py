@@ -1,8 +1,9 @@
 """Which samples go into which optimizer step, on which rank: a shuffled, resumable, re-shardable order.
 
-Each epoch has one global order (a permutation seeded by seed and epoch). Optimizer steps take
-consecutive slices of it of world_size × batch_size × accumulation_steps samples; inside a step,
-rank r takes every world_size-th sample and cuts them into micro-batches. The position in the epoch
+Each epoch has one global order (a permutation seeded by seed and epoch; with --group_by_length, sorted by
+length within runs of steps: group_by_length). Optimizer steps take consecutive slices of it of
+world_size × batch_size × accumulation_steps samples; inside a step, rank r takes every world_size-th
+sample and cuts them into micro-batches. The position in the epoch
 is a single number (samples consumed), so a resumed run, even on a different number of GPUs,
 continues with exactly the samples not yet seen.
 """
