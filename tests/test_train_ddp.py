@@ -200,6 +200,22 @@ def test_two_compiled_ranks_equal_one_eager_process_with_packing(ddp, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_ranks_equal_one_process_with_group_by_length(ddp, tmp_path):
+    """--group_by_length on 2 ranks × batch 4 trains the one-process batch-8 LoRA: the length-sorted order is
+    made per global step, so the ranks share each step as one process would hold it (here: the 8 longest
+    samples, then the last one), unlike the default order of the `ddp` runs."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    argv = lora_args(tmp_path, ddp.weight, ddp.data, save_dir=one, batch_size=8, group_by_length=1, **FLAGS)
+    assert run_inprocess(main, argv) == 0
+    _two_ranks(tmp_path, ddp.weight, ddp.data, two, batch_size=4, group_by_length=1, **FLAGS)
+    _assert_same(_adapter(two), _adapter(one))
+    h1, h2 = _resume(one)["state"]["history"], _resume(two)["state"]["history"]
+    for (_, x), (_, y) in zip(h1["train"], h2["train"]):
+        assert y == pytest.approx(x, rel=1e-5)
+    assert h1["train"][0][1] != pytest.approx(ddp.one_resume["state"]["history"]["train"][0][1], rel=1e-3)
+
+
+@pytest.mark.slow
 def test_two_moe_ranks_equal_one_process_with_accumulation(tmp_path):
     """MoE under DDP (find_unused_parameters; each rank routes its own tokens, so an expert can get tokens
     on one rank and none on the other): 2 ranks × 1 sample train the LoRA and log the losses of 1 process ×
