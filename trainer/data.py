@@ -3,9 +3,9 @@
 Each epoch has one global order (a permutation seeded by seed and epoch; with --group_by_length, sorted by
 length within runs of steps: group_by_length). Optimizer steps take consecutive slices of it of
 world_size × batch_size × accumulation_steps samples; inside a step, rank r takes every world_size-th
-sample and cuts them into micro-batches. The position in the epoch
-is a single number (samples consumed), so a resumed run, even on a different number of GPUs,
-continues with exactly the samples not yet seen.
+sample and cuts them into micro-batches. The position in the epoch is a single number (samples
+consumed), so a resumed run, even on a different number of GPUs, continues with exactly the samples
+not yet seen.
 """
 
 import argparse
@@ -334,14 +334,16 @@ def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info:
         slots = segment_slots(train, first) if segments else None
         train_collate = partial(collate_packed, pad_id=pad_id, width=args.max_seq_len, rows=rows, segments=slots)
         sup_slots = supervised_slots(train, first)
+        lengths = None  # packed rows hold no padding to sort away (--group_by_length is refused with --packing)
     else:
         rows = args.batch_size
         note = (f"padded: {rows} samples per micro-batch" + (f", widths rounded up to multiples of {multiple}"
                 if multiple > 1 else "") + (", grouped by length" if args.group_by_length else "") +
                 f"; one optimizer step = {rows * per_step} samples, ≈ {rows * per_step * mean:,.0f} tokens")
         train_collate, sup_slots = collate, None
+        lengths = np.asarray(train.lengths) if args.group_by_length else None
     sampler = StepSampler(len(train), rows, args.accumulation_steps, info.rank, info.world_size, args.seed,
-                          lengths=None if args.packing or not args.group_by_length else np.asarray(train.lengths))
+                          lengths=lengths)
     loader = make_loader(train, sampler, train_collate, args.num_workers, info.device.type == "cuda", sup_slots)
     val_batches = eval_loader(val, args.batch_size, info.rank, info.world_size, collate) if val is not None else None
     return TrainData(train, sampler, loader, val_batches, note)
