@@ -278,8 +278,11 @@ def test_two_ranks_4bit_equal_one_process(tmp_path):
     assert run.returncode == 0, run.output[-4000:]
     assert "2 process(es) on cpu" in run.output and "base linear layers in NF4" in run.output
     a, b = (torch.load(tmp_path / d / "lora_identity_64_resume.pth", weights_only=False) for d in ("one", "two"))
+    # AdamW moves each weight by about the learning rate whatever its gradient's size, so where a gradient is
+    # near zero, rounding shows (batch 4 sums in another order than batch 8 on some CPUs: 3.9e-5 on a 16-core
+    # x86 machine). A rank's gradient left out of the average moves many weights by about 1e-2.
     for key in a["trainable"]:
-        torch.testing.assert_close(b["trainable"][key], a["trainable"][key], atol=1e-5, rtol=0)
+        torch.testing.assert_close(b["trainable"][key], a["trainable"][key], atol=1e-4, rtol=0)
     assert [x for _, x in b["state"]["history"]["train"]] == pytest.approx(
         [x for _, x in a["state"]["history"]["train"]], rel=1e-5)
 

@@ -488,6 +488,9 @@ spare = float(sys.argv.pop(1)) * 2**30
 if "cuda" in sys.argv:
     torch.cuda.set_per_process_memory_fraction(spare / torch.cuda.get_device_properties(0).total_memory)
 else:
+    # A CUDA build counts the GPUs at the first backward, and under the limit that fails with a warning on
+    # stderr; counted now (is_available, not device_count, which asks NVML), the count is cached.
+    torch.cuda.is_available()
     mapped = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (mapped + int(spare), resource.RLIM_INFINITY))
 sys.argv = [job.__file__, *sys.argv[1:]]
