@@ -366,7 +366,9 @@ def run_hf(opts: dict) -> dict:
     projected = ends[warm] + (total - done) / steady
     return dict(name=opts["name"], code=0, wall_s=time.perf_counter() - t0, steady_tok_s=steady,
                 first_step_s=ends[0], warmup_end_s=ends[warm], steps=len(ends), projected_s=projected,
-                pad_share=round(1 - sum(tokens) / sum(slots), 4))
+                pad_share=round(1 - sum(tokens) / sum(slots), 4),
+                # per step, for a look at what a step's time follows (its width, a width met before)
+                step_end_s=[round(e, 4) for e in ends], step_slots=slots[:len(ends)])
 
 
 def length_grouping(training_arguments: type, grouped: bool) -> dict:
