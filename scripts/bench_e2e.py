@@ -21,18 +21,18 @@ has its own compile caches, emptied first unless its name ends in -warm). The ta
 fastest peer row (Trainer or Unsloth) and gives, for our measured epochs, the loss at the last step: rows with
 another step size (`ours-b32`) finish the epoch in fewer optimizer steps, so they are compared by how far they
 got too.
-Rows marked "projected" ran --steps optimizer steps only: their epoch time is the measured time to the end
-of their warm-up plus the epoch's remaining tokens at their steady rate. The Trainer rows use
-32 samples per batch (padded, or padding-free with DataCollatorWithFlattening), `hf-liger` adds Liger
-Kernel's Qwen3 patches (needs `liger_kernel`), the `-grouped` rows the Trainer's length-grouped sampler
-(batches of samples of about one length, so less padding). Each Trainer row gives `pad_share`, the share of
-its batches' token slots that held padding. `unsloth` is the padded Trainer row on Unsloth's model and LoRA
-(`FastLanguageModel`, needs `unsloth`; it loads the base's Qwen3 directory). The `ours-eager-*` rows run
-uncompiled (`--use_compile 0`), padded or packed, with their CUDA graphs per micro-batch shape or, in the
-`-nographs` rows, without; as they record graphs for a while, each row also gives `late_tok_s`, the median of
-its second half. With `--against DIR` every `ours*` row is followed by the same row run from the checkout
-in DIR (named `<row>@<DIR's name>`, with compile caches of its own): this trainer before and after a change,
-on one machine and the same data. docs/PERF.md holds the results.
+Rows marked "projected" ran --steps optimizer steps only: their epoch time is the measured time to the end of
+their warm-up plus the epoch's remaining tokens at their steady rate. The Trainer rows use 32 samples per batch
+(padded, or padding-free with DataCollatorWithFlattening), `hf-liger` adds Liger Kernel's Qwen3 patches (needs
+`liger_kernel`), the `-grouped` rows the Trainer's length-grouped sampler (batches of samples of about one
+length, so less padding). Each Trainer row gives `pad_share`, the share of its batches' token slots that held
+padding, and in the JSON each step's end time and token slots. `unsloth` is the padded Trainer row on Unsloth's
+model and LoRA (`FastLanguageModel`, needs `unsloth`; it loads the base's Qwen3 directory). The `ours-eager-*`
+rows run uncompiled (`--use_compile 0`), padded or packed, with their CUDA graphs per micro-batch shape or, in
+the `-nographs` rows, without; as they record graphs for a while, each row also gives `late_tok_s`, the median
+of its second half. With `--against DIR` every `ours*` row is followed by the same row run from the checkout in
+DIR (named `<row>@<DIR's name>`, with compile caches of its own): this trainer before and after a change, on
+one machine and the same data. docs/PERF.md holds the results.
 """
 
 import argparse
