@@ -151,9 +151,9 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
                    help="packed rows per micro-batch (default: as many as hold about --batch_size samples of the "
                         "data's mean length)")
     _switch(g, "--group_by_length", help="padded batches (--packing 0): each optimizer step takes samples of about one "
-                                         "length, so less padding and shorter steps (the shuffled order, sorted "
-                                         "longest first within runs of 50 steps' samples, as transformers' Trainer "
-                                         "does); a run resumes in the same order" + (
+                                         "length, so less padding and, on a CPU, shorter steps (the shuffled order, "
+                                         "sorted longest first within runs of 50 steps' samples, as transformers' "
+                                         "Trainer does); a run resumes in the same order" + (
                                              "; with it, --packing defaults to off on CUDA too" if job == "lora" else ""))
     g.add_argument("--data_cache", default=None,
                    help="folder that keeps the tokenized data, so that the next run on the same file, tokenizer, "
