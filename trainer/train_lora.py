@@ -21,6 +21,13 @@ Writes, in --save_dir: {lora_name}_{hidden}{_moe}.pth (MiniMind's LoRA layout), 
 directory), {...}.json (this run's config), {...}_loss.png and {...}_resume.pth (to continue the run).
 """
 
+import gc
+
+# The imports below build about half a million objects that live as long as the process. The collector would
+# scan them over and over while they are built (1-1.5 s of a start-up): it is off until they are all built,
+# and then leaves them out of every later collection (docs/PERF.md, "The garbage collector at start-up").
+gc.disable()
+
 from functools import partial
 from pathlib import Path
 
@@ -93,6 +100,9 @@ from trainer.step_graphs import (
     pick_cuda_graphs,
     whole_step_needs,
 )
+
+gc.freeze()
+gc.enable()
 
 
 def main(argv: list[str] | None = None) -> int:
