@@ -562,8 +562,8 @@ def test_out_of_memory_keeps_the_last_step_and_says_how_to_continue(tmp_path):
     continue_with(command, from_step=2)
 
     # No memory to spare: the base's weights cannot be read. That is no damaged file (the message used to
-    # say it was, and to delete the resume file): it says what ran out. A base of 130 MB: the tiny one fits
-    # in what malloc already holds (so on GPU machines, whose torch maps more at import, its run got to step 1).
+    # say it was, and to delete the resume file): it says what ran out. A base of 130 MB: the tiny one can fit
+    # in memory that malloc already holds (on a GPU machine its run got to step 1).
     big = save_tiny_minimind(tmp_path / "big" / "full_sft_1024.pth", hidden_size=1024)
     error, _ = out_of_memory(0, lora_args(tmp_path, big, data, **flags), r"out of memory \(")
     assert "--load_in_4bit" in error and "cannot be read" not in error, error

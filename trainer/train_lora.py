@@ -23,9 +23,9 @@ directory), {...}.json (this run's config), {...}_loss.png and {...}_resume.pth 
 
 import gc
 
-# The imports below build about half a million objects that live as long as the process. The collector would
-# scan them over and over while they are built (1-1.5 s of a start-up): it is off until they are all built,
-# and then leaves them out of every later collection (docs/PERF.md, "The garbage collector at start-up").
+# The imports below build about 650,000 objects that live as long as the process. The collector would scan
+# them over and over while they are built (1-2 s of a start-up): it is off until they are all built, and then
+# leaves them out of every later collection (docs/PERF.md, "The garbage collector at start-up").
 gc.disable()
 
 from functools import partial
