@@ -171,7 +171,7 @@ def test_training_scripts_import_with_the_collector_off_and_leave_it_on():
     """Each training script imports with the garbage collector off, then freezes what the imports built and
     turns the collector back on (a script that left it off would never free a reference cycle in a whole run)."""
     probe = """
-import gc, importlib, sys
+import gc, importlib
 for name in ("trainer.train_lora", "trainer.train_full_sft", "trainer.train_pretrain"):
     before = gc.get_freeze_count()
     collections = gc.get_stats()[2]["collections"]
@@ -182,7 +182,7 @@ for name in ("trainer.train_lora", "trainer.train_full_sft", "trainer.train_pret
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split() for line in out.stdout.splitlines()]
     assert [row[0] for row in rows] == ["trainer.train_lora", "trainer.train_full_sft", "trainer.train_pretrain"]
-    name, enabled, frozen, full_collections = rows[0]
+    _, enabled, frozen, full_collections = rows[0]
     # torch, transformers and the trainer: hundreds of thousands of objects, and no full collection among them
     assert enabled == "True" and int(frozen) > 100_000 and full_collections == "0", rows[0]
     assert all(row[1] == "True" for row in rows), rows
