@@ -21,8 +21,10 @@ has its own compile caches, emptied first unless its name ends in -warm). The ta
 fastest peer row (Trainer or Unsloth) and gives, for our measured epochs, the loss at the last step: rows with
 another step size (`ours-b32`) finish the epoch in fewer optimizer steps, so they are compared by how far they
 got too.
+Every row's clock starts when its process is launched, so each stack's imports and reading of the data count.
 Rows marked "projected" ran --steps optimizer steps only: their epoch time is the measured time to the end of
-their warm-up plus the epoch's remaining tokens at their steady rate. The Trainer rows use 32 samples per batch
+their warm-up plus the epoch's remaining tokens at their steady rate; `--steps 0` runs every row to the end of
+its epoch (measured; the Trainer rows then save their adapter, as the trainer does). The Trainer rows use 32 samples per batch
 (padded, or padding-free with DataCollatorWithFlattening), `hf-liger` adds Liger Kernel's Qwen3 patches (needs
 `liger_kernel`), the `-grouped` rows the Trainer's length-grouped sampler (batches of samples of about one
 length, so less padding). Each Trainer row gives `pad_share`, the share of its batches' token slots that held
@@ -282,7 +284,10 @@ def run_ours(name: str, flags: list[str], base: Path, data: Path, workdir: Path,
 # ------------------------------------------------------------------------- transformers Trainer + PEFT
 
 def run_hf(opts: dict) -> dict:
-    """One Trainer run in this process (a subprocess of main): time to each step end, tokens per step."""
+    """One Trainer run in this process (a subprocess of main): time to each step end, tokens per step. The clock
+    starts when main launched the process (`launched_at`), as ours does, so the imports and reading the data count
+    here too. With `steps` 0 the run trains its whole epoch and saves its adapter, as a user's script would."""
+    t0 = time.perf_counter() - (time.time() - opts.get("launched_at", time.time()))
     import torch
 
     if opts.get("unsloth"):  # before transformers and PEFT: it patches them as they load
@@ -300,7 +305,7 @@ def run_hf(opts: dict) -> dict:
 
     from dataset.lm_dataset import SFTDataset
 
-    t0 = time.perf_counter()
+    imports_s = time.perf_counter() - t0
     cuda = opts["device"] == "cuda"
     if opts.get("liger"):
         from liger_kernel.transformers import apply_liger_kernel_to_qwen3
@@ -359,16 +364,21 @@ def run_hf(opts: dict) -> dict:
                               if cuda else "adamw_torch", dataloader_num_workers=0, remove_unused_columns=False,
                               disable_tqdm=True, **length_grouping(TrainingArguments, opts.get("grouped", False)))
     Trainer(model=model, args=targs, train_dataset=samples, data_collator=collate, callbacks=[Clock()]).train()
+    full_epoch = not opts["steps"]
+    if full_epoch:
+        model.save_pretrained(opts["out"])  # the adapter, as ours saves its own at the end
     warm = min(2, len(ends) - 1)
     steady = (sum(tokens[warm + 1:len(ends)]) / (ends[-1] - ends[warm])) if len(ends) > warm + 1 else float("nan")
     total = int(ds.lengths.sum())
     done = sum(tokens[:warm + 1])
-    projected = ends[warm] + (total - done) / steady
-    return dict(name=opts["name"], code=0, wall_s=time.perf_counter() - t0, steady_tok_s=steady,
-                first_step_s=ends[0], warmup_end_s=ends[warm], steps=len(ends), projected_s=projected,
-                pad_share=round(1 - sum(tokens) / sum(slots), 4),
-                # per step, for a look at what a step's time follows (its width, a width met before)
-                step_end_s=[round(e, 4) for e in ends], step_slots=slots[:len(ends)])
+    row = dict(name=opts["name"], code=0, wall_s=time.perf_counter() - t0, steady_tok_s=steady,
+               imports_s=round(imports_s, 3), first_step_s=ends[0], warmup_end_s=ends[warm], steps=len(ends),
+               full_epoch=full_epoch, pad_share=round(1 - sum(tokens) / sum(slots), 4),
+               # per step, for a look at what a step's time follows (its width, a width met before)
+               step_end_s=[round(e, 4) for e in ends], step_slots=slots[:len(ends)])
+    if not full_epoch:
+        row["projected_s"] = ends[warm] + (total - done) / steady
+    return row
 
 
 def length_grouping(training_arguments: type, grouped: bool) -> dict:
@@ -383,18 +393,20 @@ def length_grouping(training_arguments: type, grouped: bool) -> dict:
 
 def run_hf_subprocess(opts: dict, cache: Path, timeout: float) -> dict:
     """run_hf in a fresh process (clean memory, its own patches), its compile caches in `cache` (Inductor's,
-    Triton's, and Unsloth's, which it writes to the working folder)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", json.dumps(opts)]
+    Triton's, and Unsloth's, which it writes to the working folder). Its `wall_s`, like ours', runs from launch
+    to exit."""
     cache.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": python_path(), "TORCHINDUCTOR_CACHE_DIR": str(cache),
            "TRITON_CACHE_DIR": str(cache / "triton"), "UNSLOTH_DISABLE_STATISTICS": "1"}  # no Hub request
+    t0 = time.perf_counter()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", json.dumps(dict(opts, launched_at=time.time()))]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cache, env=env)
     except subprocess.TimeoutExpired:
         return dict(name=opts["name"], code=124, error=f"timed out after {timeout:.0f} s")
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("{"):
-            return json.loads(line)
+            return dict(json.loads(line), wall_s=time.perf_counter() - t0)
     return dict(name=opts["name"], code=p.returncode, error=(p.stdout + p.stderr)[-3000:])
 
 
@@ -424,7 +436,7 @@ def print_table(rows: list[dict], stats: dict) -> None:
             continue
         e = epoch_s(r, stats)
         how = "measured" if r.get("full_epoch") else "projected"
-        loss = f"{r['last_loss']:9.4f}" if r.get("full_epoch") else f"{'-':>9s}"  # full epochs: ours only
+        loss = f"{r['last_loss']:9.4f}" if "last_loss" in r and r.get("full_epoch") else f"{'-':>9s}"  # ours only
         print(f"{r['name']:34s} {e:9.1f} {how:>9s} {ref / e:14.2f}x {r['steady_tok_s']:12,.0f} "
               f"{r['first_step_s']:10.1f} {loss}")
 
@@ -434,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--conversations", type=int, default=None, help="chats in the mix (default 12,000; 200 with --tiny)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps of the projected rows")
+    p.add_argument("--steps", type=int, default=60,
+                   help="optimizer steps of the projected rows; 0: every row trains its whole epoch (measured)")
     p.add_argument("--workdir", default=str(REPO / "out" / "bench_e2e"))
     p.add_argument("--json", default=None, help="write every row here")
     p.add_argument("--timeout", type=float, default=400, help="seconds per variant")
@@ -476,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(cache)
         if stack == "ours":
             row = run_ours(name, opts, base, data, workdir, steps, cache, device, args.timeout, repo)
-            row["full_epoch"] = steps is None
+            row["full_epoch"] = not steps
         else:
             row = run_hf_subprocess(dict(opts, name=name, data=str(data), shape=shape, device=device,
                                          qwen3_dir=str(qwen3_dir(base)),

@@ -1,9 +1,12 @@
 """scripts/bench_e2e.py: its generated chat mix (the documented languages, turns, system prompts and lengths),
-and a run against another checkout of the trainer."""
+a run against another checkout of the trainer, and the Trainer rows' clock and whole epochs."""
 
 import json
+import math
 import re
 import shutil
+import subprocess
+import time
 
 from transformers import AutoTokenizer
 
@@ -67,3 +70,36 @@ def test_the_length_grouped_trainer_row_pads_less(tmp_path):
     assert rows["hf-padded"]["code"] == rows["hf-grouped"]["code"] == 0, rows
     padded, grouped = rows["hf-padded"]["pad_share"], rows["hf-grouped"]["pad_share"]
     assert 0.3 < padded < 0.8 and grouped < padded / 4, (padded, grouped)
+
+
+def test_a_trainer_row_can_train_its_whole_epoch_and_is_then_measured(tmp_path):
+    """`--steps 0`: the Trainer row trains every batch of the epoch and saves its adapter, and its epoch time is
+    measured from launch to exit, as ours is, not projected. Its times run from launch: imports, then the
+    first step, then the last, then the exit."""
+    work = tmp_path / "work"
+    out = run_cli([python(), "scripts/bench_e2e.py", "--tiny", "--steps", "0", "--variants", "hf-padded",
+                   "--workdir", str(work), "--json", str(tmp_path / "rows.json")], 400, cwd=REPO, env=subprocess_env())
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads((tmp_path / "rows.json").read_text())
+    (row,) = result["rows"]
+    assert row["code"] == 0 and row["full_epoch"] and "projected_s" not in row, row
+    assert row["steps"] == math.ceil(result["stats"]["conversations"] / 32)
+    assert (work / "runs" / "hf-padded" / "adapter_config.json").is_file()
+    assert 0 < row["imports_s"] < row["first_step_s"] <= row["step_end_s"][-1] < row["wall_s"], row
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith("hf-padded ")]
+    assert line.split()[1:3] == [f"{row['wall_s']:.1f}", "measured"], line
+
+
+def test_a_trainer_row_counts_from_its_launch(tmp_path):
+    """The worker's clock starts at the launch time main gives it, so its imports and its reading of the data
+    count, as they do for ours: launched (as if) 100 s ago, every time it reports is past 100 s."""
+    tok = AutoTokenizer.from_pretrained(REPO_TOKENIZER)
+    data = write_chat_mix(tmp_path / "mix.jsonl", 40, tok, seed=0)
+    opts = dict(name="hf-padded", collator="padded", data=str(data), shape="tiny", device="cpu", qwen3_dir="",
+                steps=4, batch=8, out=str(tmp_path / "out"), launched_at=time.time() - 100)
+    p = subprocess.run([python(), "scripts/bench_e2e.py", "--hf-worker", json.dumps(opts)], capture_output=True,
+                       text=True, timeout=300, cwd=REPO, env=subprocess_env())
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    row = json.loads(p.stdout.splitlines()[-1])
+    assert 100 < row["imports_s"] < row["first_step_s"] < row["projected_s"], row
+    assert not row["full_epoch"] and row["steps"] == 4
