@@ -18,17 +18,22 @@
 Replies stream token by token as they decode; each ends with its length and speed in tokens/s.
 """
 
-import argparse
-import copy
-import time
+from trainer.frozen_imports import frozen_imports
 
-from torch import nn
-from transformers.utils import logging as transformers_logging
+# The garbage collector never scans what these imports build: 1-2 s less start-up.
+with frozen_imports():
+    import argparse
+    import copy
+    import time
 
-from model.errors import exit_on_user_error
-from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
-from model.model_lora import load_lora, merge_lora
-from trainer.base_flags import load_from_flags, resolve_device, script_parser
+    from torch import nn
+    from transformers.utils import logging as transformers_logging
+
+    from model.errors import exit_on_user_error
+    from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
+    from model.model_lora import load_lora, merge_lora
+    from trainer.base_flags import load_from_flags, resolve_device, script_parser
+
 
 # Two questions the demo LoRA changes the answer to, and two it should leave alone.
 PROMPTS = ["who are you?", "你是谁？", "What is 3 + 4?", "How many legs does a cat have?"]

@@ -20,22 +20,26 @@ written as `{save_dir}/{save_weight}_hf/` in its own architecture. The merge run
 are then written in the base's own dtype, or in --dtype.
 """
 
-import argparse
-import shutil
-from pathlib import Path
+from trainer.frozen_imports import frozen_imports
 
-import torch
-from torch import nn
-from transformers.utils import logging as transformers_logging
+# The garbage collector never scans what these imports build: 1-2 s less start-up.
+with frozen_imports():
+    import argparse
+    import shutil
+    from pathlib import Path
 
-from model.atomic import atomic_write
-from model.errors import exit_on_user_error
-from model.hf_export import ExportError, export_minimind
-from model.model_lora import load_lora, merge_lora
-from trainer.base_flags import is_minimind, script_parser
-from trainer.base_model import TOKENIZER_FILES, load_base
-from trainer.engine import DTYPES
-from trainer.logger import shown_path
+    import torch
+    from torch import nn
+    from transformers.utils import logging as transformers_logging
+
+    from model.atomic import atomic_write
+    from model.errors import exit_on_user_error
+    from model.hf_export import ExportError, export_minimind
+    from model.model_lora import load_lora, merge_lora
+    from trainer.base_flags import is_minimind, script_parser
+    from trainer.base_model import TOKENIZER_FILES, load_base
+    from trainer.engine import DTYPES
+    from trainer.logger import shown_path
 
 
 def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object, torch.dtype]:

@@ -13,21 +13,26 @@
 Writes `<name>_delta_norms.png`, `<name>_singular_values.png` and `loss_curves.png` into --out_dir.
 """
 
-import argparse
-import json
-import re
-from pathlib import Path
+from trainer.frozen_imports import frozen_imports
 
-import matplotlib
+# The garbage collector never scans what these imports build: 1-2 s less start-up.
+with frozen_imports():
+    import argparse
+    import json
+    import re
+    from pathlib import Path
 
-matplotlib.use("Agg")  # files only: no display needed on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+    import matplotlib
 
-from model.errors import UserError, exit_on_user_error  # noqa: E402
-from model.model_lora import LoRAError, read_lora  # noqa: E402
-from trainer.checkpoint import load_resume  # noqa: E402
+    matplotlib.use("Agg")  # files only: no display needed on servers and in CI
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from model.errors import UserError, exit_on_user_error
+    from model.model_lora import LoRAError, read_lora
+    from trainer.checkpoint import load_resume
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

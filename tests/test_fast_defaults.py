@@ -167,12 +167,18 @@ def test_eta_follows_a_run_that_speeds_up(monkeypatch, capsys):
     assert last.startswith("step 40/100") and last.endswith("eta 0:00:30"), last
 
 
-def test_training_scripts_import_with_the_collector_off_and_leave_it_on():
-    """Each training script imports with the garbage collector off, then freezes what the imports built and
-    turns the collector back on (a script that left it off would never free a reference cycle in a whole run)."""
-    probe = """
+SCRIPTS = ("trainer.train_lora", "trainer.train_full_sft", "trainer.train_pretrain", "scripts.chat",
+           "scripts.eval_lora", "scripts.merge_lora", "scripts.visualize_lora")
+
+
+def test_scripts_import_with_the_collector_off_and_leave_it_on():
+    """The training scripts and the scripts that load a model import with the garbage collector off, then freeze
+    what the imports built and turn the collector back on (a script that left it off would never free a
+    reference cycle in a whole run). The first import brings torch and transformers: hundreds of thousands of
+    objects, and no full collection among them; each later one freezes its own."""
+    probe = f"""
 import gc, importlib
-for name in ("trainer.train_lora", "trainer.train_full_sft", "trainer.train_pretrain"):
+for name in {SCRIPTS!r}:
     before = gc.get_freeze_count()
     collections = gc.get_stats()[2]["collections"]
     importlib.import_module(name)
@@ -181,8 +187,23 @@ for name in ("trainer.train_lora", "trainer.train_full_sft", "trainer.train_pret
     out = run_cli([python(), "-c", probe], 120, cwd=REPO, env=subprocess_env())
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split() for line in out.stdout.splitlines()]
-    assert [row[0] for row in rows] == ["trainer.train_lora", "trainer.train_full_sft", "trainer.train_pretrain"]
-    _, enabled, frozen, full_collections = rows[0]
-    # torch, transformers and the trainer: hundreds of thousands of objects, and no full collection among them
-    assert enabled == "True" and int(frozen) > 100_000 and full_collections == "0", rows[0]
-    assert all(row[1] == "True" for row in rows), rows
+    assert tuple(row[0] for row in rows) == SCRIPTS
+    assert int(rows[0][2]) > 100_000, rows[0]
+    assert all(enabled == "True" and int(frozen) > 0 and full == "0" for _, enabled, frozen, full in rows), rows
+
+
+def test_frozen_imports_leaves_a_collector_that_was_off_off():
+    """A caller that had turned the collector off finds it off after the block, and what the block built
+    frozen."""
+    probe = """
+import gc
+from trainer.frozen_imports import frozen_imports
+gc.disable()
+before = gc.get_freeze_count()
+with frozen_imports():
+    import json, decimal
+print(gc.isenabled(), gc.get_freeze_count() > before)
+"""
+    out = run_cli([python(), "-c", probe], 60, cwd=REPO, env=subprocess_env())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"]

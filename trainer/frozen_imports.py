@@ -1,0 +1,26 @@
+"""Imports the garbage collector never scans, for scripts whose imports build most of their objects.
+
+The imports of torch, transformers and this repo build about 650,000 objects that live as long as the
+process. Python's collector makes a full pass each time the objects it tracks have grown by a quarter, so it
+scans them again and again while they are built: 1-2 s of a script's start (docs/PERF.md, "The garbage
+collector at start-up"). Inside `frozen_imports()` the collector is off; at the end, everything built so far
+moves to the permanent generation, which no collection scans, and the collector is on again for what the
+script builds next.
+"""
+
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def frozen_imports() -> Iterator[None]:
+    """Run a block of imports with the collector off; then freeze what they built and turn it back on."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was_enabled:
+            gc.enable()
