@@ -284,9 +284,10 @@ def run_ours(name: str, flags: list[str], base: Path, data: Path, workdir: Path,
 # ------------------------------------------------------------------------- transformers Trainer + PEFT
 
 def run_hf(opts: dict) -> dict:
-    """One Trainer run in this process (a subprocess of main): time to each step end, tokens per step. The clock
-    starts when main launched the process (`launched_at`), as ours does, so the imports and reading the data count
-    here too. With `steps` 0 the run trains its whole epoch and saves its adapter, as a user's script would."""
+    """One Trainer run in this process (a subprocess of main, which adds its wall time): time to each step end,
+    tokens per step. The clock starts when main launched the process (`launched_at`), as ours does, so the
+    imports and reading the data count here too. With `steps` 0 the run trains its whole epoch and saves its
+    adapter, as a user's script would."""
     t0 = time.perf_counter() - (time.time() - opts.get("launched_at", time.time()))
     import torch
 
@@ -371,9 +372,9 @@ def run_hf(opts: dict) -> dict:
     steady = (sum(tokens[warm + 1:len(ends)]) / (ends[-1] - ends[warm])) if len(ends) > warm + 1 else float("nan")
     total = int(ds.lengths.sum())
     done = sum(tokens[:warm + 1])
-    row = dict(name=opts["name"], code=0, wall_s=time.perf_counter() - t0, steady_tok_s=steady,
-               imports_s=round(imports_s, 3), first_step_s=ends[0], warmup_end_s=ends[warm], steps=len(ends),
-               full_epoch=full_epoch, pad_share=round(1 - sum(tokens) / sum(slots), 4),
+    row = dict(name=opts["name"], code=0, steady_tok_s=steady, imports_s=round(imports_s, 3), first_step_s=ends[0],
+               warmup_end_s=ends[warm], steps=len(ends), full_epoch=full_epoch,
+               pad_share=round(1 - sum(tokens) / sum(slots), 4),
                # per step, for a look at what a step's time follows (its width, a width met before)
                step_end_s=[round(e, 4) for e in ends], step_slots=slots[:len(ends)])
     if not full_epoch:
