@@ -24,10 +24,10 @@ got too.
 Every row's clock starts when its process is launched, so each stack's imports and reading of the data count.
 Rows marked "projected" ran --steps optimizer steps only: their epoch time is the measured time to the end of
 their warm-up plus the epoch's remaining tokens at their steady rate; `--steps 0` runs every row to the end of
-its epoch (measured; the Trainer rows then save their adapter, as the trainer does). The Trainer rows use 32 samples per batch
-(padded, or padding-free with DataCollatorWithFlattening), `hf-liger` adds Liger Kernel's Qwen3 patches (needs
-`liger_kernel`), the `-grouped` rows the Trainer's length-grouped sampler (batches of samples of about one
-length, so less padding). Each Trainer row gives `pad_share`, the share of its batches' token slots that held
+its epoch (measured; the Trainer rows then save their adapter, as the trainer does). The Trainer rows use 32
+samples per batch (padded, or padding-free with DataCollatorWithFlattening), `hf-liger` adds Liger Kernel's
+Qwen3 patches (needs `liger_kernel`), the `-grouped` rows the Trainer's length-grouped sampler (batches of
+samples of about one length, so less padding). Each Trainer row gives `pad_share`, the share of its batches' token slots that held
 padding, and in the JSON each step's end time and token slots. `unsloth` is the padded Trainer row on Unsloth's
 model and LoRA (`FastLanguageModel`, needs `unsloth`; it loads the base's Qwen3 directory). The `ours-eager-*`
 rows run uncompiled (`--use_compile 0`), padded or packed, with their CUDA graphs per micro-batch shape or, in
@@ -400,7 +400,8 @@ def run_hf_subprocess(opts: dict, cache: Path, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": python_path(), "TORCHINDUCTOR_CACHE_DIR": str(cache),
            "TRITON_CACHE_DIR": str(cache / "triton"), "UNSLOTH_DISABLE_STATISTICS": "1"}  # no Hub request
     t0 = time.perf_counter()
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", json.dumps(dict(opts, launched_at=time.time()))]
+    worker_opts = json.dumps(dict(opts, launched_at=time.time()))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", worker_opts]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cache, env=env)
     except subprocess.TimeoutExpired:
