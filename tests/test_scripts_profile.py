@@ -6,6 +6,9 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+import torch
+
 from scripts.bench import trace_gaps
 from tests.train_utils import (
     REPO,
@@ -19,12 +22,13 @@ from tests.train_utils import (
 )
 
 
-def _profile(tmp: Path, steps: str, *extra: str) -> subprocess.CompletedProcess:
-    """A 4-step tiny CPU run of train_lora.py under the profiler script; it must succeed."""
+def _profile(tmp: Path, steps: str, *extra: str, device: str = "cpu") -> subprocess.CompletedProcess:
+    """A 4-step tiny run of train_lora.py under the profiler script (on the CPU unless `device`); it must
+    succeed."""
     tokenizer_dir()
     weight, data = save_tiny_minimind(tmp / "full_sft_64.pth"), write_chat_data(tmp / "data.jsonl", 9)
     cmd = [python(), str(REPO / "scripts" / "bench" / "profile_trainer.py"), "--steps", steps, "--out",
-           str(tmp / "prof"), *extra, "--", *lora_args(tmp, weight, data, batch_size=2, max_steps=4)]
+           str(tmp / "prof"), *extra, "--", *lora_args(tmp, weight, data, batch_size=2, max_steps=4, device=device)]
     run = run_cli(cmd, timeout=600, cwd=tmp, env=subprocess_env())
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "done: " in run.stdout  # the run itself went on to its end
@@ -45,6 +49,16 @@ def test_profiles_the_chosen_steps_of_a_real_run(tmp_path):
     # A CPU trace has no device timeline to read gaps from, and trace_gaps says so.
     events = trace_gaps.load_events(tmp_path / "prof" / "trace_rank0.json.gz")
     assert "no device events" in trace_gaps.report(events, n_gaps=8, depth=6, min_gap_ms=0.2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_run_on_the_default_path_is_profiled_with_its_kernels(tmp_path):
+    run = _profile(tmp_path, "3", device="cuda")  # packed, compiled, CUDA graphs: step 3 replays steps 1-2's
+    assert "CUDA graphs: 1 micro-batch shape(s) recorded and replayed" in run.stdout
+    summary = (tmp_path / "prof" / "profile_rank0.txt").read_text()
+    assert float(re.search(r"device time summed over kernels ([\d.]+) ms", summary).group(1)) > 0
+    events = trace_gaps.load_events(tmp_path / "prof" / "trace_rank0.json.gz")
+    assert sum(e.category == "kernel" for e in events) > 20
 
 
 def test_a_window_past_the_end_is_closed_at_exit(tmp_path):

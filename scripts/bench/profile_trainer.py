@@ -50,14 +50,17 @@ class StepWindow:
 
     def __init__(self, first: int, last: int, out: Path, rows: int, with_stack: bool = False) -> None:
         self.first, self.last, self.out, self.rows, self.with_stack = first, last, out, rows, with_stack
-        self.calls, self.prof, self.started = 0, None, 0.0
+        self.calls, self.prof, self.started, self.on_gpu = 0, None, 0.0, False
         self.rank = int(os.environ.get("RANK", 0))
 
     def before_step(self) -> None:
         """Called at the start of every train_step."""
         self.calls += 1
         if self.calls == self.first:
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            # The run's own device: only a run that trains on a GPU starts CUDA (a --device cpu run on a GPU
+            # machine does not), so its window traces the device and ranks operators by device time.
+            self.on_gpu = torch.cuda.is_initialized()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.on_gpu else [])
             self.prof = profile(activities=activities, with_stack=self.with_stack)
             self.prof.start()
             self.started = time.perf_counter()
@@ -68,16 +71,15 @@ class StepWindow:
         """Stop, then write this rank's summary and trace (no-op if the window never opened or is closed)."""
         if self.prof is None:
             return
-        if torch.cuda.is_available():
+        if self.on_gpu:
             torch.cuda.synchronize()  # the window's kernels finish inside it
         seconds = time.perf_counter() - self.started
         prof, self.prof = self.prof, None
         prof.stop()
         steps = self.last - self.first + 1 if complete else self.calls - self.first + 1
         events = prof.key_averages()
-        on_gpu = torch.cuda.is_available()
-        sort = "self_device_time_total" if on_gpu else "self_cpu_time_total"
-        device_s = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6 if on_gpu else None
+        sort = "self_device_time_total" if self.on_gpu else "self_cpu_time_total"
+        device_s = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6 if self.on_gpu else None
         head = (f"rank {self.rank}: steps {self.first}-{self.first + steps - 1} ({steps} loop iterations"
                 f"{'' if complete else ', the run ended inside the window'}), {seconds * 1e3:.1f} ms wall, "
                 f"{seconds * 1e3 / steps:.1f} ms per step")
