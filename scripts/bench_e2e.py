@@ -34,7 +34,8 @@ rows run uncompiled (`--use_compile 0`), padded or packed, with their CUDA graph
 the `-nographs` rows, without; as they record graphs for a while, each row also gives `late_tok_s`, the median
 of its second half. With `--against DIR` every `ours*` row is followed by the same row run from the checkout in
 DIR (named `<row>@<DIR's name>`, with compile caches of its own): this trainer before and after a change, on
-one machine and the same data. docs/PERF.md holds the results.
+one machine and the same data. Above the table, a line names the device, the CPU cores and the versions of
+torch, transformers, PEFT, Liger Kernel and Unsloth that the rows import. docs/PERF.md holds the results.
 """
 
 import argparse
@@ -48,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -424,12 +426,28 @@ def epoch_s(row: dict, stats: dict) -> float:
     return row.get("warmup_end_s", float("nan")) + stats["tokens"] / rate
 
 
+def machine_and_software(device: str) -> str:
+    """What the figures were measured on: the device, the CPU cores and the versions of each stack's
+    libraries, as the rows' processes import them (the first found on the path)."""
+    import torch
+
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    found = []
+    for name in ("torch", "transformers", "peft", "liger-kernel", "unsloth"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return f"{where}, {os.cpu_count()} cores; " + ", ".join(found)
+
+
 def print_table(rows: list[dict], stats: dict) -> None:
     """Every variant's epoch wall time, steady tokens/s, first step and (a measured epoch of ours) loss at the
     last step, against the fastest peer row (Trainer + PEFT, with or without Liger, or Unsloth)."""
     peers = [epoch_s(r, stats) for r in rows if r["name"] in VARIANTS and VARIANTS[r["name"]][0] == "hf" and r.get("code") == 0]
     ref = min(peers) if peers else float("nan")
-    print(f"\n{stats['conversations']} conversations, {stats['tokens']:,} tokens (mean {stats['mean']:.0f})")
+    print(f"\n{stats['conversations']} conversations, {stats['tokens']:,} tokens (mean {stats['mean']:.0f}); "
+          f"{stats['machine']}")
     print(f"{'variant':34s} {'epoch s':>9s} {'how':>9s} {'vs fastest peer':>15s} {'steady tok/s':>12s} "
           f"{'1st step s':>10s} {'last loss':>9s}")
     for r in rows:
@@ -470,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir).resolve()  # the Trainer rows run in their cache folders
     t = time.perf_counter()
     base, data, stats = prepare(workdir, n, shape)
+    stats["machine"] = machine_and_software(device)
     cache_bytecode(workdir)
     print(f"data and base ready in {time.perf_counter() - t:.0f} s: {stats}", flush=True)
     against = Path(args.against).resolve() if args.against else None

@@ -3,11 +3,15 @@ a run against another checkout of the trainer, and the Trainer rows' clock and w
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
 import time
 
+import peft
+import torch
+import transformers
 from transformers import AutoTokenizer
 
 from dataset.lm_dataset import SFTDataset
@@ -50,6 +54,9 @@ def test_against_runs_each_of_our_rows_from_the_other_checkout_too(tmp_path):
     assert "trainer: the other checkout" not in (work / "ours.log").read_text()
     table = out.stdout.split("variant")[-1]
     assert "ours@before" in table
+    # The figures name what they ran on: the versions this interpreter imports.
+    assert (f"; CPU, {os.cpu_count()} cores; torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"peft {peft.__version__}") in out.stdout
     # The loss at the last step, read from each log's last step line: the same code and data train alike.
     for row in rows:
         last_step = [line for line in (work / f"{row['name']}.log").read_text().splitlines() if re.search(r" step \d+/\d+ ", line)][-1]
