@@ -432,8 +432,8 @@ def machine_and_software(device: str) -> str:
     import torch
 
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    found = []
-    for name in ("torch", "transformers", "peft", "liger-kernel", "unsloth"):
+    found = [f"torch {torch.__version__}"]  # with its build tag (+cu130), which the package's metadata leaves out
+    for name in ("transformers", "peft", "liger-kernel", "unsloth"):
         try:
             found.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
