@@ -106,7 +106,7 @@ def test_minimind_nohup_line_runs_as_written(tmp_path):
     assert resume["trainable"] and all("lora_" in k for k in resume["trainable"])  # never the 4 GB base
     n_lora = sum(v.numel() for v in resume["trainable"].values())
     assert resume_file.stat().st_size < 3.2 * 4 * n_lora  # fp32 LoRA + two AdamW moments, nothing more
-    assert resume["state"]["wandb_id"]
+    assert resume["state"]["wandb_id"], "no wandb run was started: is wandb installed? (requirements-test.txt)"
     assert (out / "lora_identity_2048.pth").is_file() and (out / "lora_identity_2048" / "adapter_config.json").is_file()
 
     # The same line again: it resumes at the next step, in the same wandb run.
