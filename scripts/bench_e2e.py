@@ -431,7 +431,10 @@ def machine_and_software(device: str) -> str:
     libraries, as the rows' processes import them (the first found on the path)."""
     import torch
 
-    where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    where = "CPU"
+    if device == "cuda":  # asked in a child process: this one starts no CUDA, leaving the GPU's memory to the rows
+        where = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],
+                               capture_output=True, text=True, check=False).stdout.strip() or "a CUDA device"
     found = [f"torch {torch.__version__}"]  # with its build tag (+cu130), which the package's metadata leaves out
     for name in ("transformers", "peft", "liger-kernel", "unsloth"):
         try:
