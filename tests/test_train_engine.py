@@ -3,6 +3,8 @@
 import json
 import math
 import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +298,22 @@ def test_nan_step_is_skipped_and_reported(capsys):
     with pytest.raises(TrainingDiverged, match=r"2 optimizer steps in a row.*lower --learning_rate.*bfloat16"):
         step(4, samples)
     assert [s for s, _ in log.history["train"]] == [2]  # nan losses stay out of the curve
+
+
+
+def test_pyplot_preload_shortens_the_gil_switch_interval_only_while_it_imports(monkeypatch):
+    """The background import of pyplot runs with a short GIL switch interval (so the training loop's thread gets
+    the GIL back quickly) and leaves the interpreter's own interval as it was."""
+    import trainer.logger as logger
+
+    for earlier in [t for t in threading.enumerate() if t.name == "preload-plotting"]:  # a RunLogger's, above
+        earlier.join(timeout=60)
+    seen = []
+    monkeypatch.setattr(logger, "_import_pyplot", lambda: seen.append(sys.getswitchinterval()))
+    before = sys.getswitchinterval()
+    logger.preload_plotting().join(timeout=60)
+    assert seen and seen[0] < before / 10
+    assert sys.getswitchinterval() == before
 
 
 # ------------------------------------------------------------------------- MoE aux loss, gradient checkpointing

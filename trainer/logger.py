@@ -153,10 +153,24 @@ def _import_pyplot() -> None:
     import matplotlib.pyplot  # noqa: F401
 
 
-def preload_plotting() -> None:
+def _import_pyplot_politely() -> None:
+    """_import_pyplot with the interpreter's GIL switch interval at 0.2 ms (default 5 ms) while it runs: the
+    training loop's thread needs the GIL only briefly between GPU calls, and with the default it waited up to
+    5 ms each time for the import, which slowed the steps it overlapped (docs/PERF.md, "The pyplot import")."""
+    default = sys.getswitchinterval()
+    sys.setswitchinterval(2e-4)
+    try:
+        _import_pyplot()
+    finally:
+        sys.setswitchinterval(default)
+
+
+def preload_plotting() -> threading.Thread:
     """Import matplotlib's pyplot in a background thread while the GPU trains, so that the final loss plot does
     not wait for it at the end of the run (0.4 s; the first use on a machine also builds its font cache)."""
-    threading.Thread(target=_import_pyplot, name="preload-plotting", daemon=True).start()
+    thread = threading.Thread(target=_import_pyplot_politely, name="preload-plotting", daemon=True)
+    thread.start()
+    return thread
 
 
 def plot_losses(history: dict, path: Path, title: str) -> None:
