@@ -153,10 +153,11 @@ def _import_pyplot() -> None:
     import matplotlib.pyplot  # noqa: F401
 
 
-def _import_pyplot_politely() -> None:
+def _import_pyplot_in_short_gil_turns() -> None:
     """_import_pyplot with the interpreter's GIL switch interval at 0.2 ms (default 5 ms) while it runs: the
     training loop's thread needs the GIL only briefly between GPU calls, and with the default it waited up to
-    5 ms each time for the import, which slowed the steps it overlapped (docs/PERF.md, "The pyplot import")."""
+    5 ms each time for the import, which slowed the steps it overlapped (docs/PERF.md, "The steady step's
+    kernels; FlexAttention's kernel options; the pyplot import")."""
     default = sys.getswitchinterval()
     sys.setswitchinterval(2e-4)
     try:
@@ -168,7 +169,7 @@ def _import_pyplot_politely() -> None:
 def preload_plotting() -> threading.Thread:
     """Import matplotlib's pyplot in a background thread while the GPU trains, so that the final loss plot does
     not wait for it at the end of the run (0.4 s; the first use on a machine also builds its font cache)."""
-    thread = threading.Thread(target=_import_pyplot_politely, name="preload-plotting", daemon=True)
+    thread = threading.Thread(target=_import_pyplot_in_short_gil_turns, name="preload-plotting", daemon=True)
     thread.start()
     return thread
 
