@@ -29,11 +29,16 @@ MIN_FREE = 2**30  # bytes a write leaves free on the cache's disk, for the run's
 SOURCES = ("lm_dataset.py", "chat_render.py", "records.py", "token_cache.py")
 
 
+def minilora_cache(name: str) -> Path:
+    """$XDG_CACHE_HOME/minilora/<name>, else ~/.cache/minilora/<name>: where this repo keeps what outlives a run."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minilora" / name
+
+
 def default_cache_dir() -> Path:
     """$MINILORA_CACHE_DIR, else $XDG_CACHE_HOME/minilora/tokenized, else ~/.cache/minilora/tokenized."""
     if os.environ.get("MINILORA_CACHE_DIR"):
         return Path(os.environ["MINILORA_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minilora" / "tokenized"
+    return minilora_cache("tokenized")
 
 
 def cache_from_flag(flag: str | None, write: bool = True) -> "TokenCache | None":

@@ -181,6 +181,11 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
                    help="torch.compile the decoder (0/1); with --packing on GPUs (one, or DDP) each micro-step then "
                         "replays as a CUDA graph, the fastest steps" + (" (default: on with a CUDA device and Triton, off on CPU)"
                                                        if job == "lora" else ""))
+    g.add_argument("--compile_cache", default=None,
+                   help="folder that keeps the compiled decoder's kernels for the next run, whose first step then "
+                        "loads them instead of compiling (default: $TORCHINDUCTOR_CACHE_DIR where set, else "
+                        "~/.cache/minilora/compile, which a reboot keeps; PyTorch's own default lies in the temp "
+                        "directory)")
     if job == "lora":
         g.add_argument("--cuda_graphs", type=str2bool, default=None,
                        help="replay each step's kernels as CUDA graphs (0/1), so a slow host no longer stalls the GPU: "

@@ -53,6 +53,7 @@ with frozen_imports():
         write_dir,
         write_json,
     )
+    from trainer.compile_cache import use_compile_cache
     from trainer.data import prepare_data
     from trainer.distributed import (
         FlatGradients,
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args("lora", __doc__.splitlines()[0], argv)
     info = setup_distributed(args.device, args.ddp, args.dist_timeout)
     speed = pick_speed_defaults(args, info.device.type)  # packed + compiled on CUDA unless opted out
+    # Compiled kernels are kept in a folder a reboot keeps, for the next run's first step (a GPU run compiles its
+    # loss even with --use_compile 0).
+    compile_cache = use_compile_cache(args.compile_cache) if args.use_compile or info.device.type == "cuda" else None
     amp_dtype = pick_dtype(args.dtype, info.device)
     seed_everything(args.seed + info.rank)  # dropout differs per rank; the data order depends on args.seed only
 
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
               f"nothing to train: the run already reached step {total_steps}")
     if compiled and state.step < total_steps:
         log.write("compiling... (the first two steps compile and record; seconds with a warm cache in "
-                  "$TORCHINDUCTOR_CACHE_DIR, longer with an empty one)")
+                  f"{shown_path(compile_cache)}, longer with an empty one)")
     stopped = False
     for epoch, micro_batches, n_samples in data.steps(state.epoch, state.position, args.epochs):
         if state.step >= total_steps:  # --max_steps reached, or a finished run resumed

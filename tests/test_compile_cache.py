@@ -1,0 +1,64 @@
+"""Where compiled kernels are kept between runs: --compile_cache, else the user's $TORCHINDUCTOR_CACHE_DIR, else
+~/.cache/minilora/compile (trainer/compile_cache.py)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.errors import UserError
+from tests.train_utils import lora_args, run_inprocess, save_tiny_minimind, write_chat_data
+from trainer.compile_cache import ENV, compile_cache_dir, torch_default, use_compile_cache
+
+
+@pytest.fixture
+def home_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """$XDG_CACHE_HOME in tmp_path, and the variable as importing torch._dynamo leaves it: PyTorch's default."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv(ENV, str(torch_default()))
+    return tmp_path / "xdg" / "minilora" / "compile"
+
+
+def test_the_flag_then_the_users_variable_then_the_minilora_cache(home_cache, tmp_path, monkeypatch):
+    assert torch_default() is not None  # every supported torch names its default
+    assert compile_cache_dir(None) == home_cache  # PyTorch's own default counts as unset
+    monkeypatch.delenv(ENV)
+    assert compile_cache_dir(None) == home_cache
+    monkeypatch.setenv(ENV, str(tmp_path / "mine"))
+    assert compile_cache_dir(None) == tmp_path / "mine"
+    assert compile_cache_dir(str(tmp_path / "flag")) == tmp_path / "flag"
+
+
+def test_using_a_folder_creates_it_and_points_inductor_there(home_cache):
+    assert use_compile_cache(None) == home_cache
+    assert home_cache.is_dir() and os.environ[ENV] == str(home_cache.resolve())
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert cache_dir() == str(home_cache.resolve())  # what Inductor itself will open
+
+
+def test_a_folder_that_cannot_be_written(home_cache, tmp_path, monkeypatch):
+    """--compile_cache naming one is a clear error; the default one gives way to PyTorch's own folder."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match=r"--compile_cache .*a_file/cache: cannot write there"):
+        use_compile_cache(str(blocker / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # ~/.cache/minilora/compile cannot be made
+    assert use_compile_cache(None) == torch_default()
+    assert os.environ[ENV] == str(torch_default())
+
+
+def test_a_compiled_run_keeps_its_kernels_in_the_minilora_cache(home_cache, tmp_path, capsys):
+    """The trainer's default: a compiled run writes Inductor's cache under ~/.cache/minilora/compile (here under
+    $XDG_CACHE_HOME), and its `compiling...` line names that folder."""
+    from trainer.train_lora import main
+
+    weight = save_tiny_minimind(tmp_path / "base.pth")
+    data = write_chat_data(tmp_path / "chats.jsonl", 8)
+    torch._dynamo.reset()
+    argv = lora_args(tmp_path, weight, data, packing=1, use_compile=1, batch_size=4, max_seq_len=64, max_steps=2)
+    assert run_inprocess(main, argv) == 0
+    out = capsys.readouterr().out
+    assert f"seconds with a warm cache in {home_cache.resolve()}, longer" in out
+    assert any(p.is_file() for p in home_cache.rglob("*")), "Inductor wrote nothing into the folder"
