@@ -22,12 +22,12 @@ def home_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_the_flag_then_the_users_variable_then_the_minilora_cache(home_cache, tmp_path, monkeypatch):
     assert torch_default() is not None  # every supported torch names its default
-    assert compile_cache_dir(None) == home_cache  # PyTorch's own default counts as unset
+    assert compile_cache_dir(None) == (home_cache, None)  # PyTorch's own default counts as unset
     monkeypatch.delenv(ENV)
-    assert compile_cache_dir(None) == home_cache
+    assert compile_cache_dir(None) == (home_cache, None)
     monkeypatch.setenv(ENV, str(tmp_path / "mine"))
-    assert compile_cache_dir(None) == tmp_path / "mine"
-    assert compile_cache_dir(str(tmp_path / "flag")) == tmp_path / "flag"
+    assert compile_cache_dir(None) == (tmp_path / "mine", f"${ENV}={tmp_path / 'mine'}")
+    assert compile_cache_dir(str(tmp_path / "flag")) == (tmp_path / "flag", f"--compile_cache {tmp_path / 'flag'}")
 
 
 def test_using_a_folder_creates_it_and_points_inductor_there(home_cache):
@@ -39,11 +39,16 @@ def test_using_a_folder_creates_it_and_points_inductor_there(home_cache):
 
 
 def test_a_folder_that_cannot_be_written(home_cache, tmp_path, monkeypatch):
-    """--compile_cache naming one is a clear error; the default one gives way to PyTorch's own folder."""
+    """One the user chose (the flag, the variable) is a clear error naming the choice; the default one gives way
+    to PyTorch's own folder."""
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(UserError, match=r"--compile_cache .*a_file/cache: cannot write there"):
+    with pytest.raises(UserError, match=r"--compile_cache .*a_file/cache: cannot write the compile cache there"):
         use_compile_cache(str(blocker / "cache"))
+    monkeypatch.setenv(ENV, str(blocker / "cache"))
+    with pytest.raises(UserError, match=rf"\${ENV}=.*a_file/cache: cannot write the compile cache there"):
+        use_compile_cache(None)
+    monkeypatch.setenv(ENV, str(torch_default()))
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # ~/.cache/minilora/compile cannot be made
     assert use_compile_cache(None) == torch_default()
     assert os.environ[ENV] == str(torch_default())

@@ -1,5 +1,5 @@
 """Where the compiled decoder is kept between runs: a folder that outlives a reboot, so that a new run's first
-step loads its kernels instead of compiling them (seconds instead of 10-20 s at the Qwen3-0.6B shape on one
+step loads its kernels instead of compiling them (3-4 s instead of 11-16 s at the Qwen3-0.6B shape on one
 H200; docs/PERF.md).
 
 PyTorch keeps Inductor's cache, and the Triton kernels it builds, in a folder of the temp directory, which a
@@ -25,34 +25,35 @@ def torch_default() -> Path | None:
     return Path(default_cache_dir())
 
 
-def compile_cache_dir(flag: str | None) -> Path:
-    """--compile_cache, else $TORCHINDUCTOR_CACHE_DIR where the user set it, else ~/.cache/minilora/compile.
+def compile_cache_dir(flag: str | None) -> tuple[Path, str | None]:
+    """(folder, who chose it): --compile_cache, else $TORCHINDUCTOR_CACHE_DIR where the user set it, else
+    ~/.cache/minilora/compile (chosen by no one).
 
     Importing torch._dynamo sets the variable to PyTorch's default when it is unset, so that value counts as
     unset."""
     if flag:
-        return Path(flag).expanduser()
+        return Path(flag).expanduser(), f"--compile_cache {flag}"
     chosen = os.environ.get(ENV)
     if chosen and Path(chosen) != torch_default():
-        return Path(chosen)
-    return minilora_cache("compile")
+        return Path(chosen), f"${ENV}={chosen}"
+    return minilora_cache("compile"), None
 
 
 def use_compile_cache(flag: str | None) -> Path:
     """Point Inductor at compile_cache_dir(flag) for this process and its children; returns the folder used.
 
-    A folder that cannot be written is an error when --compile_cache named it; the default one then gives way
-    to PyTorch's own, so a read-only home costs only the warm starts."""
-    folder = compile_cache_dir(flag)
+    A folder the user chose and that cannot be written is an error that names the choice; the default one
+    gives way to PyTorch's own, so a read-only home costs only the warm starts."""
+    folder, chooser = compile_cache_dir(flag)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         writable = os.access(folder, os.W_OK | os.X_OK)
     except OSError:
         writable = False
     if not writable:
-        if flag:
-            raise UserError(f"--compile_cache {flag}: cannot write there; give a folder you can write, or leave the "
-                            "flag out")
+        if chooser:
+            raise UserError(f"{chooser}: cannot write the compile cache there; give a folder you can write, or "
+                            "leave it unset")
         return Path(os.environ.get(ENV) or torch_default() or folder)  # PyTorch's own choice stands
     os.environ[ENV] = str(folder.resolve())
     return folder
