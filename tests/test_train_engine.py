@@ -300,7 +300,6 @@ def test_nan_step_is_skipped_and_reported(capsys):
     assert [s for s, _ in log.history["train"]] == [2]  # nan losses stay out of the curve
 
 
-
 def test_pyplot_preload_shortens_the_gil_switch_interval_only_while_it_imports(monkeypatch):
     """The background import of pyplot runs with a short GIL switch interval (so the training loop's thread gets
     the GIL back quickly) and leaves the interpreter's own interval as it was."""
