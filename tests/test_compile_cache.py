@@ -9,7 +9,13 @@ import torch
 
 from model.errors import UserError
 from tests.train_utils import lora_args, run_inprocess, save_tiny_minimind, write_chat_data
-from trainer.compile_cache import ENV, compile_cache_dir, torch_default, use_compile_cache
+from trainer.compile_cache import (
+    ENV,
+    compile_cache_dir,
+    compile_cache_for_run,
+    torch_default,
+    use_compile_cache,
+)
 
 
 @pytest.fixture
@@ -36,6 +42,14 @@ def test_using_a_folder_creates_it_and_points_inductor_there(home_cache):
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     assert cache_dir() == str(home_cache.resolve())  # what Inductor itself will open
+
+
+def test_only_a_run_that_compiles_uses_the_folder(home_cache):
+    """An eager CPU run compiles nothing and makes no folder; a GPU run compiles its loss even uncompiled."""
+    assert compile_cache_for_run(None, use_compile=False, device_type="cpu") is None
+    assert not home_cache.exists()
+    assert compile_cache_for_run(None, use_compile=False, device_type="cuda") == home_cache
+    assert compile_cache_for_run(None, use_compile=True, device_type="cpu") == home_cache
 
 
 def test_a_folder_that_cannot_be_written(home_cache, tmp_path, monkeypatch):

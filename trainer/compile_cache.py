@@ -57,3 +57,9 @@ def use_compile_cache(flag: str | None) -> Path:
         return Path(os.environ.get(ENV) or torch_default() or folder)  # PyTorch's own choice stands
     os.environ[ENV] = str(folder.resolve())
     return folder
+
+
+def compile_cache_for_run(flag: str | None, use_compile: bool, device_type: str) -> Path | None:
+    """use_compile_cache(flag) for a run that compiles anything: a compiled decoder, or any GPU run (its loss
+    compiles even with --use_compile 0; trainer/loss.py). None for an eager CPU run, which compiles nothing."""
+    return use_compile_cache(flag) if use_compile or device_type == "cuda" else None

@@ -20,7 +20,7 @@ from trainer.checkpoint import (
     start_or_resume,
     write_json,
 )
-from trainer.compile_cache import use_compile_cache
+from trainer.compile_cache import compile_cache_for_run
 from trainer.data import prepare_data
 from trainer.distributed import DistInfo, gather_objects, same_on_all_ranks
 from trainer.engine import (
@@ -59,8 +59,7 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     attention = pick_packed_attention(model, args.attention, args.packing, args.use_compile, info.device,
                                       dtype=amp_dtype)
     compiled = ""
-    if args.use_compile or info.device.type == "cuda":  # a GPU run compiles its loss even uncompiled
-        use_compile_cache(args.compile_cache)  # kept for the next run (trainer/compile_cache.py)
+    compile_cache_for_run(args.compile_cache, args.use_compile, info.device.type)  # kept for the next run
     if args.use_compile:  # CUDA graphs are measured for LoRA only (train_lora.py)
         compiled = "; " + compile_decoder(model, cuda_graphs=False)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -53,7 +53,7 @@ with frozen_imports():
         write_dir,
         write_json,
     )
-    from trainer.compile_cache import use_compile_cache
+    from trainer.compile_cache import compile_cache_for_run
     from trainer.data import prepare_data
     from trainer.distributed import (
         FlatGradients,
@@ -106,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args("lora", __doc__.splitlines()[0], argv)
     info = setup_distributed(args.device, args.ddp, args.dist_timeout)
     speed = pick_speed_defaults(args, info.device.type)  # packed + compiled on CUDA unless opted out
-    # Compiled kernels are kept in a folder a reboot keeps, for the next run's first step (a GPU run compiles its
-    # loss even with --use_compile 0).
-    compile_cache = use_compile_cache(args.compile_cache) if args.use_compile or info.device.type == "cuda" else None
+    # Compiled kernels are kept in a folder a reboot keeps, for the next run's first step.
+    compile_cache = compile_cache_for_run(args.compile_cache, args.use_compile, info.device.type)
     amp_dtype = pick_dtype(args.dtype, info.device)
     seed_everything(args.seed + info.rank)  # dropout differs per rank; the data order depends on args.seed only
 
