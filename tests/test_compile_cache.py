@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from model.errors import UserError
-from tests.train_utils import lora_args, run_inprocess, save_tiny_minimind, write_chat_data
+from tests.train_utils import (
+    REPO,
+    lora_args,
+    python,
+    run_cli,
+    run_inprocess,
+    save_tiny_minimind,
+    subprocess_env,
+    write_chat_data,
+)
 from trainer.compile_cache import (
     ENV,
     compile_cache_dir,
@@ -66,6 +75,20 @@ def test_a_folder_that_cannot_be_written(home_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # ~/.cache/minilora/compile cannot be made
     assert use_compile_cache(None) == torch_default()
     assert os.environ[ENV] == str(torch_default())
+
+
+@pytest.mark.parametrize("script", ["trainer/train_lora.py", "scripts/chat.py"])
+def test_an_unwritable_variable_stops_a_script_before_torch_fails_on_it(script, tmp_path):
+    """Importing torch._dynamo creates $TORCHINDUCTOR_CACHE_DIR (torch 2.13, 2.15) and raises if it cannot: every
+    script checks the variable first, so the user gets one line that names it, and exit 2."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    bad = blocker / "cache"
+    run = run_cli([python(), script, "--help"], 120, cwd=REPO, env=subprocess_env(**{ENV: str(bad)}))
+    assert run.returncode == 2, run.stderr
+    assert run.stderr == f"error: ${ENV}={bad}: cannot write the compile cache there; give a folder you can write, " \
+                         "or leave it unset\n"
+    assert run.stdout == ""
 
 
 def test_a_compiled_run_keeps_its_kernels_in_the_minilora_cache(home_cache, tmp_path, capsys):

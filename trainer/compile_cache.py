@@ -8,10 +8,11 @@ instead, unless the user chose a folder: `--compile_cache`, or $TORCHINDUCTOR_CA
 """
 
 import os
+import sys
 from pathlib import Path
 
 from dataset.token_cache import minilora_cache
-from model.errors import UserError
+from model.errors import UserError, print_error
 
 ENV = "TORCHINDUCTOR_CACHE_DIR"  # Inductor reads it whenever it opens its cache; Triton's cache lies inside
 
@@ -39,21 +40,38 @@ def compile_cache_dir(flag: str | None) -> tuple[Path, str | None]:
     return minilora_cache("compile"), None
 
 
+def _writable_folder(folder: Path) -> bool:
+    """Whether `folder` exists or can be made, and a file can be made in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _unwritable(chooser: str) -> UserError:
+    return UserError(f"{chooser}: cannot write the compile cache there; give a folder you can write, or leave it unset")
+
+
+def exit_if_variable_unwritable() -> None:
+    """Exit 2 with one `error:` line when the user's $TORCHINDUCTOR_CACHE_DIR cannot be written.
+    Scripts call it (through trainer/frozen_imports.py) before their imports: importing torch._dynamo creates that
+    folder, and fails there with a traceback (torch 2.13, 2.15)."""
+    chosen = os.environ.get(ENV)
+    if chosen and not _writable_folder(Path(chosen)):
+        print_error(_unwritable(f"${ENV}={chosen}"))
+        sys.exit(2)
+
+
 def use_compile_cache(flag: str | None) -> Path:
     """Point Inductor at compile_cache_dir(flag) for this process and its children; returns the folder used.
 
     A folder the user chose and that cannot be written is an error that names the choice; the default one
     gives way to PyTorch's own, so a read-only home costs only the warm starts."""
     folder, chooser = compile_cache_dir(flag)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        writable = os.access(folder, os.W_OK | os.X_OK)
-    except OSError:
-        writable = False
-    if not writable:
+    if not _writable_folder(folder):
         if chooser:
-            raise UserError(f"{chooser}: cannot write the compile cache there; give a folder you can write, or "
-                            "leave it unset")
+            raise _unwritable(chooser)
         return Path(os.environ.get(ENV) or torch_default() or folder)  # PyTorch's own choice stands
     os.environ[ENV] = str(folder.resolve())
     return folder

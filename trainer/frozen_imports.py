@@ -6,6 +6,9 @@ scans them again and again while they are built: 1-2 s of a script's start (docs
 collector at start-up"). Inside `frozen_imports()` the collector is off; at the end, everything built so far
 moves to the permanent generation, which no collection scans, and the collector is on again for what the
 script builds next.
+
+It also stops the script first, with a clear error, when $TORCHINDUCTOR_CACHE_DIR cannot be written: torch's own
+imports would fail on it with a traceback.
 """
 
 import gc
@@ -19,6 +22,9 @@ def frozen_imports() -> Iterator[None]:
     was_enabled = gc.isenabled()
     gc.disable()
     try:
+        from trainer.compile_cache import exit_if_variable_unwritable
+
+        exit_if_variable_unwritable()
         yield
     finally:
         gc.freeze()
