@@ -79,8 +79,8 @@ def test_a_folder_that_cannot_be_written(home_cache, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("script", ["trainer/train_lora.py", "scripts/chat.py"])
 def test_an_unwritable_variable_stops_a_script_before_torch_fails_on_it(script, tmp_path):
-    """Importing torch._dynamo creates $TORCHINDUCTOR_CACHE_DIR (torch 2.13, 2.15) and raises if it cannot: every
-    script checks the variable first, so the user gets one line that names it, and exit 2."""
+    """Importing torch._dynamo creates $TORCHINDUCTOR_CACHE_DIR (torch 2.11, 2.13, 2.15) and raises if it cannot:
+    every script checks the variable first, so the user gets one line that names it, and exit 2."""
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     bad = blocker / "cache"

@@ -56,7 +56,7 @@ def _unwritable(chooser: str) -> UserError:
 def exit_if_variable_unwritable() -> None:
     """Exit 2 with one `error:` line when the user's $TORCHINDUCTOR_CACHE_DIR cannot be written.
     Scripts call it (through trainer/frozen_imports.py) before their imports: importing torch._dynamo creates that
-    folder, and fails there with a traceback (torch 2.13, 2.15)."""
+    folder, and fails there with a traceback (torch 2.11, 2.13 and 2.15; not 2.6)."""
     chosen = os.environ.get(ENV)
     if chosen and not _writable_folder(Path(chosen)):
         print_error(_unwritable(f"${ENV}={chosen}"))
