@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from model.errors import UserError
 from tests.train_utils import (
@@ -13,7 +12,6 @@ from tests.train_utils import (
     lora_args,
     python,
     run_cli,
-    run_inprocess,
     save_tiny_minimind,
     subprocess_env,
     write_chat_data,
@@ -91,16 +89,19 @@ def test_an_unwritable_variable_stops_a_script_before_torch_fails_on_it(script, 
     assert run.stdout == ""
 
 
-def test_a_compiled_run_keeps_its_kernels_in_the_minilora_cache(home_cache, tmp_path, capsys):
-    """The trainer's default: a compiled run writes Inductor's cache under ~/.cache/minilora/compile (here under
-    $XDG_CACHE_HOME), and its `compiling...` line names that folder."""
-    from trainer.train_lora import main
-
+def test_a_compiled_run_keeps_its_kernels_in_the_minilora_cache(tmp_path):
+    """The trainer's default where the user set no $TORCHINDUCTOR_CACHE_DIR: a compiled run writes Inductor's
+    cache under ~/.cache/minilora/compile (here under $XDG_CACHE_HOME), and its `compiling...` line names that
+    folder. In a subprocess: Inductor keeps paths into its folder for the rest of a process (the header that its
+    C++ kernels include), so a run in the test's own process would leave later tests' compiles depending on this
+    test's temporary folder."""
     weight = save_tiny_minimind(tmp_path / "base.pth")
     data = write_chat_data(tmp_path / "chats.jsonl", 8)
-    torch._dynamo.reset()
     argv = lora_args(tmp_path, weight, data, packing=1, use_compile=1, batch_size=4, max_seq_len=64, max_steps=2)
-    assert run_inprocess(main, argv) == 0
-    out = capsys.readouterr().out
-    assert f"seconds with a warm cache in {home_cache.resolve()}, longer" in out
+    env = subprocess_env(XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    del env[ENV]
+    run = run_cli([python(), "trainer/train_lora.py", *argv], 600, cwd=REPO, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    home_cache = tmp_path / "xdg" / "minilora" / "compile"
+    assert f"seconds with a warm cache in {home_cache.resolve()}, longer" in run.stdout
     assert any(p.is_file() for p in home_cache.rglob("*")), "Inductor wrote nothing into the folder"
