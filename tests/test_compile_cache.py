@@ -33,6 +33,14 @@ def home_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "xdg" / "minilora" / "compile"
 
 
+@pytest.fixture
+def a_file(tmp_path: Path) -> Path:
+    """A file: no folder can be made under it."""
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    return path
+
+
 def test_the_flag_then_the_users_variable_then_the_minilora_cache(home_cache, tmp_path, monkeypatch):
     assert torch_default() is not None  # every supported torch names its default
     assert compile_cache_dir(None) == (home_cache, None)  # PyTorch's own default counts as unset
@@ -59,29 +67,25 @@ def test_only_a_run_that_compiles_uses_the_folder(home_cache):
     assert compile_cache_for_run(None, use_compile=True, device_type="cpu") == home_cache
 
 
-def test_a_folder_that_cannot_be_written(home_cache, tmp_path, monkeypatch):
+def test_a_folder_that_cannot_be_written(home_cache, a_file, monkeypatch):
     """One the user chose (the flag, the variable) is a clear error naming the choice; the default one gives way
     to PyTorch's own folder."""
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
     with pytest.raises(UserError, match=r"--compile_cache .*a_file/cache: cannot write the compile cache there"):
-        use_compile_cache(str(blocker / "cache"))
-    monkeypatch.setenv(ENV, str(blocker / "cache"))
+        use_compile_cache(str(a_file / "cache"))
+    monkeypatch.setenv(ENV, str(a_file / "cache"))
     with pytest.raises(UserError, match=rf"\${ENV}=.*a_file/cache: cannot write the compile cache there"):
         use_compile_cache(None)
     monkeypatch.setenv(ENV, str(torch_default()))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # ~/.cache/minilora/compile cannot be made
+    monkeypatch.setenv("XDG_CACHE_HOME", str(a_file))  # ~/.cache/minilora/compile cannot be made
     assert use_compile_cache(None) == torch_default()
     assert os.environ[ENV] == str(torch_default())
 
 
 @pytest.mark.parametrize("script", ["trainer/train_lora.py", "scripts/chat.py"])
-def test_an_unwritable_variable_stops_a_script_before_torch_fails_on_it(script, tmp_path):
+def test_an_unwritable_variable_stops_a_script_before_torch_fails_on_it(script, a_file):
     """Importing torch._dynamo creates $TORCHINDUCTOR_CACHE_DIR (torch 2.11, 2.13, 2.15) and raises if it cannot:
     every script checks the variable first, so the user gets one line that names it, and exit 2."""
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    bad = blocker / "cache"
+    bad = a_file / "cache"
     run = run_cli([python(), script, "--help"], 120, cwd=REPO, env=subprocess_env(**{ENV: str(bad)}))
     assert run.returncode == 2, run.stderr
     assert run.stderr == f"error: ${ENV}={bad}: cannot write the compile cache there; give a folder you can write, " \
