@@ -1,10 +1,10 @@
 """Multi-GPU check, run once on a 2-GPU machine: DDP matches one GPU and scales, --fsdp shards, failures end.
 
     PYTHONPATH=$PWD python scripts/multi_gpu_check.py --parts acd --out $OUT   # 2 GPUs, about 5 minutes
-    PYTHONPATH=$PWD python scripts/multi_gpu_check.py --parts b --out $OUT     # about 1.5 minutes (2 compiles)
+    PYTHONPATH=$PWD python scripts/multi_gpu_check.py --parts be --out $OUT    # about 3 minutes (4 compiles)
     python scripts/multi_gpu_check.py --cpu-smoke --out /tmp/check             # the same logic, tiny, CPU + gloo
 
-(All parts in one call, `--parts acdb`: about 5 + 1.5 minutes, one 10-minute device call.)
+(All parts in one call, `--parts acdbe`: about 5 + 3 minutes, one 10-minute device call.)
 
 (a) minimind-3 64M shape, 200 steps: `train_lora.py` on 1 GPU (batch B × accumulation 2) against `torchrun
     --nproc_per_node 2` (batch B per GPU): the same global batch, so the same loss curve up to bf16
@@ -17,9 +17,12 @@
     ("ddp": the whole base on each GPU, as train_lora.py runs it without --fsdp).
 (d) rank 1 raises at step 5 of a 2-GPU run: the exit status, the seconds until every process is gone and
     whether our own `rank 1 failed at step 5` line was printed; (a)/(b) give the clean-exit lag.
+(e) (b) again, on a transformers Qwen3 directory holding the same weights (config.json + safetensors): the
+    path a Qwen/Llama user's `--from_weight ~/models/Qwen3-0.6B` takes.
 
-Random bases (MiniMind .pth files) and synthetic chat data go to a temporary folder. Results: --out gets
-summary.txt (the table printed at the end), results.json and one log per part.
+Random bases (MiniMind .pth files, and for (e) the same tensors as a Qwen3 directory) and synthetic chat
+data go to a temporary folder. Results: --out gets summary.txt (the table printed at the end), results.json
+and one log per part.
 """
 
 import argparse
@@ -51,11 +54,14 @@ PLAN = {
     "gpu": dict(a=dict(shape="minimind3-64m", steps=200, batch=16, seq=1024, samples=3000),
                 b=dict(shape="qwen3-0.6b", steps=200, batch=8, seq=1024, samples=3000, flags=("--use_compile", "1")),
                 c=dict(shape="qwen3-8b", steps=4, batch=4, seq=512),
-                d=dict(shape="minimind3-64m", fail_at=5, batch=8, seq=1024)),
+                d=dict(shape="minimind3-64m", fail_at=5, batch=8, seq=1024),
+                e=dict(shape="qwen3-0.6b", steps=200, batch=8, seq=1024, samples=3000,
+                       flags=("--use_compile", "1"), qwen3_dir=True)),
     "cpu": dict(a=dict(shape="tiny", steps=4, batch=2, seq=128, samples=40),
                 b=None,  # the same code as (a) with another shape: not worth another 20 s here
                 c=dict(shape="tiny", steps=2, batch=2, seq=64),
-                d=dict(shape="tiny", fail_at=2, batch=2, seq=128)),
+                d=dict(shape="tiny", fail_at=2, batch=2, seq=128),
+                e=dict(shape="tiny", steps=4, batch=2, seq=128, samples=40, qwen3_dir=True)),
 }
 WORDS = ("the model learns to answer short questions about numbers colours animals and places with clear "
          "sentences that are easy to check while the data stays synthetic random and free of any license").split()
@@ -69,13 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "out" / "multi_gpu_check"),
                    help="folder for summary.txt, results.json and the logs (default: $OUT, else out/multi_gpu_check)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU with gloo: checks the script itself")
-    p.add_argument("--parts", default="acdb", help="which parts to run, in this order (default: acdb, part b, "
-                                                  "which compiles, last; see --budget)")
-    p.add_argument("--train-flags", default="", help="more train_lora.py flags for parts (a) and (b), e.g. "
-                                                    "'--use_compile 1' for (a) too")
+    p.add_argument("--parts", default="acdbe", help="which parts to run, in this order (default: acdbe, the "
+                                                   "parts that compile last; see --budget)")
+    p.add_argument("--train-flags", default="", help="more train_lora.py flags for parts (a), (b) and (e), "
+                                                    "e.g. '--use_compile 1' for (a) too")
     p.add_argument("--repeats", type=int, default=1,
-                   help="alternating 1-/2-GPU run pairs in parts (a) and (b), whose tokens/s is then the median "
-                        "over all of them (default 1)")
+                   help="alternating 1-/2-GPU run pairs in (a), (b) and (e), whose tokens/s is then the "
+                        "median over all of them (default 1)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole check; a part that cannot start with 30 s left is skipped "
                         "(default: 540 on GPUs, to fit one 10-minute device call; 120 with --cpu-smoke)")
@@ -220,12 +226,16 @@ def window_rates(output: str, skip_steps: int) -> list[float]:
 
 def compare_one_and_two(name: str, spec: dict, work: Path, out: Path, cpu: bool, deadline: float,
                         repeats: int = 1, extra_flags: tuple[str, ...] = ()) -> dict:
-    """(a)/(b): the same global batch on 1 device (accumulation 2) and on 2 ranks; loss curves and tokens/s.
+    """(a)/(b)/(e): the same global batch on 1 device (accumulation 2) and on 2 ranks; loss curves, tokens/s.
 
     With `repeats` > 1 the pair runs that many times, alternating 1, 2, 1, 2, ...: a GPU shared with other
     work (or a clock that drifts) then slows both sides alike, and tokens/s is the median over all runs.
     """
     base = write_random_base(work / f"{name}.pth", SHAPES[spec["shape"]])
+    if spec.get("qwen3_dir"):
+        from scripts.bench_e2e import write_qwen3_dir
+
+        base = write_qwen3_dir(base, work / f"{name}_qwen3", SHAPES[spec["shape"]])
     data = write_chat_data(work / f"{name}.jsonl", spec["samples"], long=not cpu)
     log, env = out / f"{name}.log", child_env(cpu)
     runs: dict[int, dict] = {}
@@ -247,7 +257,9 @@ def compare_one_and_two(name: str, spec: dict, work: Path, out: Path, cpu: bool,
     for nproc in (1, 2):
         runs[nproc]["tokens_per_s"] = statistics.median(rates[nproc]) if rates[nproc] else None
         runs[nproc]["window_rates"] = rates[nproc]
-    result = dict(shape=spec["shape"], steps=spec["steps"], per_device_batch=f"{spec['batch']} x {spec['seq']}",
+    kind = "transformers Qwen3 directory" if spec.get("qwen3_dir") else "MiniMind .pth"
+    result = dict(shape=spec["shape"], base=kind, steps=spec["steps"],
+                  per_device_batch=f"{spec['batch']} x {spec['seq']}",
                   flags=" ".join([*spec.get("flags", ()), *extra_flags]), repeats=repeats, one=runs[1], two=runs[2])
     if "history" in runs[1] and "history" in runs[2]:
         h1, h2 = runs[1].pop("history"), runs[2].pop("history")
@@ -432,7 +444,7 @@ def _memory_cell(r: dict) -> str:
 def table(results: dict) -> str:
     """The summary table (plain text)."""
     rows = [f"multi_gpu_check on {results['device']} (torch {results['torch']}), {results['seconds']:.0f} s"]
-    for part in ("a", "b"):
+    for part in ("a", "b", "e"):
         r = results.get(part)
         if r is None:
             continue
@@ -444,7 +456,8 @@ def table(results: dict) -> str:
         diff = f"{r['max_abs_loss_diff']:.2e}" if r.get("max_abs_loss_diff") is not None else "n/a"
         repeats = "" if r.get("repeats", 1) == 1 else f", median of {r['repeats']} alternating runs each"
         flags = f", {r['flags']}" if r.get("flags") else ""
-        rows.append(f"({part}) {r['shape']}{flags}, {r['steps']} steps, {r['per_device_batch']} per device{repeats}: "
+        rows.append(f"({part}) {r['shape']} ({r['base']}){flags}, {r['steps']} steps, "
+                    f"{r['per_device_batch']} per device{repeats}: "
                     f"1 dev {one['tokens_per_s'] or 0:,.0f} tok/s (rc {one['returncode']}), "
                     f"2 dev {two['tokens_per_s'] or 0:,.0f} tok/s (rc {two['returncode']}): {speed}; "
                     f"max |loss diff| {diff} over {r.get('steps_compared', 0)} steps; "
@@ -472,7 +485,10 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the parts, write summary.txt and results.json, print the table."""
-    args, rest = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.worker is None and (not args.parts or set(args.parts) - set("abcde")):
+        parser.error(f"--parts {args.parts!r}: give letters from abcde, e.g. --parts be")
     if args.worker == "memory":
         from trainer.engine import run_job
 
@@ -505,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[part] = dict(skipped="skipped in --cpu-smoke (the same code as (a))")
             elif deadline - time.monotonic() < 30:
                 results[part] = dict(skipped=f"skipped: the {budget:.0f} s budget was spent")
-            elif part in "ab":
+            elif part in "abe":
                 results[part] = compare_one_and_two(part, spec, work, out, cpu, deadline, args.repeats,
                                                     tuple(shlex.split(args.train_flags)))
             elif part == "c" and not fsdp_supported():

@@ -18,11 +18,15 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
 
-    a = results["a"]  # 1 process × accumulation 2 == 2 ranks (fp32 here: equal up to rounding)
-    why = json.dumps(a) + "\n" + (out / "a.log").read_text()[-4000:]  # the two runs' output, should one fail
-    assert (a["one"]["returncode"], a["two"]["returncode"], a.get("steps_compared")) == (0, 0, 4), why
-    assert a["max_abs_loss_diff"] < 1e-5
-    assert a["speedup"] > 0 and a["two"]["exit_after_done_s"] < 10
+    # 1 process × accumulation 2 == 2 ranks (fp32 here: equal up to rounding), from a MiniMind .pth (a) and
+    # from the same weights as a transformers Qwen3 directory (e)
+    for part, base in (("a", "MiniMind .pth"), ("e", "transformers Qwen3 directory")):
+        r = results[part]
+        why = json.dumps(r) + "\n" + (out / f"{part}.log").read_text()[-4000:]  # the runs' output, should one fail
+        assert (r["one"]["returncode"], r["two"]["returncode"], r.get("steps_compared")) == (0, 0, 4), why
+        assert r["base"] == base and r["max_abs_loss_diff"] < 1e-5, why
+        assert r["speedup"] > 0 and r["two"]["exit_after_done_s"] < 10, why
+    assert "(Qwen3ForCausalLM) runs on the fast decoder" in (out / "e.log").read_text()
 
     c = results["c"]  # --fsdp holds about half of the base on each rank, DDP all of it
     if not fsdp_supported():  # torch < 2.7: the part says why it did not run
@@ -41,7 +45,7 @@ def test_cpu_smoke_runs_every_part(tmp_path):
 
     summary = (out / "summary.txt").read_text()
     assert summary == run.stdout[-len(summary):]  # the table is also what it prints last
-    for part in "abcd":
+    for part in "abcde":
         assert f"\n({part}) " in summary
     assert len(list(out.iterdir())) <= 8
 
