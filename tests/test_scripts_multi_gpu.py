@@ -71,3 +71,10 @@ def test_a_run_past_its_time_is_stopped_with_its_torchrun_workers(tmp_path):
             break
     assert len(pids) == 2, run["output"][-2000:]
     assert not any(_alive(pid) for pid in pids)
+
+
+def test_unknown_parts_are_refused_with_the_letters_to_use(tmp_path):
+    run = run_cli([python(), str(REPO / "scripts" / "multi_gpu_check.py"), "--parts", "bx", "--out", str(tmp_path)],
+                  timeout=60, cwd=tmp_path, env=subprocess_env())
+    assert run.returncode == 2 and "--parts 'bx': give letters from abcde" in run.stderr, run.stderr
+    assert not any(tmp_path.iterdir())  # refused before anything ran
