@@ -471,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conversations", type=int, default=None, help="chats in the mix (default 12,000; 200 with --tiny)")
     p.add_argument("--steps", type=int, default=60,
                    help="optimizer steps of the projected rows; 0: every row trains its whole epoch (measured)")
-    p.add_argument("--workdir", default=str(REPO / "out" / "bench_e2e"))
+    p.add_argument("--workdir", default=str(REPO / "out" / "bench_e2e"),
+                   help="where the base, the chat mix, the caches and the logs go; kept between runs "
+                        "(default out/bench_e2e)")
     p.add_argument("--json", default=None, help="write every row here")
     p.add_argument("--timeout", type=float, default=400, help="seconds per variant")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, 200 conversations unless --conversations")

@@ -502,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     g = p.add_argument_group("what to run")
-    g.add_argument("--shape", default="qwen3-0.6b", choices=[s for s in SHAPES if s != "tiny"])
+    g.add_argument("--shape", default="qwen3-0.6b", choices=[s for s in SHAPES if s != "tiny"],
+                   help="model shape, random weights (default qwen3-0.6b)")
     g.add_argument("--variants", default=None, help=f"comma list from {', '.join(VARIANTS)} (sft: {', '.join(SFT_VARIANTS)})"
                    f"; default {DEFAULT_VARIANTS} (sft: all); NAME:key=value,key=value overrides an option")
     g.add_argument("--sft-mix", action="store_true", help="the SFT length-mix epoch table (shape minimind3-64m)")
@@ -513,11 +514,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seq", type=int, default=1024, help="tokens per row (sft: max_seq_len)")
     g.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 × rank)")
     g.add_argument("--prompt-frac", type=float, default=0.4, help="leading share of each row labelled -100")
-    g.add_argument("--warmup", type=int, default=3)
+    g.add_argument("--warmup", type=int, default=3, help="untimed first steps, compiles included")
     g.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     g.add_argument("--samples", type=int, default=8192, help="sft: samples in the epoch")
-    g.add_argument("--dtype", default="bfloat16")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default="bfloat16", help="the base's weights (bfloat16, float16, float32)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda when there is one, else cpu")
     g.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 matmul rate")
     g.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     g.add_argument("--json", help="write all results here (rewritten after every configuration)")

@@ -41,7 +41,8 @@ def padded_batch(shape: dict, rows: int, width: int, g: torch.Generator) -> tupl
 def main(argv: list[str] | None = None) -> int:
     """Time the eager step at each width; print one line per width (and write --json)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the step runs (default: cuda when there is one, else cpu)")
     p.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES), help="model shape (bench_lora's)")
     p.add_argument("--widths", default="640,1024", help="comma-separated padded widths, one batch each")
     p.add_argument("--batch", type=int, default=8, help="rows per micro-batch (default 8)")

@@ -190,18 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--work", default="/tmp/fast_decoder_bench", help="where the model directories are written")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {', '.join(VARIANTS)}")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=8, help="rows per step (default 8)")
+    p.add_argument("--seq", type=int, default=1024, help="tokens per row (default 1024)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank on every linear (alpha = 2 x rank)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--compile", choices=("blocks", "layers", "whole", "none"), default="blocks")
+    p.add_argument("--warmup", type=int, default=3, help="untimed first steps, compiles included (default 3)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps, median reported (default 10)")
+    p.add_argument("--compile", choices=("blocks", "layers", "whole", "none"), default="blocks",
+                   help="blocks: each layer compiled; layers: the same with CUDA graphs (the trainer's way); "
+                        "whole: the decoder one graph with CUDA graphs; none: eager (default blocks)")
     p.add_argument("--interleave", type=int, default=0, metavar="R",
                    help="alternate the variants in one process for R rounds (see above)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes, no compile, 2 steps")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 matmul rate")
     p.add_argument("--repeats", type=int, default=1, help="run the variant list this many times, alternating")
-    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--timeout", type=float, default=300, help="seconds per variant (default 300)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.worker:
