@@ -9,7 +9,7 @@ import errno
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -53,15 +53,26 @@ def free_space(folder: Path) -> str:
         return "free space unknown"
 
 
+def error_chain(err: BaseException | None) -> Iterator[BaseException]:
+    """`err` and what caused it: its cause or context, and the error torch's compiler wraps (`inner_exception`,
+    raised `from None`)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
+
+
+def no_space_cause(err: BaseException) -> OSError | None:
+    """The OSError in `err`'s chain that says the disk, a quota or a file-size limit ran out (it names the file
+    where the failing call had one)."""
+    return next((e for e in error_chain(err) if isinstance(e, OSError) and e.errno in NO_SPACE), None)
+
+
 def is_no_space(err: BaseException) -> bool:
     """Whether `err` (or what caused it) says the disk, a quota or a file-size limit ran out."""
-    while err is not None:
-        if isinstance(err, OSError) and err.errno in NO_SPACE:
-            return True
-        if any(text in str(err) for text in NO_SPACE_TEXT):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    return no_space_cause(err) is not None or any(text in str(e) for e in error_chain(err)
+                                                  for text in NO_SPACE_TEXT)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], mode: int = 0o644) -> None:

@@ -1,7 +1,9 @@
 """Where compiled kernels are kept between runs: --compile_cache, else the user's $TORCHINDUCTOR_CACHE_DIR, else
 ~/.cache/minilora/compile (trainer/compile_cache.py)."""
 
+import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from trainer.compile_cache import (
     ENV,
     compile_cache_dir,
     compile_cache_for_run,
+    full_disk_error,
     torch_default,
     use_compile_cache,
 )
@@ -109,3 +112,48 @@ def test_a_compiled_run_keeps_its_kernels_in_the_minilora_cache(tmp_path):
     home_cache = tmp_path / "xdg" / "minilora" / "compile"
     assert f"seconds with a warm cache in {home_cache.resolve()}, longer" in run.stdout
     assert any(p.is_file() for p in home_cache.rglob("*")), "Inductor wrote nothing into the folder"
+
+
+def test_a_full_disk_under_the_compile_cache_stops_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    """A real full disk (a 256 KiB tmpfs, where mounting is permitted) holds the compile cache of a resumed
+    compiled run: Inductor cannot write its kernels there. The run stops at its first step with one `error:` line
+    that names the folder and the fix, exit 2, and the checkpoint it resumed from is unchanged."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        weight = save_tiny_minimind(tmp_path / "base.pth")
+        data = write_chat_data(tmp_path / "chats.jsonl", 8)
+        flags = dict(packing=1, batch_size=4, max_seq_len=64)
+        eager = run_cli([python(), "trainer/train_lora.py", *lora_args(tmp_path, weight, data, max_steps=1, **flags)],
+                        300, cwd=REPO, env=subprocess_env())
+        assert eager.returncode == 0, eager.stderr[-3000:]
+        saved = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+        assert any(p.name.endswith("_resume.pth") for p in saved)
+
+        argv = lora_args(tmp_path, weight, data, max_steps=2, use_compile=1, from_resume=1,
+                         compile_cache=small / "compile", **flags)
+        run = run_cli([python(), "trainer/train_lora.py", *argv], 600, cwd=REPO, env=subprocess_env())
+        assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-3000:]
+        assert "Traceback" not in run.stderr, run.stderr[-3000:]
+        line = run.stderr.strip().splitlines()[-1]
+        folder = (small / "compile").resolve()
+        assert line.startswith(f"error: the disk holding the compile cache {folder} is full ("), line
+        assert " MiB free" in line and "point --compile_cache at a folder on another disk" in line, line
+        assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == saved
+    finally:
+        # lazy: a C++ compiler that Inductor started may outlive the run by a few seconds
+        subprocess.run(["umount", "--lazy", str(small)], check=True)
+
+
+def test_a_full_disk_elsewhere_names_the_file_and_other_errors_pass_through(home_cache, tmp_path):
+    use_compile_cache(None)
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "plot.png"))
+    assert str(full_disk_error(full)).startswith(f"the disk is full: {(tmp_path / 'plot.png').resolve()} could not "
+                                                 "be written (")
+    inside = OSError(errno.EDQUOT, "Disk quota exceeded", str(home_cache / "fx" / "kernel.py"))
+    assert str(full_disk_error(inside)).startswith(f"the disk holding the compile cache {home_cache.resolve()} is full")
+    assert full_disk_error(ValueError("bad value")) is None
+    assert full_disk_error(OSError(errno.EACCES, "Permission denied", str(tmp_path))) is None

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from dataset.token_cache import minilora_cache
-from model.errors import UserError, print_error
+from model.atomic import error_chain, free_space, is_no_space, no_space_cause
+from model.errors import UserError, first_line, print_error
 
 ENV = "TORCHINDUCTOR_CACHE_DIR"  # Inductor reads it whenever it opens its cache; Triton's cache lies inside
 
@@ -81,3 +82,23 @@ def compile_cache_for_run(flag: str | None, use_compile: bool, device_type: str)
     """use_compile_cache(flag) for a run that compiles anything: a compiled decoder, or any GPU run (its loss
     compiles even with --use_compile 0; trainer/loss.py). None for an eager CPU run, which compiles nothing."""
     return use_compile_cache(flag) if use_compile or device_type == "cuda" else None
+
+
+def full_disk_error(err: BaseException) -> UserError | None:
+    """The one-line error for a run stopped by a full disk outside the checkpoint writes (those say so themselves,
+    model/atomic.py): in practice the compile cache, which Inductor writes while it compiles. None for any other
+    error."""
+    if not is_no_space(err):
+        return None
+    cause = no_space_cause(err)
+    file = Path(cause.filename).resolve() if cause is not None and cause.filename else None
+    cache = Path(os.environ.get(ENV) or torch_default() or minilora_cache("compile")).resolve()
+    # Inductor's writes fail as the file is closed, with no file name; the compiler's own exception wraps them.
+    compiling = any(type(e).__module__.startswith(("torch._inductor", "torch._dynamo")) for e in error_chain(err))
+    kept = "The files this run saved before are unchanged"
+    if file.is_relative_to(cache) if file else compiling:
+        detail = f"; {first_line(cause)}" if cause else ""  # a C++ compiler that failed says only that
+        return UserError(f"the disk holding the compile cache {cache} is full ({free_space(cache)}{detail}); free "
+                         f"space there, or point --compile_cache at a folder on another disk. {kept}")
+    where = f"{file} could not be written ({free_space(file.parent)})" if file else first_line(err)
+    return UserError(f"the disk is full: {where}; free space and run again. {kept}")
