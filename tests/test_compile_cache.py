@@ -3,7 +3,6 @@
 
 import errno
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from tests.train_utils import (
     python,
     run_cli,
     save_tiny_minimind,
+    small_disk,
     subprocess_env,
     write_chat_data,
 )
@@ -118,12 +118,7 @@ def test_a_full_disk_under_the_compile_cache_stops_with_one_line_and_keeps_the_c
     """A real full disk (a 256 KiB tmpfs, where mounting is permitted) holds the compile cache of a resumed
     compiled run: Inductor cannot write its kernels there. The run stops at its first step with one `error:` line
     that names the folder and the fix, exit 2, and the checkpoint it resumed from is unchanged."""
-    small = tmp_path / "small"
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with small_disk(tmp_path / "small", "256k") as small:
         weight = save_tiny_minimind(tmp_path / "base.pth")
         data = write_chat_data(tmp_path / "chats.jsonl", 8)
         flags = dict(packing=1, batch_size=4, max_seq_len=64)
@@ -143,9 +138,6 @@ def test_a_full_disk_under_the_compile_cache_stops_with_one_line_and_keeps_the_c
         assert line.startswith(f"error: the disk holding the compile cache {folder} is full ("), line
         assert " MiB free" in line and "point --compile_cache at a folder on another disk" in line, line
         assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == saved
-    finally:
-        # lazy: a C++ compiler that Inductor started may outlive the run by a few seconds
-        subprocess.run(["umount", "--lazy", str(small)], check=True)
 
 
 def test_a_full_disk_elsewhere_names_the_file_and_other_errors_pass_through(home_cache, tmp_path):

@@ -3,7 +3,6 @@ has changed: the data's bytes, the tokenizer, the chat template, the maximum len
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,7 +14,14 @@ import dataset.lm_dataset as lm_dataset
 from dataset.lm_dataset import PretrainDataset, SFTDataset
 from dataset.records import DataError
 from dataset.token_cache import KEEP, TokenCache, cache_from_flag, default_cache_dir
-from tests.train_utils import lora_args, run_inprocess, save_tiny_minimind, tokenizer_dir, write_chat_data
+from tests.train_utils import (
+    lora_args,
+    run_inprocess,
+    save_tiny_minimind,
+    small_disk,
+    tokenizer_dir,
+    write_chat_data,
+)
 from trainer.train_lora import main
 
 
@@ -186,17 +192,10 @@ def test_a_cache_that_cannot_be_written_costs_only_time(tok, data, tmp_path):
     SFTDataset(data, tok, 40, cache=TokenCache(reader.folder), log=None)
     assert "read from the cache" in SFTDataset(data, tok, 40, cache=reader, log=None).summary
 
-    small = tmp_path / "small"  # a real nearly-full disk: a 1 MiB tmpfs, where mounting is permitted
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (the other cases ran)")
-    try:
+    with small_disk(tmp_path / "small", "1m", " (the other cases ran)") as small:
         ds = SFTDataset(data, tok, 40, cache=TokenCache(small), log=None)
         assert "tokens not cached: 1 MiB free on" in ds.summary and not list(small.iterdir())
         assert_same(ds, plain)
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_the_flag_and_its_default(tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ from tests.train_utils import (
     run_inprocess,
     run_timed,
     save_tiny_minimind,
+    small_disk,
     subprocess_env,
     tiny_config,
     tokenizer_dir,
@@ -218,23 +219,18 @@ def test_full_disk_says_so_and_keeps_the_old_file(run, tmp_path, capsys):
     TALLY["bad inputs tried"] += 1
     assert torch.equal(torch.load(target)["old"], torch.zeros(3)) and os.listdir(tmp_path) == ["x.pth"]
 
-    # A whole run into a small tmpfs (where mounting is permitted): the resume file does not fit.
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (the RLIMIT_FSIZE part above ran)")
-    try:
-        argv = lora_args(tmp, weight, data, save_dir=mnt, **{**flags, "epochs": 1})
-        TALLY["bad inputs tried"] += 1
-        assert run_inprocess(main, argv) == 2
-        out, err = capsys.readouterr()
-        assert "the disk is full" in err and "Traceback" not in err, err
-        assert not [p for p in mnt.iterdir() if p.name.startswith(".")]  # no partial temp file
-        load_resume(mnt / f"{STEM}_resume.pth")  # none, or a whole one: --from_resume 1 works either way
-    finally:
-        release_locks()  # the run's lock file is open on the mount
-        subprocess.run(["umount", str(mnt)], check=True)
+    # A whole run into a small tmpfs: the resume file does not fit.
+    with small_disk(tmp_path / "small", "32k", " (the RLIMIT_FSIZE part above ran)") as mnt:
+        try:
+            argv = lora_args(tmp, weight, data, save_dir=mnt, **{**flags, "epochs": 1})
+            TALLY["bad inputs tried"] += 1
+            assert run_inprocess(main, argv) == 2
+            out, err = capsys.readouterr()
+            assert "the disk is full" in err and "Traceback" not in err, err
+            assert not [p for p in mnt.iterdir() if p.name.startswith(".")]  # no partial temp file
+            load_resume(mnt / f"{STEM}_resume.pth")  # none, or a whole one: --from_resume 1 works either way
+        finally:
+            release_locks()  # the run's lock file is open on the mount
 
 
 def test_generated_malformed_data_stops_or_skips_by_file_line(run, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Shared pieces of the trainer tests: a tiny MiniMind on disk, tiny chat data, in-process runs."""
 
+import contextlib
 import json
 import os
 import random
@@ -8,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +26,21 @@ TOKENIZER = FIXTURES / "tokenizers" / "minimind"
 
 QUESTIONS = ["hello", "who", "are", "you", "what", "is", "this", "name", "please", "tell", "me"]
 ANSWERS = ["I", "am", "a", "small", "model", "made", "to", "help", "with", "questions", "today"]
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str, ran_before: str = "") -> Iterator[Path]:
+    """A real nearly full disk: a tmpfs of `size` mounted at `folder` for the with-block (the test is skipped where
+    mounting is not permitted; `ran_before` says what it checked before). Unmounted lazily after: a C++ compiler
+    that Inductor started may outlive a run by a few seconds."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here{ran_before}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
 def tokenizer_dir() -> Path:
