@@ -95,8 +95,9 @@ def full_disk_error(err: BaseException) -> UserError | None:
     cache = Path(os.environ.get(ENV) or torch_default() or minilora_cache("compile")).resolve()
     # Inductor's writes fail as the file is closed, with no file name; the compiler's own exception wraps them.
     compiling = any(type(e).__module__.startswith(("torch._inductor", "torch._dynamo")) for e in error_chain(err))
+    in_cache = file.is_relative_to(cache) if file else compiling
     kept = "The files this run saved before are unchanged"
-    if file.is_relative_to(cache) if file else compiling:
+    if in_cache:
         detail = f"; {first_line(cause)}" if cause else ""  # a C++ compiler that failed says only that
         return UserError(f"the disk holding the compile cache {cache} is full ({free_space(cache)}{detail}); free "
                          f"space there, or point --compile_cache at a folder on another disk. {kept}")
