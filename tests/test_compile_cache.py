@@ -3,6 +3,8 @@
 
 import errno
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,31 @@ def test_a_full_disk_elsewhere_names_the_file_and_other_errors_pass_through(home
     assert str(full_disk_error(inside)).startswith(f"the disk holding the compile cache {home_cache.resolve()} is full")
     assert full_disk_error(ValueError("bad value")) is None
     assert full_disk_error(OSError(errno.EACCES, "Permission denied", str(tmp_path))) is None
+
+
+def test_a_damaged_compile_cache_stops_with_one_line_naming_it(tmp_path):
+    """Kernel modules of the compile cache cut short, then empty (as a crash while Inductor wrote them leaves
+    them): the next compiled run stops with one `error:` line naming the cache, exit 2; the folder removed, as
+    that line says, the run after it trains."""
+    weight = save_tiny_minimind(tmp_path / "base.pth")
+    data = write_chat_data(tmp_path / "chats.jsonl", 8)
+    cache = tmp_path / "compile"
+    argv = lora_args(tmp_path, weight, data, packing=1, use_compile=1, batch_size=4, max_seq_len=64, max_steps=1,
+                     compile_cache=cache)
+
+    def train() -> subprocess.CompletedProcess:
+        return run_cli([python(), "trainer/train_lora.py", *argv], 600, cwd=REPO, env=subprocess_env())
+
+    assert (first := train()).returncode == 0, first.stderr[-3000:]
+    modules = sorted(cache.rglob("*.py"))
+    assert modules, "Inductor wrote no kernel module"
+    for damage in (lambda source: source[:100], lambda source: b""):
+        for module in modules:
+            module.write_bytes(damage(module.read_bytes()))
+        run = train()
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+        line = run.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: the compile cache {cache.resolve()} holds a damaged file ("), line
+        assert "remove that folder" in line, line
+    shutil.rmtree(cache)
+    assert (again := train()).returncode == 0, again.stderr[-3000:]

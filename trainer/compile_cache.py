@@ -9,6 +9,7 @@ instead, unless the user chose a folder: `--compile_cache`, or $TORCHINDUCTOR_CA
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from dataset.token_cache import minilora_cache
@@ -84,6 +85,44 @@ def compile_cache_for_run(flag: str | None, use_compile: bool, device_type: str)
     return use_compile_cache(flag) if use_compile or device_type == "cuda" else None
 
 
+def stopped_by_cache(err: BaseException) -> UserError | None:
+    """The one-line error for a run that a full disk (full_disk_error) or a damaged compile cache
+    (damaged_cache_error) stopped; None for any other error."""
+    return full_disk_error(err) or damaged_cache_error(err)
+
+
+def _compiling(err: BaseException) -> bool:
+    """Whether `err` came out of torch's compiler (its own exception types wrap what went wrong)."""
+    return any(type(e).__module__.startswith(("torch._inductor", "torch._dynamo")) for e in error_chain(err))
+
+
+def _cache_folder() -> Path:
+    return Path(os.environ.get(ENV) or torch_default() or minilora_cache("compile")).resolve()
+
+
+def damaged_cache_error(err: BaseException) -> UserError | None:
+    """For a failed compile: the error that names a kernel module of the compile cache that is empty or cut
+    short, as a crash or a full disk while Inductor wrote it leaves one (Inductor would load it and fail with
+    an unrelated-looking traceback). None if the compile did not fail or no such module is there."""
+    if not _compiling(err):
+        return None
+    cache = _cache_folder()
+    for module in sorted(cache.rglob("*.py")) if cache.is_dir() else ():
+        try:
+            source = module.read_bytes()
+            with warnings.catch_warnings():  # e.g. an escape sequence Python warns of is not damage
+                warnings.simplefilter("ignore")
+                compile(source, str(module), "exec")
+        except (SyntaxError, ValueError, OSError):
+            source = b""
+        if not source.strip():
+            return UserError(f"the compile cache {cache} holds a damaged file ({module} is empty or cut short, "
+                             f"as a crash or a full disk while it was written leaves it); remove that folder (the "
+                             f"next run compiles anew) or point --compile_cache elsewhere. The files this run "
+                             f"saved before are unchanged")
+    return None
+
+
 def full_disk_error(err: BaseException) -> UserError | None:
     """The one-line error for a run stopped by a full disk outside the checkpoint writes (those say so themselves,
     model/atomic.py): in practice the compile cache, which Inductor writes while it compiles. None for any other
@@ -92,10 +131,9 @@ def full_disk_error(err: BaseException) -> UserError | None:
         return None
     cause = no_space_cause(err)
     file = Path(cause.filename).resolve() if cause is not None and cause.filename else None
-    cache = Path(os.environ.get(ENV) or torch_default() or minilora_cache("compile")).resolve()
+    cache = _cache_folder()
     # Inductor's writes fail as the file is closed, with no file name; the compiler's own exception wraps them.
-    compiling = any(type(e).__module__.startswith(("torch._inductor", "torch._dynamo")) for e in error_chain(err))
-    in_cache = file.is_relative_to(cache) if file else compiling
+    in_cache = file.is_relative_to(cache) if file else _compiling(err)
     kept = "The files this run saved before are unchanged"
     if in_cache:
         detail = f"; {first_line(cause)}" if cause else ""  # a C++ compiler that failed says only that

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.errors import UserError, first_line, is_out_of_memory, print_error
 from model.varlen import VARLEN_DTYPES, varlen_attn
-from trainer.compile_cache import full_disk_error
+from trainer.compile_cache import stopped_by_cache
 from trainer.data import to_device
 from trainer.distributed import (
     DistInfo,
@@ -438,8 +438,8 @@ def run_job(main: Callable[[], int | None], teardown: bool = True) -> None:
             print_error(f"out of memory ({first_line(err)}). A base model too big for the device trains with --load_in_4bit "
                         "(LoRA) or --fsdp over several GPUs; a lower --batch_size or --max_seq_len needs less per step")
             code = 2
-        elif (full := full_disk_error(err)) is not None:
-            print_error(full)
+        elif (cache_error := stopped_by_cache(err)) is not None:
+            print_error(cache_error)
             code = 2
         elif not (distributed and _peer_lost(err)):  # a peer's death: its one line says all there is to say
             traceback.print_exc()
