@@ -97,13 +97,14 @@ def _compiling(err: BaseException) -> bool:
 
 
 def _cache_folder() -> Path:
+    """The compile cache in use: the folder Inductor reads from the variable, else PyTorch's default."""
     return Path(os.environ.get(ENV) or torch_default() or minilora_cache("compile")).resolve()
 
 
 def damaged_cache_error(err: BaseException) -> UserError | None:
     """For a failed compile: the error that names a kernel module of the compile cache that is empty or cut
-    short, as a crash or a full disk while Inductor wrote it leaves one (Inductor would load it and fail with
-    an unrelated-looking traceback). None if the compile did not fail or no such module is there."""
+    short, as a crash while Inductor wrote it can leave one (Inductor would load it and fail with an
+    unrelated-looking traceback). None if the compile did not fail or no such module is there."""
     if not _compiling(err):
         return None
     cache = _cache_folder()
@@ -117,7 +118,7 @@ def damaged_cache_error(err: BaseException) -> UserError | None:
             source = b""
         if not source.strip():
             return UserError(f"the compile cache {cache} holds a damaged file ({module} is empty or cut short, "
-                             f"as a crash or a full disk while it was written leaves it); remove that folder (the "
+                             f"as a crash while it was written can leave it); remove that folder (the "
                              f"next run compiles anew) or point --compile_cache elsewhere. The files this run "
                              f"saved before are unchanged")
     return None
