@@ -17,6 +17,8 @@ from model.atomic import error_chain, free_space, is_no_space, no_space_cause
 from model.errors import UserError, first_line, print_error
 
 ENV = "TORCHINDUCTOR_CACHE_DIR"  # Inductor reads it whenever it opens its cache; Triton's cache lies inside
+# How the errors of a run stopped by its compile cache end: Inductor's files are not the run's checkpoints.
+KEPT = "The files this run saved before are unchanged"
 
 
 def torch_default() -> Path | None:
@@ -101,6 +103,18 @@ def _cache_folder() -> Path:
     return Path(os.environ.get(ENV) or torch_default() or minilora_cache("compile")).resolve()
 
 
+def _damaged(module: Path) -> bool:
+    """Whether a kernel module of the cache is empty or does not parse (cut short)."""
+    try:
+        source = module.read_bytes()
+        with warnings.catch_warnings():  # e.g. an escape sequence Python warns of is not damage
+            warnings.simplefilter("ignore")
+            compile(source, str(module), "exec")
+    except (SyntaxError, ValueError, OSError):
+        return True
+    return not source.strip()
+
+
 def damaged_cache_error(err: BaseException) -> UserError | None:
     """For a failed compile: the error that names a kernel module of the compile cache that is empty or cut
     short, as a crash while Inductor wrote it can leave one (Inductor would load it and fail with an
@@ -108,20 +122,12 @@ def damaged_cache_error(err: BaseException) -> UserError | None:
     if not _compiling(err):
         return None
     cache = _cache_folder()
-    for module in sorted(cache.rglob("*.py")) if cache.is_dir() else ():
-        try:
-            source = module.read_bytes()
-            with warnings.catch_warnings():  # e.g. an escape sequence Python warns of is not damage
-                warnings.simplefilter("ignore")
-                compile(source, str(module), "exec")
-        except (SyntaxError, ValueError, OSError):
-            source = b""
-        if not source.strip():
-            return UserError(f"the compile cache {cache} holds a damaged file ({module} is empty or cut short, "
-                             f"as a crash while it was written can leave it); remove that folder (the "
-                             f"next run compiles anew) or point --compile_cache elsewhere. The files this run "
-                             f"saved before are unchanged")
-    return None
+    damaged = next((m for m in sorted(cache.rglob("*.py")) if _damaged(m)), None) if cache.is_dir() else None
+    if damaged is None:
+        return None
+    return UserError(f"the compile cache {cache} holds a damaged file ({damaged} is empty or cut short, as a crash "
+                     f"while it was written can leave it); remove that folder (the next run compiles anew) or "
+                     f"point --compile_cache elsewhere. {KEPT}")
 
 
 def full_disk_error(err: BaseException) -> UserError | None:
@@ -135,10 +141,9 @@ def full_disk_error(err: BaseException) -> UserError | None:
     cache = _cache_folder()
     # Inductor's writes fail as the file is closed, with no file name; the compiler's own exception wraps them.
     in_cache = file.is_relative_to(cache) if file else _compiling(err)
-    kept = "The files this run saved before are unchanged"
     if in_cache:
         detail = f"; {first_line(cause)}" if cause else ""  # a C++ compiler that failed says only that
         return UserError(f"the disk holding the compile cache {cache} is full ({free_space(cache)}{detail}); free "
-                         f"space there, or point --compile_cache at a folder on another disk. {kept}")
+                         f"space there, or point --compile_cache at a folder on another disk. {KEPT}")
     where = f"{file} could not be written ({free_space(file.parent)})" if file else first_line(err)
-    return UserError(f"the disk is full: {where}; free space and run again. {kept}")
+    return UserError(f"the disk is full: {where}; free space and run again. {KEPT}")
