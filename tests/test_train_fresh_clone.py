@@ -46,3 +46,12 @@ def test_done_line_paths_are_typable_from_here(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "repo" / "trainer")  # where MiniMind users start their jobs
     assert shown_path(tmp_path / "repo" / "out" / "x.pth") == "../out/x.pth"
     assert shown_path("/") == "/"  # further away: absolute
+
+
+def test_lora_names_a_missing_data_file_before_it_loads_the_base(tmp_path, capsys):
+    # The base is missing too: the data's error comes first, so a large base never loads for a wrong path.
+    from trainer import train_lora
+
+    flags = ["--data_path", str(tmp_path / "mine.jsonl"), "--from_weight", str(tmp_path / "base.pth")]
+    assert run_inprocess(train_lora.main, flags) == 2
+    assert capsys.readouterr().err == f"error: --data_path {tmp_path / 'mine.jsonl'}: no such file\n"

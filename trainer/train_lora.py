@@ -39,7 +39,7 @@ with frozen_imports():
         save_lora,
         set_lora_fused,
     )
-    from trainer.args import parse_args, pick_speed_defaults
+    from trainer.args import check_data_files, parse_args, pick_speed_defaults
     from trainer.base_model import load_base
     from trainer.checkpoint import (
         capture_rng,
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train LoRA adapters (flags from `argv`, default sys.argv); returns the exit status."""
     # ------------------------------------------------------------------ config
     args = parse_args("lora", __doc__.splitlines()[0], argv)
+    check_data_files(args)  # before the base: a missing file should not wait for a large base to load
     info = setup_distributed(args.device, args.ddp, args.dist_timeout)
     speed = pick_speed_defaults(args, info.device.type)  # packed + compiled on CUDA unless opted out
     # Compiled kernels are kept in a folder a reboot keeps, for the next run's first step.
