@@ -55,3 +55,8 @@ def test_lora_names_a_missing_data_file_before_it_loads_the_base(tmp_path, capsy
     flags = ["--data_path", str(tmp_path / "mine.jsonl"), "--from_weight", str(tmp_path / "base.pth")]
     assert run_inprocess(train_lora.main, flags) == 2
     assert capsys.readouterr().err == f"error: --data_path {tmp_path / 'mine.jsonl'}: no such file\n"
+
+
+def test_a_folder_as_data_path_is_named_as_a_folder(tmp_path, capsys):
+    assert run_inprocess(train_full_sft.main, ["--data_path", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: --data_path {tmp_path} is a folder; pass the .jsonl file in it\n"

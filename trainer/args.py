@@ -344,6 +344,8 @@ def check_data_files(args: argparse.Namespace) -> None:
     for flag, path in (("--data_path", args.data_path), ("--val_data_path", args.val_data_path)):
         if path is None or Path(path).is_file():
             continue
+        if Path(path).is_dir():
+            raise FlagError(f"{flag} {path} is a folder; pass the .jsonl file in it")
         if Path(path).resolve().parent == REPO_ROOT / "dataset" and Path(path).name.endswith("_demo.jsonl"):
             raise FlagError(f"{flag} {path}: no such file; the demo pretraining and SFT data are generated, not "
                             "committed: run `python dataset/make_demo_data.py` first")
