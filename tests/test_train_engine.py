@@ -17,7 +17,7 @@ from model.model_lora import apply_lora, lora_parameters
 from model.model_minimind import MiniMindForCausalLM
 from tests.train_utils import python, save_tiny_minimind, scaled, subprocess_env, tiny_config
 from trainer.args import FlagError, parse_args
-from trainer.base_model import BaseModelError, resolve_weight
+from trainer.base_model import BaseModelError, load_tokenizer, resolve_weight
 from trainer.data import GROUP_STEPS, StepSampler, collate_supervised, epoch_order, group_by_length
 from trainer.distributed import DistInfo, FlatGradients
 from trainer.engine import (
@@ -80,6 +80,15 @@ def test_from_weight_names_resolve_like_minimind(tmp_path):
     assert resolve_weight("full_sft", str(tmp_path), None, True) == tmp_path / "full_sft_128_moe.pth"
     with pytest.raises(BaseModelError, match="no such file"):
         resolve_weight(str(tmp_path / "nope.pth"), str(tmp_path), None, None)
+
+
+def test_a_missing_tokenizer_folder_is_named_as_missing(tmp_path):
+    with pytest.raises(BaseModelError, match=r"nope: no such folder; --tokenizer_path takes a folder") as err:
+        load_tokenizer(tmp_path / "nope")
+    assert "Repo id" not in str(err.value)
+    (tmp_path / "empty").mkdir()  # a folder without tokenizer files keeps the loader's own reason
+    with pytest.raises(BaseModelError, match=r"empty: cannot load a tokenizer from it"):
+        load_tokenizer(tmp_path / "empty")
 
 
 # ------------------------------------------------------------------------- data order

@@ -73,6 +73,9 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as err:
+        if not path.exists():  # transformers would answer with its rules for hub names
+            raise BaseModelError(f"{path}: no such folder; --tokenizer_path takes a folder holding tokenizer.json "
+                                 "and tokenizer_config.json") from None
         raise BaseModelError(f"{path}: cannot load a tokenizer from it ({err}); pass --tokenizer_path") from err
 
 
