@@ -255,12 +255,12 @@ def _check(path: Any, chunks: list[_Chunk], n_lines: int, skip_invalid: bool) ->
     problems = [p for c in chunks for p in c.problems]  # chunks are in file order, so lines are sorted
     if problems and not skip_invalid:
         raise data_error(path, problems, n_lines)
+    dropped = sum(c.dropped for c in chunks)
     if not any(c.ids for c in chunks):
-        raise DataError(
-            f"{path}: no usable samples ({len(problems)} invalid lines skipped, "
-            f"{sum(c.dropped for c in chunks)} with nothing to learn after truncation)"
-        )
-    return len(problems), sum(c.dropped for c in chunks)
+        hint = "; a larger --max_seq_len keeps the answers that truncation cut off" if dropped else ""
+        raise DataError(f"{path}: no usable samples ({len(problems)} invalid lines skipped, {dropped} with nothing "
+                        f"to learn after truncation){hint}")
+    return len(problems), dropped
 
 
 def _join(chunks: list[_Chunk]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -214,7 +214,8 @@ def test_samples_with_nothing_to_learn_are_dropped_and_counted(tok, tmp_path):
     for i in range(len(ds)):  # every kept sample has a label the shifted loss will use
         assert (ds[i][1][1:] != -100).any()
     assert ds.lengths.tolist() == [len(ds[i][0]) for i in range(len(ds))]
-    with pytest.raises(DataError, match="no usable samples"):
+    with pytest.raises(DataError, match=r"no usable samples \(0 invalid lines skipped, 3 with nothing to learn after "
+                                         r"truncation\); a larger --max_seq_len keeps"):
         SFTDataset(path, tok, max_length=8, log=None)
 
 
