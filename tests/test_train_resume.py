@@ -151,3 +151,20 @@ def test_the_gpu_generator_is_restored_from_new_and_older_resume_files():
         torch.rand(11, device="cuda")
         restore_rng(saved)
         assert torch.equal(torch.rand(5, device="cuda"), want)
+
+
+def test_a_resume_past_its_max_steps_trains_nothing_and_keeps_the_weights(tmp_path, capsys):
+    weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
+    data = write_chat_data(tmp_path / "data.jsonl", 12)
+    argv = lora_args(tmp_path, weight, data, batch_size=2, max_steps=3)
+    assert run_inprocess(main, argv) == 0
+    before = _final(tmp_path / "out")
+    capsys.readouterr()
+    # The run reached step 3; asked for 2 on resume, it says step 3 and changes no weight.
+    assert run_inprocess(main, argv[:-2] + ["--max_steps", "2", "--from_resume", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train: the run already reached step 3\n" in out and "(step 3/3)" in out
+    after = _final(tmp_path / "out")
+    assert after[2]["step"] == before[2]["step"] == 3
+    for key, value in before[0].items():
+        assert torch.equal(after[0][key], value), key

@@ -200,9 +200,10 @@ def training_steps(dataset: Dataset, sampler: StepSampler, first_epoch: int, pos
 
 def count_steps(sampler: StepSampler, epochs: int, epoch: int, position: int, done: int,
                 max_steps: int | None) -> int:
-    """Total optimizer steps of the run: those done, plus the rest of this epoch, plus later epochs."""
+    """Total optimizer steps of the run: those done, plus the rest of this epoch, plus later epochs; never fewer
+    than those done (a resumed run given a --max_steps it has passed has nothing left to train)."""
     total = done + sampler.steps_in_epoch(position) + (epochs - epoch - 1) * sampler.steps_in_epoch(0)
-    return min(total, max_steps) if max_steps else total
+    return max(done, min(total, max_steps)) if max_steps else total
 
 
 def eval_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, collate_fn: Callable) -> DataLoader:
