@@ -17,7 +17,7 @@ from model.model_lora import apply_lora, lora_parameters
 from model.model_minimind import MiniMindForCausalLM
 from tests.train_utils import python, save_tiny_minimind, scaled, subprocess_env, tiny_config
 from trainer.args import FlagError, parse_args
-from trainer.base_model import BaseModelError, load_tokenizer, resolve_weight
+from trainer.base_model import BaseModelError, load_directory, load_tokenizer, resolve_weight
 from trainer.data import GROUP_STEPS, StepSampler, collate_supervised, epoch_order, group_by_length
 from trainer.distributed import DistInfo, FlatGradients
 from trainer.engine import (
@@ -80,6 +80,19 @@ def test_from_weight_names_resolve_like_minimind(tmp_path):
     assert resolve_weight("full_sft", str(tmp_path), None, True) == tmp_path / "full_sft_128_moe.pth"
     with pytest.raises(BaseModelError, match="no such file"):
         resolve_weight(str(tmp_path / "nope.pth"), str(tmp_path), None, None)
+
+
+def test_a_folder_without_config_names_the_models_inside(tmp_path):
+    # merge_lora.py's --save_dir: a MiniMind .pth beside a transformers directory
+    (tmp_path / "merged_64.pth").write_bytes(b"")
+    (tmp_path / "merged_64_hf").mkdir()
+    (tmp_path / "merged_64_hf" / "config.json").write_text("{}")
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(BaseModelError, match=r"needs config.json \(and weights\); it holds merged_64.pth, "
+                                              r"merged_64_hf/: pass one of those$"):
+        load_directory(tmp_path, torch.float32)
+    with pytest.raises(BaseModelError, match=r"needs config.json \(and weights\)$"):
+        load_directory(tmp_path / "notes", torch.float32)
 
 
 def test_a_missing_tokenizer_folder_is_named_as_missing(tmp_path):

@@ -115,7 +115,11 @@ def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = Non
     """A model directory: MiniMind's, a Qwen2/Qwen3/Llama/Mistral one on the fast decoder (same names, same
     logits, model/fast_decoder.py), or any other causal LM through transformers' own class, said in one line."""
     if not (path / "config.json").is_file():
-        raise BaseModelError(f"--from_weight {path}: a model directory needs config.json (and weights)")
+        # merge_lora.py's --save_dir holds a .pth and a model directory: name what could be meant
+        inside = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
+                        if p.suffix == ".pth" or (p / "config.json").is_file())
+        hint = f"; it holds {', '.join(inside)}: pass one of those" if inside else ""
+        raise BaseModelError(f"--from_weight {path}: a model directory needs config.json (and weights){hint}")
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         kind = config.model_type
