@@ -116,8 +116,11 @@ def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = Non
     logits, model/fast_decoder.py), or any other causal LM through transformers' own class, said in one line."""
     if not (path / "config.json").is_file():
         # merge_lora.py's --save_dir holds a .pth and a model directory: name what could be meant
-        inside = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
-                        if p.suffix == ".pth" or (p / "config.json").is_file())
+        try:
+            inside = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
+                            if p.suffix == ".pth" or (p / "config.json").is_file())
+        except OSError:  # a folder we may not list: the error without the hint, not a traceback
+            inside = []
         hint = f"; it holds {', '.join(inside)}: pass one of those" if inside else ""
         raise BaseModelError(f"--from_weight {path}: a model directory needs config.json (and weights){hint}")
     try:
