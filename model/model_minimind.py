@@ -523,7 +523,7 @@ class MiniMindModel(nn.Module):
         # trainer records it in the micro-step's CUDA graph). Uncompiled, Flex would materialise the whole score
         # matrix (and it has no backward on CPU), so eager forwards and evaluation keep SDPA either way.
         self.packed_attention = "sdpa"
-        # Set by trainer.engine.compile_decoder when each layer is compiled on its own: the first layer's input
+        # Set by trainer.compiling.compile_decoder when each layer is compiled on its own: the first layer's input
         # then needs a gradient too, as every other layer's does, so that all layers share one compiled graph.
         self.layers_share_graph = False
 

@@ -418,7 +418,7 @@ def _init_random_(module: object, seed: int) -> None:
 def fail_worker(argv: list[str]) -> None:
     """One rank of part (d): train_lora.py's main(), with the step function raising on rank 1 at step N."""
     import trainer.train_lora as job
-    from trainer.engine import run_job
+    from trainer.job import run_job
 
     rank, fail_at = os.environ.get("RANK", "0"), int(os.environ["CHECK_FAIL_AT"])
     Path(f"{os.environ['CHECK_PID_FILE']}.{rank}").write_text(str(os.getpid()))
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is None and (not args.parts or set(args.parts) - set("abcde")):
         parser.error(f"--parts {args.parts!r}: give letters from abcde, e.g. --parts be")
     if args.worker == "memory":
-        from trainer.engine import run_job
+        from trainer.job import run_job
 
         # run_job leaves without the interpreter's teardown under torchrun, which could abort a finished rank.
         run_job(lambda: memory_worker(args.json, args.cpu_smoke))

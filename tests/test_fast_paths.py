@@ -324,7 +324,7 @@ def test_compiled_decoder_gives_eager_loss_and_grads_in_one_graph():
     are an opaque op, not a torch.compiler.disable island), and the eager loss and LoRA grads."""
     from torch._dynamo.utils import counters
 
-    from trainer.engine import compile_decoder
+    from trainer.compiling import compile_decoder
 
     eager = packed_loss_and_grads(tiny_model())
     torch._dynamo.reset()
@@ -345,7 +345,7 @@ def test_per_layer_compile_shares_one_graph_across_layers(family, graphs):
     from torch._dynamo.utils import counters
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from trainer.engine import compile_decoder
+    from trainer.compiling import compile_decoder
 
     def make() -> nn.Module:
         if family == "minimind":
@@ -376,7 +376,7 @@ def test_the_one_graph_check_catches_a_graph_break(monkeypatch):
     from torch._dynamo.utils import counters
 
     from model import model_minimind
-    from trainer.engine import compile_decoder
+    from trainer.compiling import compile_decoder
 
     monkeypatch.setattr(model_minimind, "_rope_tables", torch.compiler.disable(model_minimind._rope_math))
     torch._dynamo.reset()
@@ -392,7 +392,7 @@ def test_the_one_graph_check_catches_a_graph_break(monkeypatch):
 def test_cuda_graphs_replay_gives_eager_losses_over_steps():
     """--use_compile with CUDA graphs: three optimizer steps replayed from the recorded graphs follow the
     eager run's losses (bf16 autocast, the trainer's GPU setting)."""
-    from trainer.engine import compile_decoder
+    from trainer.compiling import compile_decoder
 
     def losses(cuda_graphs: bool | None) -> list[float]:
         model = tiny_model().cuda()
@@ -422,8 +422,9 @@ def test_compiled_steps_with_accumulation_follow_eager(device):
     """Two micro-batches per optimizer step through the trainer's train_step, compiled with the trainer's
     CUDA-graph settings (on a GPU: graphs, whose replays reuse the memory of the previous micro-batch's
     gradients, hence FlatGradients) against eager."""
+    from trainer.compiling import compile_decoder
     from trainer.distributed import DistInfo, FlatGradients
-    from trainer.engine import compile_decoder, make_optimizer, train_step
+    from trainer.engine import make_optimizer, train_step
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(device))
 
@@ -459,8 +460,9 @@ def test_evaluate_runs_a_compiled_decoder_eagerly():
     """Validation batches come in many widths: evaluate must not compile (or record a graph) for each."""
     from torch._dynamo.utils import counters
 
+    from trainer.compiling import compile_decoder
     from trainer.distributed import DistInfo
-    from trainer.engine import compile_decoder, evaluate
+    from trainer.engine import evaluate
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     batches = []
@@ -520,7 +522,7 @@ def test_attention_flag_picks_flex_varlen_or_the_dense_mask_where_they_train():
     cannot run is a clear error naming what is missing."""
     from model.errors import UserError
     from model.varlen import varlen_attn
-    from trainer.engine import pick_packed_attention
+    from trainer.compiling import pick_packed_attention
 
     model, cpu, cuda = tiny_model(), torch.device("cpu"), torch.device("cuda")
     if varlen_attn is not None:
@@ -576,14 +578,9 @@ def test_flex_packed_steps_follow_eager_dense_mask(dtype, scope):
     fp32 tightly, bf16 autocast within its rounding (losses)."""
     from functools import partial
 
+    from trainer.compiling import compile_decoder, pick_packed_attention
     from trainer.distributed import DistInfo, FlatGradients
-    from trainer.engine import (
-        compile_decoder,
-        forward_backward,
-        make_optimizer,
-        pick_packed_attention,
-        train_step,
-    )
+    from trainer.engine import forward_backward, make_optimizer, train_step
     from trainer.step_graphs import MicroStepGraphs
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))

@@ -478,7 +478,7 @@ def test_written_files_are_readable_by_others_and_leave_no_litter(tmp_path):
 LIMITED_MEMORY = """
 import importlib, re, resource, sys
 import torch
-from trainer.engine import run_job
+from trainer.job import run_job
 job = importlib.import_module(sys.argv.pop(1))
 spare = float(sys.argv.pop(1)) * 2**30
 if "cuda" in sys.argv:
@@ -662,7 +662,7 @@ def test_rank_that_sees_a_peer_die_prints_one_line(capsys, monkeypatch):
     rank that really failed prints its own); the job's own bugs keep their traceback."""
     import torch.distributed as dist
 
-    from trainer.engine import run_job
+    from trainer.job import run_job
 
     monkeypatch.delenv("MASTER_ADDR", raising=False)  # no torchrun store to announce to
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

@@ -187,8 +187,9 @@ def train_with_and_without_graphs(run_name: str, plan: list[list[dict]]) -> tupl
     DoRA, its magnitudes too) agree."""
     from functools import partial
 
+    from trainer.compiling import compile_decoder
     from trainer.distributed import DistInfo, FlatGradients
-    from trainer.engine import compile_decoder, forward_backward, make_optimizer, train_step
+    from trainer.engine import forward_backward, make_optimizer, train_step
     from trainer.step_graphs import MicroStepGraphs
 
     dtype, flags, compiled = GRAPHED_RUNS[run_name]

@@ -20,11 +20,7 @@ from trainer.args import FlagError, parse_args
 from trainer.base_model import BaseModelError, load_directory, load_tokenizer, resolve_weight
 from trainer.data import GROUP_STEPS, StepSampler, collate_supervised, epoch_order, group_by_length
 from trainer.distributed import DistInfo, FlatGradients
-from trainer.engine import (
-    enable_activation_checkpointing,
-    make_optimizer,
-    train_step,
-)
+from trainer.engine import enable_activation_checkpointing, make_optimizer, train_step
 from trainer.guard import DivergenceGuard, TrainingDiverged
 from trainer.logger import RunLogger
 from trainer.loss import IGNORE_INDEX, SupervisedLoss
@@ -389,7 +385,7 @@ def test_gradient_checkpointing_gives_the_same_step():
 _RELEASE_WORKERS = """
 import os
 from torch._inductor.async_compile import AsyncCompile
-from trainer.engine import CompileWorkers
+from trainer.compiling import CompileWorkers
 
 def children():
     with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
@@ -447,7 +443,7 @@ import torch
 from torch._dynamo.utils import counters
 sys.path.insert(0, sys.argv[1])
 import function
-from trainer.engine import compiler_settings
+from trainer.compiling import compiler_settings
 
 compiler_settings()
 torch.manual_seed(0)

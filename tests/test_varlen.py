@@ -99,8 +99,9 @@ def test_varlen_packed_steps_follow_eager_dense_mask_on_cuda():
     """The trainer's default packed path on a GPU (each layer compiled, CUDA graphs, Flash attention's varlen
     kernel over cu_seqlens, bf16 autocast) trains the LoRA of the eager dense-mask path over 4 steps of 2
     micro-batches, within bf16's rounding (losses; see test_flex_packed_steps_follow_eager_dense_mask)."""
+    from trainer.compiling import compile_decoder, pick_packed_attention
     from trainer.distributed import FlatGradients
-    from trainer.engine import compile_decoder, make_optimizer, pick_packed_attention, train_step
+    from trainer.engine import make_optimizer, train_step
 
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
 

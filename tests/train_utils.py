@@ -112,7 +112,7 @@ def lora_args(tmp: Path, weight: Path, data: Path, **flags: object) -> list[str]
 
 def run_inprocess(main: object, argv: list[str]) -> int:
     """Run a job's main() exactly as the script's entry point does; return the exit status."""
-    from trainer.engine import run_job
+    from trainer.job import run_job
 
     with pytest.raises(SystemExit) as exc:
         run_job(partial(main, argv))
@@ -208,7 +208,7 @@ import time
 
 import trainer.data
 import trainer.train_lora as job
-from trainer.engine import run_job
+from trainer.job import run_job
 
 rank = os.environ.get("RANK", "0")
 if os.environ.get("PID_FILE"):

@@ -1,37 +1,16 @@
-"""The loop pieces the training jobs share: precision, one optimizer step, evaluation, stops, the entry point."""
+"""The loop pieces the training jobs share: precision, the optimizer, one optimizer step, evaluation, and the config
+written beside each checkpoint (the compiled decoder: trainer/compiling.py; the entry point: trainer/job.py)."""
 
-import atexit
 import contextlib
-import faulthandler
 import math
-import os
-import shlex
-import signal
-import sys
-import threading
-import traceback
-import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model.errors import UserError, first_line, is_out_of_memory, print_error
-from model.varlen import VARLEN_DTYPES, varlen_attn
-from trainer.compile_cache import stopped_by_cache
 from trainer.data import to_device
-from trainer.distributed import (
-    DistInfo,
-    FlatGradients,
-    announce_failure,
-    cleanup_distributed,
-    device_sum_,
-    exit_now,
-    host_sum,
-    launched_by_torchrun,
-)
+from trainer.distributed import DistInfo, FlatGradients, device_sum_, host_sum
 from trainer.flat_adamw import FlatAdamW, flatten_parameters
 from trainer.step_graphs import MicroStepGraphs
 
@@ -72,6 +51,8 @@ def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float,
     return FlatAdamW(params, flatten_parameters(params, flat_grads.buffer), **hyper)
 
 
+# ------------------------------------------------------------------------- memory and several ranks
+
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each layer's activations in backward instead of keeping them (transformers' switch,
     renamed from gradient_checkpointing_enable in recent versions; non-reentrant, so frozen inputs work)."""
@@ -80,135 +61,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def compiler_settings() -> None:
-    """Two settings of the compile stack for the trainer's compiled layers, process-wide (docs/PERF.md, "A warm
-    start from AOTAutograd's cache; pointwise kernels untimed")."""
-    # AOTAutograd's cache skips a graph holding a custom autograd.Function (the fused LoRA layer) unless this is
-    # set, so every warm start traced and partitioned the layer again. Its key holds the Function's traced
-    # forward and backward, so an edited Function misses (tests/test_train_engine.py).
-    if hasattr(torch._functorch.config, "autograd_cache_allow_custom_autograd_functions"):  # torch >= 2.7
-        torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
-    # Pointwise kernels take Inductor's own block sizes instead of timing every candidate on their first run:
-    # a shorter cold compile at the same step time. Pointwise kernels hold no reduction, so the math is the same.
-    torch._inductor.config.triton.autotune_pointwise = False
-
-
-def compile_decoder(model: nn.Module, cuda_graphs: bool, per_layer: bool = False) -> str:
-    """torch.compile the decoder in place (parameter names, and so the saved files, stay unchanged).
-
-    `per_layer`: each decoder layer is compiled on its own; the layers share one code object, so Dynamo
-    traces and Inductor compiles one layer and every other layer reuses that graph (seconds instead of
-    minutes at 28 layers; docs/PERF.md). Otherwise the whole decoder is one graph (fewest launches).
-    With `cuda_graphs` the compiled forward and backward are also recorded once as CUDA graphs and then
-    replayed (mode "reduce-overhead"), so a slow or busy host no longer stalls the GPU. Replaying needs the
-    same shapes every step, which packed batches of fixed rows × --max_seq_len give. Returns how it was
-    compiled, for the start-up line.
-    """
-    compiler_settings()
-    mode = "reduce-overhead" if cuda_graphs else None
-    if per_layer and cuda_graphs:
-        # During the warm-up steps the next layer's forward runs while an earlier layer's backward is pending,
-        # so those steps run without graphs; the steady steps replay them. Not worth a line in users' logs.
-        warnings.filterwarnings("ignore", message="Unable to hit fast path of CUDAGraphs")
-    layers = getattr(model.model, "layers", None)
-    if per_layer and layers is not None:
-        if hasattr(model.model, "layers_share_graph"):  # MiniMind's decoder: one graph, not two (its forward)
-            model.model.layers_share_graph = True
-        for layer in layers:
-            layer.compile(mode=mode)
-    else:
-        model.model.compile(mode=mode)
-    scope = " per layer" if per_layer and layers is not None else ""
-    return f"compiled{scope}{', CUDA graphs' if cuda_graphs else ''}"
-
-
-class CompileWorkers:
-    """Lets Inductor's compile worker processes go, in a thread, once a run has compiled all it will.
-
-    Inductor keeps its pool (a helper process and one worker per core: 6 GB of host memory on a 16-core GPU
-    machine) for the whole run, and at exit waits 0.8-1.0 s for it to stop. A run whose steps keep one shape
-    compiles nothing after its warm-up steps: the pool can stop while the GPU trains. A stop still in flight is
-    waited for before a new epoch, whose packing may bring a new shape (that one then compiles in this process
-    while a new pool starts)."""
-
-    def __init__(self, release_after: int | None) -> None:
-        self.release_after = release_after  # steps done before the release; None: never
-        self.thread: threading.Thread | None = None
-        self.epoch: int | None = None
-
-    def before_step(self, done: int, epoch: int) -> None:
-        """Call before each optimizer step, with the steps done so far and the step's epoch."""
-        if self.epoch is not None and epoch != self.epoch:
-            self.join()
-        self.epoch = epoch
-        if self.release_after is not None and done >= self.release_after and self.thread is None:
-            try:
-                from torch._inductor.async_compile import shutdown_compile_workers
-            except ImportError:  # a torch without this call keeps its pool
-                self.release_after = None
-                return
-            self.thread = threading.Thread(target=shutdown_compile_workers, name="release-compile-workers",
-                                           daemon=True)
-            self.thread.start()
-
-    def join(self) -> None:
-        """Wait for a stop in flight (before anything that may compile, and before leaving)."""
-        if self.thread is not None:
-            self.thread.join()
-
-
-FLEX_BLOCK = 128  # FlexAttention's default tile of queries and keys: rows of other lengths are padded to it
-
-PACKED_ATTENTION_NOTES = {"varlen": "packed rows attend through Flash attention's varlen kernel",
-                          "flex": "packed rows attend through FlexAttention",
-                          "sdpa": "packed rows attend through SDPA with a block-diagonal mask"}
-
-
-def attention_line(attention: str, flag: str) -> str:
-    """The start-up line on how packed rows attend (`attention`, pick_packed_attention's answer to `--attention flag`)."""
-    return f"attention: {PACKED_ATTENTION_NOTES[attention]} (--attention {flag})"
-
-
-def pick_packed_attention(model: nn.Module, choice: str, packing: bool, compiled: bool, device: torch.device,
-                          per_layer: bool = False, dtype: torch.dtype = torch.bfloat16,
-                          whole_steps: bool = False, row_length: int = 0) -> str:
-    """Set how packed rows attend (--attention) and return it: "varlen" (Flash attention's varlen kernel over
-    the samples' boundaries, which the data pipeline then sends as `cu_seqlens`), "flex" (FlexAttention,
-    block mask) or "sdpa" (dense block-diagonal mask); see MiniMindModel.forward and .packed_attention.
-
-    Flex needs its block mask built once per step where no host waits on it: inside the whole compiled decoder,
-    or, with each layer compiled (`per_layer`), in the decoder's eager part while a CUDA graph of the whole
-    micro-step records it (`whole_steps`, trainer/step_graphs.py). "auto" takes Flex first there when packed rows
-    of `row_length` tokens fill whole Flex blocks (rows of 512: 125k against 119k tokens/s with varlen on one
-    H200; rows of 1024: 120k against 112k; rows of 340, padded to 384 inside Flex: 114k against 117k;
-    docs/PERF.md), else varlen (packed rows on a CUDA device with torch's varlen_attn, autocast `dtype` bf16 or
-    fp16, MiniMind's decoder: transformers' own classes keep their own attention), else Flex where it runs,
-    else sdpa.
-    """
-    decoder = getattr(model, "model", None)
-    minimind = hasattr(decoder, "packed_attention")
-    needs = {
-        "varlen": {"--packing": packing, "a CUDA device": device.type == "cuda",
-                   "--dtype bfloat16 or float16": dtype in VARLEN_DTYPES,
-                   "torch >= 2.9 (torch.nn.attention.varlen)": varlen_attn is not None,
-                   "MiniMind's decoder (transformers' own classes keep their own attention)": minimind},
-        "flex": {"--packing": packing, "--use_compile 1": compiled, "a CUDA device": device.type == "cuda",
-                 "MiniMind's decoder (transformers' own classes keep their own attention)": minimind,
-                 "--compile_scope model, or CUDA graphs of whole micro-steps (not --cuda_graphs 0, not --dtype "
-                 "float16)": not per_layer or whole_steps},
-    }
-    missing = {kind: [what for what, ok in need.items() if not ok] for kind, need in needs.items()}
-    if choice in needs and missing[choice]:
-        raise UserError(f"--attention {choice} needs {', '.join(missing[choice])}; use --attention auto or sdpa")
-    if choice == "auto":
-        whole_blocks = row_length > 0 and row_length % FLEX_BLOCK == 0
-        order = ("flex", "varlen") if per_layer and whole_blocks else ("varlen", "flex")
-        choice = next((kind for kind in order if not missing[kind]), "sdpa")
-    if hasattr(decoder, "packed_attention"):
-        decoder.packed_attention = "flex" if choice == "flex" else "sdpa"
-    return choice
 
 
 def wrap_ddp(module: nn.Module, info: DistInfo, find_unused: bool) -> nn.Module:
@@ -335,170 +187,6 @@ def evaluate(loss_module: nn.Module, batches: Iterable[dict], info: DistInfo, am
     loss_module.train(was_training)
     total, count = device_sum_(sums, info).tolist()
     return total / max(count, 1)
-
-
-# ------------------------------------------------------------------------- stopping and the entry point
-
-class StopSignal:
-    """SIGINT/SIGTERM ask the run to finish its current step, save, and exit.
-
-    A second signal ends the process at once, without saving. Under torchrun a rank that has not
-    finished `deadline_s` after the first signal also exits (status 1): when torchrun tears the group
-    down after another rank failed, this rank may be blocked in a collective that will never complete.
-    """
-
-    def __init__(self, deadline_s: float = 120) -> None:
-        self.requested = False
-        self.deadline_s = deadline_s
-        # A signal the launcher set to be ignored stays ignored (bash does that to SIGINT for `cmd &`).
-        self.signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
-        for s in self.signals:
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
-        # The next signal takes the default action (the process ends), even while the main thread is stuck
-        # in C++ (a collective, a kernel), where a Python handler would not run until it returned.
-        for s in self.signals:
-            signal.signal(s, signal.SIG_DFL)
-        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a resume checkpoint "
-              "(a second Ctrl-C or kill aborts without saving)", flush=True)
-        if launched_by_torchrun():
-            rank = os.environ.get("RANK")
-            timer = threading.Timer(self.deadline_s, exit_now, (1, f"rank {rank}: the step did not finish within "
-                                    f"{self.deadline_s:g} s of the stop signal (is a peer rank gone?); exiting "
-                                    "without saving"))
-            timer.daemon = True
-            timer.start()
-
-
-@contextlib.contextmanager
-def at_step(step: int) -> Iterator[None]:
-    """Tag an exception raised inside with optimizer step `step` (run_job's failure line names it)."""
-    try:
-        yield
-    except Exception as err:
-        if not hasattr(err, "failed_step"):
-            err.failed_step = step
-        raise
-
-
-def resume_command(info: DistInfo) -> str:
-    """The command line that continues this run (`--from_resume 1` added or switched on)."""
-    return rerun_command(info, {"from_resume": "1"})
-
-
-def rerun_command(info: DistInfo, changes: dict[str, str]) -> str:
-    """This run's command line with the flags in `changes` set to their values (dropped where given, then
-    appended)."""
-    argv, out, skip = sys.argv[1:], [], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        name = a.removeprefix("--").split("=", 1)[0]
-        if a.startswith("--") and name in changes:
-            skip = "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            continue
-        out.append(a)
-    for name, value in changes.items():
-        out += [f"--{name}", value]
-    launcher = ["python"] if not info.distributed else ["torchrun", f"--nproc_per_node={info.world_size}"]
-    return shlex.join([*launcher, sys.argv[0], *out])
-
-
-EXIT_GRACE_S = 30  # seconds an exiting rank may spend leaving the process group
-# What gloo and NCCL say when a peer process is gone or never answers.
-PEER_LOST = ("closed by peer", "Connection reset by peer", "remote process exited", "Timed out", "timed out")
-
-
-def run_job(main: Callable[[], int | None], teardown: bool = True) -> None:
-    """Run a job's main(): a UserError is printed without a traceback (exit 2); under torchrun a failure
-    is reported as `rank R failed at step N: ...` (the launcher only says which rank exited); the process
-    group is left without hanging on a dead peer; signal handlers are put back as they were.
-
-    `teardown=False` (the scripts' entry points) leaves, once the exit handlers have run and the output is
-    flushed, without the interpreter's teardown: after a compiled run that takes 2-4 s (docs/PERF.md)."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    code = 1
-    try:
-        code = main() or 0
-    except UserError as err:
-        print_error(err)
-        code = 2
-        _tell_peers(err)
-    except KeyboardInterrupt as err:
-        print("aborted", file=sys.stderr)
-        code = 130
-        _tell_peers(err)
-    except Exception as err:
-        distributed = dist.is_available() and dist.is_initialized()
-        code = 1
-        if is_out_of_memory(err):  # outside a step (trainer/out_of_memory.py has those): loading the model
-            print_error(f"out of memory ({first_line(err)}). A base model too big for the device trains with --load_in_4bit "
-                        "(LoRA) or --fsdp over several GPUs; a lower --batch_size or --max_seq_len needs less per step")
-            code = 2
-        elif (cache_error := stopped_by_cache(err)) is not None:
-            print_error(cache_error)
-            code = 2
-        elif not (distributed and _peer_lost(err)):  # a peer's death: its one line says all there is to say
-            traceback.print_exc()
-        if distributed:
-            print(_failure_line(err), file=sys.stderr, flush=True)
-        _tell_peers(err)
-    finally:
-        if "TORCHELASTIC_RUN_ID" in os.environ:
-            # Leaving must not hang a rank (seen once, on torch 2.6 under load, blocked in native code where
-            # no Python timer runs): faulthandler's own thread dumps the stacks and exits past the limit.
-            faulthandler.dump_traceback_later(2 * EXIT_GRACE_S, exit=True)
-        _leave_process_group(code)
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    if not teardown or "TORCHELASTIC_RUN_ID" in os.environ:
-        # Under torchrun, interpreter shutdown could also abort a rank that had finished cleanly (SIGABRT,
-        # "terminate called without an active exception": C++ threads torn down with the interpreter), and
-        # torchrun then fails the job. Run the exit handlers, flush, and leave without that teardown.
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
-def _leave_process_group(code: int) -> None:
-    """cleanup_distributed(), for at most EXIT_GRACE_S: leaving a broken NCCL group (a peer died in the
-    middle of a collective) can block, and an exiting rank must not hang."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    timer = threading.Timer(EXIT_GRACE_S, exit_now, (code, "could not leave the process group in time; exiting"))
-    timer.daemon = True
-    timer.start()
-    try:
-        cleanup_distributed()
-    finally:
-        timer.cancel()
-
-
-def _tell_peers(err: BaseException) -> None:
-    """Under torchrun, let the other ranks know at once (see distributed.watch_peers) that this one failed."""
-    if dist.is_available() and dist.is_initialized():
-        announce_failure(_failure_line(err))
-
-
-def _peer_lost(err: BaseException) -> bool:
-    """Whether `err` is a collective failing because another rank is gone (not a bug of this rank)."""
-    return isinstance(err, dist.DistError) or any(t in str(err) for t in PEER_LOST)
-
-
-def _failure_line(err: BaseException) -> str:
-    """`rank R failed at step N: Type: message`, with a hint when it only saw a peer's failure."""
-    step = getattr(err, "failed_step", None)
-    where = f" at step {step}" if step is not None else ""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    line = f"rank {dist.get_rank()} failed{where}: {type(err).__name__}: {text}"
-    if _peer_lost(err):
-        line += " (a collective failed: another rank probably failed first; see its message)"
-    return line
 
 
 # ------------------------------------------------------------------------- what a checkpoint says about itself

@@ -21,26 +21,22 @@ from trainer.checkpoint import (
     write_json,
 )
 from trainer.compile_cache import compile_cache_for_run
+from trainer.compiling import attention_line, compile_decoder, pick_packed_attention
 from trainer.data import prepare_data
 from trainer.distributed import DistInfo, gather_objects, same_on_all_ranks
 from trainer.engine import (
-    StopSignal,
-    at_step,
-    attention_line,
     autocast_note,
-    compile_decoder,
     enable_activation_checkpointing,
     evaluate,
     make_optimizer,
     make_scaler,
-    pick_packed_attention,
-    resume_command,
     run_config,
     step_begin,
     train_step,
     wrap_ddp,
 )
 from trainer.guard import DivergenceGuard
+from trainer.job import StopSignal, at_step, resume_command
 from trainer.logger import RunLogger, plot_losses, shown_path, start_wandb
 from trainer.loss import SupervisedLoss
 from trainer.out_of_memory import MemoryWatch

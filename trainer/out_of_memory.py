@@ -17,7 +17,7 @@ import torch
 from model.errors import UserError, is_out_of_memory
 from trainer.checkpoint import capture_rng
 from trainer.distributed import DistInfo
-from trainer.engine import rerun_command
+from trainer.job import rerun_command
 
 GIB = 2**30
 

@@ -25,8 +25,9 @@ with frozen_imports():
     from trainer.base_model import load_base
     from trainer.checkpoint import seed_everything
     from trainer.distributed import setup_distributed
-    from trainer.engine import pick_dtype, run_job
+    from trainer.engine import pick_dtype
     from trainer.full_training import train_all_weights
+    from trainer.job import run_job
 
 JOB = "full_sft"
 

@@ -54,6 +54,7 @@ with frozen_imports():
         write_json,
     )
     from trainer.compile_cache import compile_cache_for_run
+    from trainer.compiling import CompileWorkers, attention_line, compile_decoder, pick_packed_attention
     from trainer.data import prepare_data
     from trainer.distributed import (
         FlatGradients,
@@ -63,28 +64,21 @@ with frozen_imports():
         setup_distributed,
     )
     from trainer.engine import (
-        CompileWorkers,
-        StopSignal,
-        at_step,
-        attention_line,
         autocast_note,
-        compile_decoder,
         enable_activation_checkpointing,
         evaluate,
         forward_backward,
         make_optimizer,
         make_scaler,
         pick_dtype,
-        pick_packed_attention,
-        resume_command,
         run_config,
-        run_job,
         step_begin,
         train_step,
         wrap_ddp,
     )
     from trainer.fsdp import parameters_held, shard_frozen_base
     from trainer.guard import DivergenceGuard
+    from trainer.job import StopSignal, at_step, resume_command, run_job
     from trainer.logger import RunLogger, plot_losses, shown_path, start_wandb
     from trainer.lora_setup import build_lora
     from trainer.loss import SupervisedLoss

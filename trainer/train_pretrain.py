@@ -27,8 +27,9 @@ with frozen_imports():
     from trainer.base_model import REPO_TOKENIZER, load_base, load_tokenizer, new_minimind
     from trainer.checkpoint import seed_everything
     from trainer.distributed import setup_distributed
-    from trainer.engine import pick_dtype, run_job
+    from trainer.engine import pick_dtype
     from trainer.full_training import train_all_weights
+    from trainer.job import run_job
 
 JOB = "pretrain"
 

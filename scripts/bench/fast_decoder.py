@@ -106,7 +106,7 @@ def build(opts: dict, device: torch.device) -> tuple:
 
     from model.model_lora import apply_lora, lora_parameters, set_lora_fused
     from trainer.base_model import load_directory
-    from trainer.engine import compile_decoder
+    from trainer.compiling import compile_decoder
     from trainer.loss import SupervisedLoss
 
     model = load_directory(Path(opts["path"]), dtype, max_seq_len=opts["seq"]).to(device)

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run train_lora.py's main() with its train_step wrapped by the profiling window."""
     args, train_argv = parse(sys.argv[1:] if argv is None else argv)
     import trainer.train_lora as job
-    from trainer.engine import run_job
+    from trainer.job import run_job
 
     window, real_step = StepWindow(args.first, args.last, Path(args.out), args.rows, args.with_stack), job.train_step
 

@@ -70,7 +70,8 @@ def build_ours(shape: dict, opts: dict, dev: torch.device,
     from model.model_lora import apply_lora, lora_parameters, set_lora_fused
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
     from model.nf4 import quantize_base
-    from trainer.engine import compile_decoder, enable_activation_checkpointing
+    from trainer.compiling import compile_decoder
+    from trainer.engine import enable_activation_checkpointing
     from trainer.loss import SupervisedLoss, supervision
 
     torch.manual_seed(0)
