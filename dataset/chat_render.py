@@ -23,6 +23,7 @@ conversation is cut, per string and as a whole, a safe number of characters afte
 (no token is longer than the vocabulary's longest), so its cost follows what is kept, not its length.
 """
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class ChatFormat:
     needs_tools: bool  # the template renders only conversations that offer tools
     max_token_chars: int  # characters of the longest token: max_length tokens never span more than this many
     backend: Any  # the fast tokenizer (tokenizers.Tokenizer)
+    arguments: str = "as given"  # tool-call arguments as the template reads them: "object", "string", "as given"
 
     def render(
         self, messages: list[dict[str, Any]], tools: list | None = None, add_generation_prompt: bool = False
@@ -127,7 +129,7 @@ def load_chat_format(tokenizer: Any, chat_template: str | None = None, name: str
     probe_text = fmt.render(PROBE, PROBE_TOOLS if fmt.needs_tools else None)
     user_end = pattern.search(probe_text, probe_text.find(PROBE_QUESTION) + len(PROBE_QUESTION))
     ends = {e for e in (eos, user_end and user_end.group()) if isinstance(e, str) and e}
-    fmt = ChatFormat(**{**fmt.__dict__, "end_tokens": frozenset(ends)})
+    fmt = ChatFormat(**{**fmt.__dict__, "end_tokens": frozenset(ends), "arguments": _probe_arguments(fmt)})
     try:  # the probe conversation must be maskable, or no conversation is
         supervised_spans(fmt, PROBE, PROBE_TOOLS if fmt.needs_tools else None)
     except BadRecord as e:
@@ -150,6 +152,58 @@ def _probe(fmt: ChatFormat) -> ChatFormat:
             raise TemplateError(f"{fmt.name} does not render the assistant's content")
         return candidate
     raise TemplateError(f"{fmt.name} cannot render a plain user/assistant exchange: {errors[0]}")
+
+
+PROBE_ARGUMENTS = {"x": "PROBE-ARGUMENT-8d1f"}
+
+
+def _probe_call(arguments: Any, content: str | None) -> list[dict[str, Any]]:
+    """A call of PROBE_TOOLS' tool, its result and an answer (an id of 9 letters and digits, as Mistral's need)."""
+    call = {"id": "probe0001", "type": "function", "function": {"name": "probe_tool", "arguments": arguments}}
+    return [PROBE[0], {"role": "assistant", "content": content, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "probe0001", "name": "probe_tool", "content": "PROBE-RESULT-8d1f"},
+            PROBE[1]]
+
+
+def _probe_arguments(fmt: ChatFormat) -> str:
+    """How the template wants tool-call arguments: "object" if it JSON-encodes them (a JSON string, as OpenAI's
+    format writes them, would be encoded a second time and learned as a quoted string), "string" if it joins them
+    to text (an object would fail or print as a Python dict), else "as given" (it takes either, or no calls)."""
+    as_string = json.dumps(PROBE_ARGUMENTS)
+    texts = {}
+    for form, arguments in (("object", PROBE_ARGUMENTS), ("string", as_string)):
+        for content in (None, ""):
+            try:
+                text = fmt.render(_probe_call(arguments, content), PROBE_TOOLS)
+            except Exception:  # this form of empty content, or of arguments, is one the template refuses
+                continue
+            if PROBE_ARGUMENTS["x"] in text:  # the call is rendered (DeepSeek's only with content null)
+                texts[form] = text
+                break
+    object_ok = "object" in texts and repr(PROBE_ARGUMENTS) not in texts["object"]
+    if object_ok and json.dumps(as_string) in texts.get("string", ""):
+        return "object"
+    if not object_ok and as_string in texts.get("string", ""):
+        return "string"
+    return "as given"
+
+
+def _arguments_as(form: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with every tool call's arguments in `form` (records.py has checked that each is a JSON object,
+    or a string holding one)."""
+    if form == "as given" or not any(m.get("tool_calls") for m in messages):
+        return messages
+    want = dict if form == "object" else str
+
+    def convert(arguments: Any) -> Any:
+        if isinstance(arguments, want):
+            return arguments
+        return json.loads(arguments) if want is dict else json.dumps(arguments, ensure_ascii=False)
+
+    return [{**m, "tool_calls": [{**call, "function": {**call["function"],
+                                                       "arguments": convert(call["function"].get("arguments", {}))}}
+                                 for call in m["tool_calls"]]} if m.get("tool_calls") else m
+            for m in messages]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,7 +292,8 @@ def supervised_spans(
     refuse_special_tokens(fmt, messages, tools)
     # transformers also hands reasoning to templates as `thinking` (gpt-oss reads that name)
     messages = [
-        {"thinking": m["reasoning_content"], **m} if "reasoning_content" in m else m for m in messages
+        {"thinking": m["reasoning_content"], **m} if "reasoning_content" in m else m
+        for m in _arguments_as(fmt.arguments, messages)
     ]
     try:
         full, messages, regions = _render_with_calls(fmt, messages, tools, limit)

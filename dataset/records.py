@@ -10,8 +10,8 @@ Accepted line formats:
   Alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
   Pretrain  {"text": str}  (read_texts)
 A `.json` file holding one JSON array of such objects is read as records too (line = where each begins).
-Tool-call arguments stay as the data gives them (a JSON string stays a string, an object an object), with
-the call ids and tool_call_id kept, so each template renders them as it expects.
+Tool-call arguments stay as the data gives them (a JSON string or an object; chat_render hands them to each
+template in the form it prints), with the call ids and tool_call_id kept.
 Every problem is collected as (line, message) so that one DataError can list them all before training.
 """
 
@@ -324,6 +324,7 @@ def _message(
 def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     # Normalised to the transformers convention {"type": "function", "function": {"name", "arguments"}, "id"?},
     # which every chat template that supports tools reads; arguments as given: a JSON string or an object
+    # (chat_render converts them to the form each template prints)
     if value is None or value == "" or value == []:
         return []
     value = _json_value(value, f"{where}: tool_calls")

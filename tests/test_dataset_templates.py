@@ -213,24 +213,41 @@ def test_template_masks(minimind, name):
         assert ids in rendered_ids(tok, template, messages, tools), kind
 
 
-def test_tool_call_arguments_are_rendered_as_given(minimind):
-    # A JSON string stays a string: Qwen3 prints it as it is, Qwen2.5 quotes it (its template's choice)
-    tok = model_tokenizer(minimind, "qwen25")
-    for name, expected in [("qwen3", '"arguments": {"city":"Paris"}}'), ("qwen25", '"arguments": "{\\"city\\":\\"Paris\\"}"}')]:
-        ids, mask = render_conversation(tok, tool_chat('{"city":"Paris"}', ""), (TEMPLATES / f"{name}.jinja").read_text(),
-                                        [SCHEMA])
-        assert expected in spans(tok, ids, mask)[0]
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_tool_call_arguments_are_learned_as_the_template_prints_them(minimind, name):
+    # OpenAI's format writes arguments as a JSON string, transformers' as an object. Templates that JSON-encode
+    # them (Qwen2.5, Llama 3.1, Mistral, Kimi, Command-R) would quote a string a second time, and templates that
+    # join them to text (DeepSeek, Functionary) cannot take an object: either form of the data is learned as the
+    # template prints an object (EXPECTED), and the ids are the template's own rendering of that form.
+    tok, template = model_tokenizer(minimind, name), (TEMPLATES / f"{name}.jinja").read_text()
+    fixed_form = TOOL_CHATS[name][1]["tool_calls"][0]["function"]["arguments"]
+    for arguments in (OBJECT_ARGS, STRING_ARGS):
+        for content in ("", None):
+            ids, mask = render_conversation(tok, tool_chat(arguments, content), template, [SCHEMA])
+            assert spans(tok, ids, mask)[0] == EXPECTED[name]["tools"][0], (arguments, content)
+            assert ids in rendered_ids(tok, template, tool_chat(fixed_form, content), [SCHEMA])
 
 
-def test_template_that_concatenates_arguments_refuses_an_object_with_file_and_line(minimind, tmp_path):
-    tok = model_tokenizer(minimind, "functionary_v32")
-    record = {"messages": tool_chat(OBJECT_ARGS, None), "tools": [SCHEMA]}
+def test_arguments_given_in_another_spacing_keep_it_where_the_template_takes_either_form(minimind):
+    # Qwen3 prints a string as it is and encodes an object: the data's own text of the arguments is learned
+    tok = model_tokenizer(minimind, "qwen3")
+    template = (TEMPLATES / "qwen3.jinja").read_text()
+    ids, mask = render_conversation(tok, tool_chat('{"city":"Paris"}', ""), template, [SCHEMA])
+    assert '"arguments": {"city":"Paris"}}' in spans(tok, ids, mask)[0]
+
+
+def test_a_conversation_the_template_refuses_is_named_by_file_and_line(minimind, tmp_path):
+    tok = model_tokenizer(minimind, "llama31")
+    two_calls = copy.deepcopy(tool_chat(OBJECT_ARGS, ""))
+    two_calls[1]["tool_calls"] *= 2
     path = tmp_path / "data.jsonl"
-    path.write_text(json.dumps({"messages": SINGLE}) + "\n" + json.dumps(record) + "\n")
-    template = (TEMPLATES / "functionary_v32.jinja").read_text()
+    path.write_text(json.dumps({"messages": SINGLE}) + "\n" + json.dumps({"messages": two_calls, "tools": [SCHEMA]})
+                    + "\n")
+    template = (TEMPLATES / "llama31.jinja").read_text()
     with pytest.raises(DataError) as err:
         SFTDataset(path, tok, 256, chat_template=template, num_workers=1, log=None)
-    assert f"{path}:2: the chat template refused this conversation: TypeError: can only concatenate str" in str(err.value)
+    assert (f"{path}:2: the chat template refused this conversation: This model only supports single tool-calls"
+            in str(err.value))
     assert len(SFTDataset(path, tok, 256, skip_invalid=True, chat_template=template, num_workers=1, log=None)) == 1
 
 
@@ -327,12 +344,6 @@ def test_several_end_of_turn_markers(minimind):
 
 
 def test_a_template_without_tool_support_does_not_drop_calls_silently(minimind):
-    # DeepSeek's template renders no call with content "" and cannot concatenate object arguments with null
-    chat = tool_chat(OBJECT_ARGS, "")
-    tok = model_tokenizer(minimind, "deepseek_r1_distill_qwen")
-    with pytest.raises(BadRecord, match="with content '' it does not render the tool calls of assistant message 1; "
-                                        "with content None it fails: TypeError: can only concatenate str"):
-        render_conversation(tok, chat, (TEMPLATES / "deepseek_r1_distill_qwen.jinja").read_text(), [SCHEMA])
     chat = tool_chat(OBJECT_ARGS, "Let me check.")
     with pytest.raises(BadRecord, match="cannot render this conversation's tool calls: it does not render the tool "
                                         "calls of assistant message 1"):
