@@ -35,6 +35,13 @@ SHAREGPT_ROLES = {
     "tool": "tool",
 }
 MAX_SHOWN = 20
+# Files that are not text, by their first bytes: (what the file is, how to make JSON Lines of it)
+BINARY_FORMATS = {
+    b"\x1f\x8b": ("gzip-compressed", "decompress it first (gunzip -k FILE) and pass the .jsonl file"),
+    b"PK\x03\x04": ("a zip archive", "extract the .jsonl file from it first"),
+    b"PAR1": ("a Parquet file", "convert it to JSON Lines first (pandas: pd.read_parquet('FILE').to_json("
+                               "'data.jsonl', orient='records', lines=True, force_ascii=False))"),
+}
 SKIP_HINT = "Fix these lines, or pass --skip_bad_data (skip_invalid=True) to skip bad lines and count them."
 MAX_DEPTH = 100  # nesting of JSON arrays/objects a record may have (deeper ones only crash deeper code)
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -77,15 +84,24 @@ def read_lines(path: str | Path) -> list[tuple[int, bytes]]:
         raise DataError(f"{path}: no such file (check --data_path)")
     try:
         with open(path, "rb") as f:  # bytes, so one bad UTF-8 line is reported instead of failing the whole read
-            lines = [(n, raw) for n, raw in enumerate(f, 1) if raw.strip()]
+            numbered = list(enumerate(f, 1))
     except OSError as e:  # no permission, a disk error
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if lines and lines[0][1].lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-        records = json_array_records(path, b"".join(raw for _, raw in lines), lines[0][0])
-        if records is not None:
-            return records
+    for magic, (kind, fix) in BINARY_FORMATS.items():
+        if numbered and numbered[0][1].startswith(magic):
+            raise DataError(f"{path}: {kind}, not text; {fix.replace('FILE', str(path))}")
+    lines = [(n, raw) for n, raw in numbered if raw.strip()]
     if not lines:
         raise DataError(f"{path}: the file is empty (expected one JSON object per line)")
+    first = lines[0][1].lstrip(b"\xef\xbb\xbf \t\r\n").rstrip()
+    if first.startswith(b"[") or (first.startswith(b"{") and not first.endswith(b"}")):
+        # One JSON array of records, or one object written over several lines: read the text from there whole
+        # (blank lines included, so that each record is named by the line it begins on)
+        whole = b"".join(raw for n, raw in numbered[lines[0][0] - 1 :])
+        read = json_array_records if first.startswith(b"[") else _one_object
+        records = read(path, whole, lines[0][0])
+        if records is not None:
+            return records
     return lines
 
 
@@ -137,11 +153,18 @@ def _depth(obj: Any) -> int:
 
 def json_array_records(path: str | Path, data: bytes, first_line: int = 1) -> list[tuple[int, bytes]] | None:
     """The elements of a file holding one JSON array, as (line where each begins, raw bytes); None if the
-    file is not one array (JSON Lines whose first line is an array). A broken `.json` array is a DataError."""
+    file is not one array (JSON Lines whose first line is an array). A `.json` file that is not one valid array
+    (broken, not UTF-8, more text after it) is a DataError: read as lines, each record would fail on its comma."""
+    is_json = Path(path).suffix.lower() == ".json"
     try:
         text = data.decode("utf-8").lstrip("\ufeff")
-    except UnicodeDecodeError:
-        return None
+    except UnicodeDecodeError as e:
+        if not is_json:
+            return None
+        line = first_line + data.count(b"\n", 0, e.start)
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte "
+                        f"0x{data[e.start]:02x}); a .json file is read whole, so fix that byte, or convert the "
+                        "file to JSON Lines (one object per line), where --skip_bad_data can skip a bad line") from None
     decoder, records, pos, line, done = json.JSONDecoder(), [], text.index("[") + 1, first_line, False
     counted = 0
     try:
@@ -162,7 +185,7 @@ def json_array_records(path: str | Path, data: bytes, first_line: int = 1) -> li
                 raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
             pos += 1
     except (json.JSONDecodeError, RecursionError, ValueError) as e:
-        if str(path).endswith(".json"):
+        if is_json:
             where = f"{path}:{first_line + text.count(chr(10), 0, getattr(e, 'pos', pos))}"
             raise DataError(
                 f"{where}: the file is not one valid JSON array ({str(e).split(':')[0]}): fix it, or convert "
@@ -170,10 +193,31 @@ def json_array_records(path: str | Path, data: bytes, first_line: int = 1) -> li
             ) from None
         return None
     if not done or _skip_space(text, pos) != len(text):
+        if is_json:
+            after = first_line + text.count("\n", 0, _skip_space(text, pos))
+            raise DataError(f"{path}:{after}: more text after the JSON array that ends on line "
+                            f"{first_line + text.count(chr(10), 0, pos)}: a .json file holds one array; remove it")
         return None  # more after the array: JSON Lines
     if not records:
         raise DataError(f"{path}: the file holds an empty JSON array (expected records)")
     return records
+
+
+def _one_object(path: str | Path, data: bytes, first_line: int) -> list[tuple[int, bytes]] | None:
+    """A file holding one JSON object over several lines: one record, or a DataError if the object wraps the
+    records in a list (`{"data": [...]}`); None if the text is not one object (it is then read as lines)."""
+    try:
+        obj = json.loads(data.decode("utf-8").lstrip("\ufeff"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if not any(key in obj for key in ("conversations", "messages", "instruction", "output", "text")):
+        lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+        if lists:
+            raise DataError(f"{path}: the file is one JSON object whose records are the list under {_short(lists[0])}: "
+                            "save that list as a JSON array (.json), or as JSON Lines (one record per line)")
+    return [(first_line, data.strip())]
 
 
 def _skip_space(text: str, pos: int) -> int:

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -290,6 +291,51 @@ def test_a_json_array_file_is_read_as_records(tok, tmp_path):
     with pytest.raises(DataError, match=f"{lines}:1: expected a JSON object, got list"):
         SFTDataset(lines, tok, 64, log=None)
 
+
+
+def test_a_json_file_that_is_not_one_clean_array_stops_at_its_line_even_when_skipping(tok, tmp_path):
+    # Read as lines, each record would fail on its trailing comma: with --skip_bad_data a run trained on one record
+    records = [json.dumps(chat(f"Q{i}", f"A{i}.")) for i in range(10)]
+    array = "[\n" + ",\n".join(records) + "\n]\n"
+    path = tmp_path / "chats.json"
+    for text, problem in [
+        (array + "// exported by tool X\n", ":13: more text after the JSON array that ends on line 12"),
+        (array.encode().replace(b'Q5"', b'Q5\xff"'), ":7: not valid UTF-8 (byte 0xff); a .json file is read whole"),
+    ]:
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        for skip in (False, True):
+            with pytest.raises(DataError, match=re.escape(f"{path}{problem}")):
+                SFTDataset(path, tok, 64, skip_invalid=skip, log=None)
+
+
+def test_records_of_a_json_array_are_named_by_their_line_across_blank_lines(tok, tmp_path):
+    good = json.dumps(chat("Hi", "Hello."))
+    path = tmp_path / "chats.json"
+    path.write_text("\n[\n" + ",\n\n\n".join([good, good]) + ',\n\n{"messages": [{"role": "user", "content": "Hi"}]}\n]\n')
+    with pytest.raises(DataError, match=f"{path}:8: no assistant turn"):
+        SFTDataset(path, tok, 64, log=None)
+
+
+def test_files_of_another_shape_get_one_line_that_says_what_they_are(tok, tmp_path):
+    import gzip
+
+    records = [chat("Hi", "Hello."), chat("Hey", "Hey.")]
+    text = "\n".join(json.dumps(r) for r in records) + "\n"
+    cases = {
+        "data.jsonl.gz": (gzip.compress(text.encode()), "gzip-compressed, not text; decompress it first"),
+        "data.parquet": (b"PAR1" + bytes(64), "a Parquet file, not text; convert it to JSON Lines first"),
+        "data.json": (json.dumps({"data": records}, indent=2).encode(),
+                      "the file is one JSON object whose records are the list under 'data'"),
+    }
+    for name, (content, problem) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path / name}: {problem}")):
+            SFTDataset(tmp_path / name, tok, 64, skip_invalid=True, log=None)
+    # One record written over several lines is that record
+    (tmp_path / "one.json").write_text(json.dumps(records[0], indent=2))
+    one = SFTDataset(tmp_path / "one.json", tok, 64, log=None)
+    jsonl = write_lines(tmp_path / "one.jsonl", [json.dumps(records[0]).encode()])
+    assert one.ids.tolist() == SFTDataset(jsonl, tok, 64, log=None).ids.tolist()
 
 POOL = [None, 0, 1.5, True, "", "x", [], {}, ["x"], {"a": 1}, [[1]], "[1,", '{"a": 1}', "\ud800", "user", "tool",
         "assistant", "function_call", "<|im_end|>", 10**30, "{{ x }}", [{"role": "user"}], {"name": 3}]
