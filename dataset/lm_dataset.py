@@ -35,6 +35,7 @@ from model.varlen import cu_seqlens_of
 IGNORE_INDEX = -100
 CHUNK = 1000  # records per multiprocessing task: large enough for the batched Rust tokenizer to pay off
 MIN_CHUNK = 100  # smaller tasks cost more in passing them around than they gain in balance
+SKIPPED_SHOWN = 5  # skipped lines named under the data line (a file of bad lines would flood the log)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,12 +228,13 @@ def _tokenize_file(data_path: str | Path, encode: Callable, num_workers: int | N
         return tokens, f"; tokens read from the cache {cache.folder}"
     lines = read_lines(data_path)
     chunks = _map_chunks(encode, lines, num_workers)
-    skipped, dropped = _check(data_path, chunks, len(lines), skip_invalid)
-    tokens = Tokens(*_join(chunks), skipped, dropped)
+    problems, dropped = _check(data_path, chunks, len(lines), skip_invalid)
+    tokens = Tokens(*_join(chunks), len(problems), dropped)
+    skipped = _skipped_lines(data_path, problems)
     if entry is None or not cache.write:
-        return tokens, ""
+        return tokens, skipped
     problem = cache.save(entry, tokens)  # why it was not written, or ""
-    return tokens, f"; tokens {problem}" if problem else f"; tokens cached in {cache.folder} for the next run"
+    return tokens, (f"; tokens {problem}" if problem else f"; tokens cached in {cache.folder} for the next run") + skipped
 
 
 def _map_chunks(encode: Callable, items: Sequence, num_workers: int | None) -> list[_Chunk]:
@@ -250,8 +252,9 @@ def _map_chunks(encode: Callable, items: Sequence, num_workers: int | None) -> l
         return pool.map(_run_chunk, bounds, chunksize=1)
 
 
-def _check(path: Any, chunks: list[_Chunk], n_lines: int, skip_invalid: bool) -> tuple[int, int]:
-    """Raise one DataError for every bad line (or count them with skip_invalid); return (skipped, dropped)."""
+def _check(path: Any, chunks: list[_Chunk], n_lines: int, skip_invalid: bool) -> tuple[list[tuple[int, str]], int]:
+    """Raise one DataError for every bad line (or skip them with skip_invalid); return (skipped lines' problems,
+    samples dropped)."""
     problems = [p for c in chunks for p in c.problems]  # chunks are in file order, so lines are sorted
     if problems and not skip_invalid:
         raise data_error(path, problems, n_lines)
@@ -259,8 +262,15 @@ def _check(path: Any, chunks: list[_Chunk], n_lines: int, skip_invalid: bool) ->
     if not any(c.ids for c in chunks):
         hint = "; a larger --max_seq_len keeps the answers that truncation cut off" if dropped else ""
         raise DataError(f"{path}: no usable samples ({len(problems)} invalid lines skipped, {dropped} with nothing "
-                        f"to learn after truncation){hint}")
-    return len(problems), dropped
+                        f"to learn after truncation){hint}{_skipped_lines(path, problems)}")
+    return problems, dropped
+
+
+def _skipped_lines(path: Any, problems: list[tuple[int, str]]) -> str:
+    """Lines under the data line naming the first skipped lines and why (--skip_bad_data)."""
+    shown = [f"\n  skipped {path}:{line}: {problem}" for line, problem in problems[:SKIPPED_SHOWN]]
+    more = f"\n  ... and {len(problems) - SKIPPED_SHOWN} more skipped" if len(problems) > SKIPPED_SHOWN else ""
+    return "".join(shown) + more
 
 
 def _join(chunks: list[_Chunk]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -127,10 +127,14 @@ def test_skip_invalid_counts_bad_lines(tok, tmp_path):
     logged = []
     ds = SFTDataset(path, tok, max_length=64, skip_invalid=True, log=logged.append)
     assert (len(ds), ds.skipped, ds.dropped) == (2, len(BAD), 0)
-    assert logged == [
-        f"{path}: kept 2 samples, dropped 0 with no supervised token after truncation to 64, "
-        f"skipped {len(BAD)} invalid lines"
-    ]
+    # The first five skipped lines are named with their problem, under the data line
+    assert len(logged) == 1
+    lines = logged[0].splitlines()
+    assert lines[0] == (f"{path}: kept 2 samples, dropped 0 with no supervised token after truncation to 64, "
+                        f"skipped {len(BAD)} invalid lines")
+    assert [line.split(": ", 1)[0] for line in lines[1:6]] == [f"  skipped {path}:{n}" for n in range(2, 7)]
+    assert all(problem in line for line, (_, problem) in zip(lines[1:6], BAD))
+    assert lines[6:] == [f"  ... and {len(BAD) - 5} more skipped"]
 
 
 def test_only_the_first_20_problems_are_listed(tmp_path):
@@ -161,10 +165,12 @@ def test_missing_or_empty_file(tok, tmp_path, content, problem):
             make()
 
 
-def test_all_lines_skipped_is_still_an_error(tok, tmp_path):
+def test_all_lines_skipped_is_still_an_error_that_says_why(tok, tmp_path):
     path = write_lines(tmp_path / "data.jsonl", [b"{", b"[]"])
-    with pytest.raises(DataError, match="no usable samples"):
+    with pytest.raises(DataError, match="no usable samples") as err:
         SFTDataset(path, tok, 64, skip_invalid=True, log=None)
+    assert f"skipped {path}:1: invalid JSON" in str(err.value)
+    assert f"skipped {path}:2: expected a JSON object, got list" in str(err.value)
 
 
 def test_pretrain_bad_lines(tok, tmp_path):
