@@ -299,7 +299,9 @@ def _role_messages(turns: list) -> tuple[list[dict[str, Any]], list[dict[str, An
             tools = system_tools or tools
         message = _message(
             i, role, turn.get("content"), turn.get("reasoning_content"), turn.get("tool_calls"),
-            may_be_empty=bool(system_tools),  # MiniMind's tool data: the system message only carries the tools
+            # An empty system prompt is one (it keeps a template's default prompt out); MiniMind's tool data
+            # leaves it empty when the system message only carries the tools
+            may_be_empty=role == "system",
         )
         if role == "tool":
             for key in ("tool_call_id", "name"):  # some templates print or check them
@@ -311,7 +313,7 @@ def _role_messages(turns: list) -> tuple[list[dict[str, Any]], list[dict[str, An
 
 def _sharegpt(turns: list, system: Any) -> list[dict[str, Any]]:
     messages = []
-    if system is not None:
+    if system is not None and system != "":  # an empty "system" field means none, as in Alpaca records
         messages.append(_message(-1, "system", system, None, None))
     for i, turn in enumerate(turns):
         role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
@@ -322,7 +324,7 @@ def _sharegpt(turns: list, system: Any) -> list[dict[str, Any]]:
         if turn["from"] == "function_call":  # the value is the JSON of the call(s) the assistant makes
             messages.append(_message(i, role, "", None, turn.get("value")))
         else:
-            messages.append(_message(i, role, turn.get("value"), None, None))
+            messages.append(_message(i, role, turn.get("value"), None, None, may_be_empty=role == "system"))
     return messages
 
 

@@ -323,15 +323,25 @@ def test_common_prefix_len():
         assert common_prefix_len(a, b) == naive
 
 
-def test_minimind_tool_data_with_an_empty_system_message(tok, tmp_path):
+def test_an_empty_system_message_is_rendered_as_given(tok, tmp_path):
     # MiniMind's tool data: the system message only carries the tools, its content is empty
     record = copy.deepcopy(TOOL_FORMATS["minimind"])
     record["conversations"][0]["content"] = ""
     path = tmp_path / "tools.jsonl"
-    path.write_text(json.dumps(record) + "\n" + json.dumps({"conversations": [{"role": "system", "content": ""}]
-                                                          + FORMATS["minimind"]["conversations"][1:]}) + "\n")
+    plain = [{"role": "system", "content": ""}] + FORMATS["minimind"]["conversations"][1:]
+    sharegpt = {"system": "", "conversations": [{"from": "system", "value": ""}] + [
+        {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in plain[1:]]}
+    path.write_text("\n".join(json.dumps(r) for r in (record, {"conversations": plain}, {"messages": plain}, sharegpt))
+                    + "\n")
     conversations, problems = read_conversations(path)
-    assert problems == [(2, "message 0 (system): empty content")]  # without tools an empty system is a mistake
+    assert problems == []
+    # Without tools too: exported data often carries an empty system prompt, which keeps out a template's default
+    for c in conversations[1:]:
+        assert c.messages[0] == {"role": "system", "content": ""} and c.tools is None
+        assert [m["role"] for m in c.messages] == [m["role"] for m in plain]  # ShareGPT's empty field: none
+        ids, mask = render_conversation(tok, c.messages)
+        assert tok.decode(ids).startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>")
+        assert spans(tok, ids, mask) == ["Hello.<|im_end|>", "Blue.<|im_end|>"]
     assert conversations[0].messages[0] == {"role": "system", "content": ""}
     assert conversations[0].tools == [TOOL_SCHEMA]
     ids, mask = render_conversation(tok, conversations[0].messages, tools=conversations[0].tools)
