@@ -74,6 +74,7 @@ class ChatFormat:
     max_token_chars: int  # characters of the longest token: max_length tokens never span more than this many
     backend: Any  # the fast tokenizer (tokenizers.Tokenizer)
     arguments: str = "as given"  # tool-call arguments as the template reads them: "object", "string", "as given"
+    renders_tools: bool = True  # whether the tool schemas offered appear in the text (DeepSeek-R1's drop them)
 
     def render(
         self, messages: list[dict[str, Any]], tools: list | None = None, add_generation_prompt: bool = False
@@ -129,7 +130,8 @@ def load_chat_format(tokenizer: Any, chat_template: str | None = None, name: str
     probe_text = fmt.render(PROBE, PROBE_TOOLS if fmt.needs_tools else None)
     user_end = pattern.search(probe_text, probe_text.find(PROBE_QUESTION) + len(PROBE_QUESTION))
     ends = {e for e in (eos, user_end and user_end.group()) if isinstance(e, str) and e}
-    fmt = ChatFormat(**{**fmt.__dict__, "end_tokens": frozenset(ends), "arguments": _probe_arguments(fmt)})
+    fmt = ChatFormat(**{**fmt.__dict__, "end_tokens": frozenset(ends), "arguments": _probe_arguments(fmt),
+                        "renders_tools": _renders_tools(fmt)})
     try:  # the probe conversation must be maskable, or no conversation is
         supervised_spans(fmt, PROBE, PROBE_TOOLS if fmt.needs_tools else None)
     except BadRecord as e:
@@ -186,6 +188,16 @@ def _probe_arguments(fmt: ChatFormat) -> str:
     if not object_ok and as_string in texts.get("string", ""):
         return "string"
     return "as given"
+
+
+def _renders_tools(fmt: ChatFormat) -> bool:
+    """Whether the tool schemas offered change the text (a template that fails on them refuses those lines)."""
+    if fmt.needs_tools:
+        return True
+    try:
+        return fmt.render(PROBE, PROBE_TOOLS) != fmt.render(PROBE, None)
+    except Exception:  # the lines that offer tools are then refused one by one, with the template's reason
+        return True
 
 
 def _arguments_as(form: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -72,6 +72,10 @@ class _FileDataset(TokenizedDataset):
         super().__init__(tokens.ids, tokens.mask, tokens.lengths)
         self.skipped, self.dropped = tokens.skipped, tokens.dropped
         self.summary = _summary(data_path, len(self), self.dropped, self.skipped, max_length) + cache_note
+        if tokens.unseen_tools:
+            self.summary += (f"\n  note: {tokens.unseen_tools} sample(s) offer tools whose schemas the chat template "
+                             "does not render: the model learns their calls without seeing what the tools take "
+                             "(--chat_template with a template that renders `tools` shows them)")
         if log:
             log(self.summary)
 
@@ -125,6 +129,7 @@ class _Chunk:
     masks: list[np.ndarray] = field(default_factory=list)
     problems: list[tuple[int, str]] = field(default_factory=list)
     dropped: int = 0
+    unseen_tools: int = 0  # samples offering tools that the template does not render
 
     def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
         # Labels are shifted by the model, so the first token's label is never used: it must learn something else
@@ -158,7 +163,9 @@ class _ChatEncoder:
         limit = self._fmt.char_limit(self.max_length)
         for line, raw in lines:
             try:
-                text, turn_spans = supervised_spans(self._fmt, *parse_conversation(parse_line(raw)), limit=limit)
+                messages, tools = parse_conversation(parse_line(raw))
+                text, turn_spans = supervised_spans(self._fmt, messages, tools, limit=limit)
+                chunk.unseen_tools += bool(tools) and not self._fmt.renders_tools
             except BadRecord as e:
                 chunk.problems.append((line, str(e)))
                 continue
@@ -229,7 +236,7 @@ def _tokenize_file(data_path: str | Path, encode: Callable, num_workers: int | N
     lines = read_lines(data_path)
     chunks = _map_chunks(encode, lines, num_workers)
     problems, dropped = _check(data_path, chunks, len(lines), skip_invalid)
-    tokens = Tokens(*_join(chunks), len(problems), dropped)
+    tokens = Tokens(*_join(chunks), len(problems), dropped, sum(c.unseen_tools for c in chunks))
     skipped = _skipped_lines(data_path, problems)
     if entry is None or not cache.write:
         return tokens, skipped

@@ -85,6 +85,7 @@ class Tokens:
     lengths: np.ndarray
     skipped: int  # invalid lines (kept only with skip_invalid)
     dropped: int  # samples with nothing to learn after truncation
+    unseen_tools: int = 0  # samples offering tools whose schemas the chat template does not render
 
 
 @dataclass
@@ -134,7 +135,7 @@ class TokenCache:
         if free < size + MIN_FREE:
             return f"not cached: {free / 2**20:,.0f} MiB free on {self.folder}"
         arrays = dict(ids=tokens.ids, mask=tokens.mask, lengths=tokens.lengths,
-                      left_out=np.array([tokens.skipped, tokens.dropped], dtype=np.int64))
+                      left_out=np.array([tokens.skipped, tokens.dropped, tokens.unseen_tools], dtype=np.int64))
         try:
             atomic_write(entry, lambda f: np.savez(f, **arrays))
         except SaveError as err:
@@ -167,4 +168,4 @@ def _consistent(t: Tokens) -> bool:
     return (t.ids.dtype == np.int32 and t.mask.dtype == bool and t.lengths.dtype == np.int64
             and t.ids.ndim == t.mask.ndim == t.lengths.ndim == 1 and len(t.ids) == len(t.mask)
             and len(t.lengths) > 0 and int(t.lengths.min()) > 0 and int(t.lengths.sum()) == len(t.ids)
-            and t.skipped >= 0 and t.dropped >= 0)
+            and t.skipped >= 0 and t.dropped >= 0 and t.unseen_tools >= 0)

@@ -369,3 +369,22 @@ def test_system_prompt_moved_to_the_last_user_message(minimind):
     ids, mask = render_conversation(tok, MULTI, SYSTEM_LAST)
     assert tok.decode(ids).startswith("<s>[INST]你好[/INST]你好！")  # the system prompt is not in the first turn
     assert spans(tok, ids, mask) == ["你好！{ } % done\n\nok</s>", "Blue.</s>"]
+
+
+def test_tools_a_template_does_not_render_are_noted_in_the_data_line(minimind, tmp_path):
+    # DeepSeek-R1-Distill's template renders the calls but never the schemas: the model would learn calls to tools
+    # it was never shown, so the data line says how many samples that is (also when the tokens come from the cache)
+    from dataset.token_cache import TokenCache
+
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps({"messages": tool_chat(STRING_ARGS, None), "tools": [SCHEMA]}) + "\n"
+                    + json.dumps({"messages": SINGLE}) + "\n")
+    cache = TokenCache(tmp_path / "cache")
+    for name, noted in (("deepseek_r1_distill_qwen", True), ("qwen25", False)):
+        template = (TEMPLATES / f"{name}.jinja").read_text()
+        for _ in ("tokenized", "read from the cache"):
+            ds = SFTDataset(path, model_tokenizer(minimind, name), 256, chat_template=template, cache=cache, log=None)
+            assert len(ds) == 2
+            assert ("\n  note: 1 sample(s) offer tools whose schemas the chat template does not render" in ds.summary
+                    ) is noted, (name, ds.summary)
+        assert "read from the cache" in ds.summary
