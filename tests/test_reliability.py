@@ -404,23 +404,28 @@ BAD_FLAGS = [
     ("weight_decay", -0.1), ("grad_clip", "inf"), ("max_seq_len", -5), ("max_seq_len", 1), ("warmup_iters", -3),
     ("dist_timeout", "inf"), ("dist_timeout", 0), ("batch_size", 0), ("epochs", -2), ("val_fraction", 1.5),
     ("val_fraction", "nan"), ("max_steps", 0), ("lora_name", ".."), ("lora_name", "a/b"), ("chat_template", "missing"),
-    ("chat_template", "broken"), ("chat_template", "empty"), ("chat_template", "binary"), ("cuda_graphs", 1),
+    ("chat_template", "broken"), ("chat_template", "empty"), ("chat_template", "binary"), ("chat_template", "json"),
+    ("cuda_graphs", 1),
 ]
 
 
 def test_nonsense_flags_name_the_flag_and_exit_2(run, tmp_path, capsys):
     tmp, weight, data, good, flags = run
     templates = {"missing": tmp_path / "none.jinja", "broken": tmp_path / "broken.jinja",
-                 "empty": tmp_path / "empty.jinja", "binary": tmp_path / "binary.jinja"}
+                 "empty": tmp_path / "empty.jinja", "binary": tmp_path / "binary.jinja",
+                 "json": tmp_path / "tokenizer_config.json"}
     templates["broken"].write_text("{% for m in messages %}\n{{ m.content }\n")
     templates["empty"].write_text("  \n")
     templates["binary"].write_bytes(b"\xff\xfe\x00bad")
+    templates["json"].write_text(json.dumps({"chat_template": "{{ messages[0].content }}"}))
     for flag, value in BAD_FLAGS:
         value = templates.get(value, value) if flag == "chat_template" else value
         line = refused(lora_args(tmp, weight, data, save_dir=tmp_path / "o", **{**flags, flag: value}), capsys,
                        f"--{flag}")
         if value == templates["broken"]:
             assert f"{value}:2:" in line  # the template's line
+        if value == templates["json"]:
+            assert 'a JSON file (its "chat_template" is the template), not a jinja template' in line
     # Values argparse itself rejects (wrong type) also exit 2 with a usage line, no traceback.
     for flag, value in (("batch_size", "four"), ("learning_rate", "fast"), ("packing", "maybe")):
         TALLY["bad inputs tried"] += 1

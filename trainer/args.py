@@ -1,6 +1,7 @@
 """Command-line flags shared by the training jobs, grouped by topic (MiniMind's spellings accepted)."""
 
 import argparse
+import json
 import math
 import os
 from pathlib import Path
@@ -328,6 +329,10 @@ def _check_template(path: Path) -> None:
         raise FlagError(f"--chat_template {path}: cannot read it as UTF-8 text ({err})") from None
     if not text.strip():
         raise FlagError(f"--chat_template {path}: the file is empty; pass a jinja chat template")
+    if text.lstrip().startswith("{") and _json_object(text) is not None:
+        holds = " (its \"chat_template\" is the template)" if "chat_template" in _json_object(text) else ""
+        raise FlagError(f"--chat_template {path}: a JSON file{holds}, not a jinja template; a tokenizer's own template "
+                        "comes with --tokenizer_path FOLDER, and another one is passed as a .jinja file")
     from jinja2 import TemplateError
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
@@ -337,6 +342,14 @@ def _check_template(path: Path) -> None:
         line = getattr(err, "lineno", None)
         raise FlagError(f"--chat_template {path}{f':{line}' if line else ''}: not a valid jinja template "
                         f"({getattr(err, 'message', None) or err})") from None
+
+
+def _json_object(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def check_data_files(args: argparse.Namespace) -> None:
