@@ -264,6 +264,8 @@ def parse_conversation(obj: Any) -> tuple[list[dict[str, Any]], list[dict[str, A
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
     tools = _tools(obj.get("tools"), "top-level 'tools'")
+    if "conversations" in obj and "messages" in obj:
+        raise BadRecord("both 'conversations' and 'messages': keep the one that holds the chat")
     if "conversations" in obj or "messages" in obj:
         key = "conversations" if "conversations" in obj else "messages"
         turns = obj[key]

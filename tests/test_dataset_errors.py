@@ -100,6 +100,10 @@ BAD_IN_STRINGS = [  # the same inside MiniMind's JSON strings (tool calls, tools
         json.dumps({"tools": "[" * 3000 + "]" * 3000, "messages": [{"role": "user", "content": "x"}]}).encode(),
         "top-level 'tools' (a JSON string): JSON nested too deeply",
     ),
+    (
+        json.dumps({**chat("Hi", "Hello."), "messages": chat("Hi", "Other.")["conversations"]}).encode(),
+        "both 'conversations' and 'messages': keep the one that holds the chat",
+    ),
 ]
 
 
