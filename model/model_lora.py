@@ -26,7 +26,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from model.atomic import atomic_write, atomic_write_bytes, atomic_write_text
-from model.errors import UserError, is_out_of_memory
+from model.errors import UserError, is_out_of_memory, unreadable_checkpoint
 from model.nf4 import dequantize_nf4, nf4_linear
 
 PEFT_CONFIG = "adapter_config.json"
@@ -608,7 +608,7 @@ def _read_minimind(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     except Exception as e:
         if is_out_of_memory(e):  # not a damaged file: say so (run_job), keep it
             raise
-        raise LoRAError(f"{path}: cannot read it as a torch checkpoint ({e})") from e
+        raise LoRAError(f"{path}: cannot read it as a LoRA: {unreadable_checkpoint(path, e)}") from None
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, value in sd.items():
         m = re.fullmatch(r"(.+)\.lora\.([AB])\.weight", _clean_name(key))
@@ -621,6 +621,9 @@ def _read_minimind(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
 
 def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    if path.is_file():
+        inside = f": pass the folder {path.parent}" if (path.parent / PEFT_CONFIG).is_file() else ""
+        raise LoRAError(f"{path}: a LoRA is a MiniMind .pth file or a PEFT adapter folder, not a file of one{inside}")
     if not (path / PEFT_CONFIG).is_file():
         raise LoRAError(f"{path}: no {PEFT_CONFIG} there; give a PEFT adapter directory or a MiniMind .pth file")
     try:

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from model.errors import UserError, first_line, is_out_of_memory
+from model.errors import UserError, is_out_of_memory, unreadable_checkpoint
 from model.hf_compat import CACHE_NAME
 from model.varlen import PackedSegments, attend_segments, sample_starts
 
@@ -634,8 +634,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # a pickle with code, a truncated download, not a torch file at all
         if is_out_of_memory(err):  # not a damaged file: say so (run_job), keep it
             raise
-        raise ModelConfigError(f"{path}: cannot be read as a PyTorch state dict ({first_line(err)}); is the file complete "
-                               "(a truncated download) and a .pth weights file?") from err
+        raise ModelConfigError(f"{path}: cannot be read as a PyTorch state dict: {unreadable_checkpoint(path, err)}"
+                               ) from None
     if not isinstance(state, dict):
         raise ModelConfigError(f"{path}: holds a {type(state).__name__}, not a state dict of MiniMind weights")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):

@@ -385,6 +385,36 @@ def test_corrupt_base_and_wrong_tokenizer_are_refused(run, tmp_path, capsys):
     refused(argv[:at] + argv[at + 2:], capsys, "vocabulary has 6400 tokens", "--tokenizer_path")
 
 
+def test_files_that_are_no_base_lora_or_tokenizer_say_what_they_are(run, tmp_path, capsys):
+    tmp, weight, data, good, flags = run
+    out = tmp_path / "o"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"x")  # never read: as a .pth it would load as MiniMind with guessed sizes
+    resume, adapter = good / f"{STEM}_resume.pth", good / STEM
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    resume_words = f"a resume file (the LoRA with its optimizer and random-generator state), not a LoRA or model " \
+                   f"file; the LoRA is beside it as {STEM}.pth and {STEM}/"
+    for argv, needles in [
+        (lora_args(tmp, hf / "model.safetensors", data, save_dir=out, **flags), [f"a file of the model directory {hf}"]),
+        (lora_args(tmp, hf / "config.json", data, save_dir=out, **flags), ["pass the directory"]),
+        (lora_args(tmp, adapter, data, save_dir=out, **flags), ["a LoRA adapter, not a base model", "--lora_path"]),
+        (lora_args(tmp, resume, data, save_dir=out, **flags), [str(resume), resume_words]),
+        (lora_args(tmp, weight, data, save_dir=out, init_lora=resume, **flags), [resume_words]),
+        (lora_args(tmp, weight, data, save_dir=out, init_lora=adapter / "adapter_model.safetensors", **flags),
+         [f"not a file of one: pass the folder {adapter}"]),
+        (lora_args(tmp, weight, data, save_dir=out, init_lora=empty, **flags), [f"{empty}: ", "the file is empty"]),
+        (lora_args(tmp, weight, data, save_dir=out, **{**flags, "tokenizer_path": tokenizer_dir() / "tokenizer.json"}),
+         ["a file; --tokenizer_path takes a folder", f"pass {tokenizer_dir()}"]),
+        (lora_args(tmp, weight, data, save_dir=out, **{**flags, "tokenizer_path": tmp_path}), ["holds no tokenizer"]),
+    ]:
+        line = refused(argv, capsys, *needles)
+        assert "weights_only" not in line and "Traceback" not in line
+    assert not out.exists()
+
+
 def test_resume_refuses_changed_math_or_data(run, tmp_path, capsys):
     tmp, weight, data, good, flags = run
     shorter = write_chat_data(tmp_path / "short.jsonl", 3)

@@ -95,9 +95,14 @@ def test_a_missing_tokenizer_folder_is_named_as_missing(tmp_path):
     with pytest.raises(BaseModelError, match=r"nope: no such folder; --tokenizer_path takes a folder") as err:
         load_tokenizer(tmp_path / "nope")
     assert "Repo id" not in str(err.value)
-    (tmp_path / "empty").mkdir()  # a folder without tokenizer files keeps the loader's own reason
-    with pytest.raises(BaseModelError, match=r"empty: cannot load a tokenizer from it"):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BaseModelError, match=r"empty: holds no tokenizer \(tokenizer.json, "):
         load_tokenizer(tmp_path / "empty")
+    (tmp_path / "empty" / "tokenizer.json").write_text("{")  # a damaged tokenizer keeps the loader's own reason
+    with pytest.raises(BaseModelError, match=r"empty: cannot load a tokenizer from it \("):
+        load_tokenizer(tmp_path / "empty")
+    with pytest.raises(BaseModelError, match=r"tokenizer.json: a file; --tokenizer_path takes a folder .*: pass "):
+        load_tokenizer(tmp_path / "empty" / "tokenizer.json")
 
 
 # ------------------------------------------------------------------------- data order

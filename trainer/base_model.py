@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import logging as hf_logging
 
 import model.model_minimind  # noqa: F401  (registers "minimind" with AutoModelForCausalLM)
-from model.errors import UserError
+from model.errors import UserError, first_line
 from model.fast_decoder import ARCHITECTURES, LayoutMismatch, load_fast, why_not_fast
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_minimind
 from trainer.args import REPO_ROOT
@@ -47,6 +47,7 @@ def resolve_weight(from_weight: str | None, save_dir: str, hidden_size: int | No
         return DEMO_BASE
     path = Path(from_weight).expanduser()
     if path.exists():
+        _refuse_what_is_no_base(path, from_weight)
         return path
     if path.suffix or len(path.parts) > 1:
         raise BaseModelError(f"--from_weight {from_weight}: no such file or directory")
@@ -68,15 +69,29 @@ def resolve_weight(from_weight: str | None, save_dir: str, hidden_size: int | No
                          "Pass --hidden_size/--use_moe to match one, a path to a .pth, or a model directory.")
 
 
+def _refuse_what_is_no_base(path: Path, flag: str) -> None:
+    """A file inside a transformers model directory, or a LoRA adapter folder, is no --from_weight: a weights file
+    alone would load as MiniMind with guessed sizes (torch.load reads safetensors too), and wrong logits follow."""
+    if path.is_file() and path.suffix != ".pth" and (path.parent / "config.json").is_file():
+        raise BaseModelError(f"--from_weight {flag}: a file of the model directory {path.parent}; pass the directory")
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise BaseModelError(f"--from_weight {flag}: a LoRA adapter, not a base model; pass it as --lora_path, and "
+                             "the model it was trained on as --from_weight")
+
+
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """A fast tokenizer from a directory (tokenizer.json + tokenizer_config.json)."""
+    wants = "--tokenizer_path takes a folder holding tokenizer.json and tokenizer_config.json"
+    if path.is_file():
+        raise BaseModelError(f"{path}: a file; {wants}: pass {path.parent}")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as err:
         if not path.exists():  # transformers would answer with its rules for hub names
-            raise BaseModelError(f"{path}: no such folder; --tokenizer_path takes a folder holding tokenizer.json "
-                                 "and tokenizer_config.json") from None
-        raise BaseModelError(f"{path}: cannot load a tokenizer from it ({err}); pass --tokenizer_path") from err
+            raise BaseModelError(f"{path}: no such folder; {wants}") from None
+        if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_CORE):
+            raise BaseModelError(f"{path}: holds no tokenizer ({', '.join(TOKENIZER_CORE)}); {wants}") from None
+        raise BaseModelError(f"{path}: cannot load a tokenizer from it ({first_line(err)})") from err
 
 
 def pick_tokenizer(weight: Path | None, tokenizer_path: str | None) -> PreTrainedTokenizerBase:
