@@ -33,7 +33,7 @@ with frozen_imports():
     from transformers.utils import logging as transformers_logging
 
     from model.atomic import atomic_write
-    from model.errors import exit_on_user_error
+    from model.errors import UserError, exit_on_user_error
     from model.hf_export import ExportError, export_minimind
     from model.model_lora import load_lora, merge_lora
     from trainer.base_flags import is_minimind, script_parser
@@ -44,9 +44,13 @@ with frozen_imports():
 
 def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object, torch.dtype]:
     """The base with the LoRA folded into its weights in float32 (CPU, plain nn.Linear layers back), its
-    tokenizer, and the dtype the base was stored in."""
+    tokenizer, and the dtype the base was stored in. Stops before the merge if an output would replace the base."""
     base = load_base(args.from_weight, args.save_dir, None, args.hidden_size, args.num_hidden_layers,
                      args.use_moe, args.tokenizer_path)  # dtype None: as stored (.pth tensors, config.json)
+    for out in output_paths(base.model, args):
+        if out is not None and out.resolve() == Path(base.source).resolve():
+            raise UserError(f"{out}: the merge would write over its own base (--from_weight {args.from_weight}); "
+                            "pass another --save_weight or --save_dir")
     stored = next(base.model.parameters()).dtype
     model = base.model.float().eval()
     load_lora(model, args.lora_path)
@@ -54,12 +58,23 @@ def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object, torch.dty
     return model, base.tokenizer, stored
 
 
+def output_paths(model: nn.Module, args: argparse.Namespace) -> tuple[Path | None, Path]:
+    """Where the merge writes: MiniMind's .pth (None for a transformers base) and the transformers directory."""
+    save_dir = Path(args.save_dir)
+    if is_minimind(model):
+        cfg = model.config
+        stem = f"{args.save_weight}_{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}"
+        return save_dir / f"{stem}.pth", save_dir / f"{stem}_hf"
+    return None, save_dir / f"{args.save_weight}_hf"
+
+
 def copy_tokenizer(tokenizer: object, dst: Path) -> list[str]:
     """Copy the tokenizer's own files into `dst` (byte for byte); return their names."""
     src = Path(tokenizer.name_or_path)
     copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
     for name in copied:
-        shutil.copyfile(src / name, dst / name)  # contents only, not the source's (maybe read-only) mode
+        if not ((dst / name).exists() and (dst / name).samefile(src / name)):  # --tokenizer_path into the output
+            shutil.copyfile(src / name, dst / name)  # contents only, not the source's (maybe read-only) mode
     if not copied:  # not loaded from a folder we can see: let transformers write it
         copied = [Path(f).name for f in tokenizer.save_pretrained(dst)]
     return copied
@@ -76,24 +91,23 @@ def export(args: argparse.Namespace) -> list[Path]:
     model, tokenizer, stored = merged_model(args)
     dtype = DTYPES[args.dtype] if args.dtype else stored
     dtype_name = str(dtype).removeprefix("torch.")
-    save_dir = Path(args.save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--save_dir {args.save_dir}: cannot make the folder ({err.strerror or err})") from None
     print(f"merged {args.lora_path} into the base")
     outputs = []
-    if is_minimind(model):
-        cfg = model.config
-        stem = f"{args.save_weight}_{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}"
-        save_minimind_pth(model, save_dir / f"{stem}.pth", dtype)
-        outputs.append(save_dir / f"{stem}.pth")
-        print(f"MiniMind checkpoint ({dtype_name}): {shown_path(outputs[-1])}")
-        hf_dir = save_dir / f"{stem}_hf"
+    pth, hf_dir = output_paths(model, args)
+    if pth is not None:
+        save_minimind_pth(model, pth, dtype)
+        outputs.append(pth)
+        print(f"MiniMind checkpoint ({dtype_name}): {shown_path(pth)}")
         try:
-            arch = export_minimind(model.state_dict(), cfg, hf_dir, dtype)
+            arch = export_minimind(model.state_dict(), model.config, hf_dir, dtype)
         except ExportError as e:  # the .pth is still a complete result
             print(f"no transformers model directory: {e}")
             return outputs
     else:
-        hf_dir = save_dir / f"{args.save_weight}_hf"
         model.to(dtype).save_pretrained(hf_dir)
         arch = getattr(model, "original_class", type(model).__name__)   # the fast decoder writes its original class
     copied = copy_tokenizer(tokenizer, hf_dir)

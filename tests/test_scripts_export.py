@@ -347,3 +347,30 @@ def test_merge_keeps_the_base_dtype_and_writes_0644(tmp_path, capsys, kind):
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert hf / "model.safetensors" in written and (kind == "qwen3" or tmp_path / "out" / "merged_64.pth" in written)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o644" for p in written}
+
+
+def test_a_merge_that_would_write_over_its_own_base_stops_first(tmp_path, capsys):
+    # Merging a LoRA into the last merge's output, with the default names: the output is the base itself
+    model = tiny_dir(tmp_path / "base")
+    apply_lora(model, rank=2, targets="q_proj")
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_()
+    save_lora(model, tmp_path / "lora.pth")
+    out = tmp_path / "out"
+    merge(tmp_path / "base", tmp_path / "lora.pth", out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    for base, written in ((out / "merged_64.pth", out / "merged_64.pth"), (out / "merged_64_hf", out / "merged_64_hf")):
+        extra = ["--save_weight", "merged_64"] if base.is_dir() else []  # a transformers base writes {name}_hf/
+        with pytest.raises(SystemExit) as exit_info:
+            merge(base, tmp_path / "lora.pth", out, *extra)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: {written}: the merge would write over its own base (--from_weight {base})" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # A --save_dir that is a file
+    with pytest.raises(SystemExit) as exit_info:
+        merge(tmp_path / "base", tmp_path / "lora.pth", tmp_path / "lora.pth")
+    assert exit_info.value.code == 2
+    assert f"--save_dir {tmp_path / 'lora.pth'}: cannot make the folder" in capsys.readouterr().err
