@@ -80,6 +80,8 @@ def data_error(path: str | Path, problems: Problems, n_lines: int) -> DataError:
 def read_lines(path: str | Path) -> list[tuple[int, bytes]]:
     """The non-blank lines of a jsonl file as (line number, raw bytes); parsing is left to the workers."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; pass the .jsonl file in it")
     if not path.is_file():
         raise DataError(f"{path}: no such file (check --data_path)")
     try:

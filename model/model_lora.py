@@ -495,8 +495,9 @@ def merge_lora(model: nn.Module, unload: bool = False) -> None:
     tied = _shared_weights(model)
     for name, layer in layers.items():
         if id(layer.weight) in tied:
-            raise LoRAError(f"cannot merge LoRA into '{name}': its weight is tied to another module "
-                            f"(e.g. lm_head and embed_tokens); untie it first")
+            raise LoRAError(f"cannot merge LoRA into '{name}': its weight is shared with another module (a tied "
+                            "lm_head and embed_tokens), which would change too; the adapter works unmerged "
+                            "(chat.py, eval_lora.py, PEFT), and a LoRA trained without that layer merges")
     for name, layer in layers.items():
         layer.merge()
         if unload:

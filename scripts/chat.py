@@ -31,8 +31,9 @@ with frozen_imports():
 
     from model.errors import exit_on_user_error
     from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
-    from model.model_lora import load_lora, merge_lora
-    from trainer.base_flags import load_from_flags, resolve_device, script_parser
+    from model.model_lora import LoRAError, load_lora, merge_lora
+    from trainer.base_flags import load_from_flags, script_parser
+    from trainer.distributed import pick_device
 
 
 # Two questions the demo LoRA changes the answer to, and two it should leave alone.
@@ -101,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.compare and not args.lora_path:
         p.error("--compare needs --lora_path")
+    if args.history_turns < 0:
+        p.error(f"--history_turns must be 0 or more (got {args.history_turns})")
     check_generation_flags(p, args)
     # MiniMind's template reads open_thinking, Qwen3's enable_thinking.
     args.template_kwargs = {"open_thinking": args.think, "enable_thinking": args.think}
@@ -109,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_models(args: argparse.Namespace) -> tuple[list[tuple[str, nn.Module]], object]:
     """The (label, model) pairs to answer with, and the tokenizer."""
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     base, tokenizer = load_from_flags(args, device)
     if not args.lora_path:
         return [("base", base)], tokenizer
@@ -117,7 +120,10 @@ def build_models(args: argparse.Namespace) -> tuple[list[tuple[str, nn.Module]],
     tuned = copy.deepcopy(base) if args.compare else base
     load_lora(tuned, args.lora_path)
     tuned.to(device)
-    merge_lora(tuned, unload=True)  # one matmul per layer again: as fast as the base
+    try:
+        merge_lora(tuned, unload=True)  # one matmul per layer again: as fast as the base
+    except LoRAError:  # a LoRA on a weight shared by two modules (a tied lm_head) answers unmerged
+        pass
     models = [("base", base), ("lora", tuned)] if args.compare else [("lora", tuned)]
     return models, tokenizer
 

@@ -39,7 +39,8 @@ with frozen_imports():
     from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
     from model.model_lora import load_lora
     from trainer.args import REPO_ROOT
-    from trainer.base_flags import load_from_flags, resolve_device, script_parser
+    from trainer.base_flags import load_from_flags, script_parser
+    from trainer.distributed import pick_device
     from trainer.engine import DTYPES
     from trainer.logger import shown_path
 
@@ -142,7 +143,12 @@ def print_table(samples: list[Sample], results: dict[str, dict]) -> None:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Score the base, then base+LoRA (same weights, LoRA added in place); print the report; return it."""
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
+    if args.json:  # before the scoring, not after it
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--json {args.json}: cannot make its folder ({err.strerror or err})") from None
     model, tokenizer = load_from_flags(args, device, DTYPES[args.dtype])
     samples, empty = read_samples(args.data_path, tokenizer, args.max_seq_len)
     samples = samples[: args.max_samples] if args.max_samples else samples
@@ -191,8 +197,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     }
     if args.json:
         path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        try:
+            path.write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        except OSError as err:
+            raise UserError(f"--json {path}: cannot write it ({err.strerror or err})") from None
         print(f"wrote {path}")
     return report
 
@@ -240,6 +248,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--max_seq_len must be at least 2 (got {args.max_seq_len})")
     if args.max_samples is not None and args.max_samples < 1:
         p.error(f"--max_samples must be at least 1 (got {args.max_samples})")
+    if args.n_prompts < 0:
+        p.error(f"--n_prompts must be 0 or more (got {args.n_prompts})")
+    if args.json and Path(args.json).is_dir():
+        p.error(f"--json {args.json} is a folder; pass a file name, e.g. {Path(args.json) / 'eval.json'}")
     return args
 
 

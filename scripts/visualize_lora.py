@@ -30,11 +30,11 @@ with frozen_imports():
     import torch
 
     from model.errors import UserError, exit_on_user_error
-    from model.model_lora import LoRAError, read_lora
+    from model.model_lora import LoRAError, read_lora, read_lora_plan
+    from trainer.args import default_save_dir
     from trainer.checkpoint import load_resume
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- ΔW statistics
 
@@ -145,9 +145,11 @@ def plot_lora(lora_path: str | Path, out_dir: str | Path, top: int = 8) -> list[
     lora_path, out_dir = Path(lora_path), Path(out_dir)
     table = delta_table(read_lora(lora_path))
     name = lora_path.stem if lora_path.suffix == ".pth" else lora_path.name
+    # DoRA also rescales each output row of W + ΔW by a learned magnitude, which needs the base to draw
+    title = lora_path.name + (" (ΔW = s·B·A only: DoRA's magnitude not drawn)" if read_lora_plan(lora_path)[2] else "")
     norms_png, sv_png = out_dir / f"{name}_delta_norms.png", out_dir / f"{name}_singular_values.png"
-    plot_delta_norms(table, norms_png, lora_path.name)
-    plot_singular_values(table, sv_png, lora_path.name, top)
+    plot_delta_norms(table, norms_png, title)
+    plot_singular_values(table, sv_png, title, top)
     return [norms_png, sv_png]
 
 
@@ -175,7 +177,12 @@ def run_stems(path: str | Path) -> list[Path]:
 def read_history(stem: Path) -> tuple[str, dict]:
     """A run's label and loss history {"train": [(step, loss)], "val": [(step, loss)]}."""
     config_path = stem.with_name(stem.name + ".json")
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except (ValueError, OSError) as err:  # a damaged or unreadable run config
+        raise UserError(f"{config_path}: cannot be read as the run's JSON config ({err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: holds a JSON {type(config).__name__}, not the run's config")
     history = config.get("history")
     if history is None:
         # The trainer keeps the history in its resume file, written with every checkpoint.
@@ -252,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out_dir",
-        default=str(REPO_ROOT / "out" / "plots"),
-        help="folder for the PNGs (created if missing; default <repo>/out/plots)",
+        default=str(default_save_dir() / "plots"),
+        help="folder for the PNGs (created if missing; default: plots/ in $MINILORA_OUT_DIR or <repo>/out)",
     )
     return p
 
@@ -264,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.lora_path and not args.runs:
         p.error("nothing to plot: give --lora_path and/or --runs")
+    if args.top < 1:
+        p.error(f"--top must be at least 1 (got {args.top})")
     if not 0 <= args.smooth < 1:
         p.error(f"--smooth must be in [0, 1), got {args.smooth}")
     exit_on_user_error(lambda: plot(args))
@@ -271,6 +280,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def plot(args: argparse.Namespace) -> None:
     """Write the PNGs the flags ask for, printing each path."""
+    try:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out_dir {args.out_dir}: cannot make the folder ({err.strerror or err})") from None
     for path in args.lora_path:
         for png in plot_lora(path, args.out_dir, args.top):
             print(f"wrote {png}")

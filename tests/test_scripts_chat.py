@@ -48,9 +48,10 @@ def tiny_minimind(generation: int = 3, use_moe: bool = False) -> MiniMindForCaus
     return MiniMindForCausalLM(cfg).eval()
 
 
-def tiny_qwen() -> Qwen3ForCausalLM:
+def tiny_qwen(**kw: object) -> Qwen3ForCausalLM:
     torch.manual_seed(0)
     cfg = Qwen3Config(
+        **kw,
         vocab_size=6400,
         hidden_size=64,
         intermediate_size=96,
@@ -187,6 +188,15 @@ def test_compare_needs_a_lora():
     assert exit_info.value.code == 2
 
 
+def test_minimind_flag_spellings_and_bad_values(tmp_path):
+    # MiniMind's scripts say --out_dir, --dim and --n_layers
+    assert vars(parse_args(["--out_dir", str(tmp_path), "--dim", "768", "--n_layers", "16"])) == vars(
+        parse_args(["--save_dir", str(tmp_path), "--hidden_size", "768", "--num_hidden_layers", "16"]))
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--history_turns", "-1"])
+    assert exit_info.value.code == 2
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
     """A tiny MiniMind model directory with MiniMind's tokenizer, and a LoRA trained on nothing."""
@@ -262,3 +272,24 @@ def test_cli_interactive_keeps_history(model_dir, tokenizer):
     second = generate_reply(base, tokenizer, history, max_new_tokens=6)
     assert f"base: {first}\n  [" in out
     assert f"base: {second}\n  [" in out
+
+
+def test_a_lora_on_a_tied_head_answers_unmerged(tmp_path, tokenizer):
+    # lm_head shares its weight with embed_tokens: merging would change the embedding too, so chat runs it unmerged
+    base = tiny_qwen(tie_word_embeddings=True)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    tuned = tiny_qwen(tie_word_embeddings=True)
+    apply_lora(tuned, rank=4, alpha=8, targets=["q_proj", "lm_head"])
+    fill_random(lora_parameters(tuned), seed=1, scale=0.3)
+    save_lora(tuned, tmp_path / "lora")
+    models, _ = chat.build_models(parse_args(["--from_weight", str(tmp_path / "base"), "--lora_path",
+                                              str(tmp_path / "lora"), "--device", "cpu"]))
+    (label, model), = models
+    ids = torch.randint(0, 6400, (1, 12), generator=torch.Generator().manual_seed(0))
+    reference = tiny_qwen(tie_word_embeddings=True)
+    load_lora(reference, tmp_path / "lora")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(ids).logits, base(ids).logits, atol=1e-3)

@@ -10,7 +10,7 @@ import torch
 from dataset.chat_render import render_conversation
 from dataset.records import read_conversations
 from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
-from scripts.eval_lora import DEFAULT_DATA, evaluate, parse_args, read_samples, score
+from scripts.eval_lora import DEFAULT_DATA, evaluate, main, parse_args, read_samples, score
 from tests.train_utils import fill_random
 from trainer.base_model import load_base
 
@@ -87,8 +87,22 @@ def load_lora_copy(model: torch.nn.Module, path: object) -> torch.nn.Module:
     return tuned.eval()
 
 
-def test_bad_flags_exit_2():
-    for argv in (["--max_new_tokens", "0"], ["--top_p", "0"], ["--repetition_penalty", "0"]):
+def test_bad_flags_exit_2(tmp_path, capsys):
+    for argv in (["--max_new_tokens", "0"], ["--top_p", "0"], ["--repetition_penalty", "0"], ["--n_prompts", "-1"],
+                 ["--json", str(tmp_path)], ["--device", "gpu"]):
         with pytest.raises(SystemExit) as exit_info:
-            parse_args(argv)
+            main(argv)
+        assert exit_info.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert argv[0] in err and "Traceback" not in err, err
+
+
+def test_outputs_and_data_it_cannot_use_stop_before_scoring(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for argv, needle in ((["--json", str(tmp_path / "file" / "eval.json")], "cannot make its folder"),
+                         (["--data_path", str(tmp_path)], f"{tmp_path} is a folder; pass the .jsonl file in it")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--device", "cpu", "--n_prompts", "0"])
         assert exit_info.value.code == 2
+        out, err = capsys.readouterr()
+        assert needle in err and "samples scored" not in out, err

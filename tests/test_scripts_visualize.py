@@ -126,3 +126,20 @@ def test_runs_without_history_are_reported(tmp_path, capsys):
         main(["--runs", str(tmp_path), "--out_dir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no training run" in capsys.readouterr().err
+
+
+def test_bad_values_and_damaged_configs_exit_2(tmp_path, capsys):
+    write_run(tmp_path, "lora_r4_64", 4, 0.95)
+    (tmp_path / "file").write_text("")
+    (tmp_path / "bad_64.json").write_text("{bad")
+    for argv, needle in (
+        (["--runs", str(tmp_path / "lora_r4_64.pth"), "--top", "0"], "--top must be at least 1"),
+        (["--runs", str(tmp_path / "lora_r4_64.pth"), "--out_dir", str(tmp_path / "file")], "cannot make the folder"),
+        (["--runs", str(tmp_path / "bad_64.json"), "--out_dir", str(tmp_path)],
+         f"{tmp_path / 'bad_64.json'}: cannot be read as the run's JSON config"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err

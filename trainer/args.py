@@ -101,7 +101,8 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--num_hidden_layers", "--n_layers", dest="num_hidden_layers", type=int, default=None,
                    help="MiniMind layer count; must match the file (default: from the file)")
     g.add_argument("--use_moe", type=str2bool, default=None,
-                   help="MiniMind MoE variant (0/1); picks the file name suffix _moe and must match it")
+                   help="MiniMind MoE variant (0/1); picks the file name suffix _moe and must match it "
+                        "(default: from the file)")
     g.add_argument("--tokenizer_path", default=None,
                    help="tokenizer directory (default: the model directory's, else one beside the .pth, "
                         "else the repo's model/tokenizer/)")

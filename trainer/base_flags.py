@@ -9,7 +9,6 @@ import argparse
 import torch
 from torch import nn
 
-from model.errors import UserError
 from trainer.args import default_save_dir, str2bool
 from trainer.base_model import load_base
 
@@ -26,18 +25,24 @@ def add_base_flags(p: argparse.ArgumentParser, device: bool = True) -> None:
     )
     g.add_argument(
         "--save_dir",
+        "--out_dir",
+        dest="save_dir",
         default=str(default_save_dir()),
         help="folder of MiniMind checkpoints: --from_weight names are looked up there, and merge_lora.py "
         "writes its outputs there (default: $MINILORA_OUT_DIR or <repo>/out)",
     )
     g.add_argument(
         "--hidden_size",
+        "--dim",
+        dest="hidden_size",
         type=int,
         default=None,
         help="MiniMind hidden size: picks the file for a name and must match it (default: from the file)",
     )
     g.add_argument(
         "--num_hidden_layers",
+        "--n_layers",
+        dest="num_hidden_layers",
         type=int,
         default=None,
         help="MiniMind layer count; must match the file (default: from the file)",
@@ -46,7 +51,8 @@ def add_base_flags(p: argparse.ArgumentParser, device: bool = True) -> None:
         "--use_moe",
         type=str2bool,
         default=None,
-        help="0/1: the MiniMind MoE file ({name}_{hidden_size}_moe.pth) for a name; must match the file",
+        help="0/1: the MiniMind MoE file ({name}_{hidden_size}_moe.pth) for a name; must match the file "
+        "(default: from the file)",
     )
     g.add_argument(
         "--tokenizer_path",
@@ -56,16 +62,6 @@ def add_base_flags(p: argparse.ArgumentParser, device: bool = True) -> None:
     )
     if device:
         g.add_argument("--device", default=None, help="cuda, cuda:0, cpu, mps (default: cuda if available)")
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """The requested device, or cuda when there is one and cpu otherwise."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return device
 
 
 def load_from_flags(

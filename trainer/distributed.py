@@ -48,11 +48,17 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
-def _pick_device(flag: str | None, local_rank: int) -> torch.device:
-    """`--device` as given; under torchrun a CUDA device is replaced by this worker's own GPU."""
+def pick_device(flag: str | None, local_rank: int = -1) -> torch.device:
+    """`--device` as given (default: cuda if there is one, else cpu), refused in one line when this machine has no
+    such device; under torchrun a CUDA device is replaced by this worker's own GPU."""
     if flag is None:
         flag = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(flag)
+    try:
+        device = torch.device(flag)
+    except (RuntimeError, ValueError, TypeError):
+        raise DistributedError(f"--device {flag}: not a device name; use cuda, cuda:N, cpu or mps") from None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DistributedError(f"--device {flag}: no MPS device here (Apple silicon has one); use --device cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DistributedError(f"--device {flag}: no CUDA GPU is visible here; use --device cpu")
@@ -73,10 +79,10 @@ def setup_distributed(device_flag: str | None, ddp_flag: bool, timeout_s: float 
                 "--ddp needs several processes started by torchrun, e.g.\n"
                 "  torchrun --nproc_per_node 2 trainer/train_lora.py <your flags>\n"
                 "(for one GPU, drop --ddp)")
-        return DistInfo(rank=0, world_size=1, local_rank=0, device=_pick_device(device_flag, -1))
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=pick_device(device_flag, -1))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
-    device = _pick_device(device_flag, local_rank)
+    device = pick_device(device_flag, local_rank)
     timeout = timedelta(seconds=timeout_s)
     if device.type == "cuda":
         # 1 = TearDown: on an error or a timeout NCCL's watchdog aborts the communicators and ends the process.
