@@ -531,6 +531,7 @@ class _Adapter:
     B: torch.Tensor
     alpha: float
     magnitude: torch.Tensor | None = None  # DoRA's m
+    base_copy: torch.Tensor | None = None  # the layer's base weight, which PEFT saves for an lm_head it adapts
 
 
 def save_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
@@ -653,12 +654,12 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
         raise LoRAError(f"{path}: no {PEFT_WEIGHTS} there")
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, value in sd.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(?:lora_([AB])\.weight|lora_(magnitude)_vector(?:\.weight)?)",
-                         key)
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(?:lora_([AB])\.weight|lora_(magnitude)_vector(?:\.weight)?"
+                         r"|(base)_layer\.weight)", key)
         if m is None:
             raise LoRAError(f"{path / PEFT_WEIGHTS}: key '{key}' is not a LoRA or DoRA tensor "
                             f"(bias, embedding or modules_to_save tensors are not supported)")
-        pairs.setdefault(_clean_name(m.group(1)), {})[m.group(2) or m.group(3)] = (key, value)
+        pairs.setdefault(_clean_name(m.group(1)), {})[m.group(2) or m.group(3) or m.group(4)] = (key, value)
     alpha, alpha_pattern = cfg.get("lora_alpha", 8), cfg.get("alpha_pattern") or {}
 
     def alpha_of(name: str, rank: int) -> float:  # PEFT's own matching, so PEFT's files mean what PEFT means
@@ -688,7 +689,7 @@ def _pair_up(path: Path, pairs: dict, alpha_of: Callable[[str, int], float]) -> 
             raise LoRAError(f"{path}: key '{key}' has no matching {'B' if 'A' in ab else 'A'} factor")
         (key, A), (_, B) = ab["A"], ab["B"]
         magnitude = ab["magnitude"][1] if "magnitude" in ab else None
-        adapters[name] = _Adapter(key, A, B, alpha_of(name, A.shape[0]), magnitude)
+        adapters[name] = _Adapter(key, A, B, alpha_of(name, A.shape[0]), magnitude, ab.get("base", (None, None))[1])
     return adapters
 
 
@@ -738,6 +739,11 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
         if ad.A.shape != (rank, module.in_features) or ad.B.shape != (module.out_features, rank):
             raise LoRAError(f"{where}: key '{ad.key}': A {list(ad.A.shape)} and B {list(ad.B.shape)} do not fit "
                             f"'{name}' ({module.in_features} -> {module.out_features}); was it made for another model?")
+        # PEFT saves an adapted lm_head's base weight too: it must be this model's, not a resized or retrained one
+        if ad.base_copy is not None and not (ad.base_copy.shape == module.weight.shape and torch.allclose(
+                ad.base_copy.float(), module.weight.detach().float().cpu(), rtol=1e-2, atol=1e-3)):
+            raise LoRAError(f"{where}: '{name}.base_layer.weight' differs from the model's '{name}' weight (a "
+                            "resized vocabulary?); the adapter needs the base it was trained on")
     layers = _lora_layers(model)
     if not layers:
         _inject(model, {n: (ad.A.shape[0], ad.alpha) for n, ad in adapters.items()}, dropout, use_rslora, use_dora)

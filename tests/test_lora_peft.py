@@ -75,6 +75,8 @@ PEFT_CASES = {
     "rank_pattern": {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "o_proj", "gate_proj"],
                      "rank_pattern": {"gate_proj": 8, "model.layers.1.self_attn.k_proj": 2},
                      "alpha_pattern": {"o_proj": 4}},
+    # PEFT also saves the head's base weight (lm_head.base_layer.weight) when the head is a target
+    "lm_head": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "lm_head"]},
 }
 
 
@@ -109,3 +111,19 @@ def test_llama_with_biases_both_ways(llama_dir, tmp_path):
     ours = load_base(llama_dir)
     load_lora(ours, tmp_path / "theirs")
     assert (logits(ours) - logits(theirs)).abs().max() <= 1e-5
+
+
+def test_a_peft_adapter_whose_saved_head_is_not_the_base_is_refused(base_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from model.model_lora import LoRAError
+
+    theirs = peft.get_peft_model(load_base(base_dir), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    theirs.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.lm_head.base_layer.weight"
+    tensors[key] = tensors[key] + 0.1  # as if the vocabulary had been resized or the head retrained
+    save_file(tensors, weights)
+    with pytest.raises(LoRAError, match="'lm_head.base_layer.weight' differs from the model's 'lm_head' weight"):
+        load_lora(load_base(base_dir), tmp_path / "adapter")
