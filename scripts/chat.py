@@ -32,7 +32,7 @@ with frozen_imports():
     from model.errors import exit_on_user_error
     from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
     from model.model_lora import LoRAError, load_lora, merge_lora
-    from trainer.base_flags import load_from_flags, script_parser
+    from trainer.base_flags import load_from_flags, lora_file, script_parser
     from trainer.distributed import pick_device
 
 
@@ -118,7 +118,7 @@ def build_models(args: argparse.Namespace) -> tuple[list[tuple[str, nn.Module]],
         return [("base", base)], tokenizer
     # --compare keeps an untouched copy of the base: exact base answers, no adapter toggling.
     tuned = copy.deepcopy(base) if args.compare else base
-    load_lora(tuned, args.lora_path)
+    load_lora(tuned, lora_file(args.lora_path, args.save_dir, tuned))
     tuned.to(device)
     try:
         merge_lora(tuned, unload=True)  # one matmul per layer again: as fast as the base

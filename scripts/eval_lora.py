@@ -39,7 +39,7 @@ with frozen_imports():
     from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
     from model.model_lora import load_lora
     from trainer.args import REPO_ROOT
-    from trainer.base_flags import load_from_flags, script_parser
+    from trainer.base_flags import load_from_flags, lora_file, script_parser
     from trainer.distributed import pick_device
     from trainer.engine import DTYPES
     from trainer.logger import shown_path
@@ -163,7 +163,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     results["base"] = score(model, samples)
     replies["base"] = [reply_with_flags(model, tokenizer, [{"role": "user", "content": p}], args) for p, _ in prompts]
     if args.lora_path:
-        load_lora(model, args.lora_path)  # unmerged: the base weights stay exactly as scored above
+        load_lora(model, lora_file(args.lora_path, args.save_dir, model))  # unmerged: the base weights stay exactly as scored above
         model.to(device).eval()
         results["lora"] = score(model, samples)
         replies["lora"] = [reply_with_flags(model, tokenizer, [{"role": "user", "content": p}], args) for p, _ in prompts]

@@ -36,7 +36,7 @@ with frozen_imports():
     from model.errors import UserError, exit_on_user_error
     from model.hf_export import ExportError, export_minimind
     from model.model_lora import load_lora, merge_lora
-    from trainer.base_flags import is_minimind, script_parser
+    from trainer.base_flags import is_minimind, lora_file, script_parser
     from trainer.base_model import TOKENIZER_FILES, load_base
     from trainer.engine import DTYPES
     from trainer.logger import shown_path
@@ -53,7 +53,7 @@ def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object, torch.dty
                             "pass another --save_weight or --save_dir")
     stored = next(base.model.parameters()).dtype
     model = base.model.float().eval()
-    load_lora(model, args.lora_path)
+    load_lora(model, lora_file(args.lora_path, args.save_dir, model))
     merge_lora(model, unload=True)
     return model, base.tokenizer, stored
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
+from model.errors import UserError
 from model.generate import generate_reply, penalize_repeats, sample_next
 from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
@@ -293,3 +294,25 @@ def test_a_lora_on_a_tied_head_answers_unmerged(tmp_path, tokenizer):
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference.eval()(ids).logits, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(model(ids).logits, base(ids).logits, atol=1e-3)
+
+
+def test_minimind_eval_llm_names_for_the_base_and_the_lora(tmp_path):
+    # MiniMind's eval_llm.py: --weight full_sft --lora_weight lora_identity, both names in --save_dir by size
+    from model.model_minimind import load_minimind
+    from tests.train_utils import save_tiny_minimind, tokenizer_dir
+
+    save_tiny_minimind(tmp_path / "full_sft_64.pth")
+    base = load_minimind(tmp_path / "full_sft_64.pth")
+    with_random_lora(base)
+    save_lora(base, tmp_path / "lora_x_64.pth")
+    common = ["--save_dir", str(tmp_path), "--tokenizer_path", str(tokenizer_dir()), "--device", "cpu"]
+    (_, by_name), = chat.build_models(parse_args([*common, "--weight", "full_sft", "--lora_weight", "lora_x"]))[0]
+    (_, by_path), = chat.build_models(parse_args([*common, "--from_weight", str(tmp_path / "full_sft_64.pth"),
+                                                  "--lora_path", str(tmp_path / "lora_x_64.pth")]))[0]
+    (_, plain), = chat.build_models(parse_args([*common, "--weight", "full_sft", "--lora_weight", "None"]))[0]
+    ids = torch.randint(0, 200, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(by_name(ids).logits, by_path(ids).logits)
+        assert not torch.allclose(by_name(ids).logits, plain(ids).logits, atol=1e-3)
+    with pytest.raises(UserError, match="no such file, and no .*lora_y_64.pth for it as a MiniMind name"):
+        chat.build_models(parse_args([*common, "--weight", "full_sft", "--lora_weight", "lora_y"]))

@@ -5,10 +5,12 @@ MiniMind name looked up as `{save_dir}/{name}_{hidden_size}{_moe}.pth`, or nothi
 """
 
 import argparse
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from model.errors import UserError
 from trainer.args import default_save_dir, str2bool
 from trainer.base_model import load_base
 
@@ -18,6 +20,8 @@ def add_base_flags(p: argparse.ArgumentParser, device: bool = True) -> None:
     g = p.add_argument_group("base model")
     g.add_argument(
         "--from_weight",
+        "--weight",
+        dest="from_weight",
         default=None,
         help="a model directory (MiniMind or transformers), a MiniMind .pth file, or a MiniMind name "
         "resolved as {save_dir}/{name}_{hidden_size}{_moe}.pth, e.g. full_sft "
@@ -95,6 +99,21 @@ def script_parser(
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_base_flags(p, device=device)
     g = p.add_argument_group(group)
-    g.add_argument("--lora_path", default=None, required=lora_required,
-                   help=f"{lora_help}: a MiniMind .pth LoRA file or a PEFT adapter directory")
+    g.add_argument("--lora_path", "--lora_weight", dest="lora_path", default=None, required=lora_required,
+                   type=lambda value: None if value == "None" else value,  # MiniMind's eval_llm.py: None = no LoRA
+                   help=f"{lora_help}: a MiniMind .pth LoRA file, a PEFT adapter directory, or a MiniMind name "
+                   "resolved as {save_dir}/{name}_{hidden_size}{_moe}.pth, e.g. lora_identity")
     return p, g
+
+
+def lora_file(flag: str, save_dir: str, model: nn.Module) -> Path:
+    """--lora_path as a path, or a MiniMind name (eval_llm.py's --lora_weight) looked up in --save_dir by the
+    model's size, as MiniMind names its LoRA files."""
+    path = Path(flag).expanduser()
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path
+    cfg = model.config
+    named = Path(save_dir) / f"{flag}_{cfg.hidden_size}{'_moe' if getattr(cfg, 'use_moe', False) else ''}.pth"
+    if not named.is_file():
+        raise UserError(f"--lora_path {flag}: no such file, and no {named} for it as a MiniMind name in --save_dir")
+    return named
