@@ -296,6 +296,7 @@ def supervised_spans(
     """
     if fmt.needs_tools and not tools:
         raise BadRecord(f"{fmt.name} renders only conversations that offer tools, and this one has none")
+    messages = _arguments_as(fmt.arguments, messages)  # before the cut below, which may cut a JSON string
     if limit is not None:
         # A message renders at least one token, so those past max_length + SAFETY_TOKENS lie past the cut. Only
         # a degenerate line has that many; a template that looks ahead (Qwen3's last user message) may then
@@ -304,8 +305,7 @@ def supervised_spans(
     refuse_special_tokens(fmt, messages, tools)
     # transformers also hands reasoning to templates as `thinking` (gpt-oss reads that name)
     messages = [
-        {"thinking": m["reasoning_content"], **m} if "reasoning_content" in m else m
-        for m in _arguments_as(fmt.arguments, messages)
+        {"thinking": m["reasoning_content"], **m} if "reasoning_content" in m else m for m in messages
     ]
     try:
         full, messages, regions = _render_with_calls(fmt, messages, tools, limit)

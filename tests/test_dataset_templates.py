@@ -388,3 +388,14 @@ def test_tools_a_template_does_not_render_are_noted_in_the_data_line(minimind, t
             assert ("\n  note: 1 sample(s) offer tools whose schemas the chat template does not render" in ds.summary
                     ) is noted, (name, ds.summary)
         assert "read from the cache" in ds.summary
+
+
+def test_huge_arguments_given_as_a_string_are_cut_after_their_conversion(minimind, tmp_path):
+    # A long line is cut a safe number of characters past max_length; a JSON string cut first would not parse
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps({"messages": tool_chat(json.dumps({"city": "P" * 200_000}), ""), "tools": [SCHEMA]})
+                    + "\n")
+    for name in ("qwen25", "functionary_v32"):
+        ds = SFTDataset(path, model_tokenizer(minimind, name), 1024, log=None, num_workers=1,
+                        chat_template=(TEMPLATES / f"{name}.jinja").read_text())
+        assert len(ds) == 1 and len(ds[0][0]) == 1024
