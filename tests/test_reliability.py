@@ -135,22 +135,56 @@ def test_divergence_never_replaces_the_good_checkpoint(run, tmp_path, capsys):
 
 def test_guard_spots_a_collapse_and_vets_saves(tmp_path):
     params = [torch.nn.Parameter(torch.ones(4, 4))]
-    guard = DivergenceGuard(6400, params, [(1, 2.0), (2, 1.8)], tmp_path / "r.pth", step=2)
+    guard = DivergenceGuard(6400, params, [(s, 2.0 - 0.01 * s) for s in range(1, 21)], tmp_path / "r.pth", step=20)
     lines: list[str] = []
-    guard.check([(3, 1.7, 0.5)], lines.append, check_grads=True)
-    assert guard.vet_save(3, params) is None
-    guard.saved(3, params)
-    # A loss far above the last good save's: this save is skipped, the run goes on.
-    guard.check([(4, 6.0, 0.5)], lines.append, check_grads=True)
-    assert "far above" in guard.vet_save(4, params)
+    guard.check([(21, 1.7, 0.5)], lines.append, check_grads=True)
+    assert guard.vet_save(21, params) is None
+    guard.saved(21, params)
+    # One high batch is noise; a loss that stays far above the last good save's skips the save, the run goes on
+    guard.check([(22, 9.0, 0.5)], lines.append, check_grads=True)
+    assert guard.vet_save(22, params) is None
+    guard.check([(s, 6.0, 0.5) for s in range(23, 43)], lines.append, check_grads=True)
+    assert "the mean loss of the last 20 logged steps, 6.0000, is far above" in guard.vet_save(42, params)
     # Uniform output with a zero gradient: a collapse, whatever the loss's finiteness.
-    with pytest.raises(TrainingDiverged, match=r"collapsed.*ln\(vocab\) = 8.7641.*r.pth \(step 3\)"):
-        guard.check([(5, math.log(6400), 0.0)], lines.append, check_grads=True)
+    with pytest.raises(TrainingDiverged, match=r"collapsed.*ln\(vocab\) = 8.7641.*r.pth \(step 21\)"):
+        guard.check([(43, math.log(6400), 0.0)], lines.append, check_grads=True)
     for bad in (float("nan"), 7e4):  # non-finite, and beyond float16 (the .pth would hold inf)
         with torch.no_grad():
             params[0][0, 0] = bad
-        with pytest.raises(TrainingDiverged, match=r"not saving.*step 3"):
-            guard.vet_save(6, params)
+        with pytest.raises(TrainingDiverged, match=r"not saving.*step 21"):
+            guard.vet_save(44, params)
+
+
+class _Log:
+    """What allow_save needs of RunLogger: the rows not yet shown, and a line to write."""
+
+    def __init__(self, rows: list[tuple[int, float, float]]) -> None:
+        self.rows, self.lines = rows, []
+
+    def flush(self) -> list[tuple[int, float, float]]:
+        rows, self.rows = self.rows, []
+        return rows
+
+    def write(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def test_a_healthy_run_whose_first_batch_was_easy_is_saved():
+    # The first batch one the base already knows (loss 0.0002), the rest the usual noise of batches of one sample
+    params = [torch.nn.Parameter(torch.ones(4, 4))]
+    losses = [0.0002, 8.3] + [3.0 + (s % 5) * 0.5 for s in range(3, 401)]
+    guard = DivergenceGuard(6400, params, [], None)
+    log = _Log([(s, loss, 1.0) for s, loss in enumerate(losses, 1)])
+    assert guard.allow_save(400, params, log, final=True, check_grads=True) and log.lines == []
+    # A fresh run that really did climb: its final save is kept, with a warning, when no earlier one exists
+    guard = DivergenceGuard(6400, params, [], None)
+    log = _Log([(s, 1.0 if s <= 20 else 9.0, 1.0) for s in range(1, 61)])
+    assert guard.allow_save(60, params, log, final=True, check_grads=True)
+    assert "saved all the same, as no earlier checkpoint of this run exists" in log.lines[0]
+    # ... and refused, keeping the earlier one, when there is one
+    log.rows = [(s, 25.0, 1.0) for s in range(61, 81)]
+    with pytest.raises(TrainingDiverged, match="far above the 9.0000 of the last good save"):
+        guard.allow_save(80, params, log, final=True, check_grads=True)
 
 
 # ------------------------------------------------------------------------- kills during saves

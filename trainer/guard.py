@@ -38,11 +38,12 @@ class DivergenceGuard:
         self.limit, self.in_a_row = limit, 0
         self.checkpoint = checkpoint
         self.good = (step, checkpoint) if step else None
-        # The loss over the last WINDOW logged steps, its mean at the last good save (or the run's start),
-        # and the losses logged since that save.
+        # The loss over the last WINDOW logged steps, and its mean at the last good save, or over the run's first
+        # WINDOW steps: never one step's loss, which a batch the base already knows can put near 0.
         self.window: deque[float] = deque((loss for _, loss in history[-WINDOW:]), maxlen=WINDOW)
-        self.reference = _mean(list(self.window))
-        self.since: list[float] = []
+        self.reference: float | None = None
+        self.reference_from = "the last good save"
+        self._take_reference("the last good save")
         self.norm = weight_norm(params)
 
     def check(self, rows: Iterable[tuple[int, float, float]], write: Callable[[str], None],
@@ -52,9 +53,8 @@ class DivergenceGuard:
         for step, loss, grad_norm in rows:
             if math.isfinite(loss):
                 self.window.append(loss)
-                self.since.append(loss)
-                if self.reference is None:
-                    self.reference = loss  # a fresh run: the loss it started from
+                if self.reference is None:  # a fresh run: the mean of its first WINDOW steps, once there are
+                    self._take_reference(f"the run's first {WINDOW} logged steps")
             if grad_norm == 0.0 and abs(loss - self.ln_vocab) < 0.01 * self.ln_vocab:
                 raise TrainingDiverged(f"step {step}: the model has collapsed: the loss is ln(vocab) = "
                                        f"{self.ln_vocab:.4f} (a uniform output) and the gradient is 0, so "
@@ -85,24 +85,29 @@ class DivergenceGuard:
             raise TrainingDiverged(f"step {step}: the trained weights have blown up (norm {norm:.3g}, was "
                                    f"{self.norm:.3g} at the last good save; largest {peak:.3g}); not saving "
                                    f"them. {self.advice()}")
-        recent = _mean(self.since)
+        recent = _mean(list(self.window))
         if recent is not None and self.reference is not None and recent > 2 * self.reference + 1.0:
-            return (f"the recent loss {recent:.4f} is far above the {self.reference:.4f} of the last good "
-                    "save (more than twice it plus 1)")
+            return (f"the mean loss of the last {WINDOW} logged steps, {recent:.4f}, is far above the "
+                    f"{self.reference:.4f} of {self.reference_from} (more than twice it plus 1)")
         return None
 
     def allow_save(self, step: int, params: list[torch.Tensor], log: object, final: bool,
                    check_grads: bool) -> bool:
         """Whether to save at `step` (every rank gets the same answer: same weights, all-reduced losses).
 
-        Reads back the steps `log` has not shown yet, vets the weights; a skipped save says so, a skipped
-        final save raises TrainingDiverged (the run would end without a good checkpoint of its end).
+        Reads back the steps `log` has not shown yet, vets the weights; a skipped save says so. A final save the
+        loss test refuses raises TrainingDiverged when an earlier good checkpoint exists (it stays as it was);
+        with none, the weights (finite, not blown up) are saved with a warning rather than lost.
         """
         self.check(log.flush(), log.write, check_grads)
         skip = self.vet_save(step, params)
-        if skip and final:
+        if skip and final and self.good is None:
+            # Finite weights, no earlier checkpoint to keep: saving loses nothing, refusing loses the whole run
+            log.write(f"step {step}: {skip}; saved all the same, as no earlier checkpoint of this run exists. "
+                      "Check the loss curve before using it")
+        elif skip and final:
             raise TrainingDiverged(f"step {step}: {skip}; not saving. {self.advice()}")
-        if skip:
+        elif skip:
             log.write(f"step {step}: not saving: {skip}. {self.advice()}")
             return False
         self.saved(step, params)
@@ -112,9 +117,12 @@ class DivergenceGuard:
         """Record a save that vet_save let through: the new last good checkpoint and reference."""
         self.good = (step, self.checkpoint)
         self.norm = weight_norm(params)
-        if self.window:
-            self.reference = _mean(list(self.window))
-        self.since = []
+        self._take_reference("the last good save")
+
+    def _take_reference(self, source: str) -> None:
+        """The window's mean becomes the loss to compare with, once the window is full (a few steps are noise)."""
+        if len(self.window) == WINDOW:
+            self.reference, self.reference_from = _mean(list(self.window)), source
 
     def advice(self) -> str:
         """Where the last good weights are, and how to continue from them."""
