@@ -343,7 +343,7 @@ def test_two_runs_on_one_save_dir(run, tmp_path, capsys):
     before = snapshot(out)
     holder = subprocess.Popen([python(), "-c", "import fcntl, os, sys, time\n"
                                f"fd = os.open({str(out / (STEM + '.lock'))!r}, os.O_RDWR | os.O_CREAT)\n"
-                               "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, b'pid 4242 on elsewhere')\n"
+                               "fcntl.lockf(fd, fcntl.LOCK_EX)\nos.write(fd, b'pid 4242 on elsewhere')\n"
                                "print('locked', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -367,6 +367,40 @@ def test_two_runs_on_one_save_dir(run, tmp_path, capsys):
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 3
     held.release()
     assert not (out / f"{STEM}.lock").exists()  # a finished run leaves no lock file
+
+
+_KILLED_HOLDER = """
+import os, signal, sys, time
+from pathlib import Path
+from trainer.save_dir import lock_run
+
+lock = lock_run(Path(sys.argv[1]))
+if os.fork() == 0:  # a DataLoader worker: forked after the lock, still alive for a while after its parent dies
+    Path(sys.argv[2]).write_text(str(os.getpid()))
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    time.sleep(60)
+    os._exit(0)
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.01)
+print("locked", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_runs_lock_is_free_at_once_though_its_workers_live_on(tmp_path):
+    # kill -9 of a run, then its resume at once: the orphaned loader workers must not keep the run locked
+    worker = tmp_path / "worker.pid"
+    holder = subprocess.run([python(), "-c", _KILLED_HOLDER, str(tmp_path / STEM), str(worker)],
+                            capture_output=True, text=True, timeout=60)
+    orphan = int(worker.read_text())
+    try:
+        assert holder.stdout.strip() == "locked" and holder.returncode == -signal.SIGKILL, holder.stderr
+        os.kill(orphan, 0)  # still alive
+        lock_run(tmp_path / STEM).release()
+    finally:
+        os.kill(orphan, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------- corrupt and mismatched files

@@ -74,7 +74,7 @@ class RunLock:
             if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                 os.unlink(self.path)
         with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)  # forked loader workers share the descriptor: unlock it for them too
+            fcntl.lockf(fd, fcntl.LOCK_UN)
         with contextlib.suppress(OSError):
             os.close(fd)
 
@@ -86,21 +86,24 @@ _held: "weakref.WeakValueDictionary[str, RunLock]" = weakref.WeakValueDictionary
 
 
 def lock_run(stem: Path) -> RunLock:
-    """Hold `{stem}.lock` (flock) while the returned RunLock lives; raise SaveDirError if another process
-    holds it. An earlier lock of this process on the same files is let go first (its run has ended)."""
+    """Hold `{stem}.lock` while the returned RunLock lives; raise SaveDirError if another process holds it. An
+    earlier lock of this process on the same files is let go first (its run has ended).
+
+    A POSIX record lock (lockf), not flock: it belongs to this process alone, so forked loader workers do not
+    share it, and a killed run's lock is gone at once even while its orphaned workers are still exiting."""
     path = stem.parent / (stem.name + ".lock")
     key = str(path.resolve())
     old = _held.pop(key, None)
     if old is not None:
         old.release()
-    for _ in range(3):  # the file may be unlinked by its holder between our open and our flock
+    for _ in range(3):  # the file may be unlinked by its holder between our open and our lock
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as err:
             raise SaveDirError(f"{path}: cannot create the run's lock file ({err.strerror or err}); "
                                "pass a --save_dir you can write to") from err
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             holder = _read_holder(fd)
             os.close(fd)
