@@ -483,6 +483,16 @@ def test_files_that_are_no_base_lora_or_tokenizer_say_what_they_are(run, tmp_pat
     assert not out.exists()
 
 
+def test_a_fresh_run_over_an_earlier_one_says_so_at_start(run, tmp_path, capsys):
+    # The command run again without --from_resume 1: the earlier run's files are replaced at the first save
+    tmp, weight, data, good, flags = run
+    out = copy_run(good, tmp_path / "out")
+    assert run_inprocess(main, lora_args(tmp, weight, data, save_dir=out, **{**flags, "max_steps": 1})) == 0
+    printed = capsys.readouterr().out
+    note = next(line for line in printed.splitlines() if line.startswith("note: ") and "earlier run" in line)
+    assert f"{out / STEM}_resume.pth holds an earlier run (saved " in note and "add --from_resume 1" in note
+    assert printed.index(note) < printed.index("step 1/1")
+
 def test_resume_refuses_changed_math_or_data(run, tmp_path, capsys):
     tmp, weight, data, good, flags = run
     shorter = write_chat_data(tmp_path / "short.jsonl", 3)

@@ -7,6 +7,7 @@ import shutil
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +280,10 @@ def start_or_resume(path: Path, from_resume: bool, load_trainable: Callable[[dic
     if ckpt is None:
         if from_resume and rank == 0:
             print(f"--from_resume 1: no {path} yet, starting a fresh run", flush=True)
+        elif rank == 0 and path.is_file():  # a rerun of the command that forgot --from_resume 1
+            saved = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+            print(f"note: {path} holds an earlier run (saved {saved}); this fresh run replaces it at its first "
+                  "save. To continue that run instead, stop this one and add --from_resume 1", flush=True)
         return TrainState(world_size=world_size)
     state = restore_resume(ckpt, path, load_trainable, optimizer, scaler, rank, world_size, seed)
     if rank == 0:
