@@ -493,6 +493,32 @@ def test_a_fresh_run_over_an_earlier_one_says_so_at_start(run, tmp_path, capsys)
     assert f"{out / STEM}_resume.pth holds an earlier run (saved " in note and "add --from_resume 1" in note
     assert printed.index(note) < printed.index("step 1/1")
 
+def test_resume_takes_the_same_settings_spelled_otherwise_and_refuses_another_base(run, tmp_path, capsys):
+    tmp, weight, data, good, flags = run
+    out = copy_run(good, tmp_path / "out")
+    # alpha left to its default (the rank) and the same layers in another order: the same run
+    same = {**flags, "lora_alpha": 4, "lora_targets": "v_proj,q_proj", "epochs": 3}
+    assert run_inprocess(main, lora_args(tmp, weight, data, save_dir=out, **same) + ["--from_resume", "1"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    # The same base by another path: a note; a base of another shape (3 layers, not 2): refused
+    alias = tmp_path / "alias.pth"
+    alias.symlink_to(weight)
+    copy_run(good, tmp_path / "out2")
+    assert run_inprocess(main, lora_args(tmp, alias, data, save_dir=tmp_path / "out2", **{**flags, "epochs": 3})
+                         + ["--from_resume", "1"]) == 0
+    assert "note: the run that wrote" not in capsys.readouterr().out  # the same file by another name
+    copied = tmp_path / "copy" / weight.name
+    copied.parent.mkdir()
+    shutil.copy(weight, copied)
+    assert run_inprocess(main, lora_args(tmp, copied, data, save_dir=copy_run(good, tmp_path / "out4"),
+                                         **{**flags, "epochs": 3}) + ["--from_resume", "1"]) == 0
+    assert f"trained on {weight.resolve()}; it continues on {copied}, a base of the same shape" in \
+        capsys.readouterr().out
+    other = save_tiny_minimind(tmp_path / "other" / weight.name, num_hidden_layers=3)
+    argv = lora_args(tmp, other, data, save_dir=copy_run(good, tmp_path / "out3"), **flags) + ["--from_resume", "1"]
+    refused(argv, capsys, "the base model (--from_weight", "is another one: num_hidden_layers 2 -> 3")
+
+
 def test_resume_refuses_changed_math_or_data(run, tmp_path, capsys):
     tmp, weight, data, good, flags = run
     shorter = write_chat_data(tmp_path / "short.jsonl", 3)

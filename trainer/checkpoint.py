@@ -242,13 +242,45 @@ SAME_ON_RESUME = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lo
 NOTED_ON_RESUME = ("learning_rate", "warmup_iters", "weight_decay", "grad_clip", "epochs", "max_steps")
 
 
-def check_resume_flags(config: dict, path: Path, args: object, world_size: int, n_train: int) -> list[str]:
-    """Raise CheckpointError if this run's flags or data change the math or the data position of the run
-    that wrote `path` (its saved `config`); return notes on the flags it may change."""
+# What a base's config.json must keep for a LoRA to continue on it (not its path, dtype or library version)
+BASE_SHAPE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "intermediate_size")
+
+
+def _as_run_sees_it(key: str, flags: dict, targets: list[str] | None) -> object:
+    """A flag's value as it acts: alpha None is the rank, --lora_targets the layers it adapted (`targets`)."""
+    if key == "lora_alpha" and flags.get(key) is None:
+        return float(flags.get("lora_rank") or 0)
+    if key == "lora_targets" and targets is not None:
+        return sorted(targets)
+    return flags.get(key)
+
+
+def check_resume_flags(config: dict, path: Path, args: object, world_size: int, n_train: int,
+                       model: torch.nn.Module | None = None, source: str | None = None,
+                       targets: list[str] | None = None) -> list[str]:
+    """Raise CheckpointError if this run's flags, data or base (`model`, loaded from `source`, with LoRA on
+    `targets`) change the math or the data position of the run that wrote `path` (its saved `config`);
+    return notes on what it may change."""
     saved = config.get("args") or {}
     now = vars(args)
-    changed = [f"--{k} {saved[k]} -> {now[k]}" for k in SAME_ON_RESUME
-               if k in saved and k in now and str(saved[k]) != str(now[k])]
+    saved_paths = config.get("paths") or {}
+    saved_targets = config.get("lora_targets") if targets is not None else None  # older files: the flag as given
+    changed = []
+    for k in SAME_ON_RESUME:
+        if k not in saved or k not in now:
+            continue
+        before = _as_run_sees_it(k, saved, saved_targets)
+        after = _as_run_sees_it(k, now, targets if saved_targets is not None else None)
+        if k in saved_paths and after and Path(after).exists():  # the same file named from another folder
+            before, after = saved_paths[k], str(Path(after).resolve())
+        if str(before) != str(after):
+            changed.append(f"--{k} {saved[k]} -> {now[k]}")
+    saved_cfg, now_cfg = config.get("model_config") or {}, getattr(getattr(model, "config", None), "to_dict", dict)()
+    shape = [f"{k} {saved_cfg[k]} -> {now_cfg[k]}" for k in BASE_SHAPE
+             if k in saved_cfg and k in now_cfg and saved_cfg[k] != now_cfg[k]]
+    if shape:
+        changed.append(f"the base model (--from_weight {source}) is another one: {', '.join(shape)}")
     if {"batch_size", "accumulation_steps"} <= saved.keys() and "world_size" in config:
         before = saved["batch_size"] * saved["accumulation_steps"] * config["world_size"]
         after = now["batch_size"] * now["accumulation_steps"] * world_size
@@ -262,8 +294,13 @@ def check_resume_flags(config: dict, path: Path, args: object, world_size: int, 
         raise CheckpointError(f"{path}: cannot continue this run with changed settings: {'; '.join(changed)}. "
                               "Put them back as they were, or start a new run (another --lora_name or "
                               "--save_dir, or without --from_resume)")
-    return [f"note: --{k} was {saved[k]} in the run that wrote {path.name}, now {now[k]}; continuing with the "
-            "new value" for k in NOTED_ON_RESUME if k in saved and k in now and str(saved[k]) != str(now[k])]
+    notes = [f"note: --{k} was {saved[k]} in the run that wrote {path.name}, now {now[k]}; continuing with the "
+             "new value" for k in NOTED_ON_RESUME if k in saved and k in now and str(saved[k]) != str(now[k])]
+    base_then = saved_paths.get("base_model")
+    if source and base_then and Path(source).exists() and str(Path(source).resolve()) != base_then:
+        notes.append(f"note: the run that wrote {path.name} trained on {base_then}; it continues on {source}, a base "
+                     "of the same shape: it must hold the same weights, or the LoRA no longer fits it")
+    return notes
 
 
 def start_or_resume(path: Path, from_resume: bool, load_trainable: Callable[[dict], None],

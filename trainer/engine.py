@@ -4,6 +4,7 @@ written beside each checkpoint (the compiled decoder: trainer/compiling.py; the 
 import contextlib
 import math
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from trainer.distributed import DistInfo, FlatGradients, device_sum_, host_sum
 from trainer.flat_adamw import FlatAdamW, flatten_parameters
 from trainer.step_graphs import MicroStepGraphs
 
+PATH_FLAGS = ("data_path", "val_data_path", "chat_template", "init_lora")  # flags naming files (run_config)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -202,8 +204,12 @@ def run_config(args: object, info: DistInfo, source: str, model: nn.Module, step
                **extra: object) -> dict:
     """The run's full config for the JSON beside every checkpoint: flags, model config, progress, versions."""
     cfg = getattr(model, "config", None)
+    flags = vars(args)
+    # Absolute paths, so that a resume from another folder (inside trainer/: ../dataset/...) is the same run
+    paths = {k: str(Path(v).resolve()) for k in ("base_model", *PATH_FLAGS)
+             if (v := source if k == "base_model" else flags.get(k)) and Path(v).exists()}
     return {
-        "args": vars(args), "base_model": source, "world_size": info.world_size, "step": step,
+        "args": flags, "base_model": source, "world_size": info.world_size, "step": step,
         "total_steps": total_steps, "model_config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
-        **extra, "torch": torch.__version__,
+        "paths": paths, **extra, "torch": torch.__version__,
     }
