@@ -215,11 +215,16 @@ def _one_object(path: str | Path, data: bytes, first_line: int) -> list[tuple[in
     if not isinstance(obj, dict):
         return None
     if not any(key in obj for key in ("conversations", "messages", "instruction", "output", "text")):
-        lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+        lists = _record_lists(obj)
         if lists:
             raise DataError(f"{path}: the file is one JSON object whose records are the list under {_short(lists[0])}: "
                             "save that list as a JSON array (.json), or as JSON Lines (one record per line)")
     return [(first_line, data.strip())]
+
+
+def _record_lists(obj: dict) -> list[str]:
+    """The keys of `obj` holding a list of objects: where a file that wraps its records keeps them."""
+    return [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -283,7 +288,10 @@ def parse_conversation(obj: Any) -> tuple[list[dict[str, Any]], list[dict[str, A
     elif "text" in obj:
         raise BadRecord('this is a pretraining record {"text": ...}; SFT needs conversations')
     else:
-        raise BadRecord(f"no 'conversations', 'messages' or 'instruction'/'output' key (keys: {_short(sorted(obj))})")
+        lists = _record_lists(obj)
+        wraps = f"; its records seem to be the list under {_short(lists[0])}: write one of them per line" if lists else ""
+        raise BadRecord(f"no 'conversations', 'messages' or 'instruction'/'output' key (keys: "
+                        f"{_short(sorted(obj))}){wraps}")
     _check_order(messages)
     return messages, tools
 

@@ -104,6 +104,10 @@ BAD_IN_STRINGS = [  # the same inside MiniMind's JSON strings (tool calls, tools
         json.dumps({**chat("Hi", "Hello."), "messages": chat("Hi", "Other.")["conversations"]}).encode(),
         "both 'conversations' and 'messages': keep the one that holds the chat",
     ),
+    (
+        json.dumps({"data": [chat("Hi", "Hello."), chat("Hey", "Hey.")]}).encode(),
+        "its records seem to be the list under 'data': write one of them per line",
+    ),
 ]
 
 

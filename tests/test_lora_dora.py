@@ -133,7 +133,9 @@ def test_use_dora_flag_trains_a_peft_dora_adapter(tmp_path, capsys):
     out = tmp_path / "out"
     assert not (out / "lora_identity_64.pth").exists()  # MiniMind's layout has no DoRA magnitude
     # as the log shows paths: relative when the run's folder is near the working directory (shown_path)
-    assert f"done: {shown_path(out / 'lora_identity_64')}/" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"done: {shown_path(out / 'lora_identity_64')}/" in printed
+    assert "MiniMind's own load_lora" not in printed  # no .pth is written, so no note on how MiniMind reads it
     resume = torch.load(out / "lora_identity_64_resume.pth", weights_only=False)
     assert sum(k.endswith("lora_magnitude_vector") for k in resume["trainable"]) == 14
     ids = torch.randint(3, 6400, (2, 12))

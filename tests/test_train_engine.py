@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import threading
@@ -482,3 +483,29 @@ def test_warm_start_reuses_a_graph_with_our_autograd_function_and_never_a_stale_
     assert (again["hit"], again["miss"]) == (1, 0) and again["same"] and again["grad"] == first["grad"]
     assert (edited["hit"], edited["miss"]) == (0, 1) and edited["same"]
     assert edited["grad"] == pytest.approx(2 * first["grad"])
+
+
+def test_a_pth_finds_the_tokenizer_of_the_model_directory_written_beside_it(tmp_path, capsys):
+    # train_pretrain.py writes out/pretrain_512.pth and out/pretrain_512/; merge_lora.py merged_256.pth and _hf/
+    from trainer.base_model import REPO_TOKENIZER, TOKENIZER_CORE, pick_tokenizer
+
+    for folder in ("pretrain_512", "merged_256_hf"):
+        (tmp_path / folder).mkdir()
+        for name in TOKENIZER_CORE[:2]:
+            shutil.copy(REPO_TOKENIZER / name, tmp_path / folder / name)
+        weight = tmp_path / (folder.removesuffix("_hf") + ".pth")
+        weight.write_bytes(b"")
+        tok = pick_tokenizer(weight, None)
+        assert Path(tok.name_or_path) == tmp_path / folder and "warning" not in capsys.readouterr().out
+        shutil.rmtree(tmp_path / folder)
+    pick_tokenizer(tmp_path / "alone.pth", None)
+    assert "warning: using the repo's tokenizer" in capsys.readouterr().out
+
+
+def test_a_warmup_as_long_as_the_run_is_noted():
+    from trainer.schedule import lr_at, warmup_note
+
+    assert warmup_note(3, 4) is None
+    note = warmup_note(10, 3)
+    assert "--warmup_iters 10 is not shorter than the run's 3 steps" in note
+    assert f"to {lr_at(2, 3, 1.0, 10):.0%} of --learning_rate" in note

@@ -18,6 +18,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -116,3 +117,39 @@ def test_minimind_nohup_line_runs_as_written(tmp_path):
     again = torch.load(resume_file, weights_only=False)["state"]
     assert again["step"] > first and again["wandb_id"] == resume["state"]["wandb_id"]
     assert [s for s, _ in again["history"]["train"]] == list(range(1, again["step"] + 1))
+
+
+def _on_a_terminal(columns: int, save_dir) -> str:
+    """The bare command on the demo, 3 steps, its output written to a pseudo-terminal `columns` wide."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen([sys.executable, str(REPO / "trainer" / "train_lora.py"), "--max_steps", "3",
+                             "--log_interval", "1", "--max_seq_len", "128", "--data_cache", "none",
+                             "--save_dir", str(save_dir)], stdout=slave, stderr=slave, cwd=REPO, env=env)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=600) == 0, out.decode(errors="replace")[-2000:]
+    os.close(master)
+    return out.decode(errors="replace")
+
+
+def test_a_terminal_gets_a_progress_bar_and_one_without_a_width_plain_lines(tmp_path):
+    wide = _on_a_terminal(100, tmp_path / "a")
+    assert "3/3 [" in wide and "\rstep " not in wide  # tqdm's bar, its postfix carrying the loss
+    # A pty that reports no width (`script -c`, some CI consoles): an empty bar would show nothing at all
+    narrow = _on_a_terminal(0, tmp_path / "b")
+    assert re.search(r"^step 3/3 \| epoch 1 \| loss \d", narrow, re.M), narrow[-2000:]

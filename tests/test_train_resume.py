@@ -1,5 +1,6 @@
 """A run killed (SIGKILL) or stopped (SIGTERM) and resumed ends exactly where an uninterrupted run ends."""
 
+import json
 import random
 import re
 import signal
@@ -168,3 +169,20 @@ def test_a_resume_past_its_max_steps_trains_nothing_and_keeps_the_weights(tmp_pa
     assert after[2]["step"] == before[2]["step"] == 3
     for key, value in before[0].items():
         assert torch.equal(after[0][key], value), key
+
+
+def test_a_finished_run_resumed_writes_and_evaluates_nothing_again(tmp_path, capsys):
+    weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
+    data = write_chat_data(tmp_path / "data.jsonl", 12)
+    argv = lora_args(tmp_path, weight, data, batch_size=2, max_steps=3, val_fraction=0.01, eval_interval=2)
+    assert run_inprocess(main, argv) == 0
+    printed = capsys.readouterr().out
+    # 0.01 of 12 samples rounds to none: one is held out all the same, and the data line says so
+    assert "validation: 1 sample(s) held out of 12 (--val_fraction)" in printed
+    files = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    history = json.loads((tmp_path / "out" / "lora_identity_64.json").read_text())["history"]["val"]
+    assert [step for step, _ in history] == [2, 3]
+    for _ in range(2):
+        assert run_inprocess(main, argv + ["--from_resume", "1"]) == 0
+        assert "val_loss" not in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == files

@@ -166,7 +166,8 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d["epochs"], help="passes over the training data")
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--max_steps", type=int, default=None, help="stop after at most this many optimizer steps (the --epochs end the run "
+                   "first if they hold fewer)")
     g.add_argument("--batch_size", type=int, default=16, help="samples per micro-batch per GPU")
     g.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="peak learning rate")

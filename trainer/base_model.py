@@ -95,13 +95,16 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 
 def pick_tokenizer(weight: Path | None, tokenizer_path: str | None) -> PreTrainedTokenizerBase:
-    """--tokenizer_path, else the model directory's or the one beside the .pth, else the repo's (warned)."""
+    """--tokenizer_path, else the model directory's, or for a .pth the one beside it or in the model directory
+    this repo writes with it (`{name}/` of the trainers, `{name}_hf/` of merge_lora.py), else the repo's (warned)."""
     if tokenizer_path:
         return load_tokenizer(Path(tokenizer_path))
     if weight is not None:
-        folder = weight if weight.is_dir() else weight.parent
-        if any((folder / f).is_file() for f in TOKENIZER_CORE):
-            return load_tokenizer(folder)
+        folders = [weight] if weight.is_dir() else [weight.parent, weight.with_suffix(""),
+                                                     weight.parent / f"{weight.stem}_hf"]
+        for folder in folders:
+            if any((folder / f).is_file() for f in TOKENIZER_CORE):
+                return load_tokenizer(folder)
     print(f"warning: using the repo's tokenizer {REPO_TOKENIZER}; MiniMind's released weights need MiniMind's own "
           "tokenizer (pass --tokenizer_path <dir>)", flush=True)
     return load_tokenizer(REPO_TOKENIZER)

@@ -229,7 +229,8 @@ def load_split(make: Callable[[str], Dataset], data_path: str, val_data_path: st
     train = make(data_path)
     if val_data_path:
         return train, make(val_data_path)
-    n_val = int(len(train) * val_fraction)
+    # At least one sample when a fraction is asked for (0.01 of 64 samples would otherwise turn validation off)
+    n_val = max(int(len(train) * val_fraction), 1 if val_fraction > 0 and len(train) > 1 else 0)
     if n_val == 0:
         return train, None
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -347,4 +348,7 @@ def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info:
                           lengths=lengths)
     loader = make_loader(train, sampler, train_collate, args.num_workers, info.device.type == "cuda", sup_slots)
     val_batches = eval_loader(val, args.batch_size, info.rank, info.world_size, collate) if val is not None else None
+    if val is not None:
+        note += f"; validation: {len(val)} sample(s)" + ("" if args.val_data_path else
+                                                          f" held out of {len(train) + len(val)} (--val_fraction)")
     return TrainData(train, sampler, loader, val_batches, note)

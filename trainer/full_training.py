@@ -41,7 +41,7 @@ from trainer.logger import RunLogger, plot_losses, shown_path, start_wandb
 from trainer.loss import SupervisedLoss
 from trainer.out_of_memory import MemoryWatch
 from trainer.save_dir import FULL_OUTPUTS, prepare_save_dir
-from trainer.schedule import lr_at
+from trainer.schedule import lr_at, warmup_note
 
 
 def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base: BaseModel,
@@ -114,7 +114,9 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
               "kill stops after the current step and saves" if state.step < total_steps else
               f"nothing to train: the run already reached step {total_steps}")
-    stopped = False
+    if info.is_main and state.step < total_steps and (note := warmup_note(args.warmup_iters, total_steps)):
+        log.write(note)
+    stopped, first_step = False, state.step
     for epoch, micro_batches, n_samples in data.steps(state.epoch, state.position, args.epochs):
         if state.step >= total_steps:
             break
@@ -140,18 +142,21 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
             save(final=False)
 
     # ------------------------------------------------------------------ finish
-    if data.val_batches is not None and not stopped and not memory.failed:
+    trained = state.step > first_step  # a finished run resumed evaluates and writes nothing again
+    if data.val_batches is not None and trained and not stopped and not memory.failed:
         with memory.watch(state.step):
             log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
     if memory.failed:  # the weights are the last finished step's (see train_lora.py)
         saved = state.step > 0 and save(final=False, rng=memory.rng)
         log.close()
         raise memory.error(state.step, resume_path if saved else None)
-    save(final=True)
+    if trained:
+        save(final=True)
     log.close()
     if info.is_main:
         if stopped:
             print(f"stopped at step {state.step}/{total_steps}; resume with:\n  {resume_command(info)}", flush=True)
         else:
-            print(f"done: {shown_path(stem)}/ (step {state.step}/{total_steps})", flush=True)
+            pth = f"{shown_path(sibling(stem, '.pth'))} and " if sibling(stem, ".pth").is_file() else ""
+            print(f"done: {pth}{shown_path(stem)}/ (step {state.step}/{total_steps})", flush=True)
     return 0

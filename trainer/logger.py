@@ -2,6 +2,7 @@
 
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -49,7 +50,7 @@ class RunLogger:
         self.steady_step = start_step + self.WARMUP
         self.marks: list[tuple[int, float]] = []  # (step, time) of each line from the end of the warm-up on
         self.bar = None
-        if info.is_main and sys.stdout.isatty():
+        if info.is_main and sys.stdout.isatty() and shutil.get_terminal_size((0, 0)).columns > 0:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)

@@ -16,3 +16,11 @@ def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int = 0) ->
     decay_steps = max(1, total_steps - 1 - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return floor + (peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_note(warmup_steps: int, total_steps: int) -> str | None:
+    """A start-up note when the warmup does not end before the run does (the peak is never reached)."""
+    if warmup_steps < total_steps:
+        return None
+    return (f"note: --warmup_iters {warmup_steps} is not shorter than the run's {total_steps} steps: the learning rate "
+            f"only climbs, to {(total_steps) / (warmup_steps + 1):.0%} of --learning_rate at the last step")

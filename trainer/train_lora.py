@@ -84,7 +84,7 @@ with frozen_imports():
     from trainer.loss import SupervisedLoss
     from trainer.out_of_memory import MemoryWatch
     from trainer.save_dir import LORA_OUTPUTS, prepare_save_dir
-    from trainer.schedule import lr_at
+    from trainer.schedule import lr_at, warmup_note
     from trainer.step_graphs import (
         MicroStepGraphs,
         cuda_graph_needs,
@@ -218,14 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopSignal()
     guard = DivergenceGuard(model.config.vocab_size, params, state.history["train"], resume_path, state.step)
     memory = MemoryWatch(info, args, keep_rng=args.lora_dropout > 0, step_graphs=graphs is not None and not args.packing)
-    loader_note = minimind_loader_note(model, targets, sibling(stem, ".pth"))
+    # With DoRA no MiniMind .pth is written, so there is nothing for MiniMind's loader to read
+    loader_note = None if args.use_dora else minimind_loader_note(model, targets, sibling(stem, ".pth"))
     log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
               "kill stops after the current step and saves" if state.step < total_steps else
               f"nothing to train: the run already reached step {total_steps}")
     if compiled and state.step < total_steps:
         log.write("compiling... (the first two steps compile and record; seconds with a warm cache in "
                   f"{shown_path(compile_cache)}, longer with an empty one)")
-    stopped = False
+    if info.is_main and state.step < total_steps and (note := warmup_note(args.warmup_iters, total_steps)):
+        log.write(note)
+    stopped, first_step = False, state.step
     for epoch, micro_batches, n_samples in data.steps(state.epoch, state.position, args.epochs):
         if state.step >= total_steps:  # --max_steps reached, or a finished run resumed
             break
@@ -253,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------ finish
     workers.join()
-    if data.val_batches is not None and not stopped and not memory.failed:
+    trained = state.step > first_step  # a finished run resumed evaluates and writes nothing again
+    if data.val_batches is not None and trained and not stopped and not memory.failed:
         with memory.watch(state.step):
             log.val(state.step, evaluate(loss_module, data.val_batches, info, amp_dtype))
     if memory.failed:
@@ -261,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = state.step > 0 and save(final=False, rng=memory.rng)
         log.close()
         raise memory.error(state.step, resume_path if saved else None)
-    save(final=True)
+    if trained:
+        save(final=True)
     if graphs is not None:
         log.write(graphs.note)
     log.close()
