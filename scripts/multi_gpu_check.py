@@ -1,7 +1,7 @@
 """Multi-GPU check, run once on a 2-GPU machine: DDP matches one GPU and scales, --fsdp shards, failures end.
 
-    PYTHONPATH=$PWD python scripts/multi_gpu_check.py --parts acd --out $OUT   # 2 GPUs, about 5 minutes
-    PYTHONPATH=$PWD python scripts/multi_gpu_check.py --parts be --out $OUT    # about 3 minutes (4 compiles)
+    python scripts/multi_gpu_check.py --parts acd   # 2 GPUs, about 5 minutes; writes out/multi_gpu_check/
+    python scripts/multi_gpu_check.py --parts be    # about 3 minutes (4 compiles)
     python scripts/multi_gpu_check.py --cpu-smoke --out /tmp/check             # the same logic, tiny, CPU + gloo
 
 (All parts in one call, `--parts acdbe`: about 5 + 3 minutes, one 10-minute device call.)
