@@ -25,7 +25,8 @@ def build_lora(model: nn.Module, args: argparse.Namespace, device: torch.device)
     if not args.load_in_4bit:
         return names, ""
     count, held = quantize_base(model, device)
-    return names, f"; {count} base linear layers in NF4 ({held / 2**30:.2f} GiB)"
+    size = f"{held / 2**30:.2f} GiB" if held >= 2**30 else f"{held / 2**20:.1f} MiB"  # small bases: not "0.00 GiB"
+    return names, f"; {count} base linear layers in NF4 ({size})"
 
 
 def _new(model: nn.Module, args: argparse.Namespace) -> list[str]:
