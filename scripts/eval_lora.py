@@ -39,7 +39,7 @@ with frozen_imports():
     from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
     from model.model_lora import load_lora
     from trainer.args import REPO_ROOT
-    from trainer.base_flags import load_from_flags, lora_file, script_parser
+    from trainer.base_flags import load_from_flags, lora_file, make_output_folder, script_parser
     from trainer.distributed import pick_device
     from trainer.engine import DTYPES
     from trainer.logger import shown_path
@@ -145,10 +145,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     """Score the base, then base+LoRA (same weights, LoRA added in place); print the report; return it."""
     device = pick_device(args.device)
     if args.json:  # before the scoring, not after it
-        try:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"--json {args.json}: cannot make its folder ({err.strerror or err})") from None
+        make_output_folder(Path(args.json).parent, f"--json {args.json}")
     model, tokenizer = load_from_flags(args, device, DTYPES[args.dtype])
     samples, empty = read_samples(args.data_path, tokenizer, args.max_seq_len)
     samples = samples[: args.max_samples] if args.max_samples else samples

@@ -36,7 +36,7 @@ with frozen_imports():
     from model.errors import UserError, exit_on_user_error
     from model.hf_export import ExportError, export_minimind
     from model.model_lora import load_lora, merge_lora
-    from trainer.base_flags import is_minimind, lora_file, script_parser
+    from trainer.base_flags import is_minimind, lora_file, make_output_folder, script_parser
     from trainer.base_model import TOKENIZER_FILES, load_base
     from trainer.engine import DTYPES
     from trainer.logger import shown_path
@@ -91,10 +91,7 @@ def export(args: argparse.Namespace) -> list[Path]:
     model, tokenizer, stored = merged_model(args)
     dtype = DTYPES[args.dtype] if args.dtype else stored
     dtype_name = str(dtype).removeprefix("torch.")
-    try:
-        Path(args.save_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--save_dir {args.save_dir}: cannot make the folder ({err.strerror or err})") from None
+    make_output_folder(args.save_dir, f"--save_dir {args.save_dir}")
     print(f"merged {args.lora_path} into the base")
     outputs = []
     pth, hf_dir = output_paths(model, args)

@@ -32,6 +32,7 @@ with frozen_imports():
     from model.errors import UserError, exit_on_user_error
     from model.model_lora import LoRAError, read_lora, read_lora_plan
     from trainer.args import default_save_dir
+    from trainer.base_flags import make_output_folder
     from trainer.checkpoint import load_resume
 
 
@@ -280,10 +281,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def plot(args: argparse.Namespace) -> None:
     """Write the PNGs the flags ask for, printing each path."""
-    try:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--out_dir {args.out_dir}: cannot make the folder ({err.strerror or err})") from None
+    make_output_folder(args.out_dir, f"--out_dir {args.out_dir}")
     for path in args.lora_path:
         for png in plot_lora(path, args.out_dir, args.top):
             print(f"wrote {png}")

@@ -99,7 +99,8 @@ def test_bad_flags_exit_2(tmp_path, capsys):
 
 def test_outputs_and_data_it_cannot_use_stop_before_scoring(tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    for argv, needle in ((["--json", str(tmp_path / "file" / "eval.json")], "cannot make its folder"),
+    for argv, needle in ((["--json", str(tmp_path / "file" / "eval.json")],
+                          f"--json {tmp_path / 'file' / 'eval.json'}: cannot make the folder {tmp_path / 'file'}"),
                          (["--data_path", str(tmp_path)], f"{tmp_path} is a folder; pass the .jsonl file in it")):
         with pytest.raises(SystemExit) as exit_info:
             main([*argv, "--device", "cpu", "--n_prompts", "0"])

@@ -331,8 +331,8 @@ def _check_template(path: Path) -> None:
         raise FlagError(f"--chat_template {path}: cannot read it as UTF-8 text ({err})") from None
     if not text.strip():
         raise FlagError(f"--chat_template {path}: the file is empty; pass a jinja chat template")
-    if text.lstrip().startswith("{") and _json_object(text) is not None:
-        holds = " (its \"chat_template\" is the template)" if "chat_template" in _json_object(text) else ""
+    if text.lstrip().startswith("{") and (config := _json_object(text)) is not None:
+        holds = " (its \"chat_template\" is the template)" if "chat_template" in config else ""
         raise FlagError(f"--chat_template {path}: a JSON file{holds}, not a jinja template; a tokenizer's own template "
                         "comes with --tokenizer_path FOLDER, and another one is passed as a .jinja file")
     from jinja2 import TemplateError
