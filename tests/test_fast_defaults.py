@@ -133,6 +133,25 @@ def test_packed_rows_flag_sets_the_rows_directly():
     assert micro_batches[0]["input_ids"].shape == (5, 128) and "(--packed_rows)" in data.note
 
 
+def test_a_step_larger_than_the_data_says_it_holds_all_of_it():
+    """12 samples, 16 per micro-batch × 2 micro-batches: the one step per epoch holds the 12, not 32."""
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    args = SimpleNamespace(data_path="x", val_data_path=None, val_fraction=0.0, seed=0, max_seq_len=128,
+                           packing=False, batch_size=16, accumulation_steps=2, num_workers=0, group_by_length=False)
+    padded = prepare_data(lambda _: _Lengths([20, 40, 60] * 4), args, info, pad_id=0)
+    assert "one optimizer step = 12 samples, ≈ 480 tokens (all the data: it holds 12 samples, fewer than a " \
+           "full step's 32)" in padded.note
+    assert sum(n for _, _, n in padded.steps(0, 0, 1)) == 12
+    packed = prepare_data(lambda _: _Lengths([20, 40, 60] * 4), SimpleNamespace(**{**vars(args), "packing": True}),
+                          info, pad_id=0)
+    rows = len(packed.train)  # 480 tokens in rows of 128
+    assert f"one optimizer step ≈ 12 samples, {rows * 128:,} token slots (all the data: it holds {rows} packed rows" \
+           in packed.note
+    fits = prepare_data(lambda _: _Lengths([20, 40, 60] * 20), SimpleNamespace(**{**vars(args), "batch_size": 4}),
+                        info, pad_id=0)
+    assert "one optimizer step = 8 samples, ≈ 320 tokens" in fits.note and "all the data" not in fits.note
+
+
 def test_eta_and_tokens_per_second_leave_the_warm_up_steps_out(monkeypatch, capsys):
     """A 100 s first step (compiling) and a 1 s second one (graph recording), then 1 s per step: the ETA at
     step 4 of 10 is 6 s (the steady pace), not 154 s (the average since the start)."""

@@ -311,6 +311,11 @@ def supervised_slots(packed: PackedDataset, first_epoch: list[list[int]]) -> int
     return most + -most % ROW_MULTIPLE
 
 
+def _whole_data(step: int, held: int, what: str) -> str:
+    """The start-up line's aside when one step's batch is larger than the whole data set."""
+    return f" (all the data: it holds {held} {what}, fewer than a full step's {step})" if step > held else ""
+
+
 def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info: DistInfo, pad_id: int,
                  segments: bool = False) -> TrainData:
     """Tokenized training (and validation) data from the flags, padded or packed, sharded for this rank.
@@ -330,8 +335,10 @@ def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info:
         train = PackedDataset(train, args.max_seq_len, args.seed)
         per_row = len(train.dataset) / max(len(train), 1)  # samples per packed row
         why = "--packed_rows" if given else f"--batch_size {args.batch_size} × mean sample {mean:.0f} tokens"
+        step_rows = min(rows * per_step, len(train))  # a step cannot hold more than the data
         note = (f"packed: {rows} row(s) of {args.max_seq_len} tokens per micro-batch ({why}); one optimizer step ≈ "
-                f"{rows * per_step * per_row:.0f} samples, {rows * per_step * args.max_seq_len:,} token slots")
+                f"{step_rows * per_row:.0f} samples, {step_rows * args.max_seq_len:,} token slots"
+                + _whole_data(rows * per_step, len(train), "packed rows"))
         first = list(first_epoch_micro_batches(train, rows, args.accumulation_steps, info.world_size, args.seed))
         slots = segment_slots(train, first) if segments else None
         train_collate = partial(collate_packed, pad_id=pad_id, width=args.max_seq_len, rows=rows, segments=slots)
@@ -341,7 +348,8 @@ def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info:
         rows = args.batch_size
         note = (f"padded: {rows} samples per micro-batch" + (f", widths rounded up to multiples of {multiple}"
                 if multiple > 1 else "") + (", grouped by length" if args.group_by_length else "") +
-                f"; one optimizer step = {rows * per_step} samples, ≈ {rows * per_step * mean:,.0f} tokens")
+                f"; one optimizer step = {min(rows * per_step, len(train))} samples, "
+                f"≈ {min(rows * per_step, len(train)) * mean:,.0f} tokens" + _whole_data(rows * per_step, len(train), "samples"))
         train_collate, sup_slots = collate, None
         lengths = np.asarray(train.lengths) if args.group_by_length else None
     sampler = StepSampler(len(train), rows, args.accumulation_steps, info.rank, info.world_size, args.seed,
