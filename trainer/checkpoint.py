@@ -226,9 +226,10 @@ def restore_resume(ckpt: dict, path: Path, load_trainable: Callable[[dict], None
     if state.world_size == world_size:
         restore_rng(ckpt["rng"][rank])
     else:
-        print(f"note: {path} was written by {state.world_size} process(es), this run has {world_size}: "
-              f"continuing at step {state.step} with the unseen rest of epoch {state.epoch + 1} re-sharded; "
-              "the data order of later steps differs from an uninterrupted run", flush=True)
+        if rank == 0:  # the samples per step are the same (check_resume_flags refuses another global batch)
+            print(f"note: {path} was written by {state.world_size} process(es), this run has {world_size}: "
+                  f"continuing at step {state.step}; each later step takes the same samples, split over "
+                  f"{world_size} process(es), and LoRA dropout draws new random numbers", flush=True)
         seed_everything(seed + 1000 * state.step + rank)
     state.world_size = world_size
     return state
