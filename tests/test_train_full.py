@@ -91,3 +91,59 @@ def test_default_paths_do_not_depend_on_the_working_directory(tmp_path, monkeypa
     assert args.save_dir == str(REPO / "out") and args.data_path == str(REPO / "dataset" / "lora_identity.jsonl")
     assert parse_args("full_sft", "t", []).data_path == str(REPO / "dataset" / "sft_demo.jsonl")
     assert parse_args("pretrain", "t", []).data_path == str(REPO / "dataset" / "pretrain_demo.jsonl")
+
+
+def test_no_run_saves_over_the_model_or_lora_it_starts_from(tmp_path, capsys):
+    """MiniMind's names make it easy to name the output as the input (`--from_weight full_sft` for a full SFT,
+    `--init_lora` of the default LoRA name): each is refused before training, the input left as it was."""
+    tok, out = tokenizer_dir(), tmp_path / "out"
+    _write_texts(tmp_path / "text.jsonl", 8)
+    chat = write_chat_data(tmp_path / "chat.jsonl", 6)
+    assert run_inprocess(train_pretrain.main, _flags(
+        save_dir=out, data_path=tmp_path / "text.jsonl", hidden_size=64, num_hidden_layers=2, tokenizer_path=tok,
+        max_steps=1)) == 0
+    base = (out / "pretrain_64.pth").read_bytes()
+    capsys.readouterr()
+    assert run_inprocess(train_pretrain.main, _flags(
+        save_dir=out, from_weight="pretrain", data_path=tmp_path / "text.jsonl", tokenizer_path=tok, max_steps=1)) == 2
+    assert (f"error: {out / 'pretrain_64.pth'} is where this run saves, and it holds the run's own --from_weight "
+            f"{out / 'pretrain_64.pth'}: the first save would replace it. Pass another --save_weight or --save_dir"
+            ) in capsys.readouterr().err
+    assert (out / "pretrain_64.pth").read_bytes() == base
+    # --save_weight names the output, as in MiniMind's train_pretrain.py / train_full_sft.py.
+    assert run_inprocess(train_pretrain.main, _flags(
+        save_dir=out, from_weight="pretrain", save_weight="pretrain2", data_path=tmp_path / "text.jsonl",
+        tokenizer_path=tok, max_steps=1)) == 0
+    assert (out / "pretrain2_64.pth").is_file() and (out / "pretrain_64.pth").read_bytes() == base
+
+    lora = _flags(save_dir=out, from_weight="pretrain", data_path=chat, tokenizer_path=tok, max_steps=1)
+    assert run_inprocess(train_lora.main, lora) == 0
+    adapter = (out / "lora_identity_64.pth").read_bytes()
+    capsys.readouterr()
+    assert run_inprocess(train_lora.main, lora + ["--init_lora", str(out / "lora_identity_64.pth")]) == 2
+    assert "holds the run's own --init_lora" in capsys.readouterr().err
+    assert (out / "lora_identity_64.pth").read_bytes() == adapter
+    capsys.readouterr()
+    assert run_inprocess(train_lora.main, lora + ["--lora_name", "pretrain"]) == 2
+    assert "holds the run's own --from_weight" in capsys.readouterr().err
+    assert (out / "pretrain_64.pth").read_bytes() == base
+
+
+def test_minimind_default_bases_and_none(tmp_path, capsys):
+    """Without --from_weight, MiniMind's scripts load {save_dir}/full_sft_{hidden} (LoRA) and pretrain_{hidden}
+    (full SFT); `--from_weight none` starts a full SFT from a new random model."""
+    tok, out = tokenizer_dir(), tmp_path / "out"
+    chat = write_chat_data(tmp_path / "chat.jsonl", 6)
+    assert run_inprocess(train_full_sft.main, _flags(
+        save_dir=out, from_weight="none", hidden_size=64, num_hidden_layers=2, data_path=chat, tokenizer_path=tok,
+        max_steps=1, save_weight="pretrain")) == 0
+    assert json.loads((out / "pretrain_64.json").read_text())["base_model"] == "new"
+    assert run_inprocess(train_full_sft.main, _flags(
+        save_dir=out, hidden_size=64, data_path=chat, tokenizer_path=tok, max_steps=1)) == 0
+    assert json.loads((out / "full_sft_64.json").read_text())["base_model"] == str(out / "pretrain_64.pth")
+    assert run_inprocess(train_lora.main, _flags(save_dir=out, hidden_size=64, data_path=chat, max_steps=1)) == 0
+    assert json.loads((out / "lora_identity_64.json").read_text())["base_model"] == str(out / "full_sft_64.pth")
+    capsys.readouterr()
+    assert run_inprocess(train_lora.main, _flags(save_dir=out, hidden_size=32, data_path=chat, max_steps=1)) == 2
+    assert (f"error: no --from_weight given: MiniMind's default base {out / 'full_sft_32.pth'} does not exist, and "
+            "the demo base") in capsys.readouterr().err

@@ -74,6 +74,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# The base MiniMind's own scripts load when --from_weight is not given (train_lora.py, train_full_sft.py).
+MINIMIND_BASE = {"lora": "full_sft", "full_sft": "pretrain"}
+
+
 def build_parser(job: str, description: str) -> argparse.ArgumentParser:
     """The parser for one job ("lora", "full_sft" or "pretrain")."""
     d = JOB_DEFAULTS[job]
@@ -86,6 +90,10 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
     if job == "lora":
         g.add_argument("--lora_name", default="lora_identity",
                        help="output name: {save_dir}/{lora_name}_{hidden_size}{_moe}.pth")
+    else:
+        g.add_argument("--save_weight", default=job,
+                       help="output name: {save_dir}/{save_weight}_{hidden_size}{_moe}.pth and the model directory "
+                            "{save_weight}_{hidden_size}{_moe}/")
     g.add_argument("--save_interval", type=int, default=1000, help="save a checkpoint every N optimizer steps")
     g.add_argument("--log_interval", type=int, default=10, help="print/log every N optimizer steps")
     _switch(g, "--use_wandb", help="log to Weights & Biases (WANDB_MODE=offline works)")
@@ -95,7 +103,10 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--from_weight", default=None,
                    help="a MiniMind name resolved as {save_dir}/{name}_{hidden_size}{_moe}.pth (e.g. full_sft), "
                         "a .pth path, or a model directory (config.json + weights + tokenizer). default: "
-                        + ("a new random MiniMind model (also: none)" if job == "pretrain" else "the demo base model/demo/"))
+                        + ("a new random MiniMind model (also: none)" if job == "pretrain" else
+                           f"with --hidden_size, {{save_dir}}/{MINIMIND_BASE[job]}_{{hidden_size}}{{_moe}}.pth where it "
+                           "exists (MiniMind's default), else the demo base model/demo/"
+                           + ("; none: a new random MiniMind model" if job == "full_sft" else "")))
     g.add_argument("--hidden_size", "--dim", dest="hidden_size", type=int, default=None,
                    help="MiniMind hidden size: picks the file and must match it (default: from the file)")
     g.add_argument("--num_hidden_layers", "--n_layers", dest="num_hidden_layers", type=int, default=None,
@@ -301,9 +312,10 @@ def check_values(args: argparse.Namespace) -> None:
     save_dir = Path(args.save_dir)
     if save_dir.exists() and not save_dir.is_dir():
         raise FlagError(f"--save_dir {save_dir} is a file, not a folder; pass a folder")
-    name = getattr(args, "lora_name", None)
+    flag = "lora_name" if hasattr(args, "lora_name") else "save_weight"
+    name = getattr(args, flag, None)
     if name is not None and (not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".")):
-        raise FlagError(f"--lora_name {name!r} must be a plain file name (no folders, no leading dot): the files go "
+        raise FlagError(f"--{flag} {name!r} must be a plain file name (no folders, no leading dot): the files go "
                         "into --save_dir; pass --save_dir for another folder")
     if getattr(args, "chat_template", None):
         _check_template(Path(args.chat_template))
@@ -366,7 +378,3 @@ def check_data_files(args: argparse.Namespace) -> None:
                             "committed: run `python dataset/make_demo_data.py` first")
         raise FlagError(f"{flag} {path}: no such file")
 
-
-def from_scratch(from_weight: str | None) -> bool:
-    """--from_weight absent or `none` (MiniMind's spelling): build a new model instead of loading one."""
-    return from_weight is None or from_weight.lower() == "none"

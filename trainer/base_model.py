@@ -1,5 +1,6 @@
 """Find and load the model to train (`--from_weight`) and its tokenizer."""
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,21 @@ class BaseModel:
 
 
 def resolve_weight(from_weight: str | None, save_dir: str, hidden_size: int | None,
-                   use_moe: bool | None) -> Path:
-    """--from_weight as a path: an existing file/directory, or a MiniMind name looked up in save_dir."""
+                   use_moe: bool | None, minimind_default: str | None = None) -> Path:
+    """--from_weight as a path: an existing file/directory, or a MiniMind name looked up in save_dir. Absent: with
+    --hidden_size, the base MiniMind's own script would load (`minimind_default`, e.g. full_sft) where it exists,
+    else the demo base."""
     if from_weight is None:
+        if hidden_size is not None and minimind_default:
+            wanted = Path(save_dir) / f"{minimind_default}_{hidden_size}{'_moe' if use_moe else ''}.pth"
+            if wanted.is_file():  # MiniMind's `--hidden_size 512` alone trains on out/full_sft_512.pth
+                return wanted
+            demo = json.loads((DEMO_BASE / "config.json").read_text()).get("hidden_size")
+            if demo != hidden_size:
+                raise BaseModelError(f"no --from_weight given: MiniMind's default base {wanted} does not exist, and "
+                                     f"the demo base {DEMO_BASE} has hidden_size {demo}, not --hidden_size "
+                                     f"{hidden_size}; pass --from_weight <name in --save_dir | file.pth | model "
+                                     "directory>")
         if not (DEMO_BASE / "config.json").is_file():
             raise BaseModelError(f"no --from_weight given and the demo base model {DEMO_BASE} is missing; pass "
                                  "--from_weight <name in --save_dir | file.pth | model directory>")
@@ -163,13 +176,14 @@ def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = Non
 
 def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden_size: int | None = None,
               num_hidden_layers: int | None = None, use_moe: bool | None = None,
-              tokenizer_path: str | None = None, max_seq_len: int | None = None) -> BaseModel:
+              tokenizer_path: str | None = None, max_seq_len: int | None = None,
+              minimind_default: str | None = None) -> BaseModel:
     """Load --from_weight (MiniMind .pth, MiniMind or transformers model directory) in `dtype`, plus tokenizer.
 
     `max_seq_len` (the longest row the run feeds) decides whether a sliding-window model is exact on the
-    fast decoder; None assumes its max_position_embeddings.
+    fast decoder; None assumes its max_position_embeddings. `minimind_default`: resolve_weight's.
     """
-    path = resolve_weight(from_weight, save_dir, hidden_size, use_moe)
+    path = resolve_weight(from_weight, save_dir, hidden_size, use_moe, minimind_default)
     hf_logging.disable_progress_bar()  # its "Loading weights" bar would litter nohup logs
     if path.is_dir():
         model = load_directory(path, dtype, max_seq_len)

@@ -6,16 +6,18 @@ train_lora.py keeps its own copy of the loop in full view: it is the script a ne
 
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 
-from trainer.base_model import BaseModel
+from trainer.base_model import REPO_TOKENIZER, BaseModel, load_base, load_tokenizer, new_minimind
 from trainer.checkpoint import (
     capture_rng,
     check_resume_flags,
     output_stem,
     save_full_model,
     save_resume,
+    seed_everything,
     sibling,
     start_or_resume,
     write_json,
@@ -44,9 +46,22 @@ from trainer.save_dir import FULL_OUTPUTS, prepare_save_dir
 from trainer.schedule import lr_at, warmup_note
 
 
+def load_or_build(args: object, minimind_default: str | None) -> BaseModel:
+    """--from_weight loaded in fp32 (every weight trains), or with `none` a new random MiniMind of the flags' size,
+    the same on every rank. `minimind_default`: the name MiniMind's own script loads when --from_weight is absent."""
+    given = args.from_weight
+    if (given or "").lower() == "none" or (given is None and minimind_default is None):  # MiniMind's spelling
+        seed_everything(args.seed)
+        tokenizer = load_tokenizer(Path(args.tokenizer_path) if args.tokenizer_path else REPO_TOKENIZER)
+        return new_minimind(tokenizer, args.hidden_size, args.num_hidden_layers, args.use_moe)
+    return load_base(args.from_weight, args.save_dir, torch.float32, args.hidden_size, args.num_hidden_layers,
+                     args.use_moe, args.tokenizer_path, args.max_seq_len, minimind_default=minimind_default)
+
+
 def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base: BaseModel,
-                      make_dataset: Callable, job: str, title: str) -> int:
-    """Train every weight of `base` on the datasets `make_dataset(path)` builds; saves `{job}_{hidden}` files."""
+                      make_dataset: Callable, title: str) -> int:
+    """Train every weight of `base` on the datasets `make_dataset(path)` builds; saves `{--save_weight}_{hidden}`
+    files."""
     # Every weight trains, so every weight stays fp32 (AdamW's updates would round away in bf16); autocast
     # still runs the matmuls in --dtype.
     model = base.model.to(info.device).train()
@@ -63,9 +78,10 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     step_module = wrap_ddp(loss_module, info, find_unused=base.use_moe)
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
     scaler = make_scaler(info.device, amp_dtype)
-    stem = output_stem(args.save_dir, job, base.hidden_size, base.use_moe)
+    stem = output_stem(args.save_dir, args.save_weight, base.hidden_size, base.use_moe)
     # An unwritable --save_dir, or another run writing these files, stops the run now, not at its first save.
-    _lock = prepare_save_dir(stem, FULL_OUTPUTS, info)  # held until this function returns
+    _lock = prepare_save_dir(stem, FULL_OUTPUTS, info, {"--from_weight": base.source},  # held until this returns
+                             name_flag="--save_weight")
     if info.is_main:
         print(f"model {base.source}: {sum(p.numel() for p in params) / 1e6:.1f}M parameters, all trained; "
               f"{info.world_size} process(es) on {info.device}, {autocast_note(amp_dtype, torch.float32)}{compiled}", flush=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from model.atomic import atomic_write_bytes, temp_name
 from model.errors import UserError
 from trainer.distributed import DistInfo, gather_objects
+from trainer.logger import shown_path
 
 
 class SaveDirError(UserError):
@@ -23,7 +24,7 @@ class SaveDirError(UserError):
 
 # What each job writes beside {stem}: suffix -> "file" or "dir" (checked before training).
 LORA_OUTPUTS = {".pth": "file", "": "dir", ".json": "file", "_resume.pth": "file", "_loss.png": "file"}
-FULL_OUTPUTS = {"": "dir", ".json": "file", "_resume.pth": "file", "_loss.png": "file"}
+FULL_OUTPUTS = {".pth": "file", "": "dir", ".json": "file", "_resume.pth": "file", "_loss.png": "file"}
 
 _held: dict[str, int] = {}  # lock file -> open descriptor, for the run(s) of this process
 
@@ -161,13 +162,32 @@ def remove_leftovers(stem: Path, outputs: dict[str, str]) -> list[Path]:
     return removed
 
 
-def prepare_save_dir(stem: Path, outputs: dict[str, str], info: DistInfo) -> RunLock | None:
+def refuse_writing_over_inputs(stem: Path, outputs: dict[str, str], inputs: dict[str, str | None],
+                               name_flag: str) -> None:
+    """Raise SaveDirError if one of the run's outputs would replace one of its `inputs` ({flag: path}): the
+    first save would destroy the model or LoRA the run started from."""
+    for flag, given in inputs.items():
+        if not given or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        for suffix, kind in outputs.items():
+            out = (stem.parent / (stem.name + suffix)).resolve()
+            if source == out or (kind == "dir" and out in source.parents):
+                raise SaveDirError(f"{shown_path(out)} is where this run saves, and it holds the run's own {flag} "
+                                   f"{given}: the first save would replace it. Pass another {name_flag} or "
+                                   "--save_dir")
+
+
+def prepare_save_dir(stem: Path, outputs: dict[str, str], info: DistInfo, inputs: dict[str, str | None] | None = None,
+                     name_flag: str = "--lora_name") -> RunLock | None:
     """check_save_dir + lock_run on rank 0 (the one that writes), before training, then removes what a
     killed run left half-written; every rank raises the same SaveDirError if that fails, so a bad
-    --save_dir ends the whole job at once. Keep the returned lock (rank 0's) while the run writes."""
+    --save_dir, or one where the outputs would replace the run's `inputs`, ends the whole job at once. Keep the
+    returned lock (rank 0's) while the run writes."""
     problem, lock = None, None
     if info.is_main:
         try:
+            refuse_writing_over_inputs(stem, outputs, inputs or {}, name_flag)
             check_save_dir(stem, outputs)
             lock = lock_run(stem)
             remove_leftovers(stem, outputs)

@@ -17,16 +17,13 @@ with frozen_imports():
     from functools import partial
     from pathlib import Path
 
-    import torch
-
     from dataset.lm_dataset import SFTDataset
     from dataset.token_cache import cache_from_flag
-    from trainer.args import check_data_files, parse_args
-    from trainer.base_model import load_base
+    from trainer.args import MINIMIND_BASE, check_data_files, parse_args
     from trainer.checkpoint import seed_everything
     from trainer.distributed import setup_distributed
     from trainer.engine import pick_dtype
-    from trainer.full_training import train_all_weights
+    from trainer.full_training import load_or_build, train_all_weights
     from trainer.job import run_job
 
 JOB = "full_sft"
@@ -42,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed + info.rank)
 
     # ------------------------------------------------------------------ model (fp32: every weight trains)
-    base = load_base(args.from_weight, args.save_dir, torch.float32, args.hidden_size, args.num_hidden_layers,
-                     args.use_moe, args.tokenizer_path, args.max_seq_len)
+    base = load_or_build(args, minimind_default=MINIMIND_BASE[JOB])  # --from_weight none: a new random model
 
     # ------------------------------------------------------------------ data: chats, assistant turns learned
     template = Path(args.chat_template).read_text() if args.chat_template else None
@@ -53,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                            cache=cache_from_flag(args.data_cache, write=info.local_rank == 0))
 
     # ------------------------------------------------------------------ train (trainer/full_training.py)
-    return train_all_weights(args, info, amp_dtype, base, make_dataset, JOB, title="full SFT")
+    return train_all_weights(args, info, amp_dtype, base, make_dataset, title="full SFT")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ with frozen_imports():
         save_lora,
         set_lora_fused,
     )
-    from trainer.args import check_data_files, parse_args, pick_speed_defaults
+    from trainer.args import MINIMIND_BASE, check_data_files, parse_args, pick_speed_defaults
     from trainer.base_model import load_base
     from trainer.checkpoint import (
         capture_rng,
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     # On a GPU with bf16 the frozen base is held in bf16 (half the memory); LoRA weights and AdamW state stay fp32.
     base_dtype = torch.bfloat16 if amp_dtype == torch.bfloat16 and info.device.type == "cuda" else torch.float32
     base = load_base(args.from_weight, args.save_dir, base_dtype, args.hidden_size, args.num_hidden_layers,
-                     args.use_moe, args.tokenizer_path, args.max_seq_len)
+                     args.use_moe, args.tokenizer_path, args.max_seq_len, minimind_default=MINIMIND_BASE["lora"])
     model = base.model
     n_base = sum(p.numel() for p in model.parameters())
     targets, nf4 = build_lora(model, args, info.device)
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                                  info.device)
     stem = output_stem(args.save_dir, args.lora_name, base.hidden_size, base.use_moe)
     # An unwritable --save_dir, or another run writing these files, stops the run now, not at its first save.
-    _lock = prepare_save_dir(stem, LORA_OUTPUTS, info)  # held until main() returns
+    _lock = prepare_save_dir(stem, LORA_OUTPUTS, info, {"--from_weight": base.source,  # held until main() returns
+                                                        "--init_lora": args.init_lora})
     if info.is_main:
         n_lora = sum(p.numel() for p in params)
         sharded = f"; --fsdp: each holds {(parameters_held(model) - n_lora) / n_base:.0%} of the base" if args.fsdp else ""

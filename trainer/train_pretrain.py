@@ -17,18 +17,14 @@ from trainer.frozen_imports import frozen_imports
 # The garbage collector never scans what these imports build: 1-2 s less start-up.
 with frozen_imports():
     from functools import partial
-    from pathlib import Path
-
-    import torch
 
     from dataset.lm_dataset import PretrainDataset
     from dataset.token_cache import cache_from_flag
-    from trainer.args import check_data_files, from_scratch, parse_args
-    from trainer.base_model import REPO_TOKENIZER, load_base, load_tokenizer, new_minimind
+    from trainer.args import check_data_files, parse_args
     from trainer.checkpoint import seed_everything
     from trainer.distributed import setup_distributed
     from trainer.engine import pick_dtype
-    from trainer.full_training import train_all_weights
+    from trainer.full_training import load_or_build, train_all_weights
     from trainer.job import run_job
 
 JOB = "pretrain"
@@ -43,13 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     amp_dtype = pick_dtype(args.dtype, info.device)
 
     # ------------------------------------------------------------------ model (fp32: every weight trains)
-    if from_scratch(args.from_weight):
-        seed_everything(args.seed)  # the same random init on every rank
-        tokenizer = load_tokenizer(Path(args.tokenizer_path) if args.tokenizer_path else REPO_TOKENIZER)
-        base = new_minimind(tokenizer, args.hidden_size, args.num_hidden_layers, args.use_moe)
-    else:
-        base = load_base(args.from_weight, args.save_dir, torch.float32, args.hidden_size, args.num_hidden_layers,
-                         args.use_moe, args.tokenizer_path, args.max_seq_len)
+    base = load_or_build(args, minimind_default=None)  # new and random unless --from_weight names one
     seed_everything(args.seed + info.rank)
 
     # ------------------------------------------------------------------ data: plain text, every token learned
@@ -58,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                            cache=cache_from_flag(args.data_cache, write=info.local_rank == 0))
 
     # ------------------------------------------------------------------ train (trainer/full_training.py)
-    return train_all_weights(args, info, amp_dtype, base, make_dataset, JOB, title="pretrain")
+    return train_all_weights(args, info, amp_dtype, base, make_dataset, title="pretrain")
 
 
 if __name__ == "__main__":
