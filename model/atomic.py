@@ -131,3 +131,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) 
 def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> None:
     """atomic_write() of UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def make_output_folder(folder: str | Path, flag: str) -> None:
+    """Create a folder a script writes to before its work starts, or stop with one line naming `flag`."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{flag}: cannot make the folder {folder} ({err.strerror or err})") from None

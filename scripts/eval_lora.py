@@ -35,11 +35,12 @@ with frozen_imports():
 
     from dataset.chat_render import load_chat_format, supervised_spans, token_mask
     from dataset.records import BadRecord, data_error, read_conversations
+    from model.atomic import make_output_folder
     from model.errors import UserError, exit_on_user_error
     from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
     from model.model_lora import load_lora
     from trainer.args import REPO_ROOT
-    from trainer.base_flags import load_from_flags, lora_file, make_output_folder, script_parser
+    from trainer.base_flags import load_from_flags, lora_file, script_parser
     from trainer.distributed import pick_device
     from trainer.engine import DTYPES
     from trainer.logger import shown_path

@@ -32,11 +32,11 @@ with frozen_imports():
     from torch import nn
     from transformers.utils import logging as transformers_logging
 
-    from model.atomic import atomic_write
+    from model.atomic import atomic_write, make_output_folder
     from model.errors import UserError, exit_on_user_error
     from model.hf_export import ExportError, export_minimind
     from model.model_lora import load_lora, merge_lora
-    from trainer.base_flags import is_minimind, lora_file, make_output_folder, script_parser
+    from trainer.base_flags import is_minimind, lora_file, script_parser
     from trainer.base_model import TOKENIZER_FILES, load_base
     from trainer.engine import DTYPES
     from trainer.logger import shown_path

@@ -29,10 +29,10 @@ with frozen_imports():
     import numpy as np
     import torch
 
+    from model.atomic import make_output_folder
     from model.errors import UserError, exit_on_user_error
     from model.model_lora import LoRAError, read_lora, read_lora_plan
     from trainer.args import default_save_dir
-    from trainer.base_flags import make_output_folder
     from trainer.checkpoint import load_resume
 
 

@@ -170,3 +170,31 @@ def test_train_reports_user_errors(tmp_path, capsys):
     assert main(["--data_path", str(good), "--vocab_size", "100", "--out_dir", str(tmp_path / "b")]) == 2
     assert "--vocab_size 100" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_train_refuses_an_unusable_out_dir_before_training_and_can_skip_bad_lines(tmp_path, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": t} for t in TINY_TEXTS])
+    a_file = tmp_path / "tok.json"
+    a_file.write_text("{}")
+    assert main(["--data_path", str(good), "--out_dir", str(a_file)]) == 2
+    assert f"--out_dir {a_file} is a file; pass a folder" in capsys.readouterr().err
+    assert main(["--data_path", str(good), "--out_dir", str(a_file / "below")]) == 2
+    assert f"({a_file} is not a folder)" in capsys.readouterr().err
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"text": t}) + "\n" for t in TINY_TEXTS) + '{"text": oops}\n',
+                     encoding="utf-8")
+    assert main(["--data_path", str(mixed), "--vocab_size", "300", "--out_dir", str(tmp_path / "tok")]) == 2
+    assert "--skip_bad_data" in capsys.readouterr().err
+    assert main(["--data_path", str(mixed), "--vocab_size", "300", "--out_dir", str(tmp_path / "tok"),
+                 "--skip_bad_data"]) == 0
+    assert f"{mixed}: skipped 1 bad line(s) of {len(TINY_TEXTS) + 1} (--skip_bad_data), the first " \
+           f"{mixed}:{len(TINY_TEXTS) + 1}:" in capsys.readouterr().out
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "tok")) == 300
+
+
+def test_the_default_output_is_not_the_repo_tokenizer():
+    from trainer.train_tokenizer import DEFAULT_OUT, REPO_ROOT, parse_args
+
+    assert parse_args([]).out_dir == DEFAULT_OUT and DEFAULT_OUT.name == "tokenizer"
+    assert DEFAULT_OUT.resolve() != (REPO_ROOT / "model" / "tokenizer").resolve()
+

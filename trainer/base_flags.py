@@ -117,11 +117,3 @@ def lora_file(flag: str, save_dir: str, model: nn.Module) -> Path:
     if not named.is_file():
         raise UserError(f"--lora_path {flag}: no such file, and no {named} for it as a MiniMind name in --save_dir")
     return named
-
-
-def make_output_folder(folder: str | Path, flag: str) -> None:
-    """Create a folder a script writes to before its work starts, or stop with one line naming `flag`."""
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"{flag}: cannot make the folder {folder} ({err.strerror or err})") from None

@@ -1,7 +1,8 @@
 """Train the demo tokenizer: byte-level BPE with MiniMind's special tokens and a ChatML chat template.
 
     python dataset/make_demo_data.py        # writes the demo corpus first (dataset/*_demo.jsonl)
-    python trainer/train_tokenizer.py       # -> model/tokenizer/ (tokenizer.json + tokenizer_config.json)
+    python trainer/train_tokenizer.py       # -> out/tokenizer/ (tokenizer.json + tokenizer_config.json)
+    python trainer/train_tokenizer.py --out_dir model/tokenizer    # rebuilds the repo's tokenizer, byte for byte
     python trainer/train_tokenizer.py --data_path my_pretrain.jsonl my_sft.jsonl --vocab_size 8000 \\
         --out_dir out/my_tokenizer
 
@@ -15,6 +16,7 @@ the demo corpus has ~3.4k tokens' worth of merges. The result loads offline with
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,11 +24,14 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dataset.records import data_error, parse_line, read_conversations, read_lines, read_texts
+from model.atomic import make_output_folder
 from model.errors import UserError, print_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = [REPO_ROOT / "dataset" / "pretrain_demo.jsonl", REPO_ROOT / "dataset" / "sft_demo.jsonl"]
-DEFAULT_OUT = REPO_ROOT / "model" / "tokenizer"
+# Not model/tokenizer/: the demo base and the .pth fallback need that one as it is (MiniMind too trains into a
+# folder of its own); the trainers' output folder, where $MINILORA_OUT_DIR moves it.
+DEFAULT_OUT = Path(os.environ.get("MINILORA_OUT_DIR") or REPO_ROOT / "out") / "tokenizer"
 
 # Order matters: the trainer gives special tokens the first ids, in this order (MiniMind's ids 0, 1, 2).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -54,8 +59,9 @@ class TokenizerError(UserError):
     """A tokenizer that cannot be trained as asked (the message names the flag and what to do)."""
 
 
-def corpus_texts(path: str | Path) -> list[str]:
-    """The training text of one jsonl file: pretraining {"text"} lines, or chats in any records.py format."""
+def corpus_texts(path: str | Path, skip_invalid: bool = False) -> list[str]:
+    """The training text of one jsonl file: pretraining {"text"} lines, or chats in any records.py format; bad lines
+    stop it, or with `skip_invalid` are left out and counted."""
     path = Path(path)
     lines = read_lines(path)
     if not lines:
@@ -71,8 +77,12 @@ def corpus_texts(path: str | Path) -> list[str]:
         # The role names go in too: they follow <|im_start|> in every rendered chat.
         texts = ["\n".join(f"{m['role']}\n{m.get('reasoning_content') or ''}{m.get('content') or ''}" for m in c.messages)
                  for c in conversations]
-    if problems:
+    if problems and not skip_invalid:
         raise data_error(path, problems, len(lines))
+    if problems:
+        line, why = problems[0]
+        print(f"{path}: skipped {len(problems)} bad line(s) of {len(lines)} (--skip_bad_data), the first "
+              f"{path}:{line}: {why}", flush=True)
     return texts
 
 
@@ -125,11 +135,22 @@ def tokenizer_config(model_max_length: int) -> dict:
 def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: int = 32768) -> Path:
     """Write tokenizer.json and tokenizer_config.json into out_dir (created if needed); return it."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir, "--out_dir")
     tokenizer.save(str(out_dir / "tokenizer.json"), pretty=False)  # one line: 330 KB instead of 580 KB
     config = json.dumps(tokenizer_config(model_max_length), ensure_ascii=False, indent=2)
     (out_dir / "tokenizer_config.json").write_text(config + "\n", encoding="utf-8")
     return out_dir
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Stop with one line if --out_dir is a file or cannot be made (without making it: a failed run leaves nothing)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TokenizerError(f"--out_dir {out_dir} is a file; pass a folder")
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise TokenizerError(f"--out_dir {out_dir}: cannot make or write this folder ({existing} is "
+                             f"{'not a folder' if not existing.is_dir() else 'not writable'}); pass a folder you can "
+                             "write to")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,7 +166,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "stops earlier when the corpus has nothing left to merge (the demo corpus gives ~3.4k) "
                         "(default: 6400)")
     p.add_argument("--out_dir", type=Path, default=DEFAULT_OUT,
-                   help="directory to write tokenizer.json and tokenizer_config.json to (default: model/tokenizer)")
+                   help="directory to write tokenizer.json and tokenizer_config.json to (default: "
+                        "$MINILORA_OUT_DIR/tokenizer or <repo>/out/tokenizer; model/tokenizer rebuilds the repo's)")
+    p.add_argument("--skip_bad_data", action="store_true",
+                   help="leave out lines that are not valid records, and count them, instead of stopping")
     p.add_argument("--model_max_length", type=int, default=32768,
                    help="longest sequence the tokenizer reports to transformers, in tokenizer_config.json "
                         "(default: 32768)")
@@ -156,17 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     """Train and save; return the exit status (2 for a user error, printed without a traceback)."""
     args = parse_args(argv)
     try:
+        check_out_dir(args.out_dir)  # before the training, not after it
         texts = []
         for path in args.data_path:
             if not Path(path).is_file() and Path(path).resolve() in DEFAULT_DATA:
                 raise TokenizerError(f"{path}: not found; write the demo corpus first with "
                                      "`python dataset/make_demo_data.py`, or pass --data_path")
-            texts += corpus_texts(path)
+            texts += corpus_texts(path, args.skip_bad_data)
         tokenizer = train_bpe(texts, args.vocab_size)
+        out = save_tokenizer(tokenizer, args.out_dir, args.model_max_length)
     except UserError as e:
         print_error(e)
         return 2
-    out = save_tokenizer(tokenizer, args.out_dir, args.model_max_length)
     size = tokenizer.get_vocab_size()
     print(f"trained on {len(texts)} texts from {len(args.data_path)} file(s): {size} tokens -> {out}")
     if size < args.vocab_size:
