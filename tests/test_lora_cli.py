@@ -1,5 +1,7 @@
 """train_lora.py's LoRA flags give the model the Python API builds; trainable tensors are chosen by module type."""
 
+import subprocess
+
 import pytest
 import torch
 from torch import nn
@@ -15,7 +17,17 @@ from model.model_lora import (
     lora_state_dict,
 )
 from model.model_minimind import load_minimind
-from tests.train_utils import lora_args, run_inprocess, save_tiny_minimind, tokenizer_dir, write_chat_data
+from tests.train_utils import (
+    REPO,
+    lora_args,
+    python,
+    run_cli,
+    run_inprocess,
+    save_tiny_minimind,
+    subprocess_env,
+    tokenizer_dir,
+    write_chat_data,
+)
 from trainer.train_lora import main
 
 IDS = torch.randint(3, 6400, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -94,3 +106,22 @@ def test_gpt2_conv1d_base_is_refused_with_what_is_supported():
         with pytest.raises(LoRAError, match=r"\(c_attn, c_fc, c_proj\) are Conv1D, not nn\.Linear.*Qwen, Llama"):
             apply_lora(model, targets=targets)
     assert not lora_parameters(model)
+
+
+def test_wandb_that_cannot_start_a_run_stops_before_training_with_the_fix(world, tmp_path):
+    """No login (a fresh HOME, no API key, online mode): one line and exit 2, not wandb's traceback."""
+    pytest.importorskip("wandb")
+    tmp, weight, data = world
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in subprocess_env(HOME=str(home), WANDB_MODE="online", WANDB_DIR=str(tmp_path),
+                                           WANDB_CONFIG_DIR=str(home / ".config" / "wandb")).items()
+           if k not in ("WANDB_API_KEY", "WANDB_ANONYMOUS")}
+    cmd = [python(), str(REPO / "trainer" / "train_lora.py"), *lora_args(tmp, weight, data, max_steps=1),
+           "--use_wandb"]
+    run = run_cli(cmd, timeout=120, env=env, stdin=subprocess.DEVNULL)
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    assert "error: --use_wandb: wandb could not start a run (" in run.stderr
+    assert "run `wandb login`, set WANDB_MODE=offline to log to files, or leave out --use_wandb" in run.stderr
+    assert not (tmp / "out" / "lora_identity_64.pth").exists()

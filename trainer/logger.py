@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from model.atomic import atomic_write
+from model.errors import UserError, first_line
 from trainer.distributed import DistInfo, device_sum_
 
 
@@ -20,14 +21,19 @@ def _duration(seconds: float) -> str:
 
 
 def start_wandb(project: str, run_name: str, config: dict, run_id: str | None) -> object | None:
-    """A wandb run (the same one again when `run_id` is given), or None with a warning if wandb is missing."""
+    """A wandb run (the same one again when `run_id` is given), or None with a warning if wandb is missing; a
+    UserError if wandb cannot start one (no login, no network)."""
     try:
         import wandb  # lazy: GPU boxes often lack it, and importing it is slow
     except ImportError:
         print("warning: --use_wandb given but wandb is not installed (pip install wandb); continuing without it",
               flush=True)
         return None
-    return wandb.init(project=project, name=run_name, config=config, id=run_id, resume="allow" if run_id else None)
+    try:
+        return wandb.init(project=project, name=run_name, config=config, id=run_id, resume="allow" if run_id else None)
+    except wandb.errors.Error as err:  # no login, no network: said now, before any training
+        raise UserError(f"--use_wandb: wandb could not start a run ({first_line(err)}); run `wandb login`, set "
+                        "WANDB_MODE=offline to log to files, or leave out --use_wandb") from None
 
 
 class RunLogger:
