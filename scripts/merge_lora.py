@@ -38,6 +38,7 @@ with frozen_imports():
     from model.model_lora import load_lora, merge_lora
     from trainer.base_flags import is_minimind, lora_file, script_parser
     from trainer.base_model import TOKENIZER_FILES, load_base
+    from trainer.checkpoint import write_dir
     from trainer.engine import DTYPES
     from trainer.logger import shown_path
 
@@ -99,19 +100,26 @@ def export(args: argparse.Namespace) -> list[Path]:
         save_minimind_pth(model, pth, dtype)
         outputs.append(pth)
         print(f"MiniMind checkpoint ({dtype_name}): {shown_path(pth)}")
-        try:
-            arch = export_minimind(model.state_dict(), model.config, hf_dir, dtype)
-        except ExportError as e:  # the .pth is still a complete result
-            print(f"no transformers model directory: {e}")
-            return outputs
-    else:
-        model.to(dtype).save_pretrained(hf_dir)
-        arch = getattr(model, "original_class", type(model).__name__)   # the fast decoder writes its original class
-    copied = copy_tokenizer(tokenizer, hf_dir)
-    for f in hf_dir.iterdir():  # safetensors writes 0600; a shared --save_dir needs others to read it too
-        f.chmod(0o644)
+    earlier = hf_dir.is_dir()
+    written: dict[str, object] = {}
+
+    def fill(folder: Path) -> None:  # the whole directory, built aside: no file of an earlier export survives
+        if pth is not None:
+            written["arch"] = export_minimind(model.state_dict(), model.config, folder, dtype)
+        else:
+            model.to(dtype).save_pretrained(folder)
+            written["arch"] = getattr(model, "original_class", type(model).__name__)  # the fast decoder's original
+        written["tokenizer"] = copy_tokenizer(tokenizer, folder)
+
+    try:
+        write_dir(hf_dir, fill)
+    except ExportError as e:  # the .pth is still a complete result
+        stale = f"; the earlier {shown_path(hf_dir)} is left as it was, and is not this merge" if earlier else ""
+        print(f"no transformers model directory: {e}{stale}")
+        return outputs
     outputs.append(hf_dir)
-    print(f"transformers model directory ({arch}, {dtype_name}, tokenizer: {', '.join(copied)}): {shown_path(hf_dir)}")
+    print(f"transformers model directory ({written['arch']}, {dtype_name}, tokenizer: "
+          f"{', '.join(written['tokenizer'])}): {shown_path(hf_dir)}" + (" (replaces the earlier one)" if earlier else ""))
     return outputs
 
 

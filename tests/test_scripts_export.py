@@ -374,3 +374,21 @@ def test_a_merge_that_would_write_over_its_own_base_stops_first(tmp_path, capsys
         merge(tmp_path / "base", tmp_path / "lora.pth", tmp_path / "lora.pth")
     assert exit_info.value.code == 2
     assert f"--save_dir {tmp_path / 'lora.pth'}: cannot make the folder" in capsys.readouterr().err
+
+
+def test_a_merge_into_an_earlier_export_leaves_none_of_its_files(tmp_path, capsys):
+    """An earlier export of another model held a chat_template.jinja this tokenizer lacks: transformers would read
+    it before the template in tokenizer_config.json, so the new export must not keep it."""
+    model = tiny_dir(tmp_path / "base")
+    apply_lora(model, rank=2, targets="q_proj")
+    save_lora(model, tmp_path / "lora.pth")
+    out = tmp_path / "out"
+    merge(tmp_path / "base", tmp_path / "lora.pth", out)
+    first = sorted(p.name for p in (out / "merged_64_hf").iterdir())
+    (out / "merged_64_hf" / "chat_template.jinja").write_text("{{ 'another model' }}")
+    (out / "merged_64_hf" / "model-00001-of-00002.safetensors").write_bytes(b"an earlier sharded export")
+    capsys.readouterr()
+    merge(tmp_path / "base", tmp_path / "lora.pth", out)
+    assert "merged_64_hf (replaces the earlier one)" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "merged_64_hf").iterdir()) == first
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp folder left
