@@ -95,8 +95,8 @@ def render_prompt(tokenizer: object, messages: list[dict], template_kwargs: dict
     """The token ids of `messages` through the chat template, ending with the assistant's turn opened."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise UserError(
-            "the tokenizer has no chat template; give a --tokenizer_path whose "
-            "tokenizer_config.json has one (or a chat_template.jinja)"
+            "the tokenizer has no chat template; pass a template file with --chat_template, or a "
+            "--tokenizer_path whose tokenizer_config.json has one (or a chat_template.jinja)"
         )
     text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})

@@ -29,11 +29,12 @@ with frozen_imports():
     from torch import nn
     from transformers.utils import logging as transformers_logging
 
-    from model.errors import exit_on_user_error
+    from model.errors import UserError, exit_on_user_error
     from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
     from model.model_lora import LoRAError, load_lora, merge_lora
-    from trainer.base_flags import load_from_flags, lora_file, script_parser
+    from trainer.base_flags import load_from_flags, lora_file, script_parser, use_chat_template
     from trainer.distributed import pick_device
+    from trainer.logger import shown_path
 
 
 # Two questions the demo LoRA changes the answer to, and two it should leave alone.
@@ -114,11 +115,17 @@ def build_models(args: argparse.Namespace) -> tuple[list[tuple[str, nn.Module]],
     """The (label, model) pairs to answer with, and the tokenizer."""
     device = pick_device(args.device)
     base, tokenizer = load_from_flags(args, device)
-    if not args.lora_path:
+    lora = lora_file(args.lora_path, args.save_dir, base) if args.lora_path else None
+    template = use_chat_template(tokenizer, args.chat_template, lora)
+    if template is not None:
+        print(f"chat template: {shown_path(template)}")
+    elif getattr(tokenizer, "chat_template", None) is None:  # said now, not after the first prompt
+        raise UserError(f"{tokenizer.name_or_path} has no chat template: pass a template file with --chat_template")
+    if lora is None:
         return [("base", base)], tokenizer
     # --compare keeps an untouched copy of the base: exact base answers, no adapter toggling.
     tuned = copy.deepcopy(base) if args.compare else base
-    load_lora(tuned, lora_file(args.lora_path, args.save_dir, tuned))
+    load_lora(tuned, lora)
     tuned.to(device)
     try:
         merge_lora(tuned, unload=True)  # one matmul per layer again: as fast as the base

@@ -40,7 +40,7 @@ with frozen_imports():
     from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
     from model.model_lora import load_lora
     from trainer.args import REPO_ROOT
-    from trainer.base_flags import load_from_flags, lora_file, script_parser
+    from trainer.base_flags import load_from_flags, lora_file, script_parser, use_chat_template
     from trainer.distributed import pick_device
     from trainer.engine import DTYPES
     from trainer.logger import shown_path
@@ -148,6 +148,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.json:  # before the scoring, not after it
         make_output_folder(Path(args.json).parent, f"--json {args.json}")
     model, tokenizer = load_from_flags(args, device, DTYPES[args.dtype])
+    lora = lora_file(args.lora_path, args.save_dir, model) if args.lora_path else None
+    template = use_chat_template(tokenizer, args.chat_template, lora)  # scored as the LoRA learned its chats
+    if template is not None:
+        print(f"chat template: {shown_path(template)}")
     samples, empty = read_samples(args.data_path, tokenizer, args.max_seq_len)
     samples = samples[: args.max_samples] if args.max_samples else samples
     if args.prompt:
@@ -160,8 +164,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     results["base"] = score(model, samples)
     replies["base"] = [reply_with_flags(model, tokenizer, [{"role": "user", "content": p}], args) for p, _ in prompts]
-    if args.lora_path:
-        load_lora(model, lora_file(args.lora_path, args.save_dir, model))  # unmerged: the base weights stay exactly as scored above
+    if lora is not None:
+        load_lora(model, lora)  # unmerged: the base weights stay exactly as scored above
         model.to(device).eval()
         results["lora"] = score(model, samples)
         replies["lora"] = [reply_with_flags(model, tokenizer, [{"role": "user", "content": p}], args) for p, _ in prompts]

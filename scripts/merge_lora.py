@@ -32,20 +32,22 @@ with frozen_imports():
     from torch import nn
     from transformers.utils import logging as transformers_logging
 
+    from dataset.chat_render import LORA_TEMPLATE
     from model.atomic import atomic_write, make_output_folder
     from model.errors import UserError, exit_on_user_error
     from model.hf_export import ExportError, export_minimind
     from model.model_lora import load_lora, merge_lora
-    from trainer.base_flags import is_minimind, lora_file, script_parser
+    from trainer.base_flags import is_minimind, lora_file, script_parser, use_chat_template
     from trainer.base_model import TOKENIZER_FILES, load_base
     from trainer.checkpoint import write_dir
     from trainer.engine import DTYPES
     from trainer.logger import shown_path
 
 
-def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object, torch.dtype]:
+def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object, torch.dtype, Path | None]:
     """The base with the LoRA folded into its weights in float32 (CPU, plain nn.Linear layers back), its
-    tokenizer, and the dtype the base was stored in. Stops before the merge if an output would replace the base."""
+    tokenizer, the dtype the base was stored in, and the chat template the LoRA learned where it is not the
+    tokenizer's own (use_chat_template). Stops before the merge if an output would replace the base."""
     base = load_base(args.from_weight, args.save_dir, None, args.hidden_size, args.num_hidden_layers,
                      args.use_moe, args.tokenizer_path)  # dtype None: as stored (.pth tensors, config.json)
     for out in output_paths(base.model, args):
@@ -54,9 +56,11 @@ def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object, torch.dty
                             "pass another --save_weight or --save_dir")
     stored = next(base.model.parameters()).dtype
     model = base.model.float().eval()
-    load_lora(model, lora_file(args.lora_path, args.save_dir, model))
+    lora = lora_file(args.lora_path, args.save_dir, model)
+    template = use_chat_template(base.tokenizer, args.chat_template, lora)
+    load_lora(model, lora)
     merge_lora(model, unload=True)
-    return model, base.tokenizer, stored
+    return model, base.tokenizer, stored, template
 
 
 def output_paths(model: nn.Module, args: argparse.Namespace) -> tuple[Path | None, Path]:
@@ -89,7 +93,7 @@ def save_minimind_pth(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
 
 def export(args: argparse.Namespace) -> list[Path]:
     """Merge and write every output for the base's kind; print and return the paths written."""
-    model, tokenizer, stored = merged_model(args)
+    model, tokenizer, stored, template = merged_model(args)
     dtype = DTYPES[args.dtype] if args.dtype else stored
     dtype_name = str(dtype).removeprefix("torch.")
     make_output_folder(args.save_dir, f"--save_dir {args.save_dir}")
@@ -110,6 +114,9 @@ def export(args: argparse.Namespace) -> list[Path]:
             model.to(dtype).save_pretrained(folder)
             written["arch"] = getattr(model, "original_class", type(model).__name__)  # the fast decoder's original
         written["tokenizer"] = copy_tokenizer(tokenizer, folder)
+        if template is not None:  # the merged model chats as it learned to; transformers prefers this file
+            shutil.copyfile(template, folder / LORA_TEMPLATE)
+            written["tokenizer"] = sorted({*written["tokenizer"], LORA_TEMPLATE})
 
     try:
         write_dir(hf_dir, fill)

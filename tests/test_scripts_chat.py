@@ -1,5 +1,6 @@
 """chat.py: cached decoding equals a plain greedy loop, top-p keeps the nucleus, and the CLI compares."""
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -316,3 +317,19 @@ def test_minimind_eval_llm_names_for_the_base_and_the_lora(tmp_path):
         assert not torch.allclose(by_name(ids).logits, plain(ids).logits, atol=1e-3)
     with pytest.raises(UserError, match="no such file, and no .*lora_y_64.pth for it as a MiniMind name"):
         chat.build_models(parse_args([*common, "--weight", "full_sft", "--lora_weight", "lora_y"]))
+
+
+def test_a_tokenizer_without_a_chat_template_is_said_at_start_and_chat_template_fixes_it(model_dir, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(model_dir / "base", base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template")
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "chatml.jinja").write_text(template)
+    flags = ["--from_weight", str(base), "--max_new_tokens", "2", "--device", "cpu", "--prompt", "hi"]
+    result = run_process([sys.executable, str(CHAT_PY), *flags], timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: {base} has no chat template: pass a template file with --chat_template" in result.stderr
+    assert "base:" not in result.stdout
+    out = run_cli(*flags, "--chat_template", str(tmp_path / "chatml.jinja"))
+    assert f"chat template: {tmp_path / 'chatml.jinja'}" in out and "user: hi\n" in out

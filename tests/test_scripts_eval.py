@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from scripts.eval_lora import DEFAULT_DATA, evaluate, main, parse_args, read_sam
 from tests.train_utils import fill_random
 from trainer.base_model import load_base
 
+TEMPLATES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "templates"
 N = 6  # samples: enough for single- and multi-turn conversations, few enough for 2 CPU cores
 
 
@@ -79,6 +81,30 @@ def test_cli_scores_base_and_lora(demo, tmp_path, capsys):
         assert f"{row['line']:>5} {row['tokens']:>6} {row['base_loss']:>10.4f}" in out
     assert set(report["generations"][0]) == {"prompt", "reference", "base", "lora"}
     assert f"user: {report['generations'][0]['prompt']}\n" in out
+
+
+def test_a_lora_is_scored_with_the_chat_template_it_was_trained_with(demo, tmp_path, capsys):
+    """The trainer saves --chat_template in the LoRA's folder; eval renders with it (here Qwen2.5's, whose default
+    system prompt changes every sample's context), and --chat_template picks one by hand."""
+    model, tokenizer = demo
+    template = (TEMPLATES / "qwen25.jinja").read_text()
+    save_lora(with_random_lora(model), tmp_path / "lora.pth")
+    save_lora(with_random_lora(model), tmp_path / "lora")  # the folder the trainer writes beside the .pth
+    (tmp_path / "lora" / "chat_template.jinja").write_text(template)
+    qwen = copy.deepcopy(tokenizer)
+    qwen.chat_template = template
+    expected = float64_losses(model, qwen, 2)
+    assert expected[0][0] != pytest.approx(float64_losses(model, tokenizer, 1)[0][0], rel=1e-4)
+    for lora in ("lora.pth", "lora"):
+        report = evaluate(parse_args(["--lora_path", str(tmp_path / lora), "--max_samples", "2", "--n_prompts", "0",
+                                      "--device", "cpu"]))
+        assert f"chat template: {tmp_path / 'lora' / 'chat_template.jinja'}" in capsys.readouterr().out
+        for row, (loss, n) in zip(report["samples"], expected, strict=True):
+            assert row["tokens"] == n and row["base_loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    (tmp_path / "qwen25.jinja").write_text(template)
+    report = evaluate(parse_args(["--chat_template", str(tmp_path / "qwen25.jinja"), "--max_samples", "1",
+                                  "--n_prompts", "0", "--device", "cpu"]))
+    assert report["samples"][0]["base_loss"] == pytest.approx(expected[0][0], rel=1e-5, abs=1e-6)
 
 
 def load_lora_copy(model: torch.nn.Module, path: object) -> torch.nn.Module:

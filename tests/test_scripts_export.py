@@ -392,3 +392,27 @@ def test_a_merge_into_an_earlier_export_leaves_none_of_its_files(tmp_path, capsy
     assert "merged_64_hf (replaces the earlier one)" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "merged_64_hf").iterdir()) == first
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp folder left
+
+
+def test_a_lora_trained_with_a_chat_template_keeps_it_through_the_merge(tmp_path, capsys):
+    """--chat_template at training is saved in the LoRA's folder, and the merged model directory chats with it."""
+    from tests.train_utils import lora_args, run_inprocess, save_tiny_minimind, write_chat_data
+    from trainer.train_lora import main as train
+
+    need_fixtures()
+    template = (SHARED / "templates" / "qwen25.jinja").read_text()
+    (tmp_path / "qwen25.jinja").write_text(template)
+    weight = save_tiny_minimind(tmp_path / "base.pth")
+    data = write_chat_data(tmp_path / "chat.jsonl", 4)
+    assert run_inprocess(train, lora_args(tmp_path, weight, data, max_steps=1, chat_template=tmp_path / "qwen25.jinja",
+                                          tokenizer_path=TOKENIZER)) == 0
+    adapter = tmp_path / "out" / "lora_identity_64"
+    assert (adapter / "chat_template.jinja").read_text() == template
+    merge(weight, tmp_path / "out" / "lora_identity_64.pth", tmp_path / "merged")
+    printed = capsys.readouterr().out
+    assert "chat_template.jinja" in printed.split("tokenizer: ")[-1]
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(tmp_path / "merged" / "merged_64_hf")
+    assert exported.chat_template == template
+    assert "You are Qwen" in exported.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)

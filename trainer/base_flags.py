@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dataset.chat_render import lora_template
 from model.errors import UserError
 from trainer.args import default_save_dir, str2bool
 from trainer.base_model import load_base
@@ -99,6 +100,9 @@ def script_parser(
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_base_flags(p, device=device)
     g = p.add_argument_group(group)
+    g.add_argument("--chat_template", default=None,
+                   help="a Jinja chat template file to render chats with (default: the one the LoRA was trained "
+                   "with, which the trainer saves with it, else the tokenizer's own)")
     g.add_argument("--lora_path", "--lora_weight", dest="lora_path", default=None, required=lora_required,
                    type=lambda value: None if value == "None" else value,  # MiniMind's eval_llm.py: None = no LoRA
                    help=f"{lora_help}: a MiniMind .pth LoRA file, a PEFT adapter directory, or a MiniMind name "
@@ -117,3 +121,18 @@ def lora_file(flag: str, save_dir: str, model: nn.Module) -> Path:
     if not named.is_file():
         raise UserError(f"--lora_path {flag}: no such file, and no {named} for it as a MiniMind name in --save_dir")
     return named
+
+
+def use_chat_template(tokenizer: object, flag: str | None, lora: Path | None) -> Path | None:
+    """Make `tokenizer` render chats as the LoRA learned them: --chat_template (`flag`), else the template saved
+    with the LoRA (chat_render.lora_template); returns the file used, or None when the tokenizer's own stays."""
+    path = Path(flag) if flag else lora_template(lora) if lora is not None else None
+    if path is None:
+        return None
+    try:
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"--chat_template {path}: cannot read it as a text file ({getattr(err, 'strerror', None) or err})"
+                        ) from None
+    return path
+

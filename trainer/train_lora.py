@@ -30,6 +30,7 @@ with frozen_imports():
 
     import torch
 
+    from dataset.chat_render import LORA_TEMPLATE
     from dataset.lm_dataset import SFTDataset
     from dataset.token_cache import cache_from_flag
     from model.model_lora import (
@@ -190,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         wandb_run = start_wandb(args.wandb_project, stem.name, vars(args), state.wandb_id)
         state.wandb_id = getattr(wandb_run, "id", None)
 
+    def save_adapter(folder: Path) -> None:
+        """The PEFT adapter directory, with the --chat_template it learned: chat, eval and merge render with it."""
+        save_lora(model, folder, base_model_name_or_path=base.source)
+        if template is not None:
+            (folder / LORA_TEMPLATE).write_text(template, encoding="utf-8")
+
     def save(final: bool, rng: dict | None = None) -> bool:
         """LoRA files + config JSON + resume file (rank 0 writes; every rank hands over its RNG state, or
         `rng`, the state at the start of a step that failed), unless the guard finds the run diverged: then
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                             history=state.history, train_samples=len(data.train))
         if not args.use_dora:  # MiniMind's .pth layout has no DoRA magnitude; the PEFT directory holds it
             save_lora(model, sibling(stem, ".pth"))
-        write_dir(stem, lambda d: save_lora(model, d, base_model_name_or_path=base.source))
+        write_dir(stem, save_adapter)
         write_json(sibling(stem, ".json"), config)
         save_resume(resume_path, lora_state_dict(model), optimizer, scaler, state, rng, config)
         if final:
