@@ -155,14 +155,31 @@ class LayoutMismatch(ValueError):
     """The directory's tensors are not the ones the fast decoder built from its config.json."""
 
 
+class ShapeMismatch(LayoutMismatch):
+    """The directory's tensors have other shapes than its config.json gives them: no class can load it."""
+
+
+def check_loaded(info: dict, strict_names: bool) -> None:
+    """Raise if from_pretrained's loading info shows weights left random: a tensor whose shape differs from the
+    config's (ShapeMismatch), or with `strict_names` one missing or unexpected (LayoutMismatch). transformers only
+    warns about these."""
+    if info["mismatched_keys"]:
+        name, in_file, by_config = sorted(info["mismatched_keys"])[0]
+        raise ShapeMismatch(f"its weights do not match its config.json: {name} is {list(in_file)} in the file, "
+                            f"{list(by_config)} by the config ({len(info['mismatched_keys'])} tensor(s) differ); the "
+                            "config or the weights are from another model")
+    names = ("missing_keys", "unexpected_keys") if strict_names else ("missing_keys",)
+    bad = {k: sorted(info[k])[:3] for k in names if info[k]}
+    if bad:
+        raise LayoutMismatch(f"its weights do not fit the layout read from its config.json ({bad})")
+
+
 def load_fast(path: str | Path, dtype: torch.dtype | None = None) -> FastCausalLM:
     """Load a Qwen2/Qwen3/Llama/Mistral model directory onto the fast decoder (eval mode), strictly."""
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     # dtype None keeps the file's ("auto": transformers 5's default; 4.x would load float32)
     model, info = FastCausalLM.from_pretrained(str(path), config=config, local_files_only=True,
-                                               dtype=dtype or "auto", output_loading_info=True)
-    # transformers only warns about these and leaves random weights: here they mean a different model
-    bad = {k: sorted(info[k])[:3] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
-    if bad:
-        raise LayoutMismatch(f"its weights do not fit the layout read from its config.json ({bad})")
+                                               dtype=dtype or "auto", output_loading_info=True,
+                                               ignore_mismatched_sizes=True)  # listed in info, then refused
+    check_loaded(info, strict_names=True)
     return model.eval()

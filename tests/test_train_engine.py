@@ -92,6 +92,38 @@ def test_a_folder_without_config_names_the_models_inside(tmp_path):
         load_directory(tmp_path / "notes", torch.float32)
 
 
+def test_directories_whose_weights_would_load_partly_random_or_run_their_own_code_are_refused(tmp_path, capsys):
+    """transformers only warns (with a table) when tensors do not fit config.json, and asks on the terminal whether to
+    run a directory's own code: each is one line here, and no directory loads with weights left random."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GemmaConfig, GemmaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8)
+    Qwen3ForCausalLM(Qwen3Config(**common)).save_pretrained(tmp_path / "shape")  # the fast decoder's kind
+    config = json.loads((tmp_path / "shape" / "config.json").read_text())
+    (tmp_path / "shape" / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
+    capsys.readouterr()
+    with pytest.raises(BaseModelError, match=r"its weights do not match its config.json: model.layers.0.mlp.down_proj"
+                                             r".weight is \[32, 48\] in the file, \[32, 64\] by the config \(3 tensor"):
+        load_directory(tmp_path / "shape", torch.float32)
+    assert "LOAD REPORT" not in capsys.readouterr().err
+
+    GemmaForCausalLM(GemmaConfig(**common)).save_pretrained(tmp_path / "gemma")  # transformers' own class
+    weights = load_file(tmp_path / "gemma" / "model.safetensors")
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "gemma" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BaseModelError, match=r"gemma: its weights do not fit .*model.layers.0.mlp.up_proj.weight"):
+        load_directory(tmp_path / "gemma", torch.float32)
+
+    shutil.copytree(tmp_path / "shape", tmp_path / "custom")
+    (tmp_path / "custom" / "config.json").write_text(json.dumps(
+        {**config, "model_type": "mine", "auto_map": {"AutoModelForCausalLM": "modeling_mine.Mine"}}))
+    with pytest.raises(BaseModelError, match=r"custom: its config.json names custom code \(auto_map, model_type "
+                                             r"'mine'\), which this repo does not run"):
+        load_directory(tmp_path / "custom", torch.float32)
+
+
 def test_a_missing_tokenizer_folder_is_named_as_missing(tmp_path):
     with pytest.raises(BaseModelError, match=r"nope: no such folder; --tokenizer_path takes a folder") as err:
         load_tokenizer(tmp_path / "nope")

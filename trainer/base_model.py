@@ -7,12 +7,25 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 import model.model_minimind  # noqa: F401  (registers "minimind" with AutoModelForCausalLM)
 from model.errors import UserError, first_line
-from model.fast_decoder import ARCHITECTURES, LayoutMismatch, load_fast, why_not_fast
+from model.fast_decoder import (
+    ARCHITECTURES,
+    LayoutMismatch,
+    ShapeMismatch,
+    check_loaded,
+    load_fast,
+    why_not_fast,
+)
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_minimind
 from trainer.args import REPO_ROOT
 
@@ -154,8 +167,11 @@ def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = Non
             inside = []
         hint = f"; it holds {', '.join(inside)}: pass one of those" if inside else ""
         raise BaseModelError(f"--from_weight {path}: a model directory needs config.json (and weights){hint}")
+    _refuse_custom_code(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' load report: what it would say is refused below in one line
     try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         kind = config.model_type
         reason = None if kind == "minimind" else why_not_fast(config, max_seq_len)
         if kind in ARCHITECTURES and reason is None:
@@ -163,15 +179,38 @@ def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = Non
                 model = load_fast(path, dtype)
                 print(f"model: {path} ({ARCHITECTURES[kind]}) runs on the fast decoder", flush=True)
                 return model
+            except ShapeMismatch:
+                raise
             except LayoutMismatch as err:
                 reason = str(err)
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype or "auto")
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, dtype=dtype or "auto", trust_remote_code=False,
+            output_loading_info=True, ignore_mismatched_sizes=True)
+        check_loaded(info, strict_names=False)  # extra tensors (a tied head saved anyway) are harmless here
+    except LayoutMismatch as err:
+        raise BaseModelError(f"--from_weight {path}: {err}") from err
     except Exception as err:
         raise BaseModelError(f"--from_weight {path}: cannot load it as a causal LM ({err})") from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if reason:
         print(f"model: {path} runs on transformers' {type(model).__name__} with the fast paths off (FlexAttention "
               f"for packed rows, the RoPE table op): {reason}", flush=True)
     return model
+
+
+def _refuse_custom_code(path: Path) -> None:
+    """A config.json whose model_type only its own code (auto_map) defines: transformers would ask on the terminal
+    whether to run that code; this repo never does."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # AutoConfig says what is wrong with it
+    kind = config.get("model_type")
+    if isinstance(config, dict) and config.get("auto_map") and kind not in CONFIG_MAPPING and kind != "minimind":
+        raise BaseModelError(f"--from_weight {path}: its config.json names custom code (auto_map, model_type "
+                             f"{kind!r}), which this repo does not run; it trains MiniMind models and the "
+                             "architectures transformers ships")
 
 
 def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden_size: int | None = None,
