@@ -267,6 +267,33 @@ def test_full_disk_says_so_and_keeps_the_old_file(run, tmp_path, capsys):
             release_locks()  # the run's lock file is open on the mount
 
 
+def test_a_save_the_disk_cannot_hold_leaves_the_previous_save_whole(run, tmp_path, capsys):
+    """The first save (about 72 KiB in all) fits a 112 KiB tmpfs, the second does not (its files are written beside
+    the first's until all are there): the first set stays, every file of it from step 1, and the error names the
+    save dir."""
+    tmp, weight, data, _, flags = run
+    with small_disk(tmp_path / "small", "112k") as mnt:
+        try:
+            argv = lora_args(tmp, weight, data, save_dir=mnt, **{**flags, "epochs": 1, "save_interval": 1})
+            assert run_inprocess(main, argv) == 2
+            err = capsys.readouterr().err
+            assert f"error: {mnt}: the disk is full or a file-size limit was hit while saving {STEM}'s files" in err
+            assert "The files of the previous save are unchanged" in err and "Traceback" not in err
+            resume = load_resume(mnt / f"{STEM}_resume.pth")
+            assert resume["state"]["step"] == 1
+            assert json.loads((mnt / f"{STEM}.json").read_text())["step"] == 1
+            trained = {k: v.half() * 1 for k, v in resume["trainable"].items()}
+            model = MiniMindForCausalLM(tiny_config())
+            for path in (mnt / f"{STEM}.pth", mnt / STEM):  # both hold step 1's factors
+                load_lora(model, path)
+                for key, value in trained.items():
+                    torch.testing.assert_close(dict(model.named_parameters())[key].detach().half(), value,
+                                               atol=1e-3, rtol=1e-3)
+            assert not [p for p in mnt.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
+        finally:
+            release_locks()
+
+
 def test_generated_malformed_data_stops_or_skips_by_file_line(run, tmp_path, capsys):
     """200 generated records (every data format, tool calls), each with one value broken, fed to the trainer:
     without --skip_bad_data it stops before training with file:line errors; with it, the bad lines are

@@ -13,7 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.atomic import atomic_write, atomic_write_text, fsync_dir, share_readable, temp_name
+from model.atomic import (
+    SaveError,
+    atomic_write,
+    atomic_write_text,
+    free_space,
+    fsync_dir,
+    is_no_space,
+    share_readable,
+    temp_name,
+)
 from model.errors import UserError, first_line, is_out_of_memory
 
 
@@ -37,21 +46,52 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def write_dir(path: Path, fill: Callable[[Path], None]) -> None:
-    """Build a directory under a unique temp name, then swap it into place (directories cannot be
-    os.replace'd over a non-empty one, so the old one is moved aside first and removed last). Only names
-    this call made up are ever deleted: a user's own `<name>.old/` or `<name>.tmp/` is left alone."""
-    tmp, old = temp_name(path), temp_name(path, "old")
+    """Build a directory under a unique temp name, then swap it into place (_move_in). Only names this call made up
+    are ever deleted: a user's own `<name>.old/` or `<name>.tmp/` is left alone."""
+    tmp = temp_name(path)
     try:
         fill(tmp)
         share_readable(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.is_dir() and not path.is_symlink():
-        os.replace(path, old)
-    os.replace(tmp, path)
+    _move_in(tmp, path)
     fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_together(stem: Path, fill: Callable[[Path], None]) -> None:
+    """Write a checkpoint's files as one set: `fill(staged)` writes each of them, named as beside `stem`, into a
+    hidden folder next to them, and only once all are written are they moved into place (renames, which a full
+    disk does not stop). A full disk, a file-size limit or a kill while writing leaves the previous set whole."""
+    staging = temp_name(stem)  # a leftover of a kill is removed at the next start (save_dir.remove_leftovers)
+    staging.mkdir()
+    try:
+        fill(staging / stem.name)
+        share_readable(staging)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, SaveError) and is_no_space(err):  # name the save dir, not a temp folder now gone
+            raise SaveError(f"{stem.parent}: the disk is full or a file-size limit was hit while saving "
+                            f"{stem.name}'s files ({free_space(stem.parent)}); free space (or raise `ulimit -f`) or "
+                            "pass another --save_dir. The files of the previous save are unchanged") from err
+        raise
+    # The resume file last: a kill among these renames leaves it at the previous save, which a resume redoes.
+    for item in sorted(staging.iterdir(), key=lambda p: p.name.endswith("_resume.pth")):
+        _move_in(item, stem.parent / item.name)
+    fsync_dir(stem.parent)
+    staging.rmdir()
+
+
+def _move_in(new: Path, path: Path) -> None:
+    """Rename `new` to `path`. A folder cannot be renamed over a non-empty one, so an old folder is moved aside
+    first and removed last (save_dir.remove_leftovers puts it back if a kill comes between)."""
+    old = temp_name(path, "old")
+    if new.is_dir() and path.is_dir() and not path.is_symlink():
+        os.replace(path, old)
+    os.replace(new, path)
+    if old.exists():
+        fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def capture_rng() -> dict:

@@ -21,6 +21,7 @@ from trainer.checkpoint import (
     sibling,
     start_or_resume,
     write_json,
+    write_together,
 )
 from trainer.compile_cache import compile_cache_for_run
 from trainer.compiling import attention_line, compile_decoder, pick_packed_attention
@@ -115,9 +116,12 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
             return ok
         config = run_config(args, info, base.source, model, state.step, total_steps, history=state.history,
                             train_samples=len(data.train))
-        save_full_model(model, base.tokenizer, stem, minimind=getattr(model.config, "model_type", "") == "minimind")
-        write_json(sibling(stem, ".json"), config)
-        save_resume(resume_path, model.state_dict(), optimizer, scaler, state, rng, config)
+        def write_files(out: Path) -> None:  # `out`: stem's name in a staging folder (write_together)
+            save_full_model(model, base.tokenizer, out, minimind=getattr(model.config, "model_type", "") == "minimind")
+            write_json(sibling(out, ".json"), config)
+            save_resume(sibling(out, "_resume.pth"), model.state_dict(), optimizer, scaler, state, rng, config)
+
+        write_together(stem, write_files)  # all of them or, on a full disk, none: the last save stays whole
         if final:
             plot_losses(state.history, sibling(stem, "_loss.png"), f"{title} {stem.name}")
         return True

@@ -51,8 +51,8 @@ with frozen_imports():
         seed_everything,
         sibling,
         start_or_resume,
-        write_dir,
         write_json,
+        write_together,
     )
     from trainer.compile_cache import compile_cache_for_run
     from trainer.compiling import CompileWorkers, attention_line, compile_decoder, pick_packed_attention
@@ -207,11 +207,14 @@ def main(argv: list[str] | None = None) -> int:
             return ok
         config = run_config(args, info, base.source, model, state.step, total_steps, lora_targets=targets,
                             history=state.history, train_samples=len(data.train))
-        if not args.use_dora:  # MiniMind's .pth layout has no DoRA magnitude; the PEFT directory holds it
-            save_lora(model, sibling(stem, ".pth"))
-        write_dir(stem, save_adapter)
-        write_json(sibling(stem, ".json"), config)
-        save_resume(resume_path, lora_state_dict(model), optimizer, scaler, state, rng, config)
+        def write_files(out: Path) -> None:  # `out`: stem's name in a staging folder (write_together)
+            if not args.use_dora:  # MiniMind's .pth layout has no DoRA magnitude; the PEFT directory holds it
+                save_lora(model, sibling(out, ".pth"))
+            save_adapter(out)
+            write_json(sibling(out, ".json"), config)
+            save_resume(sibling(out, "_resume.pth"), lora_state_dict(model), optimizer, scaler, state, rng, config)
+
+        write_together(stem, write_files)  # all of them or, on a full disk, none: the last save stays whole
         if final:
             plot_losses(state.history, sibling(stem, "_loss.png"), f"LoRA {stem.name}")
             if loader_note:
