@@ -73,8 +73,36 @@ def test_sigterm_to_torchrun_lets_every_rank_finish_its_step_and_save(tmp_path):
             break
     rest, _ = proc.communicate(timeout=60)
     output = "".join(seen) + rest
-    assert output.count("SIGTERM received: finishing this step") == 2, output[-3000:]  # each rank
+    for rank in (0, 1):  # each rank says it received it
+        assert output.count(f"rank {rank}: SIGTERM received: finishing this step") == 1, output[-3000:]
     assert not re.search(r"rank \d failed|DataLoader worker .* is killed", output), output[-3000:]
     stopped = int(re.search(r"stopped at step (\d+)/\d+; resume with:", output).group(1))
     assert stopped >= 2
     assert torch.load(out / "lora_identity_64_resume.pth", weights_only=False)["state"]["step"] == stopped
+
+
+def test_the_resume_command_is_one_the_user_can_run(monkeypatch):
+    """One process: python. torchrun, even of one process (--ddp needs it): torchrun with this machine's processes.
+    Several machines: each started torchrun with its own --node_rank and rendezvous flags, which no rank sees."""
+    from trainer.distributed import DistInfo
+    from trainer.job import resume_command, stopped_line
+
+    monkeypatch.setattr("sys.argv", ["trainer/train_lora.py", "--ddp", "--batch_size", "4"])
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    one = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert resume_command(one) == "python trainer/train_lora.py --ddp --batch_size 4 --from_resume 1"
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resume_command(one) == ("torchrun --nproc_per_node=1 trainer/train_lora.py --ddp --batch_size 4 "
+                                   "--from_resume 1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    four = DistInfo(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"))
+    assert resume_command(four) == ("your torchrun command on every machine, as before, running "
+                                    "trainer/train_lora.py --ddp --batch_size 4 --from_resume 1")
+    assert stopped_line(0, 6, four) == ("stopped before the first step (0/6): nothing was saved; run the same "
+                                        "command to start")
+    assert stopped_line(3, 6, four).startswith("stopped at step 3/6; resume with:\n  your torchrun command")

@@ -39,7 +39,7 @@ from trainer.engine import (
     wrap_ddp,
 )
 from trainer.guard import DivergenceGuard
-from trainer.job import StopSignal, at_step, resume_command
+from trainer.job import StopSignal, at_step, stopped_line
 from trainer.logger import RunLogger, plot_losses, shown_path, start_wandb
 from trainer.loss import SupervisedLoss
 from trainer.out_of_memory import MemoryWatch
@@ -175,7 +175,7 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     log.close()
     if info.is_main:
         if stopped:
-            print(f"stopped at step {state.step}/{total_steps}; resume with:\n  {resume_command(info)}", flush=True)
+            print(stopped_line(state.step, total_steps, info), flush=True)
         else:
             pth = f"{shown_path(sibling(stem, '.pth'))} and " if sibling(stem, ".pth").is_file() else ""
             print(f"done: {pth}{shown_path(stem)}/ (step {state.step}/{total_steps})", flush=True)

@@ -47,10 +47,10 @@ class StopSignal:
         # in C++ (a collective, a kernel), where a Python handler would not run until it returned.
         for s in self.signals:
             signal.signal(s, signal.SIG_DFL)
-        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a resume checkpoint "
-              "(a second Ctrl-C or kill aborts without saving)", flush=True)
-        if launched_by_torchrun():
-            rank = os.environ.get("RANK")
+        rank = os.environ.get("RANK") if launched_by_torchrun() else None
+        print(f"\n{f'rank {rank}: ' if rank else ''}{signal.Signals(signum).name} received: finishing this step, then "
+              "saving a resume checkpoint (a second Ctrl-C or kill aborts without saving)", flush=True)
+        if rank is not None:
             timer = threading.Timer(self.deadline_s, exit_now, (1, f"rank {rank}: the step did not finish within "
                                     f"{self.deadline_s:g} s of the stop signal (is a peer rank gone?); exiting "
                                     "without saving"))
@@ -74,6 +74,13 @@ def resume_command(info: DistInfo) -> str:
     return rerun_command(info, {"from_resume": "1"})
 
 
+def stopped_line(step: int, total_steps: int, info: DistInfo) -> str:
+    """What a run a signal stopped says last: the command that continues it, or that nothing was saved yet."""
+    if step == 0:
+        return f"stopped before the first step (0/{total_steps}): nothing was saved; run the same command to start"
+    return f"stopped at step {step}/{total_steps}; resume with:\n  {resume_command(info)}"
+
+
 def rerun_command(info: DistInfo, changes: dict[str, str]) -> str:
     """This run's command line with the flags in `changes` set to their values (dropped where given, then
     appended)."""
@@ -89,8 +96,13 @@ def rerun_command(info: DistInfo, changes: dict[str, str]) -> str:
         out.append(a)
     for name, value in changes.items():
         out += [f"--{name}", value]
-    launcher = ["python"] if not info.distributed else ["torchrun", f"--nproc_per_node={info.world_size}"]
-    return shlex.join([*launcher, sys.argv[0], *out])
+    if not launched_by_torchrun():
+        return shlex.join(["python", sys.argv[0], *out])
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    if per_machine == info.world_size:
+        return shlex.join(["torchrun", f"--nproc_per_node={per_machine}", sys.argv[0], *out])
+    # Several machines: each was started with its own --node_rank and rendezvous flags, which a rank cannot see.
+    return ("your torchrun command on every machine, as before, running " + shlex.join([sys.argv[0], *out]))
 
 
 EXIT_GRACE_S = 30  # seconds an exiting rank may spend leaving the process group

@@ -79,7 +79,7 @@ with frozen_imports():
     )
     from trainer.fsdp import parameters_held, shard_frozen_base
     from trainer.guard import DivergenceGuard
-    from trainer.job import StopSignal, at_step, resume_command, run_job
+    from trainer.job import StopSignal, at_step, run_job, stopped_line
     from trainer.logger import RunLogger, plot_losses, shown_path, start_wandb
     from trainer.lora_setup import build_lora
     from trainer.loss import SupervisedLoss
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     log.close()
     if info.is_main:
         if stopped:
-            print(f"stopped at step {state.step}/{total_steps}; resume with:\n  {resume_command(info)}", flush=True)
+            print(stopped_line(state.step, total_steps, info), flush=True)
         else:
             pth = "" if args.use_dora else f"{shown_path(sibling(stem, '.pth'))} and "
             print(f"done: {pth}{shown_path(stem)}/ (step {state.step}/{total_steps})", flush=True)
