@@ -68,12 +68,12 @@ class RunLogger:
         if step == self.steady_step and self.info.is_main:
             preload_plotting()
         self.tokens_since += n_tokens
-        if self.bar is not None:
-            self.bar.update(1)
         # The run's first step is always shown: it proves the setup works long before step log_interval.
-        if step % self.log_interval and not force and step != self.total and step > self.steady_step:
-            return []
-        return self.flush()
+        logged = not step % self.log_interval or force or step == self.total or step <= self.steady_step
+        rows = self.flush() if logged else []
+        if self.bar is not None:
+            self.bar.update(1)  # after flush set the postfix: the count and the values shown are this step's
+        return rows
 
     def flush(self) -> list[tuple[int, float, float]]:
         """Read back and log the steps recorded since the last log line (every rank must call it)."""
