@@ -186,3 +186,12 @@ def test_a_finished_run_resumed_writes_and_evaluates_nothing_again(tmp_path, cap
         assert run_inprocess(main, argv + ["--from_resume", "1"]) == 0
         assert "val_loss" not in capsys.readouterr().out
     assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == files
+
+
+def test_val_fraction_on_data_too_small_to_hold_any_out_is_refused(tmp_path, capsys):
+    weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
+    data = write_chat_data(tmp_path / "data.jsonl", 1)
+    argv = lora_args(tmp_path, weight, data, batch_size=1, max_steps=1, val_fraction=0.5)
+    assert run_inprocess(main, argv) == 2
+    assert (f"error: --val_fraction 0.5: {data} holds 1 sample(s), too few to hold any out and still train; pass "
+            "a --val_data_path, or leave out --val_fraction") in capsys.readouterr().err

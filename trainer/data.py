@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from dataset.lm_dataset import PackedDataset, collate_packed, collate_padded
+from trainer.args import FlagError
 from trainer.distributed import DistInfo
 from trainer.loss import IGNORE_INDEX, ROW_MULTIPLE, supervision
 
@@ -230,9 +231,12 @@ def load_split(make: Callable[[str], Dataset], data_path: str, val_data_path: st
     if val_data_path:
         return train, make(val_data_path)
     # At least one sample when a fraction is asked for (0.01 of 64 samples would otherwise turn validation off)
-    n_val = max(int(len(train) * val_fraction), 1 if val_fraction > 0 and len(train) > 1 else 0)
+    n_val = max(int(len(train) * val_fraction), 1 if val_fraction > 0 else 0)
     if n_val == 0:
         return train, None
+    if n_val >= len(train):
+        raise FlagError(f"--val_fraction {val_fraction}: {data_path} holds {len(train)} sample(s), too few to hold "
+                        "any out and still train; pass a --val_data_path, or leave out --val_fraction")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     return _Part(train, sorted(order[n_val:])), _Part(train, sorted(order[:n_val]))
 
