@@ -205,6 +205,15 @@ def read_history(stem: Path) -> tuple[str, dict]:
     return label, {"train": list(history.get("train", [])), "val": list(history.get("val", []))}
 
 
+def read_runs(stems: list[Path]) -> list[tuple[str, dict]]:
+    """read_history of each run, a label that two runs share prefixed with each one's folder (the same --lora_name
+    and flags in two save dirs)."""
+    runs = [read_history(stem) for stem in stems]
+    labels = [label for label, _ in runs]
+    return [(f"{stem.parent.name}/{label}" if labels.count(label) > 1 else label, history)
+            for stem, (label, history) in zip(stems, runs)]
+
+
 def plot_loss_curves(runs: list[tuple[str, dict]], out_png: Path, smooth: float = 0.6) -> None:
     """Train loss (raw, faint, and an EMA, solid) and validation loss (markers) of every run on one plot."""
     fig, ax = plt.subplots(figsize=(8, 4.8))
@@ -286,7 +295,7 @@ def plot(args: argparse.Namespace) -> None:
         for png in plot_lora(path, args.out_dir, args.top):
             print(f"wrote {png}")
     if args.runs:
-        runs = [read_history(stem) for path in args.runs for stem in run_stems(path)]
+        runs = read_runs([stem for path in args.runs for stem in run_stems(path)])
         png = Path(args.out_dir) / "loss_curves.png"
         plot_loss_curves(runs, png, args.smooth)
         print(f"wrote {png} ({len(runs)} run{'s' if len(runs) > 1 else ''})")

@@ -12,6 +12,7 @@ from scripts.visualize_lora import (
     main,
     plot_lora,
     read_history,
+    read_runs,
     run_stems,
 )
 from trainer.checkpoint import TrainState, save_resume, write_json
@@ -119,6 +120,17 @@ def test_loss_curves_of_several_runs(tmp_path, capsys):
     main(["--runs", str(tmp_path), "--out_dir", str(tmp_path / "plots")])
     assert "(2 runs)" in capsys.readouterr().out
     assert_real_plot(tmp_path / "plots" / "loss_curves.png")
+
+
+def test_runs_of_one_name_in_two_folders_get_their_folder_in_the_label(tmp_path):
+    for folder, decay in (("first", 0.95), ("second", 0.9)):
+        (tmp_path / folder).mkdir()
+        write_run(tmp_path / folder, "lora_identity_64", 4, decay)
+    write_run(tmp_path / "second", "lora_other_64", 8, 0.9)
+    stems = run_stems(tmp_path / "first") + run_stems(tmp_path / "second")
+    assert [label for label, _ in read_runs(stems)] == [
+        "first/lora_identity_64 (r=4, lr=0.0001)", "second/lora_identity_64 (r=4, lr=0.0001)",
+        "lora_other_64 (r=8, lr=0.0001)"]
 
 
 def test_runs_without_history_are_reported(tmp_path, capsys):

@@ -82,9 +82,9 @@ class DivergenceGuard:
         if not finite:
             raise TrainingDiverged(f"step {step}: the trained weights hold nan/inf; not saving them. {self.advice()}")
         if peak > FP16_MAX or (self.norm > 0 and norm > BLOWUP * self.norm):
+            since = "at the last good save" if self.good else "at the start"
             raise TrainingDiverged(f"step {step}: the trained weights have blown up (norm {norm:.3g}, was "
-                                   f"{self.norm:.3g} at the last good save; largest {peak:.3g}); not saving "
-                                   f"them. {self.advice()}")
+                                   f"{self.norm:.3g} {since}; largest {peak:.3g}); not saving them. {self.advice()}")
         recent = _mean(list(self.window))
         if recent is not None and self.reference is not None and recent > 2 * self.reference + 1.0:
             return (f"the mean loss of the last {WINDOW} logged steps, {recent:.4f}, is far above the "
