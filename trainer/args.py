@@ -69,7 +69,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show a flag's default only when it says something (not None/False, not already in the text)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -159,7 +159,7 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
                    help="pack several samples per row of --max_seq_len tokens (position_ids restart per sample; no "
                         "padding); --batch_size still counts samples: a micro-batch holds about that many"
                         + (" (default: on with a CUDA device, off on CPU; --packing 0 turns it off)" if job == "lora"
-                           else ""))
+                           else " (default: off)"))
     g.add_argument("--packed_rows", type=int, default=None,
                    help="packed rows per micro-batch (default: as many as hold about --batch_size samples of the "
                         "data's mean length)")
@@ -178,7 +178,7 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d["epochs"], help="passes over the training data")
     g.add_argument("--max_steps", type=int, default=None, help="stop after at most this many optimizer steps (the --epochs end the run "
-                   "first if they hold fewer)")
+                   "first if they hold fewer) (default: none, the --epochs decide)")
     g.add_argument("--batch_size", type=int, default=16, help="samples per micro-batch per GPU")
     g.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--learning_rate", type=float, default=d["learning_rate"], help="peak learning rate")
@@ -192,9 +192,10 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="autocast dtype (default: bfloat16 on GPU, float32 on CPU); float16 uses a GradScaler")
     g.add_argument("--use_compile", type=str2bool, default=None,
-                   help="torch.compile the decoder (0/1); with --packing on GPUs (one, or DDP) each micro-step then "
-                        "replays as a CUDA graph, the fastest steps" + (" (default: on with a CUDA device and Triton, off on CPU)"
-                                                       if job == "lora" else ""))
+                   help="torch.compile the decoder (0/1)" + (
+                       "; with --packing on GPUs (one, or DDP) each micro-step then replays as a CUDA graph, the "
+                       "fastest steps (default: on with a CUDA device and Triton, off on CPU)" if job == "lora"
+                       else " (default: off)"))
     g.add_argument("--compile_cache", default=None,
                    help="folder that keeps the compiled decoder's kernels for the next run, whose first step then "
                         "loads them instead of compiling (default: $TORCHINDUCTOR_CACHE_DIR where set, else "

@@ -33,8 +33,8 @@ def add_base_flags(p: argparse.ArgumentParser, device: bool = True) -> None:
         "--out_dir",
         dest="save_dir",
         default=str(default_save_dir()),
-        help="folder of MiniMind checkpoints: --from_weight names are looked up there, and merge_lora.py "
-        "writes its outputs there (default: $MINILORA_OUT_DIR or <repo>/out)",
+        help="folder of MiniMind checkpoints: --from_weight and --lora_path names are looked up there "
+        "(merge_lora.py also writes its outputs there) (default: $MINILORA_OUT_DIR or <repo>/out)",
     )
     g.add_argument(
         "--hidden_size",

@@ -33,7 +33,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", default="30-32", help="first-last optimizer step to profile, counted from 1 in this "
                                                     "run (default 30-32: after compilation and warm-up)")
-    p.add_argument("--out", default="out/profile", help="folder for profile_rank<R>.txt and trace_rank<R>.json.gz")
+    p.add_argument("--out", default="out/profile", help="folder for profile_rank<R>.txt and trace_rank<R>.json.gz (default: out/profile)")
     p.add_argument("--rows", type=int, default=20, help="operators listed in each summary (default 20)")
     p.add_argument("--with-stack", action="store_true", help="record Python frames too (slower steps; "
                                                              "scripts/bench/trace_gaps.py then names the lines)")
