@@ -4,6 +4,8 @@ stop signal to torchrun ends the job cleanly."""
 import re
 import signal
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -106,3 +108,14 @@ def test_the_resume_command_is_one_the_user_can_run(monkeypatch):
     assert stopped_line(0, 6, four) == ("stopped before the first step (0/6): nothing was saved; run the same "
                                         "command to start")
     assert stopped_line(3, 6, four).startswith("stopped at step 3/6; resume with:\n  your torchrun command")
+
+
+def test_ctrl_c_while_the_imports_run_ends_with_aborted_not_a_traceback(tmp_path):
+    """torch and transformers take seconds to import; a Ctrl-C then ends the run as one later does."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "trainer" / "train_lora.py"), "--max_steps", "1",
+                             "--save_dir", str(tmp_path / "out")], cwd=tmp_path, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # inside the imports (they take 3 s and more on 2 cores)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err, out) == (130, "aborted\n", "")

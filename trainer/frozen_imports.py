@@ -8,10 +8,12 @@ moves to the permanent generation, which no collection scans, and the collector 
 script builds next.
 
 It also stops the script first, with a clear error, when $TORCHINDUCTOR_CACHE_DIR cannot be written: torch's own
-imports would fail on it with a traceback.
+imports would fail on it with a traceback; and a Ctrl-C while the imports run ends it as one later would, with
+`aborted` and status 130, not a traceback through the import machinery.
 """
 
 import gc
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,6 +28,9 @@ def frozen_imports() -> Iterator[None]:
 
         exit_if_variable_unwritable()
         yield
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
     finally:
         gc.freeze()
         if was_enabled:
