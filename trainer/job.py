@@ -195,5 +195,6 @@ def _failure_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     line = f"rank {dist.get_rank()} failed{where}: {type(err).__name__}: {text}"
     if _peer_lost(err):
-        line += " (a collective failed: another rank probably failed first; see its message)"
+        line += (" (a collective failed: another rank probably failed first; see its message, or, where it left none "
+                 "(killed, out of host memory), torchrun's summary of the failed ranks)")
     return line
