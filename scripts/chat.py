@@ -32,6 +32,7 @@ with frozen_imports():
     from model.errors import UserError, exit_on_user_error
     from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
     from model.model_lora import LoRAError, load_lora, merge_lora
+    from trainer.args import str2bool
     from trainer.base_flags import load_from_flags, lora_file, script_parser, use_chat_template
     from trainer.distributed import pick_device
     from trainer.logger import shown_path
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="let the chat template open a <think> block (MiniMind/Qwen3 reasoning models)",
     )
     g.add_argument(
+        "--open_thinking",
+        dest="think",
+        type=str2bool,
+        help="MiniMind eval_llm.py's spelling of --think (0/1)",
+    )
+    g.add_argument(
         "--prompt",
         action="append",
         default=None,
@@ -92,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="in --interactive mode, how many past user/assistant turns to send along (default 8)",
     )
     g.add_argument(
+        "--historys",
+        type=int,
+        default=None,
+        help="MiniMind eval_llm.py's spelling: past messages to send along (an even number; 0: none), "
+        "i.e. --history_turns of half as many",
+    )
+    g.add_argument(
         "--system", default=None, help="an optional system message at the start of every conversation"
     )
     return p
@@ -103,6 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.compare and not args.lora_path:
         p.error("--compare needs --lora_path")
+    if args.historys is not None:
+        if args.historys < 0 or args.historys % 2:
+            p.error(f"--historys counts past messages, a user and an assistant one per turn: an even number, 0 or "
+                    f"more (got {args.historys})")
+        args.history_turns = args.historys // 2
     if args.history_turns < 0:
         p.error(f"--history_turns must be 0 or more (got {args.history_turns})")
     check_generation_flags(p, args)

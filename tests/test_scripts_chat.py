@@ -197,6 +197,13 @@ def test_minimind_flag_spellings_and_bad_values(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--history_turns", "-1"])
     assert exit_info.value.code == 2
+    # eval_llm.py's: --historys counts messages (two a turn), --open_thinking 0/1
+    minimind = parse_args(["--historys", "4", "--open_thinking", "1"])
+    assert (minimind.history_turns, minimind.think, minimind.template_kwargs["enable_thinking"]) == (2, True, True)
+    assert parse_args(["--open_thinking", "0"]).think is False and parse_args([]).think is False
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--historys", "3"])
+    assert exit_info.value.code == 2
 
 
 @pytest.fixture(scope="module")
