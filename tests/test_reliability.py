@@ -555,6 +555,10 @@ def test_resume_refuses_changed_math_or_data(run, tmp_path, capsys):
                            (dict(group_by_length=1), "--group_by_length")):
         argv = lora_args(tmp, weight, data, save_dir=good, **{**flags, **change}) + ["--from_resume", "1"]
         refused(argv, capsys, needle, "cannot continue this run with changed settings")
+    # alpha left to the rank: the rank's change is the one named
+    line = refused(lora_args(tmp, weight, data, save_dir=good, **{**flags, "lora_rank": 8}) + ["--from_resume", "1"],
+                   capsys, "changed settings: --lora_rank 4 -> 8. Put them back")
+    assert "--lora_alpha" not in line
 
 
 # ------------------------------------------------------------------------- flags

@@ -315,7 +315,8 @@ def check_resume_flags(config: dict, path: Path, args: object, world_size: int, 
         after = _as_run_sees_it(k, now, targets if saved_targets is not None else None)
         if k in saved_paths and after and Path(after).exists():  # the same file named from another folder
             before, after = saved_paths[k], str(Path(after).resolve())
-        if str(before) != str(after):
+        follows_rank = k == "lora_alpha" and saved[k] is None and now[k] is None  # the rank's change is listed
+        if str(before) != str(after) and not follows_rank:
             changed.append(f"--{k} {saved[k]} -> {now[k]}")
     saved_cfg, now_cfg = config.get("model_config") or {}, getattr(getattr(model, "config", None), "to_dict", dict)()
     shape = [f"{k} {saved_cfg[k]} -> {now_cfg[k]}" for k in BASE_SHAPE
