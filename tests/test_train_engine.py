@@ -541,3 +541,15 @@ def test_a_warmup_as_long_as_the_run_is_noted():
     note = warmup_note(10, 3)
     assert "--warmup_iters 10 is not shorter than the run's 3 steps" in note
     assert f"to {lr_at(2, 3, 1.0, 10):.0%} of --learning_rate" in note
+
+
+def test_a_model_directory_without_a_tokenizer_is_told_to_get_one(tmp_path, capsys):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from trainer.base_model import load_base
+
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(tmp_path / "m")
+    with pytest.raises(BaseModelError, match=rf"or put its tokenizer.json and tokenizer_config.json into {tmp_path / 'm'}$"):
+        load_base(str(tmp_path / "m"), str(tmp_path), torch.float32)
+    assert f"warning: {tmp_path / 'm'} holds no tokenizer (tokenizer.json, " in capsys.readouterr().out

@@ -131,8 +131,12 @@ def pick_tokenizer(weight: Path | None, tokenizer_path: str | None) -> PreTraine
         for folder in folders:
             if any((folder / f).is_file() for f in TOKENIZER_CORE):
                 return load_tokenizer(folder)
-    print(f"warning: using the repo's tokenizer {REPO_TOKENIZER}; MiniMind's released weights need MiniMind's own "
-          "tokenizer (pass --tokenizer_path <dir>)", flush=True)
+    if weight is not None and weight.is_dir():
+        print(f"warning: {weight} holds no tokenizer ({', '.join(TOKENIZER_CORE)}); using the repo's "
+              f"{REPO_TOKENIZER} (pass the model's own with --tokenizer_path <dir>)", flush=True)
+    else:
+        print(f"warning: using the repo's tokenizer {REPO_TOKENIZER}; MiniMind's released weights need MiniMind's "
+              "own tokenizer (pass --tokenizer_path <dir>)", flush=True)
     return load_tokenizer(REPO_TOKENIZER)
 
 
@@ -232,7 +236,7 @@ def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden
                                        ("use_moe", use_moe)) if v is not None}
         model = load_minimind(path, dtype=dtype, **overrides)
     tokenizer = pick_tokenizer(path, tokenizer_path)
-    check_vocab(model, tokenizer, chosen=bool(tokenizer_path))
+    check_vocab(model, tokenizer, chosen=bool(tokenizer_path), weight=path)
     cfg = model.config
     return BaseModel(model, tokenizer, str(path), cfg.hidden_size, is_moe(model))
 
@@ -248,17 +252,20 @@ def new_minimind(tokenizer: PreTrainedTokenizerBase, hidden_size: int | None, nu
     return BaseModel(model, tokenizer, "new", config.hidden_size, config.use_moe)
 
 
-def check_vocab(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chosen: bool = False) -> None:
+def check_vocab(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chosen: bool = False,
+                weight: Path | None = None) -> None:
     """A tokenizer with ids beyond the embedding table would index out of range mid-run: refuse it now.
-    The repo's fallback tokenizer must also fill the table exactly, unless --tokenizer_path chose it (`chosen`)."""
+    The repo's fallback tokenizer must also fill the table exactly, unless --tokenizer_path chose it (`chosen`).
+    `weight`: the model's file or directory, where its own tokenizer belongs."""
     rows = model.get_input_embeddings().weight.shape[0]
     source = Path(getattr(tokenizer, "name_or_path", "") or ".").resolve()
     if not chosen and source == REPO_TOKENIZER.resolve() and len(tokenizer) != rows:
         # The fallback tokenizer on a model sized for another one trains silently on the wrong token ids.
+        where = f"into {weight}" if weight is not None and weight.is_dir() else "beside the .pth"
         raise BaseModelError(f"the model's vocabulary has {rows} tokens, the repo's tokenizer {REPO_TOKENIZER} "
                              f"{len(tokenizer)}: it is not this model's tokenizer. Pass the model's own with "
                              "--tokenizer_path (for MiniMind's weights: the model/ folder of MiniMind's repo), "
-                             "or put its tokenizer.json and tokenizer_config.json beside the .pth")
+                             f"or put its tokenizer.json and tokenizer_config.json {where}")
     if len(tokenizer) > rows:
         raise BaseModelError(f"the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) has {len(tokenizer)} "
                              f"tokens but the model's vocabulary has {rows}; pass the model's own tokenizer "
