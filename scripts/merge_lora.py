@@ -37,23 +37,27 @@ with frozen_imports():
     from model.errors import UserError, exit_on_user_error
     from model.hf_export import ExportError, export_minimind
     from model.model_lora import load_lora, merge_lora
-    from trainer.base_flags import is_minimind, lora_file, script_parser, use_chat_template
+    from trainer.base_flags import base_for, is_minimind, lora_file, script_parser, use_chat_template
     from trainer.base_model import TOKENIZER_FILES, load_base
     from trainer.checkpoint import write_dir
     from trainer.engine import DTYPES
     from trainer.logger import shown_path
+    from trainer.save_dir import remove_leftovers
 
 
 def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object, torch.dtype, Path | None]:
     """The base with the LoRA folded into its weights in float32 (CPU, plain nn.Linear layers back), its
     tokenizer, the dtype the base was stored in, and the chat template the LoRA learned where it is not the
     tokenizer's own (use_chat_template). Stops before the merge if an output would replace the base."""
-    base = load_base(args.from_weight, args.save_dir, None, args.hidden_size, args.num_hidden_layers,
-                     args.use_moe, args.tokenizer_path)  # dtype None: as stored (.pth tensors, config.json)
+    base = load_base(base_for(args), args.save_dir, None, args.hidden_size, args.num_hidden_layers, args.use_moe,
+                     args.tokenizer_path, minimind_default="full_sft")  # dtype None: as stored (.pth, config.json)
     for out in output_paths(base.model, args):
         if out is not None and out.resolve() == Path(base.source).resolve():
-            raise UserError(f"{out}: the merge would write over its own base (--from_weight {args.from_weight}); "
+            raise UserError(f"{out}: the merge would write over its own base (--from_weight {base.source}); "
                             "pass another --save_weight or --save_dir")
+        if out is not None and out.is_dir() and out.is_symlink():
+            raise UserError(f"{out} is a symbolic link, and the merge replaces this folder whole; move the link "
+                            "away, or pass another --save_weight or --save_dir")
     stored = next(base.model.parameters()).dtype
     model = base.model.float().eval()
     lora = lora_file(args.lora_path, args.save_dir, model)
@@ -100,6 +104,8 @@ def export(args: argparse.Namespace) -> list[Path]:
     print(f"merged {args.lora_path} into the base")
     outputs = []
     pth, hf_dir = output_paths(model, args)
+    # What a killed merge left under hidden temp names (a whole model each), and an earlier export it had moved aside
+    remove_leftovers(hf_dir.with_name(hf_dir.name.removesuffix("_hf")), {".pth": "file", "_hf": "dir"})
     if pth is not None:
         save_minimind_pth(model, pth, dtype)
         outputs.append(pth)

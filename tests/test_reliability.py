@@ -44,7 +44,15 @@ from tests.train_utils import (
     torchrun,
     write_chat_data,
 )
-from trainer.checkpoint import TrainState, atomic_save, load_resume, save_resume, write_dir
+from trainer.checkpoint import (
+    TrainState,
+    atomic_save,
+    load_resume,
+    save_resume,
+    write_dir,
+    write_json,
+    write_together,
+)
 from trainer.guard import DivergenceGuard, TrainingDiverged
 from trainer.save_dir import LORA_OUTPUTS, SaveDirError, lock_run, release_locks, remove_leftovers
 from trainer.train_lora import main
@@ -197,14 +205,22 @@ def _save_forever(folder: Path, seed: int) -> None:
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params)
     stem = folder / STEM
+    folder.mkdir(parents=True, exist_ok=True)
+    step = 0
+
+    def write_files(out: Path) -> None:  # as the trainer's save() does
+        save_lora(model, out.with_name(STEM + ".pth"))
+        save_lora(model, out)
+        write_json(out.with_name(STEM + ".json"), {"step": step})
+        save_resume(out.with_name(STEM + "_resume.pth"), {n: p.detach() for n, p in model.named_parameters()
+                                                          if p.requires_grad}, opt, None, TrainState(step=step), [], {})
+
     while True:
+        step += 1
         with torch.no_grad():
             for p in params:
                 p.add_(torch.randn_like(p))
-        save_lora(model, stem.with_name(STEM + ".pth"))
-        write_dir(stem, lambda d: save_lora(model, d))
-        save_resume(stem.with_name(STEM + "_resume.pth"), {n: p.detach() for n, p in model.named_parameters()
-                                                           if p.requires_grad}, opt, None, TrainState(), [], {})
+        write_together(stem, write_files)
 
 
 def test_sigkill_during_saves_leaves_only_whole_files(tmp_path):
@@ -229,10 +245,14 @@ def test_sigkill_during_saves_leaves_only_whole_files(tmp_path):
         remove_leftovers(folder / STEM, LORA_OUTPUTS)
         lock.release()
         assert not [p for p in folder.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
-        # Every file at its final name is whole: it loads (and the resume file's checksum matches).
-        assert load_resume(folder / f"{STEM}_resume.pth")["trainable"]
+        # Every file at its final name is whole: it loads (and the resume file's checksum matches). The set is one
+        # save's, or, where the kill came among the renames, the resume file is the older one (a resume redoes it).
+        resume = load_resume(folder / f"{STEM}_resume.pth")
+        assert resume["trainable"]
         for path in (folder / f"{STEM}.pth", folder / STEM):
             assert load_lora(MiniMindForCausalLM(tiny_config()), path)
+        assert json.loads((folder / f"{STEM}.json").read_text())["step"] in (resume["state"]["step"],
+                                                                             resume["state"]["step"] + 1)
         TALLY["kills survived"] += 1
     assert TALLY["kills survived"] >= 6
 
@@ -546,6 +566,29 @@ def test_resume_takes_the_same_settings_spelled_otherwise_and_refuses_another_ba
     refused(argv, capsys, "the base model (--from_weight", "is another one: num_hidden_layers 2 -> 3")
 
 
+def test_resume_without_from_weight_refuses_a_default_base_other_than_the_runs(run, tmp_path, capsys):
+    """The run trained on a named base; the same command without --from_weight would take MiniMind's default
+    {save_dir}/full_sft_64.pth, a file of the same shape: refused, with the base to name."""
+    tmp, weight, data, good, flags = run
+    out = copy_run(good, tmp_path / "out")
+    shutil.copy(weight, out / "full_sft_64.pth")
+    argv = lora_args(tmp, weight, data, save_dir=out, **flags)
+    i = argv.index("--from_weight")
+    argv = argv[:i] + argv[i + 2:] + ["--hidden_size", "64", "--from_resume", "1"]
+    refused(argv, capsys, f"the run that wrote it trained on {weight.resolve()}; without --from_weight this command "
+                          f"would continue on {out / 'full_sft_64.pth'}. Pass --from_weight {weight.resolve()}")
+
+
+def test_a_symlinked_output_folder_is_refused_before_training(run, tmp_path, capsys):
+    tmp, weight, data, _, flags = run
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (out / STEM).symlink_to(tmp_path / "elsewhere")
+    refused(lora_args(tmp, weight, data, save_dir=out, **flags), capsys,
+            f"{out / STEM} is a symbolic link, and each save replaces this folder whole")
+
+
 def test_resume_refuses_changed_math_or_data(run, tmp_path, capsys):
     tmp, weight, data, good, flags = run
     shorter = write_chat_data(tmp_path / "short.jsonl", 3)
@@ -848,5 +891,6 @@ def test_rank_that_sees_a_peer_die_prints_one_line(capsys, monkeypatch):
     assert exc.value.code == 1 and "Traceback" not in err, err
     assert err.strip().splitlines() == ["rank 0 failed: RuntimeError: [gloo/transport/tcp/pair.cc:534] Connection "
                                         "closed by peer [127.0.0.1]:29500 (a collective failed: another rank "
-                                        "probably failed first; see its message)"]
+                                        "probably failed first; see its message, or, where it left none (killed, "
+                                        "out of host memory), torchrun's summary of the failed ranks)"]
     assert not dist.is_initialized()  # run_job left the group

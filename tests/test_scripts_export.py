@@ -416,3 +416,27 @@ def test_a_lora_trained_with_a_chat_template_keeps_it_through_the_merge(tmp_path
     exported = AutoTokenizer.from_pretrained(tmp_path / "merged" / "merged_64_hf")
     assert exported.chat_template == template
     assert "You are Qwen" in exported.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_without_from_weight_the_merge_loads_the_base_the_lora_names(tmp_path, capsys):
+    """The trainer records its base's absolute path in adapter_config.json (beside a .pth LoRA too): chat, eval and
+    merge load it when --from_weight is not given, as PEFT's AutoPeftModel does, not the demo base."""
+    from tests.train_utils import lora_args, run_inprocess, save_tiny_minimind, write_chat_data
+    from trainer.train_lora import main as train
+
+    need_fixtures()
+    weight = save_tiny_minimind(tmp_path / "base.pth")
+    data = write_chat_data(tmp_path / "chat.jsonl", 4)
+    assert run_inprocess(train, lora_args(tmp_path, weight, data, max_steps=1, tokenizer_path=TOKENIZER)) == 0
+    config = json.loads((tmp_path / "out" / "lora_identity_64" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(weight.resolve())
+    capsys.readouterr()
+    main(["--lora_path", str(tmp_path / "out" / "lora_identity_64.pth"), "--tokenizer_path", str(TOKENIZER),
+          "--save_dir", str(tmp_path / "merged")])
+    assert f"base: {weight.resolve()} (the one {tmp_path / 'out' / 'lora_identity_64' / 'adapter_config.json'} names" \
+        in capsys.readouterr().out
+    merge(weight, tmp_path / "out" / "lora_identity_64.pth", tmp_path / "explicit")
+    by_name, explicit = torch.load(tmp_path / "merged" / "merged_64.pth"), torch.load(tmp_path / "explicit" / "merged_64.pth")
+    assert by_name.keys() == explicit.keys()
+    for key, value in explicit.items():
+        torch.testing.assert_close(by_name[key].float(), value.float())

@@ -190,6 +190,12 @@ def test_train_refuses_an_unusable_out_dir_before_training_and_can_skip_bad_line
     assert f"{mixed}: skipped 1 bad line(s) of {len(TINY_TEXTS) + 1} (--skip_bad_data), the first " \
            f"{mixed}:{len(TINY_TEXTS) + 1}:" in capsys.readouterr().out
     assert len(AutoTokenizer.from_pretrained(tmp_path / "tok")) == 300
+    first_bad = tmp_path / "first_bad.jsonl"
+    first_bad.write_text('{"text": oops}\n' + "".join(json.dumps({"text": t}) + "\n" for t in TINY_TEXTS),
+                         encoding="utf-8")
+    assert main(["--data_path", str(first_bad), "--vocab_size", "300", "--out_dir", str(tmp_path / "tok2"),
+                 "--skip_bad_data"]) == 0
+    assert f"{first_bad}: skipped 1 bad line(s) of {len(TINY_TEXTS) + 1}" in capsys.readouterr().out
 
 
 def test_the_default_output_is_not_the_repo_tokenizer():

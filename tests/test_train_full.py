@@ -147,3 +147,23 @@ def test_minimind_default_bases_and_none(tmp_path, capsys):
     assert run_inprocess(train_lora.main, _flags(save_dir=out, hidden_size=32, data_path=chat, max_steps=1)) == 2
     assert (f"error: no --from_weight given: MiniMind's default base {out / 'full_sft_32.pth'} does not exist, and "
             "the demo base") in capsys.readouterr().err
+
+
+def test_a_full_sft_save_past_a_file_size_limit_names_the_save_dir(tmp_path, capsys):
+    """save_pretrained's writer raises its own error type on EFBIG; the line still names the folder and the fix."""
+    import resource
+
+    tok, out = tokenizer_dir(), tmp_path / "out"
+    chat = write_chat_data(tmp_path / "chat.jsonl", 6)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))  # the 64-wide model's files are ~3 MB
+    try:
+        code = run_inprocess(train_full_sft.main, _flags(
+            save_dir=out, from_weight="none", hidden_size=64, num_hidden_layers=2, data_path=chat, tokenizer_path=tok,
+            max_steps=1, data_cache="none"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"error: {out}: the disk is full or a file-size limit was hit while saving full_sft_64's files" in err
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]

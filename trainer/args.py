@@ -319,7 +319,7 @@ def check_values(args: argparse.Namespace) -> None:
         raise FlagError(f"--{flag} {name!r} must be a plain file name (no folders, no leading dot): the files go "
                         "into --save_dir; pass --save_dir for another folder")
     if getattr(args, "chat_template", None):
-        _check_template(Path(args.chat_template))
+        check_template_file(Path(args.chat_template))
 
 
 def _check_device(flag: str | None) -> None:
@@ -334,7 +334,7 @@ def _check_device(flag: str | None) -> None:
         raise FlagError(f"--device {flag}: not a device this trainer runs on; use cuda, cuda:N, cpu or mps")
 
 
-def _check_template(path: Path) -> None:
+def check_template_file(path: Path) -> None:
     """--chat_template must be a readable jinja file that compiles (a syntax error names its line)."""
     try:
         text = path.read_text(encoding="utf-8")

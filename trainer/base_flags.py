@@ -5,6 +5,7 @@ MiniMind name looked up as `{save_dir}/{name}_{hidden_size}{_moe}.pth`, or nothi
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from dataset.chat_render import lora_template
 from model.errors import UserError
-from trainer.args import default_save_dir, str2bool
+from trainer.args import check_template_file, default_save_dir, str2bool
 from trainer.base_model import load_base
 
 
@@ -25,8 +26,9 @@ def add_base_flags(p: argparse.ArgumentParser, device: bool = True) -> None:
         dest="from_weight",
         default=None,
         help="a model directory (MiniMind or transformers), a MiniMind .pth file, or a MiniMind name "
-        "resolved as {save_dir}/{name}_{hidden_size}{_moe}.pth, e.g. full_sft "
-        "(default: the demo base model/demo/)",
+        "resolved as {save_dir}/{name}_{hidden_size}{_moe}.pth, e.g. full_sft (default: the base the LoRA's "
+        "adapter_config.json names, where it exists; else with --hidden_size {save_dir}/full_sft_{hidden_size}.pth "
+        "where it exists, as MiniMind's eval_llm.py; else the demo base model/demo/)",
     )
     g.add_argument(
         "--save_dir",
@@ -76,15 +78,33 @@ def load_from_flags(
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = load_base(
-        args.from_weight,
+        base_for(args),
         args.save_dir,
         dtype,
         args.hidden_size,
         args.num_hidden_layers,
         args.use_moe,
         args.tokenizer_path,
+        minimind_default="full_sft",
     )
     return base.model.to(device).eval(), base.tokenizer
+
+
+def base_for(args: argparse.Namespace) -> str | None:
+    """--from_weight, else the base the LoRA recorded in its adapter_config.json (this repo's trainer writes it
+    beside a .pth LoRA too) where that path exists, as PEFT's AutoPeftModel loads it; else None (the default)."""
+    if args.from_weight or not args.lora_path or not Path(args.lora_path).exists():
+        return args.from_weight
+    lora = Path(args.lora_path)
+    config = (lora if lora.is_dir() else lora.with_suffix("")) / "adapter_config.json"
+    try:
+        recorded = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not recorded or not Path(recorded).exists():
+        return None
+    print(f"base: {recorded} (the one {config} names; --from_weight picks another)", flush=True)
+    return recorded
 
 
 def is_minimind(model: nn.Module) -> bool:
@@ -126,13 +146,17 @@ def lora_file(flag: str, save_dir: str, model: nn.Module) -> Path:
 def use_chat_template(tokenizer: object, flag: str | None, lora: Path | None) -> Path | None:
     """Make `tokenizer` render chats as the LoRA learned them: --chat_template (`flag`), else the template saved
     with the LoRA (chat_render.lora_template); returns the file used, or None when the tokenizer's own stays."""
-    path = Path(flag) if flag else lora_template(lora) if lora is not None else None
-    if path is None:
-        return None
+    if flag:
+        check_template_file(Path(flag))  # one line for a missing, empty or broken file, as the trainer says it
+        path = Path(flag)
+    else:
+        path = lora_template(lora) if lora is not None else None
+        if path is None:
+            return None
     try:
         tokenizer.chat_template = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"--chat_template {path}: cannot read it as a text file ({getattr(err, 'strerror', None) or err})"
-                        ) from None
+        raise UserError(f"{path}, the chat template saved with the LoRA: cannot read it as UTF-8 text "
+                        f"({getattr(err, 'strerror', None) or err})") from None
     return path
 

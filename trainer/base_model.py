@@ -57,6 +57,9 @@ def resolve_weight(from_weight: str | None, save_dir: str, hidden_size: int | No
     --hidden_size, the base MiniMind's own script would load (`minimind_default`, e.g. full_sft) where it exists,
     else the demo base."""
     if from_weight is None:
+        if not (DEMO_BASE / "config.json").is_file():
+            raise BaseModelError(f"no --from_weight given and the demo base model {DEMO_BASE} is missing; pass "
+                                 "--from_weight <name in --save_dir | file.pth | model directory>")
         if hidden_size is not None and minimind_default:
             wanted = Path(save_dir) / f"{minimind_default}_{hidden_size}{'_moe' if use_moe else ''}.pth"
             if wanted.is_file():  # MiniMind's `--hidden_size 512` alone trains on out/full_sft_512.pth
@@ -67,9 +70,6 @@ def resolve_weight(from_weight: str | None, save_dir: str, hidden_size: int | No
                                      f"the demo base {DEMO_BASE} has hidden_size {demo}, not --hidden_size "
                                      f"{hidden_size}; pass --from_weight <name in --save_dir | file.pth | model "
                                      "directory>")
-        if not (DEMO_BASE / "config.json").is_file():
-            raise BaseModelError(f"no --from_weight given and the demo base model {DEMO_BASE} is missing; pass "
-                                 "--from_weight <name in --save_dir | file.pth | model directory>")
         return DEMO_BASE
     path = Path(from_weight).expanduser()
     if path.exists():
@@ -210,8 +210,10 @@ def _refuse_custom_code(path: Path) -> None:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # AutoConfig says what is wrong with it
+    if not isinstance(config, dict):
+        return  # AutoConfig says what is wrong with it
     kind = config.get("model_type")
-    if isinstance(config, dict) and config.get("auto_map") and kind not in CONFIG_MAPPING and kind != "minimind":
+    if config.get("auto_map") and kind not in CONFIG_MAPPING and kind != "minimind":
         raise BaseModelError(f"--from_weight {path}: its config.json names custom code (auto_map, model_type "
                              f"{kind!r}), which this repo does not run; it trains MiniMind models and the "
                              "architectures transformers ships")

@@ -52,10 +52,10 @@ def write_dir(path: Path, fill: Callable[[Path], None]) -> None:
     try:
         fill(tmp)
         share_readable(tmp)
+        _move_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _move_in(tmp, path)
     fsync_dir(path.parent)
 
 
@@ -70,7 +70,7 @@ def write_together(stem: Path, fill: Callable[[Path], None]) -> None:
         share_readable(staging)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(err, SaveError) and is_no_space(err):  # name the save dir, not a temp folder now gone
+        if isinstance(err, Exception) and is_no_space(err):  # name the save dir, not a temp folder now gone
             raise SaveError(f"{stem.parent}: the disk is full or a file-size limit was hit while saving "
                             f"{stem.name}'s files ({free_space(stem.parent)}); free space (or raise `ulimit -f`) or "
                             "pass another --save_dir. The files of the previous save are unchanged") from err
@@ -170,7 +170,7 @@ def load_resume(path: Path) -> dict | None:
         if path.exists():
             raise CheckpointError(f"{path}: is not a file; move it away to start fresh")
         return None
-    fresh = "delete it (or pass another --save_dir/--lora_name) to start fresh"
+    fresh = "delete it (or pass another --save_dir) to start fresh"
     try:
         # weights_only=False: the file holds RNG states (numpy arrays, tuples) that the safe loader rejects.
         # It is a file this trainer wrote into the user's own save_dir.
@@ -305,6 +305,7 @@ def check_resume_flags(config: dict, path: Path, args: object, world_size: int, 
     return notes on what it may change."""
     saved = config.get("args") or {}
     now = vars(args)
+    name_flag = "--lora_name" if "lora_name" in now else "--save_weight"
     saved_paths = config.get("paths") or {}
     saved_targets = config.get("lora_targets") if targets is not None else None  # older files: the flag as given
     changed = []
@@ -334,12 +335,15 @@ def check_resume_flags(config: dict, path: Path, args: object, world_size: int, 
                        f"{config['train_samples']}, so its saved position no longer points into the same data")
     if changed:
         raise CheckpointError(f"{path}: cannot continue this run with changed settings: {'; '.join(changed)}. "
-                              "Put them back as they were, or start a new run (another --lora_name or "
+                              f"Put them back as they were, or start a new run (another {name_flag} or "
                               "--save_dir, or without --from_resume)")
     notes = [f"note: --{k} was {saved[k]} in the run that wrote {path.name}, now {now[k]}; continuing with the "
              "new value" for k in NOTED_ON_RESUME if k in saved and k in now and str(saved[k]) != str(now[k])]
     base_then = saved_paths.get("base_model")
     if source and base_then and Path(source).exists() and str(Path(source).resolve()) != base_then:
+        if now.get("from_weight") is None:  # a default picked it (the demo, or MiniMind's full_sft_{hidden}.pth)
+            raise CheckpointError(f"{path}: the run that wrote it trained on {base_then}; without --from_weight this "
+                                  f"command would continue on {source}. Pass --from_weight {base_then}")
         notes.append(f"note: the run that wrote {path.name} trained on {base_then}; it continues on {source}, a base "
                      "of the same shape: it must hold the same weights, or the LoRA no longer fits it")
     return notes

@@ -29,7 +29,7 @@ FULL_OUTPUTS = {".pth": "file", "": "dir", ".json": "file", "_resume.pth": "file
 _held: dict[str, int] = {}  # lock file -> open descriptor, for the run(s) of this process
 
 
-def check_save_dir(stem: Path, outputs: dict[str, str]) -> None:
+def check_save_dir(stem: Path, outputs: dict[str, str], name_flag: str = "--lora_name") -> None:
     """Raise SaveDirError unless `stem`'s folder can take this run's files: a writable folder, and no
     `outputs` path ({suffix: "file" | "dir"}) that exists as the other kind."""
     folder = stem.parent
@@ -49,10 +49,13 @@ def check_save_dir(stem: Path, outputs: dict[str, str]) -> None:
     probe.unlink(missing_ok=True)
     for suffix, kind in outputs.items():
         path = stem.parent / (stem.name + suffix)
+        if kind == "dir" and path.is_symlink():
+            raise SaveDirError(f"{path} is a symbolic link, and each save replaces this folder whole; move the link "
+                               f"away, or pass another --save_dir/{name_flag}")
         wrong = path.is_file() if kind == "dir" else path.is_dir()
         if path.exists() and wrong:
             raise SaveDirError(f"{path} exists as a {'file' if kind == 'dir' else 'folder'}, where this run "
-                               f"writes its {kind}; move it away or pass another --save_dir/--lora_name")
+                               f"writes its {kind}; move it away or pass another --save_dir/{name_flag}")
 
 
 class RunLock:
@@ -86,7 +89,7 @@ class RunLock:
 _held: "weakref.WeakValueDictionary[str, RunLock]" = weakref.WeakValueDictionary()
 
 
-def lock_run(stem: Path) -> RunLock:
+def lock_run(stem: Path, name_flag: str = "--lora_name") -> RunLock:
     """Hold `{stem}.lock` while the returned RunLock lives; raise SaveDirError if another process holds it. An
     earlier lock of this process on the same files is let go first (its run has ended).
 
@@ -111,7 +114,7 @@ def lock_run(stem: Path) -> RunLock:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise SaveDirError(f"{path}: cannot lock it ({err.strerror or err})") from err
             raise SaveDirError(f"another run ({holder}) is writing {stem.name}.* in {stem.parent}; wait for it "
-                               "to end, or pass another --lora_name or --save_dir") from None
+                               f"to end, or pass another {name_flag} or --save_dir") from None
         if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
             break
         os.close(fd)
@@ -142,23 +145,25 @@ def release_locks() -> None:
 
 def remove_leftovers(stem: Path, outputs: dict[str, str]) -> list[Path]:
     """Delete the temp files and folders a killed run left for `stem`'s outputs (call while holding the
-    lock, so none of them is being written), putting back a folder it had moved aside; returns what it
+    lock, so none of them is being written), putting back an output folder it had moved aside; returns what it
     removed."""
     names = "|".join(re.escape(stem.name + suffix) for suffix in outputs)
-    pattern = re.compile(rf"\.(?:{names})\.\d+-[0-9a-f]{{8}}\.(?:tmp|old|probe)")
+    pattern = re.compile(rf"\.({names})\.\d+-[0-9a-f]{{8}}\.(tmp|old|probe)")
     removed = []
     for path in sorted(stem.parent.iterdir()):
-        if pattern.fullmatch(path.name) and path.name.endswith(".old") and "" in outputs and not stem.exists():
-            # Killed inside write_dir between moving the old folder aside and moving the new one in: the old
-            # one is whole, so it goes back.
-            os.replace(path, stem)
+        match = pattern.fullmatch(path.name)
+        if not match:
             continue
-        if pattern.fullmatch(path.name):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
+        output = stem.parent / match.group(1)
+        if match.group(2) == "old" and path.is_dir() and not output.exists():
+            # Killed between moving the old folder aside and moving the new one in: the old one is whole.
+            os.replace(path, output)
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
     return removed
 
 
@@ -188,8 +193,8 @@ def prepare_save_dir(stem: Path, outputs: dict[str, str], info: DistInfo, inputs
     if info.is_main:
         try:
             refuse_writing_over_inputs(stem, outputs, inputs or {}, name_flag)
-            check_save_dir(stem, outputs)
-            lock = lock_run(stem)
+            check_save_dir(stem, outputs, name_flag)
+            lock = lock_run(stem, name_flag)
             remove_leftovers(stem, outputs)
         except SaveDirError as err:
             problem = str(err)

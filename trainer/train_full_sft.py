@@ -36,13 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     check_data_files(args)
     info = setup_distributed(args.device, args.ddp, args.dist_timeout)
     amp_dtype = pick_dtype(args.dtype, info.device)
-    seed_everything(args.seed + info.rank)
 
     # ------------------------------------------------------------------ model (fp32: every weight trains)
     base = load_or_build(args, minimind_default=MINIMIND_BASE[JOB])  # --from_weight none: a new random model
+    seed_everything(args.seed + info.rank)
 
     # ------------------------------------------------------------------ data: chats, assistant turns learned
     template = Path(args.chat_template).read_text() if args.chat_template else None
+    if template is not None:  # the saved model directory then chats as it learned to
+        base.tokenizer.chat_template = template
     make_dataset = partial(SFTDataset, tokenizer=base.tokenizer, max_length=args.max_seq_len,
                            skip_invalid=args.skip_bad_data, chat_template=template,
                            template_name=args.chat_template, log=print if info.is_main else None,

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save_adapter(folder: Path) -> None:
         """The PEFT adapter directory, with the --chat_template it learned: chat, eval and merge render with it."""
-        save_lora(model, folder, base_model_name_or_path=base.source)
+        save_lora(model, folder, base_model_name_or_path=str(Path(base.source).resolve()))  # for chat, eval, merge
         if template is not None:
             (folder / LORA_TEMPLATE).write_text(template, encoding="utf-8")
 

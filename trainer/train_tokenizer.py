@@ -66,10 +66,15 @@ def corpus_texts(path: str | Path, skip_invalid: bool = False) -> list[str]:
     lines = read_lines(path)
     if not lines:
         return []
-    try:
-        first = parse_line(lines[0][1])
-    except UserError as e:
-        raise data_error(path, [(lines[0][0], str(e))], len(lines)) from None
+    for number, raw in lines:  # the first record that parses says which format the file is in
+        try:
+            first = parse_line(raw)
+            break
+        except UserError as e:
+            if not skip_invalid:
+                raise data_error(path, [(number, str(e))], len(lines)) from None
+    else:
+        raise TokenizerError(f"{path}: none of its {len(lines)} line(s) is a JSON record")
     if isinstance(first, dict) and "text" in first:
         texts, problems = read_texts(path)
     else:
@@ -193,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         print_error(e)
         return 2
     size = tokenizer.get_vocab_size()
-    print(f"trained on {len(texts)} texts from {len(args.data_path)} file(s): {size} tokens -> {out}")
+    print(f"trained on {len(texts)} texts from {len(args.data_path)} file(s): {size} tokens -> {out} (the jobs "
+          f"take it with --tokenizer_path {out})")
     if size < args.vocab_size:
         print(f"note: the corpus only supports {size} tokens, fewer than --vocab_size {args.vocab_size}")
     return 0
