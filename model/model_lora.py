@@ -420,7 +420,7 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float | None = None, dro
     model = _unwrap(model)
     if _lora_layers(model):
         raise LoRAError("the model already has LoRA layers; apply_lora once (load_lora fills existing ones)")
-    if rank < 1 or (alpha is not None and alpha <= 0) or not 0 <= dropout < 1:
+    if rank < 1 or (alpha is not None and not (math.isfinite(alpha) and alpha > 0)) or not 0 <= dropout < 1:
         raise LoRAError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1; got rank={rank}, "
                         f"alpha={alpha}, dropout={dropout}")
     names = find_targets(model, targets)
@@ -432,7 +432,7 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float | None = None, dro
                 raise LoRAError(f"LoRA {kind} key '{pattern}' matches none of the targeted layers, e.g. {names[0]}")
     for kind, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for pattern, value in (patterns or {}).items():
-            if value <= 0 or (kind == "rank_pattern" and value != int(value)):
+            if not (math.isfinite(value) and value > 0) or (kind == "rank_pattern" and value != int(value)):
                 raise LoRAError(f"LoRA {kind} '{pattern}': {value} is not a positive {'integer' if kind[0] == 'r' else 'number'}")
     plan = {}
     for name in names:

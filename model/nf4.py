@@ -147,8 +147,9 @@ def quantize_base(model: nn.Module, device: torch.device | str | None = None) ->
             module.weight_nf4 = NF4Weight(module.weight.detach().to(device))
             module.weight = None
             if module.use_dora and not module.lora_B.detach().any():  # fresh DoRA: m = ‖W‖ of the 4-bit W (PEFT)
-                module.lora_magnitude_vector.data = module.weight_norm(torch.float32).to(
-                    module.lora_magnitude_vector.dtype)
+                # B = 0 adds nothing; W alone, because the codes may be on `device` while A and B are not yet
+                norm = torch.linalg.vector_norm(module.weight_nf4.dequantize(torch.float32), dim=1)
+                module.lora_magnitude_vector.data = norm.to(module.lora_magnitude_vector)
             count, held = count + 1, held + module.weight_nf4.nbytes()
     for name in find_targets(model):  # the plain nn.Linear layers left: not head, not router
         parent_name, _, child = name.rpartition(".")

@@ -16,7 +16,7 @@ from model.model_lora import (
     lora_parameters,
     lora_state_dict,
 )
-from model.model_minimind import load_minimind
+from model.model_minimind import MiniMindForCausalLM, load_minimind
 from tests.train_utils import (
     REPO,
     lora_args,
@@ -25,6 +25,7 @@ from tests.train_utils import (
     run_inprocess,
     save_tiny_minimind,
     subprocess_env,
+    tiny_config,
     tokenizer_dir,
     write_chat_data,
 )
@@ -76,7 +77,21 @@ def test_bad_pattern_flags_exit_2_with_the_fix(world, capsys):
     err = capsys.readouterr().err
     assert "rank_pattern key 'mlp' matches none of the targeted layers" in err and "Traceback" not in err
     assert run_inprocess(main, lora_args(tmp, weight, data, lora_rank_pattern="mlp=-4")) == 2
-    assert "rank_pattern 'mlp': -4 is not a positive integer" in capsys.readouterr().err
+    assert "--lora_rank_pattern mlp=-4: a positive whole number is needed" in capsys.readouterr().err
+    # nan and inf would train nothing and save nan factors (B is saved times alpha / r) over a good run's files
+    for flag, value, needle in (("lora_alpha", "nan", "--lora_alpha must be a positive number (got nan)"),
+                                ("lora_alpha", "inf", "--lora_alpha must be a positive number (got inf)"),
+                                ("lora_alpha_pattern", "mlp=nan", "--lora_alpha_pattern mlp=nan: a positive number"),
+                                ("lora_rank_pattern", "mlp=inf", "--lora_rank_pattern mlp=inf: a positive whole"),
+                                ("lora_dropout", "1", "--lora_dropout must be at least 0 and below 1")):
+        assert run_inprocess(main, lora_args(tmp, weight, data, **{flag: value})) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+    assert not (tmp / "out").exists()
+    model = MiniMindForCausalLM(tiny_config())
+    for kwargs in (dict(alpha=float("nan")), dict(alpha=float("inf")), dict(rank_pattern={"mlp": float("nan")})):
+        with pytest.raises(LoRAError, match="LoRA"):
+            apply_lora(model, rank=4, **kwargs)
 
 
 class _Gated(nn.Module):

@@ -145,6 +145,19 @@ def test_qlora_step_is_the_step_on_the_dequantized_base(use_dora):
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_fresh_dora_base_quantized_onto_the_gpu_gets_the_4bit_weights_norm():
+    """The trainer quantizes while the LoRA factors are still on the CPU: DoRA's magnitude must come from the codes
+    alone (B = 0), wherever they are."""
+    model = lora_model(0, use_dora=True)
+    quantize_base(model, "cuda")
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            dense = module.weight_nf4.dequantize(torch.float32)
+            torch.testing.assert_close(module.lora_magnitude_vector.detach().cpu(),
+                                       torch.linalg.vector_norm(dense, dim=1).cpu())
+
+
 def test_qlora_step_is_close_to_the_bf16_base_step():
     """Against the unquantized (bf16-valued) base. NF4 moves each weight by ~9% RMS (test above), so the loss
     moves little (measured ≤ 0.07% here: the errors are zero-mean and average out over a row) while the LoRA

@@ -297,6 +297,8 @@ def check_values(args: argparse.Namespace) -> None:
     for flag, low in (("num_workers", 0), ("warmup_iters", 0), ("max_seq_len", 2)):
         if getattr(args, flag) < low:
             raise FlagError(f"--{flag} must be at least {low} (got {getattr(args, flag)})")
+    if hasattr(args, "lora_rank"):
+        _check_lora_values(args)
     if not (math.isfinite(args.learning_rate) and args.learning_rate >= 0):   # 0: a run that checks its start
         raise FlagError(f"--learning_rate must be a finite number >= 0 such as 1e-4 (got {args.learning_rate})")
     for flag in ("weight_decay", "grad_clip"):
@@ -320,6 +322,21 @@ def check_values(args: argparse.Namespace) -> None:
                         "into --save_dir; pass --save_dir for another folder")
     if getattr(args, "chat_template", None):
         check_template_file(Path(args.chat_template))
+
+
+def _check_lora_values(args: argparse.Namespace) -> None:
+    """Rank, alpha, dropout and the patterns' numbers: nan or inf would train nothing and save nan factors."""
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise FlagError(f"--lora_rank must be at least 1 (got {args.lora_rank})")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise FlagError(f"--lora_alpha must be a positive number (got {args.lora_alpha}); leave it out for alpha = rank")
+    if not 0 <= args.lora_dropout < 1:
+        raise FlagError(f"--lora_dropout must be at least 0 and below 1 (got {args.lora_dropout})")
+    for flag in ("lora_rank_pattern", "lora_alpha_pattern"):
+        for name, value in (getattr(args, flag) or {}).items():
+            whole = flag == "lora_rank_pattern"
+            if not (math.isfinite(value) and value > 0) or (whole and value != int(value)):
+                raise FlagError(f"--{flag} {name}={value}: a positive {'whole number' if whole else 'number'} is needed")
 
 
 def _check_device(flag: str | None) -> None:
