@@ -149,7 +149,8 @@ def test_qlora_step_is_the_step_on_the_dequantized_base(use_dora):
 def test_a_fresh_dora_base_quantized_onto_the_gpu_gets_the_4bit_weights_norm():
     """The trainer quantizes while the LoRA factors are still on the CPU: DoRA's magnitude must come from the codes
     alone (B = 0), wherever they are."""
-    model = lora_model(0, use_dora=True)
+    model = tiny_qwen(0)
+    apply_lora(model, rank=4, targets="q_proj,v_proj,o_proj,down_proj", use_dora=True)  # fresh: B = 0
     quantize_base(model, "cuda")
     for module in model.modules():
         if isinstance(module, LoRALinear):
