@@ -12,6 +12,7 @@ imports would fail on it with a traceback; and a Ctrl-C while the imports run en
 `aborted` and status 130, not a traceback through the import machinery.
 """
 
+import atexit
 import gc
 import sys
 from collections.abc import Iterator
@@ -33,5 +34,8 @@ def frozen_imports() -> Iterator[None]:
         sys.exit(130)
     finally:
         gc.freeze()
+        # Back to collectable at exit: frozen objects outlive teardown, and triton's nanobind bindings then report
+        # each as "leaked" (~30 lines after every script that ends through the interpreter, e.g. --help).
+        atexit.register(gc.unfreeze)
         if was_enabled:
             gc.enable()
