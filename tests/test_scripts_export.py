@@ -433,10 +433,22 @@ def test_without_from_weight_the_merge_loads_the_base_the_lora_names(tmp_path, c
     capsys.readouterr()
     main(["--lora_path", str(tmp_path / "out" / "lora_identity_64.pth"), "--tokenizer_path", str(TOKENIZER),
           "--save_dir", str(tmp_path / "merged")])
-    assert f"base: {weight.resolve()} (the one {tmp_path / 'out' / 'lora_identity_64' / 'adapter_config.json'} names" \
+    assert f"base model: {weight.resolve()} (named by {tmp_path / 'out' / 'lora_identity_64' / 'adapter_config.json'}" \
         in capsys.readouterr().out
     merge(weight, tmp_path / "out" / "lora_identity_64.pth", tmp_path / "explicit")
-    by_name, explicit = torch.load(tmp_path / "merged" / "merged_64.pth"), torch.load(tmp_path / "explicit" / "merged_64.pth")
-    assert by_name.keys() == explicit.keys()
+    by_path, explicit = torch.load(tmp_path / "merged" / "merged_64.pth"), torch.load(tmp_path / "explicit" / "merged_64.pth")
+    assert by_path.keys() == explicit.keys()
     for key, value in explicit.items():
-        torch.testing.assert_close(by_name[key].float(), value.float())
+        torch.testing.assert_close(by_path[key].float(), value.float())
+    # eval_llm.py's spelling, a MiniMind name with no --hidden_size and no --tokenizer_path: both come from the run
+    capsys.readouterr()
+    main(["--lora_weight", "lora_identity", "--save_dir", str(tmp_path / "out"), "--save_weight", "by_name"])
+    printed = capsys.readouterr().out
+    assert f"tokenizer: {TOKENIZER} (the LoRA's run trained with it" in printed and "base model: " in printed
+    torch.testing.assert_close(torch.load(tmp_path / "out" / "by_name_64.pth"), by_path)
+    # A recorded base that is not here any more is said, not skipped in silence
+    config_path = tmp_path / "out" / "lora_identity_64" / "adapter_config.json"
+    config_path.write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "moved.pth")}))
+    with pytest.raises(SystemExit):  # the demo base then does not fit this 64-wide LoRA
+        main(["--lora_path", str(tmp_path / "out" / "lora_identity_64.pth"), "--save_dir", str(tmp_path / "m2")])
+    assert f"note: {config_path} names the base {tmp_path / 'moved.pth'}, which is not here" in capsys.readouterr().out

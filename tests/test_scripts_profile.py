@@ -102,3 +102,18 @@ def test_trace_gaps_names_the_late_launch_and_the_sync_that_made_it_late(tmp_pat
             in lines)
     assert text.count("gap of") == 1  # 10 → 16 ms is the only gap; the copy overlaps k1
     assert lines[-1] == "  cudaStreamSynchronize (3.80 ms) in trainer/engine.py(150): train_step > aten::item"
+
+
+def test_without_its_own_flags_the_profiled_run_stops_after_the_window_and_saves_under_out(tmp_path):
+    """The README's bare profile command must not train the whole quick start again over its out/ files."""
+    tokenizer_dir()
+    weight, data = save_tiny_minimind(tmp_path / "full_sft_64.pth"), write_chat_data(tmp_path / "data.jsonl", 9)
+    flags = lora_args(tmp_path, weight, data, batch_size=2)
+    i = flags.index("--save_dir")
+    flags = flags[:i] + flags[i + 2:]
+    cmd = [python(), str(REPO / "scripts" / "bench" / "profile_trainer.py"), "--steps", "2", "--out",
+           str(tmp_path / "prof"), "--", *flags]
+    run = run_cli(cmd, timeout=600, cwd=tmp_path, env=subprocess_env())
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "rank 0: steps 2-2 (1 loop iterations)" in run.stdout
+    assert "done: prof/run/lora_identity_64.pth and prof/run/lora_identity_64/ (step 3/3)" in run.stdout

@@ -108,9 +108,11 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
                            "exists (MiniMind's default), else the demo base model/demo/"
                            + ("; none: a new random MiniMind model" if job == "full_sft" else "")))
     g.add_argument("--hidden_size", "--dim", dest="hidden_size", type=int, default=None,
-                   help="MiniMind hidden size: picks the file and must match it (default: from the file)")
+                   help="MiniMind hidden size: picks the file and must match it (default: from the file"
+                        + ("; a new model: 768)" if job == "pretrain" else ")"))
     g.add_argument("--num_hidden_layers", "--n_layers", dest="num_hidden_layers", type=int, default=None,
-                   help="MiniMind layer count; must match the file (default: from the file)")
+                   help="MiniMind layer count; must match the file (default: from the file"
+                        + ("; a new model: 8)" if job == "pretrain" else ")"))
     g.add_argument("--use_moe", type=str2bool, default=None,
                    help="MiniMind MoE variant (0/1); picks the file name suffix _moe and must match it "
                         "(default: from the file)")
@@ -154,7 +156,8 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
                    help="evaluate every N optimizer steps, and at the end (default: --save_interval)")
     if job != "pretrain":
         g.add_argument("--chat_template", default=None,
-                       help="a jinja chat template file to render conversations with (default: the tokenizer's)")
+                       help="a jinja chat template file to render conversations with; saved with the outputs, so "
+                            "that chat, eval and merge render as the run learned (default: the tokenizer's)")
     g.add_argument("--packing", type=str2bool, nargs="?", const=True, default=None,
                    help="pack several samples per row of --max_seq_len tokens (position_ids restart per sample; no "
                         "padding); --batch_size still counts samples: a micro-batch holds about that many"

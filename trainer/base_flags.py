@@ -14,7 +14,7 @@ from torch import nn
 from dataset.chat_render import lora_template
 from model.errors import UserError
 from trainer.args import check_template_file, default_save_dir, str2bool
-from trainer.base_model import load_base
+from trainer.base_model import BaseModelError, load_base, resolve_weight
 
 
 def add_base_flags(p: argparse.ArgumentParser, device: bool = True) -> None:
@@ -91,20 +91,51 @@ def load_from_flags(
 
 
 def base_for(args: argparse.Namespace) -> str | None:
-    """--from_weight, else the base the LoRA recorded in its adapter_config.json (this repo's trainer writes it
-    beside a .pth LoRA too) where that path exists, as PEFT's AutoPeftModel loads it; else None (the default)."""
-    if args.from_weight or not args.lora_path or not Path(args.lora_path).exists():
+    """--from_weight, else the base the LoRA recorded in its adapter_config.json (this repo's trainer writes one
+    beside a .pth LoRA too) where that path exists, as PEFT's AutoPeftModel loads it; else None (the default base).
+    Also fills an absent --tokenizer_path from the LoRA's run config. Says what it took from where."""
+    if args.from_weight or not args.lora_path:
         return args.from_weight
-    lora = Path(args.lora_path)
-    config = (lora if lora.is_dir() else lora.with_suffix("")) / "adapter_config.json"
-    try:
-        recorded = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
+    lora = _lora_without_model(args)
+    if lora is None:
         return None
-    if not recorded or not Path(recorded).exists():
+    folder = lora if lora.is_dir() else lora.with_suffix("")
+    recorded = _read_json(folder / "adapter_config.json").get("base_model_name_or_path")
+    if args.tokenizer_path is None:
+        tokenizer = (_read_json(folder.with_name(folder.name + ".json")).get("paths") or {}).get("tokenizer_path")
+        if tokenizer and Path(tokenizer).is_dir():
+            args.tokenizer_path = tokenizer
+            print(f"tokenizer: {tokenizer} (the LoRA's run trained with it; --tokenizer_path picks another)", flush=True)
+    if not recorded:
         return None
-    print(f"base: {recorded} (the one {config} names; --from_weight picks another)", flush=True)
+    if not Path(recorded).exists():
+        print(f"note: {folder / 'adapter_config.json'} names the base {recorded}, which is not here; loading the "
+              "default base instead (--from_weight names the right one)", flush=True)
+        return None
+    print(f"base model: {recorded} (named by {folder / 'adapter_config.json'}; --from_weight picks another)",
+          flush=True)
     return recorded
+
+
+def _lora_without_model(args: argparse.Namespace) -> Path | None:
+    """--lora_path as a path, or a MiniMind name looked up in --save_dir as --from_weight names are (unique, or
+    picked by --hidden_size / --use_moe); None when there is no such file yet (lora_file then says so)."""
+    path = Path(args.lora_path).expanduser()
+    if path.exists():
+        return path
+    try:
+        return resolve_weight(args.lora_path, args.save_dir, args.hidden_size, args.use_moe)
+    except BaseModelError:
+        return None
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`, or {} where there is none (missing, unreadable, not an object)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def is_minimind(model: nn.Module) -> bool:

@@ -15,7 +15,7 @@ from trainer.distributed import DistInfo, FlatGradients, device_sum_, host_sum
 from trainer.flat_adamw import FlatAdamW, flatten_parameters
 from trainer.step_graphs import MicroStepGraphs
 
-PATH_FLAGS = ("data_path", "val_data_path", "chat_template", "init_lora")  # flags naming files (run_config)
+PATH_FLAGS = ("data_path", "val_data_path", "chat_template", "init_lora", "tokenizer_path")  # (run_config)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

@@ -3,7 +3,8 @@
     python scripts/bench/profile_trainer.py --steps 30-32 --out out/profile -- --use_compile 1 --packing
     torchrun --nproc_per_node 2 scripts/bench/profile_trainer.py --steps 30-32 --out $OUT -- --from_weight ...
 
-Everything after `--` goes to train_lora.py. The profiler covers whole loop iterations: from the start of
+Everything after `--` goes to train_lora.py; unless given there, the run saves under `<--out>/run` (not over the
+quick start's out/) and stops after the window's last step (`--max_steps`). The profiler covers whole loop iterations: from the start of
 step A's forward/backward to the start of step B+1's (steps counted from 1 in this run), so the host work
 between steps (logging, the token-count all-reduce, fetching the next batch) is inside the window. Each rank
 writes `profile_rank<R>.txt` (window wall time, device time summed over kernels, top operators) and
@@ -99,6 +100,11 @@ class StepWindow:
 def main(argv: list[str] | None = None) -> None:
     """Run train_lora.py's main() with its train_step wrapped by the profiling window."""
     args, train_argv = parse(sys.argv[1:] if argv is None else argv)
+    given = {a.split("=", 1)[0] for a in train_argv if a.startswith("--")}
+    if not given & {"--save_dir", "--out_dir"}:
+        train_argv += ["--save_dir", str(Path(args.out) / "run")]
+    if "--max_steps" not in given:
+        train_argv += ["--max_steps", str(args.last + 1)]  # the window closes as step last + 1 begins
     import trainer.train_lora as job
     from trainer.job import run_job
 
