@@ -444,7 +444,7 @@ def test_without_from_weight_the_merge_loads_the_base_the_lora_names(tmp_path, c
     capsys.readouterr()
     main(["--lora_weight", "lora_identity", "--save_dir", str(tmp_path / "out"), "--save_weight", "by_name"])
     printed = capsys.readouterr().out
-    assert f"tokenizer: {TOKENIZER} (the LoRA's run trained with it" in printed and "base model: " in printed
+    assert f"tokenizer: {TOKENIZER.resolve()} (the LoRA's run trained with it" in printed and "base model: " in printed
     torch.testing.assert_close(torch.load(tmp_path / "out" / "by_name_64.pth"), by_path)
     # A recorded base that is not here any more is said, not skipped in silence
     config_path = tmp_path / "out" / "lora_identity_64" / "adapter_config.json"
