@@ -164,10 +164,11 @@ def check_loaded(info: dict, strict_names: bool) -> None:
     config's (ShapeMismatch), or with `strict_names` one missing or unexpected (LayoutMismatch). transformers only
     warns about these."""
     if info["mismatched_keys"]:
-        name, in_file, by_config = sorted(info["mismatched_keys"])[0]
-        raise ShapeMismatch(f"its weights do not match its config.json: {name} is {list(in_file)} in the file, "
-                            f"{list(by_config)} by the config ({len(info['mismatched_keys'])} tensor(s) differ); the "
-                            "config or the weights are from another model")
+        first = sorted(info["mismatched_keys"])[0]  # (name, shape in the file, by the config); transformers 4: name
+        shapes = (f"{first[0]} is {list(first[1])} in the file, {list(first[2])} by the config"
+                  if isinstance(first, tuple) else f"{first} has another shape in the file than by the config")
+        raise ShapeMismatch(f"its weights do not match its config.json: {shapes} ({len(info['mismatched_keys'])} "
+                            "tensor(s) differ); the config or the weights are from another model")
     names = ("missing_keys", "unexpected_keys") if strict_names else ("missing_keys",)
     bad = {k: sorted(info[k])[:3] for k in names if info[k]}
     if bad:
