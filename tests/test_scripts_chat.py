@@ -17,6 +17,7 @@ from scripts import chat, eval_lora, merge_lora, visualize_lora
 from scripts.chat import PROMPTS, parse_args
 from tests.train_utils import fill_random
 from tests.train_utils import run_cli as run_process
+from trainer.logger import shown_path
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers" / "minimind"
 CHAT_PY = Path(__file__).resolve().parents[1] / "scripts" / "chat.py"
@@ -339,4 +340,4 @@ def test_a_tokenizer_without_a_chat_template_is_said_at_start_and_chat_template_
     assert f"error: {base} has no chat template: pass a template file with --chat_template" in result.stderr
     assert "base:" not in result.stdout
     out = run_cli(*flags, "--chat_template", str(tmp_path / "chatml.jinja"))
-    assert f"chat template: {tmp_path / 'chatml.jinja'}" in out and "user: hi\n" in out
+    assert f"chat template: {shown_path(tmp_path / 'chatml.jinja')}" in out and "user: hi\n" in out

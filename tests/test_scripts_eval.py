@@ -14,6 +14,7 @@ from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
 from scripts.eval_lora import DEFAULT_DATA, evaluate, main, parse_args, read_samples, score
 from tests.train_utils import fill_random
 from trainer.base_model import load_base
+from trainer.logger import shown_path
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "templates"
 N = 6  # samples: enough for single- and multi-turn conversations, few enough for 2 CPU cores
@@ -98,7 +99,7 @@ def test_a_lora_is_scored_with_the_chat_template_it_was_trained_with(demo, tmp_p
     for lora in ("lora.pth", "lora"):
         report = evaluate(parse_args(["--lora_path", str(tmp_path / lora), "--max_samples", "2", "--n_prompts", "0",
                                       "--device", "cpu"]))
-        assert f"chat template: {tmp_path / 'lora' / 'chat_template.jinja'}" in capsys.readouterr().out
+        assert f"chat template: {shown_path(tmp_path / 'lora' / 'chat_template.jinja')}" in capsys.readouterr().out
         for row, (loss, n) in zip(report["samples"], expected, strict=True):
             assert row["tokens"] == n and row["base_loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
     (tmp_path / "qwen25.jinja").write_text(template)

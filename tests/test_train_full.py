@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3
 from model.model_minimind import load_minimind
 from tests.train_utils import REPO, run_inprocess, tokenizer_dir, write_chat_data
 from trainer import train_full_sft, train_lora, train_pretrain
+from trainer.logger import shown_path
 
 
 def _flags(**kw: object) -> list[str]:
@@ -106,7 +107,7 @@ def test_no_run_saves_over_the_model_or_lora_it_starts_from(tmp_path, capsys):
     capsys.readouterr()
     assert run_inprocess(train_pretrain.main, _flags(
         save_dir=out, from_weight="pretrain", data_path=tmp_path / "text.jsonl", tokenizer_path=tok, max_steps=1)) == 2
-    assert (f"error: {out / 'pretrain_64.pth'} is where this run saves, and it holds the run's own --from_weight "
+    assert (f"error: {shown_path(out / 'pretrain_64.pth')} is where this run saves, and it holds the run's own --from_weight "
             f"{out / 'pretrain_64.pth'}: the first save would replace it. Pass another --save_weight or --save_dir"
             ) in capsys.readouterr().err
     assert (out / "pretrain_64.pth").read_bytes() == base
