@@ -27,7 +27,6 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -95,13 +94,6 @@ class ChatFormat:
 
 
 LORA_TEMPLATE = "chat_template.jinja"  # saved with a LoRA trained with --chat_template: how its chats looked
-
-
-def lora_template(lora: Path) -> Path | None:
-    """The chat template a LoRA was trained with, saved in its adapter folder (for a MiniMind .pth: the folder of
-    the same name beside it), or None when it learned its tokenizer's own."""
-    path = (lora if lora.is_dir() else lora.with_suffix("")) / LORA_TEMPLATE
-    return path if path.is_file() else None
 
 
 def load_chat_format(tokenizer: Any, chat_template: str | None = None, name: str | None = None) -> ChatFormat:

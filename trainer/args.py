@@ -354,8 +354,8 @@ def _check_device(flag: str | None) -> None:
         raise FlagError(f"--device {flag}: not a device this trainer runs on; use cuda, cuda:N, cpu or mps")
 
 
-def check_template_file(path: Path) -> None:
-    """--chat_template must be a readable jinja file that compiles (a syntax error names its line)."""
+def check_template_file(path: Path) -> str:
+    """--chat_template must be a readable jinja file that compiles (a syntax error names its line); returns it."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -377,6 +377,7 @@ def check_template_file(path: Path) -> None:
         line = getattr(err, "lineno", None)
         raise FlagError(f"--chat_template {path}{f':{line}' if line else ''}: not a valid jinja template "
                         f"({getattr(err, 'message', None) or err})") from None
+    return text
 
 
 def _json_object(text: str) -> dict | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dataset.chat_render import lora_template
+from dataset.chat_render import LORA_TEMPLATE
 from model.errors import UserError
 from trainer.args import check_template_file, default_save_dir, str2bool
 from trainer.base_model import BaseModelError, load_base, resolve_weight
@@ -99,7 +99,7 @@ def base_for(args: argparse.Namespace) -> str | None:
     lora = _lora_without_model(args)
     if lora is None:
         return None
-    folder = lora if lora.is_dir() else lora.with_suffix("")
+    folder = lora_folder(lora)
     recorded = _read_json(folder / "adapter_config.json").get("base_model_name_or_path")
     if args.tokenizer_path is None:
         tokenizer = (_read_json(folder.with_name(folder.name + ".json")).get("paths") or {}).get("tokenizer_path")
@@ -174,16 +174,22 @@ def lora_file(flag: str, save_dir: str, model: nn.Module) -> Path:
     return named
 
 
+def lora_folder(lora: Path) -> Path:
+    """A PEFT adapter folder as given; for a MiniMind .pth LoRA, the folder of the same name the trainer writes
+    beside it (adapter_config.json, and the chat template the run learned)."""
+    return lora if lora.is_dir() else lora.with_suffix("")
+
+
 def use_chat_template(tokenizer: object, flag: str | None, lora: Path | None) -> Path | None:
-    """Make `tokenizer` render chats as the LoRA learned them: --chat_template (`flag`), else the template saved
-    with the LoRA (chat_render.lora_template); returns the file used, or None when the tokenizer's own stays."""
-    if flag:
-        check_template_file(Path(flag))  # one line for a missing, empty or broken file, as the trainer says it
-        path = Path(flag)
-    else:
-        path = lora_template(lora) if lora is not None else None
-        if path is None:
-            return None
+    """Make `tokenizer` render chats as the LoRA learned them: --chat_template (`flag`), else the template the trainer
+    saved with the LoRA (LORA_TEMPLATE in its folder); returns the file used, or None when the tokenizer's own
+    stays."""
+    if flag:  # one line for a missing, empty or broken file, as the trainer says it
+        tokenizer.chat_template = check_template_file(Path(flag))
+        return Path(flag)
+    path = lora_folder(lora) / LORA_TEMPLATE if lora is not None else None
+    if path is None or not path.is_file():
+        return None
     try:
         tokenizer.chat_template = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
