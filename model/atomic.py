@@ -75,6 +75,13 @@ def is_no_space(err: BaseException) -> bool:
                                                   for text in NO_SPACE_TEXT)
 
 
+def no_space_error(what: str, doing: str, folder: Path, kept: str) -> SaveError:
+    """The one line for a write that the disk, a quota or `ulimit -f` stopped: `what` failed while `doing`, in
+    `folder`; `kept` says what is left as it was."""
+    return SaveError(f"{what}: the disk is full or a file-size limit was hit while {doing} ({free_space(folder)} on "
+                     f"{folder}); free space (or raise `ulimit -f`) or pass another --save_dir. {kept}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], mode: int = 0o644) -> None:
     """Call `write(f)` on a fresh temp file beside `path`, then rename it to `path`.
 
@@ -104,9 +111,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], m
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, Exception) and is_no_space(err):
-            raise SaveError(f"{path}: the disk is full or a file-size limit was hit while writing it "
-                            f"({free_space(folder)} on {folder}); free space (or raise `ulimit -f`) or pass "
-                            "another --save_dir. The previous file at that name, if any, is unchanged") from err
+            raise no_space_error(str(path), "writing it", folder,
+                                 "The previous file at that name, if any, is unchanged") from err
         if isinstance(err, PermissionError):
             raise SaveError(f"{path}: permission denied ({err}); pass a folder you can write to") from err
         raise

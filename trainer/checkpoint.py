@@ -14,12 +14,11 @@ import numpy as np
 import torch
 
 from model.atomic import (
-    SaveError,
     atomic_write,
     atomic_write_text,
-    free_space,
     fsync_dir,
     is_no_space,
+    no_space_error,
     share_readable,
     temp_name,
 )
@@ -71,9 +70,8 @@ def write_together(stem: Path, fill: Callable[[Path], None]) -> None:
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, Exception) and is_no_space(err):  # name the save dir, not a temp folder now gone
-            raise SaveError(f"{stem.parent}: the disk is full or a file-size limit was hit while saving "
-                            f"{stem.name}'s files ({free_space(stem.parent)}); free space (or raise `ulimit -f`) or "
-                            "pass another --save_dir. The files of the previous save are unchanged") from err
+            raise no_space_error(str(stem.parent), f"saving {stem.name}'s files", stem.parent,
+                                 "The files of the previous save are unchanged") from err
         raise
     # The resume file last: a kill among these renames leaves it at the previous save, which a resume redoes.
     for item in sorted(staging.iterdir(), key=lambda p: p.name.endswith("_resume.pth")):
