@@ -42,6 +42,7 @@ from trainer.guard import DivergenceGuard
 from trainer.job import StopSignal, at_step, stopped_line
 from trainer.logger import RunLogger, plot_losses, shown_path, start_wandb
 from trainer.loss import SupervisedLoss
+from trainer.minimind_resume import continue_minimind_run, minimind_file_to_continue
 from trainer.out_of_memory import MemoryWatch
 from trainer.save_dir import FULL_OUTPUTS, prepare_save_dir
 from trainer.schedule import lr_at, warmup_note
@@ -94,10 +95,15 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
 
     # ------------------------------------------------------------------ resume
     resume_path = sibling(stem, "_resume.pth")
-    state = start_or_resume(resume_path, args.from_resume, model.load_state_dict, optimizer, scaler, info.rank,
-                            info.world_size, args.seed,
-                            partial(check_resume_flags, args=args, world_size=info.world_size, n_train=len(data.train),
-                                    model=model, source=base.source))
+    # A run MiniMind's own trainer checkpointed (into checkpoints/ beside --save_dir) continues here too
+    minimind_file = minimind_file_to_continue(args.save_dir, stem, resume_path, args.from_resume, info.is_main)
+    if minimind_file is not None:
+        state = continue_minimind_run(minimind_file, model, params, optimizer, scaler, args, info, data, lora=False)
+    else:
+        state = start_or_resume(resume_path, args.from_resume, model.load_state_dict, optimizer, scaler, info.rank,
+                                info.world_size, args.seed,
+                                partial(check_resume_flags, args=args, world_size=info.world_size,
+                                        n_train=len(data.train), model=model, source=base.source))
     # Every rank reads the resume file: on several machines they must all see the same one.
     same_on_all_ranks(state.step, "the step to continue from", f"each reads {resume_path}: on several machines, "
                       "--save_dir must be a folder that all of them see (shared storage)", info)

@@ -19,6 +19,7 @@ start-up lines say what was chosen and what one step holds.
 
 Writes, in --save_dir: {lora_name}_{hidden}{_moe}.pth (MiniMind's LoRA layout), {...}/ (a PEFT adapter
 directory), {...}.json (this run's config), {...}_loss.png and {...}_resume.pth (to continue the run).
+--from_resume 1 also continues a run of MiniMind's own trainer from its {save_dir}/../checkpoints/ file.
 """
 
 from trainer.frozen_imports import frozen_imports
@@ -83,6 +84,7 @@ with frozen_imports():
     from trainer.logger import RunLogger, plot_losses, shown_path, start_wandb
     from trainer.lora_setup import build_lora
     from trainer.loss import SupervisedLoss
+    from trainer.minimind_resume import continue_minimind_run, minimind_file_to_continue
     from trainer.out_of_memory import MemoryWatch
     from trainer.save_dir import LORA_OUTPUTS, prepare_save_dir
     from trainer.schedule import lr_at, warmup_note
@@ -178,10 +180,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------ resume
     resume_path = sibling(stem, "_resume.pth")
-    state = start_or_resume(resume_path, args.from_resume, partial(load_lora_state_dict, model, source=str(resume_path)),
-                            optimizer, scaler, info.rank, info.world_size, args.seed,
-                            partial(check_resume_flags, args=args, world_size=info.world_size, n_train=len(data.train),
-                                    model=model, source=base.source, targets=targets))
+    # A run MiniMind's own trainer checkpointed (into checkpoints/ beside --save_dir) continues here too
+    minimind_file = minimind_file_to_continue(args.save_dir, stem, resume_path, args.from_resume, info.is_main)
+    if minimind_file is not None:
+        state = continue_minimind_run(minimind_file, model, params, optimizer, scaler, args, info, data, lora=True)
+    else:
+        state = start_or_resume(resume_path, args.from_resume,
+                                partial(load_lora_state_dict, model, source=str(resume_path)),
+                                optimizer, scaler, info.rank, info.world_size, args.seed,
+                                partial(check_resume_flags, args=args, world_size=info.world_size,
+                                        n_train=len(data.train), model=model, source=base.source, targets=targets))
     # Every rank reads the resume file: on several machines they must all see the same one.
     same_on_all_ranks(state.step, "the step to continue from", f"each reads {resume_path}: on several machines, "
                       "--save_dir must be a folder that all of them see (shared storage)", info)
