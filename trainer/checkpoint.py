@@ -194,8 +194,8 @@ def _looks_like(obj: object) -> str:
         return f"it holds a {type(obj).__name__}"
     keys = list(obj)
     if {"model", "optimizer", "epoch", "step"} <= set(keys):
-        return "it is MiniMind's own resume checkpoint, which this trainer cannot continue; use its weights " \
-               "with --from_weight instead"
+        return "it is MiniMind's own resume checkpoint, which --from_resume 1 continues where MiniMind keeps it: " \
+               "in checkpoints/ beside a --save_dir that holds no resume file of this repo"
     if keys and all(isinstance(k, str) and (".lora." in k or "lora_" in k) for k in keys):
         return "it holds only LoRA weights, as the run's LoRA .pth does"
     if any(isinstance(k, str) and k.endswith(".weight") for k in keys):
