@@ -2,6 +2,7 @@
 
 import atexit
 import contextlib
+import hashlib
 import math
 import os
 import sys
@@ -13,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from model.errors import UserError
+from model.errors import UserError, print_error
 
 
 class DistributedError(UserError):
@@ -135,6 +136,25 @@ def announce_failure(line: str) -> None:
     if store is not None:
         with contextlib.suppress(RuntimeError):
             store.compare_set("failure", "", line)
+
+
+def say_once_per_machine(message: str, rank: int) -> None:
+    """print_error(`rank R: message`), unless another rank of this machine has printed the same message: each
+    machine's torchrun shows its own ranks' output, so each says an error all of its ranks hit once. Only the
+    job store is used (no collective, which a failed peer could leave hanging); without it, it prints."""
+    store = _job_store()
+    key = f"error/{os.environ.get('GROUP_RANK', '0')}/{hashlib.sha1(message.encode()).hexdigest()}"
+    try:
+        if store is not None and store.add(key, 1) > 1:
+            # Exit only once the first rank has printed it: torchrun kills the remaining ranks when one exits.
+            store.wait([f"{key}/said"], timedelta(seconds=10))
+            return
+    except RuntimeError:  # the store is gone or the first rank never said it: better twice than never
+        pass
+    print_error(f"rank {rank}: {message}")
+    if store is not None:
+        with contextlib.suppress(RuntimeError):
+            store.set(f"{key}/said", "1")
 
 
 def watch_peers(rank: int) -> None:

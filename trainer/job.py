@@ -9,6 +9,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 
@@ -22,6 +23,7 @@ from trainer.distributed import (
     cleanup_distributed,
     exit_now,
     launched_by_torchrun,
+    say_once_per_machine,
 )
 
 
@@ -122,7 +124,7 @@ def run_job(main: Callable[[], int | None], teardown: bool = True) -> None:
     try:
         code = main() or 0
     except UserError as err:
-        print_error(err)
+        _print_user_error(err)
         code = 2
         _tell_peers(err)
     except KeyboardInterrupt as err:
@@ -161,6 +163,33 @@ def run_job(main: Callable[[], int | None], teardown: bool = True) -> None:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+QUIET_WAIT_S = 30  # seconds a rank that leaves an error to local rank 0 waits for torchrun to stop it
+
+
+def _print_user_error(err: UserError) -> None:
+    """`error: <message>`, once per machine under torchrun rather than once per rank.
+
+    Before the process group exists, an error comes from the flags and this machine's files, which all of its
+    ranks share: local rank 0 says it and the others wait quietly for torchrun, which stops them when local
+    rank 0 exits (its exit status 2 is then the one torchrun's summary reports). Should that not happen, the
+    error was this rank's own after all, and it says so. After that, an error may be one rank's own (its data,
+    its memory): it names the rank, and a rank whose message another rank of its machine printed stays quiet.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not launched_by_torchrun() or world == 1:
+        print_error(err)
+    elif dist.is_available() and dist.is_initialized():
+        say_once_per_machine(str(err), dist.get_rank())
+    elif os.environ["LOCAL_RANK"] == "0":
+        print_error(err)
+    else:
+        # Stopped by torchrun, this rank too ends with the error's status (torchrun's summary lists it).
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(QUIET_WAIT_S)
+        print_error(f"rank {os.environ['RANK']}: {err}")
 
 
 def _leave_process_group(code: int) -> None:

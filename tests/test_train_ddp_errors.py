@@ -1,0 +1,87 @@
+"""Under a real torchrun (2 gloo ranks on CPU), an error every rank hits is said once, and an error one rank
+hits alone is said by that rank, with its rank named; the ranks that failed exit 2."""
+
+import re
+
+import pytest
+
+from tests.train_utils import (
+    REPO,
+    lora_args,
+    run_timed,
+    save_tiny_minimind,
+    subprocess_env,
+    torchrun,
+    write_chat_data,
+)
+
+SCRIPT = str(REPO / "trainer" / "train_lora.py")
+# Rank 1 alone fails with a UserError, before the process group exists (WHERE=flags) or after (WHERE=base).
+ONE_RANK = '''
+import os
+import sys
+
+import trainer.job
+import trainer.train_lora as job
+from model.errors import UserError
+
+trainer.job.QUIET_WAIT_S = 2
+
+
+def fail_on_rank_1(real):
+    def call(*args, **kwargs):
+        if os.environ["RANK"] == "1":
+            raise UserError("only rank 1 sees this")
+        return real(*args, **kwargs)
+    return call
+
+
+where = os.environ["WHERE"]
+if where == "flags":
+    job.check_data_files = fail_on_rank_1(job.check_data_files)
+else:
+    job.load_base = fail_on_rank_1(job.load_base)
+trainer.job.run_job(lambda: job.main(sys.argv[1:]))
+'''
+
+
+def _two_ranks(tmp_path, script: str, *flags: str, failing: tuple[int, ...] = (0, 1), **env: str) -> list[str]:
+    """The `error: ` lines of a 2-rank run, whose `failing` ranks must end with the error's status 2."""
+    run = run_timed(torchrun("--standalone", "--nproc_per_node", "2", script, *flags), cwd=tmp_path,
+                    env=subprocess_env(**env), timeout=120)
+    assert run.returncode != 0, run.output[-3000:]
+    # torchrun's summary gives each rank's exit status (a rank still running when one exits, it stops)
+    status = dict(re.findall(r"rank\s*: (\d) \(local_rank.*\n\s*exitcode\s*: (-?\d+)", run.output))
+    assert all(status.get(str(rank)) == "2" for rank in failing), run.output[-3000:]
+    return [line for line in run.output.splitlines() if line.startswith("error: ")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("errors")
+    return tmp, save_tiny_minimind(tmp / "full_sft_64.pth"), write_chat_data(tmp / "data.jsonl", 4)
+
+
+@pytest.mark.slow
+def test_a_flag_error_is_said_once(tmp_path):
+    lines = _two_ranks(tmp_path, SCRIPT, "--ddp", "--device", "cpu", "--lora_rank", "0")
+    assert lines == ["error: --lora_rank must be at least 1 (got 0)"]
+
+
+@pytest.mark.slow
+def test_an_error_every_rank_hits_after_joining_is_said_once(tiny):
+    tmp, weight, data = tiny
+    missing = tmp / "missing" / "full_sft_64.pth"
+    lines = _two_ranks(tmp, SCRIPT, *lora_args(tmp, missing, data))
+    assert len(lines) == 1 and re.fullmatch(rf"error: rank [01]: --from_weight {re.escape(str(missing))}: no such "
+                                            r"file or directory", lines[0]), lines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["flags", "base"])
+def test_an_error_of_one_rank_names_it(tiny, where):
+    tmp, weight, data = tiny
+    launcher = tmp / "one_rank.py"
+    launcher.write_text(ONE_RANK)
+    lines = _two_ranks(tmp, str(launcher), *lora_args(tmp, weight, data), failing=(1,), WHERE=where)
+    assert lines == ["error: rank 1: only rank 1 sees this"]
