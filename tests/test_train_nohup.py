@@ -15,6 +15,7 @@ line's data (400 identity chats, ~17k tokens) through it is hours of work on 2 C
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,14 @@ import pytest
 import torch
 
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from tests.train_utils import REPO, tokenizer_dir
+from tests.train_utils import (
+    REPO,
+    lora_args,
+    save_tiny_minimind,
+    subprocess_env,
+    tokenizer_dir,
+    write_chat_data,
+)
 
 LINE = ('nohup python train_lora.py --epochs 20 --hidden_size 2048 --device "cuda:0" --batch_size 16 '
         '--learning_rate 1e-4 --accumulation_steps 8 --log_interval 10 --save_interval 100 '
@@ -157,3 +165,33 @@ def test_a_terminal_gets_a_progress_bar_and_one_without_a_width_plain_lines(tmp_
     # A pty that reports no width (`script -c`, some CI consoles): an empty bar would show nothing at all
     narrow = _on_a_terminal(0, tmp_path / "b")
     assert re.search(r"^step 3/3 \| epoch 1 \| loss \d", narrow, re.M), narrow[-2000:]
+
+
+def test_a_background_run_says_how_to_stop_it(tmp_path):
+    """`cmd &` in a script: bash ignores SIGINT for it, so Ctrl-C cannot stop it; the start-up line names the
+    `kill <pid>` that does, and that SIGTERM saves and stops the run."""
+    weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
+    data = write_chat_data(tmp_path / "data.jsonl", 4)
+    argv = lora_args(tmp_path, weight, data, epochs=1000, batch_size=2)
+    log = tmp_path / "train.log"
+    script = f"{shlex.join([sys.executable, str(REPO / 'trainer' / 'train_lora.py'), *argv])} > {log} 2>&1 &\n" \
+             "echo $!\nwait $!\necho exit=$?\n"
+    bash = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                            text=True)
+    pid = int(bash.stdout.readline())
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.is_file() and "step 1/" in log.read_text()):
+            assert bash.poll() is None and time.monotonic() < deadline, log.read_text() if log.is_file() else ""
+            time.sleep(0.5)
+        text = log.read_text()
+        assert f"per epoch); `kill {pid}` stops after the current step and saves" in text, text
+        assert "Ctrl-C" not in text
+        os.kill(pid, signal.SIGTERM)
+        rest, _ = bash.communicate(timeout=120)
+    finally:
+        if bash.poll() is None:
+            os.kill(pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "exit=0" in rest and f"(a second `kill {pid}` aborts without saving)" in text, text[-2000:]
+    assert re.search(r"^stopped at step \d+/", text, re.M), text[-2000:]

@@ -137,8 +137,8 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     stop = StopSignal()
     guard = DivergenceGuard(model.config.vocab_size, params, state.history["train"], resume_path, state.step)
     memory = MemoryWatch(info, args, keep_rng=True)  # a transformers model may have dropout
-    log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
-              "kill stops after the current step and saves" if state.step < total_steps else
+    log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); {stop.how} "
+              "stops after the current step and saves" if state.step < total_steps else
               f"nothing to train: the run already reached step {total_steps}")
     if info.is_main and state.step < total_steps and (note := warmup_note(args.warmup_iters, total_steps)):
         log.write(note)

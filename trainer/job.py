@@ -42,6 +42,11 @@ class StopSignal:
         self.signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
         for s in self.signals:
             signal.signal(s, self._handle)
+        # How the user stops the run, as the start-up line says it.
+        if signal.SIGINT in self.signals:
+            self.how = "Ctrl-C or kill"
+        else:  # run in the background (`nohup cmd &`): only SIGTERM stops it; name the process to send it to
+            self.how = f"`kill {os.getppid()}` (torchrun)" if launched_by_torchrun() else f"`kill {os.getpid()}`"
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
@@ -51,7 +56,7 @@ class StopSignal:
             signal.signal(s, signal.SIG_DFL)
         rank = os.environ.get("RANK") if launched_by_torchrun() else None
         print(f"\n{f'rank {rank}: ' if rank else ''}{signal.Signals(signum).name} received: finishing this step, then "
-              "saving a resume checkpoint (a second Ctrl-C or kill aborts without saving)", flush=True)
+              f"saving a resume checkpoint (a second {self.how} aborts without saving)", flush=True)
         if rank is not None:
             timer = threading.Timer(self.deadline_s, exit_now, (1, f"rank {rank}: the step did not finish within "
                                     f"{self.deadline_s:g} s of the stop signal (is a peer rank gone?); exiting "

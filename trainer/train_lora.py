@@ -13,6 +13,7 @@ In the background, MiniMind style (from inside trainer/):
         --data_path ../dataset/lora_identity.jsonl --num_hidden_layers 20 --use_wandb --from_resume 1 \\
         --from_weight full_sft > train_lora.log 2>&1 &
 Ctrl-C / kill (SIGTERM) finish the current step, save, and print the command that resumes (--from_resume 1).
+In the background (`... &`: bash ignores Ctrl-C there) `kill <pid>` does; the start-up line names the pid.
 On a CUDA device the defaults pack rows and compile the decoder (--packing 0 / --use_compile 0 opt out), and
 steps replay as CUDA graphs, compiled or not (--cuda_graphs 0 opts out); on a CPU they pad and run eager. The
 start-up lines say what was chosen and what one step holds.
@@ -239,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     memory = MemoryWatch(info, args, keep_rng=args.lora_dropout > 0, step_graphs=graphs is not None and not args.packing)
     # With DoRA no MiniMind .pth is written, so there is nothing for MiniMind's loader to read
     loader_note = None if args.use_dora else minimind_loader_note(model, targets, sibling(stem, ".pth"))
-    log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); Ctrl-C or "
-              "kill stops after the current step and saves" if state.step < total_steps else
+    log.write(f"training steps {state.step + 1}..{total_steps} ({data.sampler.steps_in_epoch()} per epoch); {stop.how} "
+              "stops after the current step and saves" if state.step < total_steps else
               f"nothing to train: the run already reached step {total_steps}")
     if compiled and state.step < total_steps:
         log.write("compiling... (the first two steps compile and record; seconds with a warm cache in "
