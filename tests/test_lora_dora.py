@@ -132,7 +132,7 @@ def test_use_dora_flag_trains_a_peft_dora_adapter(tmp_path, capsys):
     assert run_inprocess(main, argv + ["--use_dora"]) == 0
     out = tmp_path / "out"
     assert not (out / "lora_identity_64.pth").exists()  # MiniMind's layout has no DoRA magnitude
-    # as the log shows paths: relative when the run's folder is near the working directory (shown_path)
+    # as the log shows paths: relative when the run's folder is below the working directory, else absolute (shown_path)
     printed = capsys.readouterr().out
     assert f"done: {shown_path(out / 'lora_identity_64')}/" in printed
     assert "MiniMind's own load_lora" not in printed  # no .pth is written, so no note on how MiniMind reads it

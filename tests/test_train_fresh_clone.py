@@ -44,8 +44,10 @@ def test_done_line_paths_are_typable_from_here(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "repo")
     assert shown_path(tmp_path / "repo" / "out" / "lora_identity_256.pth") == "out/lora_identity_256.pth"
     monkeypatch.chdir(tmp_path / "repo" / "trainer")  # where MiniMind users start their jobs
-    assert shown_path(tmp_path / "repo" / "out" / "x.pth") == "../out/x.pth"
-    assert shown_path("/") == "/"  # further away: absolute
+    # Outside the working directory, even one level up: absolute, so it can be copied into any shell
+    assert shown_path(tmp_path / "repo" / "out" / "x.pth") == str((tmp_path / "repo" / "out" / "x.pth").resolve())
+    assert shown_path(tmp_path / "repo" / "trainer" / "a" / ".." / "x.pth") == "x.pth"
+    assert shown_path("/") == "/"
 
 
 def test_lora_names_a_missing_data_file_before_it_loads_the_base(tmp_path, capsys):

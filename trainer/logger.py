@@ -1,7 +1,6 @@
 """Progress on rank 0: a tqdm bar on a terminal, plain lines in a log file, optional wandb, a loss plot."""
 
 import math
-import os
 import shutil
 import sys
 import threading
@@ -204,11 +203,7 @@ def plot_losses(history: dict, path: Path, title: str) -> None:
 
 
 def shown_path(path: str | Path) -> str:
-    """`path` as the user can type it: relative to the working directory when inside it or one level up
-    (`../out/...` from trainer/, where MiniMind users start jobs), else absolute."""
-    path = Path(path).resolve()
-    try:
-        relative = os.path.relpath(path)
-    except ValueError:  # another drive (Windows): no relative path exists
-        return str(path)
-    return str(path) if relative.startswith(os.path.join(os.pardir, os.pardir)) else relative
+    """`path` as the user can type it: relative to the working directory when inside it, else absolute (a
+    `../` path only works from here, and a log is read, and its paths copied, from anywhere)."""
+    path, here = Path(path).resolve(), Path.cwd().resolve()
+    return str(path.relative_to(here)) if path.is_relative_to(here) else str(path)
