@@ -195,3 +195,62 @@ def test_val_fraction_on_data_too_small_to_hold_any_out_is_refused(tmp_path, cap
     assert run_inprocess(main, argv) == 2
     assert (f"error: --val_fraction 0.5: {data} holds 1 sample(s), too few to hold any out and still train; pass "
             "a --val_data_path, or leave out --val_fraction") in capsys.readouterr().err
+
+
+# Kills the run (os._exit: no cleanup, as SIGKILL) among a save's renames, just before the resume file of its
+# save number $KILL_AT_SAVE would move in: the LoRA files are then a save ahead of the resume file.
+KILL_AMONG_RENAMES = '''
+import os
+import sys
+
+import trainer.checkpoint as checkpoint
+import trainer.train_lora as job
+from trainer.job import run_job
+
+real_move_in, saves = checkpoint._move_in, 0
+
+
+def move_in(new, path):
+    global saves
+    if path.name.endswith("_resume.pth"):
+        saves += 1
+        if saves == int(os.environ["KILL_AT_SAVE"]):
+            os._exit(137)
+    real_move_in(new, path)
+
+
+checkpoint._move_in = move_in
+run_job(lambda: job.main(sys.argv[1:]))
+'''
+
+
+def test_a_kill_among_a_saves_renames_resumes_to_the_uninterrupted_result(tmp_path):
+    """The LoRA files moved in, the resume file not yet: they are a save ahead of it. A resume reads only the
+    resume file (the LoRA inside it, not the files beside), redoes the steps since, and ends bit for bit
+    where an uninterrupted run ends."""
+    weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
+    data = write_chat_data(tmp_path / "data.jsonl", 12)
+    flags = dict(batch_size=2, epochs=1, save_interval=2, lora_dropout=0.1, learning_rate=5e-3)
+    launcher = tmp_path / "kill_among_renames.py"
+    launcher.write_text(KILL_AMONG_RENAMES)
+
+    def run(save_dir: str, kill_at_save: int, *extra: str) -> subprocess.CompletedProcess:
+        # Every part in a subprocess of one thread: the same float sums in each, as bit-exactness needs
+        argv = [python(), str(launcher), *lora_args(tmp_path, weight, data, save_dir=tmp_path / save_dir, **flags)]
+        return run_cli([*argv, *extra], timeout=240, cwd=tmp_path, env=subprocess_env(KILL_AT_SAVE=str(kill_at_save)))
+
+    assert run("ref", 0).returncode == 0
+    killed = run("run", 2)
+    out = tmp_path / "run"
+    assert killed.returncode == 137, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert json.loads((out / "lora_identity_64.json").read_text())["step"] == 4  # the outputs: save 2
+    assert torch.load(out / "lora_identity_64_resume.pth", weights_only=False)["state"]["step"] == 2
+
+    resumed = run("run", 0, "--from_resume", "1")
+    assert resumed.returncode == 0 and "resuming from " in resumed.stdout, resumed.stdout[-2000:] + resumed.stderr
+    (ref_w, ref_pth, ref_state), (got_w, got_pth, got_state) = _final(tmp_path / "ref"), _final(out)
+    assert got_state["step"] == ref_state["step"] == 6
+    assert got_state["history"]["train"] == ref_state["history"]["train"]
+    for ref, got in ((ref_w, got_w), (ref_pth, got_pth)):
+        assert ref.keys() == got.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the kill's staging folder is gone
