@@ -341,3 +341,33 @@ def test_a_tokenizer_without_a_chat_template_is_said_at_start_and_chat_template_
     assert "base:" not in result.stdout
     out = run_cli(*flags, "--chat_template", str(tmp_path / "chatml.jinja"))
     assert f"chat template: {shown_path(tmp_path / 'chatml.jinja')}" in out and "user: hi\n" in out
+
+
+def test_a_lora_chats_with_the_chat_template_it_was_trained_with(tmp_path):
+    """train_lora.py --chat_template saves the template in the LoRA's folder; chat.py, given only the LoRA, renders
+    the prompt with it (here Qwen2.5's, whose default system prompt changes the context and so the reply)."""
+    from model.model_minimind import load_minimind
+    from tests.train_utils import lora_args, run_inprocess, save_tiny_minimind, write_chat_data
+    from trainer.train_lora import main as train
+
+    qwen25 = TOKENIZER.parents[1] / "templates" / "qwen25.jinja"
+    if not qwen25.is_file():
+        pytest.skip(f"fixtures not found at {qwen25}")
+    weight = save_tiny_minimind(tmp_path / "base.pth")
+    data = write_chat_data(tmp_path / "chat.jsonl", 4)
+    assert run_inprocess(train, lora_args(tmp_path, weight, data, max_steps=1, chat_template=qwen25)) == 0
+    lora = tmp_path / "out" / "lora_identity_64.pth"
+    saved = tmp_path / "out" / "lora_identity_64" / "chat_template.jinja"
+    assert saved.read_text() == qwen25.read_text()
+
+    out = run_cli("--lora_path", str(lora), "--prompt", "hello", "--max_new_tokens", "8", "--device", "cpu")
+    model = load_minimind(weight)
+    load_lora(model, lora)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    messages = [{"role": "user", "content": "hello"}]
+    own = generate_reply(model.eval(), tokenizer, messages, max_new_tokens=8)
+    tokenizer.chat_template = saved.read_text()
+    learned = generate_reply(model, tokenizer, messages, max_new_tokens=8)
+    assert learned != own  # otherwise the reply could not tell the templates apart
+    assert f"chat template: {shown_path(saved)}\n" in out
+    assert f"lora: {learned}\n  [" in out
