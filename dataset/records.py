@@ -244,12 +244,13 @@ def parse_text(obj: Any) -> str:
     return obj["text"]
 
 
-def read_conversations(path: str | Path) -> tuple[list[Conversation], Problems]:
-    """Read a chat jsonl file into normalised conversations, collecting (line, problem) for bad lines."""
+def read_conversations(path: str | Path, check_turns: bool = True) -> tuple[list[Conversation], Problems]:
+    """Read a chat jsonl file into normalised conversations, collecting (line, problem) for bad lines
+    (`check_turns`: as parse_conversation)."""
     conversations, problems = [], []
     for line, raw in read_lines(path):
         try:
-            conversations.append(Conversation(line, *parse_conversation(parse_line(raw))))
+            conversations.append(Conversation(line, *parse_conversation(parse_line(raw), check_turns)))
         except BadRecord as e:
             problems.append((line, str(e)))
     return conversations, problems
@@ -266,8 +267,12 @@ def read_texts(path: str | Path) -> tuple[list[str], Problems]:
     return texts, problems
 
 
-def parse_conversation(obj: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """Normalise one record of any supported format to (messages, tools); raise BadRecord if invalid."""
+def parse_conversation(
+    obj: Any, check_turns: bool = True
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Normalise one record of any supported format to (messages, tools); raise BadRecord if invalid.
+    `check_turns=False` accepts any order of turns, none from the assistant included: a tokenizer learns from
+    the text alone, not from a rendered chat."""
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
     tools = _tools(obj.get("tools"), "top-level 'tools'")
@@ -292,7 +297,8 @@ def parse_conversation(obj: Any) -> tuple[list[dict[str, Any]], list[dict[str, A
         wraps = f"; its records seem to be the list under {_short(lists[0])}: write one of them per line" if lists else ""
         raise BadRecord(f"no 'conversations', 'messages' or 'instruction'/'output' key (keys: "
                         f"{_short(sorted(obj))}){wraps}")
-    _check_order(messages)
+    if check_turns:
+        _check_order(messages)
     return messages, tools
 
 

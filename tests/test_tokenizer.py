@@ -161,6 +161,21 @@ def test_train_tiny_tokenizer(tmp_path):
     )
 
 
+def test_chats_without_an_assistant_turn_are_text_too(tmp_path, capsys):
+    # A trainer refuses them (nothing to learn); a tokenizer learns from every turn's text
+    from trainer.train_tokenizer import corpus_texts
+
+    chats = [*TINY_CHATS, {"conversations": [{"role": "user", "content": "Nobody answered this question."}]},
+             {"messages": [{"role": "system", "content": "Only a system prompt."}]},
+             {"messages": [{"role": "assistant", "content": "A greeting first."}, {"role": "user", "content": "Hi."}]}]
+    data = write_jsonl(tmp_path / "chats.jsonl", chats)
+    assert corpus_texts(data) == ["user\nWhat does the cat say?\nassistant\nThe cat says meow.",
+                                  "user\nNobody answered this question.", "system\nOnly a system prompt.",
+                                  "assistant\nA greeting first.\nuser\nHi."]
+    assert main(["--data_path", str(data), "--vocab_size", "300", "--out_dir", str(tmp_path / "tok")]) == 0
+    assert "trained on 4 texts from 1 file(s)" in capsys.readouterr().out
+
+
 def test_train_reports_user_errors(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n', encoding="utf-8")

@@ -78,7 +78,8 @@ def corpus_texts(path: str | Path, skip_invalid: bool = False) -> list[str]:
     if isinstance(first, dict) and "text" in first:
         texts, problems = read_texts(path)
     else:
-        conversations, problems = read_conversations(path)
+        # Every turn's text counts, in chats a trainer would refuse too (no assistant turn: nothing to learn)
+        conversations, problems = read_conversations(path, check_turns=False)
         # The role names go in too: they follow <|im_start|> in every rendered chat.
         texts = ["\n".join(f"{m['role']}\n{m.get('reasoning_content') or ''}{m.get('content') or ''}" for m in c.messages)
                  for c in conversations]
