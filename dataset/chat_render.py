@@ -377,6 +377,8 @@ def _spans(
         if message["role"] != "assistant":
             continue
         region = regions[i]
+        if region is None and limit is not None and any(r and r[0] >= limit for r in regions[:i]):
+            break  # an earlier message starts past the cut: message_regions did not look for this one
         if region is None:
             raise BadRecord(f"assistant message {i}: the chat template does not render it")
         if limit is not None and region[0] >= limit:

@@ -218,6 +218,20 @@ def test_truncation_keeps_labels_aligned(tok, tmp_path):
             assert labels.tolist() == full_labels[:max_length].tolist()
 
 
+def test_truncation_inside_a_reply_the_template_edits_keeps_the_sample(tok, tmp_path):
+    # MiniMind's template strips the reply's leading newline, so each message is found by a render of its own;
+    # those past the cut are not looked for, and a later reply is no reason to refuse the line
+    records = [{"conversations": [{"role": "user", "content": "Tell me a story."},
+                                  {"role": "assistant", "content": "\n" + "The cat sat on the mat. " * 200},
+                                  {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "No."}]}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    full = SFTDataset(path, tok, max_length=4096, log=None)
+    short = SFTDataset(path, tok, max_length=64, log=None)
+    assert short[0][0].tolist() == full[0][0][:64].tolist()
+    assert short[0][1].tolist() == full[0][1][:64].tolist()
+
+
 def test_samples_with_nothing_to_learn_are_dropped_and_counted(tok, tmp_path):
     records = [chat("Hi", "Hello."), chat("A long question " * 20, "Short."), chat("Hey", "Hey.")]
     path = tmp_path / "data.jsonl"
