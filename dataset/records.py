@@ -92,6 +92,10 @@ def read_lines(path: str | Path) -> list[tuple[int, bytes]]:
     for magic, (kind, fix) in BINARY_FORMATS.items():
         if numbered and numbered[0][1].startswith(magic):
             raise DataError(f"{path}: {kind}, not text; {fix.replace('FILE', str(path))}")
+    if numbered and numbered[0][1].startswith((b"\xff\xfe", b"\xfe\xff")):  # the byte-order marks of UTF-16
+        # What Windows PowerShell 5's `>` writes; read as UTF-8, every line would be a different puzzling error
+        raise DataError(f"{path}: UTF-16 text, not UTF-8; convert it first (iconv -f UTF-16 -t UTF-8 {path} > "
+                        f"data.jsonl, or in PowerShell: Get-Content {path} | Set-Content -Encoding utf8 data.jsonl)")
     lines = [(n, raw) for n, raw in numbered if raw.strip()]
     if not lines:
         raise DataError(f"{path}: the file is empty (expected one JSON object per line)")

@@ -352,6 +352,8 @@ def test_files_of_another_shape_get_one_line_that_says_what_they_are(tok, tmp_pa
     cases = {
         "data.jsonl.gz": (gzip.compress(text.encode()), "gzip-compressed, not text; decompress it first"),
         "data.parquet": (b"PAR1" + bytes(64), "a Parquet file, not text; convert it to JSON Lines first"),
+        # Windows PowerShell 5's `>` writes UTF-16 with a byte-order mark
+        "utf16.jsonl": (text.encode("utf-16"), "UTF-16 text, not UTF-8; convert it first (iconv -f UTF-16"),
         "data.json": (json.dumps({"data": records}, indent=2).encode(),
                       "the file is one JSON object whose records are the list under 'data'"),
     }
