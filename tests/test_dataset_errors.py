@@ -344,6 +344,24 @@ def test_records_of_a_json_array_are_named_by_their_line_across_blank_lines(tok,
         SFTDataset(path, tok, 64, log=None)
 
 
+def test_a_byte_order_mark_crlf_line_ends_and_blank_lines_read_as_the_plain_file(tok, tmp_path):
+    # What Windows editors write: the same samples, and the same line numbers in messages
+    lines = [json.dumps(chat("Hi", "Hello.")), json.dumps(chat("Hey", "Hey there."))]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("\n".join(lines) + "\n")
+    windows = tmp_path / "windows.jsonl"
+    windows.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n\r\n  \r\n").encode())
+    expected = SFTDataset(plain, tok, 64, log=None)
+    got = SFTDataset(windows, tok, 64, log=None)
+    assert got.ids.tolist() == expected.ids.tolist() and got.mask.tolist() == expected.mask.tolist()
+    texts = tmp_path / "pretrain.jsonl"
+    texts.write_bytes('\ufeff{"text": "Hello world."}\r\n\r\n{"text": oops}\r\n'.encode())
+    with pytest.raises(DataError, match=re.escape(f"{texts}:3: invalid JSON")):
+        PretrainDataset(texts, tok, 64, log=None)
+    assert PretrainDataset(texts, tok, 64, skip_invalid=True, log=None)[0][0].tolist() == (
+        [tok.bos_token_id] + tok("Hello world.", add_special_tokens=False).input_ids + [tok.eos_token_id])
+
+
 def test_files_of_another_shape_get_one_line_that_says_what_they_are(tok, tmp_path):
     import gzip
 
