@@ -239,6 +239,10 @@ def _skip_space(text: str, pos: int) -> int:
 
 def parse_text(obj: Any) -> str:
     """The text of a pretraining record {"text": ...}; raise BadRecord if invalid."""
+    if isinstance(obj, dict) and "text" not in obj and {"conversations", "messages", "instruction"} & obj.keys():
+        # A whole chat file given to pretraining: say so once per line, rather than a bare missing key
+        raise BadRecord('this is a chat record; pretraining needs {"text": ...} lines (chats train with '
+                        "train_full_sft.py or train_lora.py)")
     if not isinstance(obj, dict) or "text" not in obj:
         raise BadRecord('expected a JSON object with a "text" key')
     if not isinstance(obj["text"], str):

@@ -188,6 +188,7 @@ def test_pretrain_bad_lines(tok, tmp_path):
         b'{"text": 3}',
         b'{"text": "  "}',
         b'{"text": "also fine"}',
+        GOOD,  # a line of a chat file
     ]
     path = write_lines(tmp_path / "pre.jsonl", lines)
     with pytest.raises(DataError) as err:
@@ -196,6 +197,7 @@ def test_pretrain_bad_lines(tok, tmp_path):
     assert f'{path}:2: expected a JSON object with a "text" key' in message
     assert f'{path}:3: "text" must be a string, got int' in message
     assert f'{path}:4: "text" is empty' in message
+    assert f'{path}:6: this is a chat record; pretraining needs {{"text": ...}} lines (chats train with ' in message
     assert len(PretrainDataset(path, tok, 64, skip_invalid=True, log=None)) == 2
 
 
