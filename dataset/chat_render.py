@@ -446,7 +446,8 @@ def _turn_end(fmt: ChatFormat, full: str, after: int, bound: int, i: int) -> int
         return first.end()
     raise BadRecord(
         f"assistant message {i}: the chat template writes no special token after it "
-        f"({full[after : after + 40]!r}), so the model could not learn to stop"
+        f"({full[after : after + 40]!r}), so the model could not learn to stop; a template made for another "
+        "model marks turns with that model's special tokens: pass its tokenizer with --tokenizer_path"
     )
 
 

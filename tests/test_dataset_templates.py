@@ -290,6 +290,16 @@ def test_a_template_that_cannot_be_masked_gets_one_line(minimind, template, prob
         SFTDataset(Path("unused.jsonl"), minimind, 64, chat_template=template, template_name="chat.jinja", log=None)
 
 
+def test_a_template_for_another_tokenizer_says_which_tokenizer_to_pass(minimind):
+    # Llama-3.1's <|eot_id|> is plain text to MiniMind's tokenizer: the one line says what to change
+    with pytest.raises(TemplateError) as err:
+        load_chat_format(minimind, (TEMPLATES / "llama31.jinja").read_text(), "llama31.jinja")
+    assert str(err.value) == (
+        "llama31.jinja cannot be masked: assistant message 1: the chat template writes no special token after it "
+        "('<|eot_id|>'), so the model could not learn to stop; a template made for another model marks turns with "
+        "that model's special tokens: pass its tokenizer with --tokenizer_path")
+
+
 def test_turns_whose_history_renders_differently(minimind):
     # Qwen3 drops the think block of a tool call once a later user message exists, and Mistral moves the
     # tools to the last user message: each turn is learned as the full conversation renders it
