@@ -290,6 +290,17 @@ def test_a_template_that_cannot_be_masked_gets_one_line(minimind, template, prob
         SFTDataset(Path("unused.jsonl"), minimind, 64, chat_template=template, template_name="chat.jinja", log=None)
 
 
+def test_a_template_file_with_a_byte_order_mark_renders_as_the_plain_file(minimind, tmp_path):
+    # Windows Notepad's "UTF-8 with BOM": the mark is no part of the template, so no part of every chat
+    from trainer.args import check_template_file
+
+    text = (TEMPLATES / "qwen25.jinja").read_text(encoding="utf-8")
+    (tmp_path / "bom.jinja").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert check_template_file(tmp_path / "bom.jinja") == text
+    ids, _ = render_conversation(minimind, SINGLE, check_template_file(tmp_path / "bom.jinja"))
+    assert minimind.decode(ids).startswith("<|im_start|>system\nYou are Qwen")
+
+
 def test_a_template_for_another_tokenizer_says_which_tokenizer_to_pass(minimind):
     # Llama-3.1's <|eot_id|> is plain text to MiniMind's tokenizer: the one line says what to change
     with pytest.raises(TemplateError) as err:

@@ -357,7 +357,8 @@ def _check_device(flag: str | None) -> None:
 def check_template_file(path: Path) -> str:
     """--chat_template must be a readable jinja file that compiles (a syntax error names its line); returns it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows Notepad writes one) would otherwise open every rendered chat
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise FlagError(f"--chat_template {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as err:
