@@ -121,7 +121,8 @@ def export(args: argparse.Namespace) -> list[Path]:
             written["arch"] = getattr(model, "original_class", type(model).__name__)  # the fast decoder's original
         written["tokenizer"] = copy_tokenizer(tokenizer, folder)
         if template is not None:  # the merged model chats as it learned to; transformers prefers this file
-            shutil.copyfile(template, folder / LORA_TEMPLATE)
+            # The text as read (a byte-order mark left out), not the file's bytes: transformers would render the mark
+            (folder / LORA_TEMPLATE).write_text(tokenizer.chat_template, encoding="utf-8")
             written["tokenizer"] = sorted({*written["tokenizer"], LORA_TEMPLATE})
 
     try:

@@ -416,6 +416,10 @@ def test_a_lora_trained_with_a_chat_template_keeps_it_through_the_merge(tmp_path
     exported = AutoTokenizer.from_pretrained(tmp_path / "merged" / "merged_64_hf")
     assert exported.chat_template == template
     assert "You are Qwen" in exported.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    # A --chat_template file with a byte-order mark is exported without it (transformers would render the mark)
+    (tmp_path / "bom.jinja").write_bytes(b"\xef\xbb\xbf" + template.encode())
+    merge(weight, tmp_path / "out" / "lora_identity_64.pth", tmp_path / "bom", "--chat_template", str(tmp_path / "bom.jinja"))
+    assert (tmp_path / "bom" / "merged_64_hf" / "chat_template.jinja").read_text(encoding="utf-8") == template
 
 
 def test_without_from_weight_the_merge_loads_the_base_the_lora_names(tmp_path, capsys):
