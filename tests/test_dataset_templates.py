@@ -301,6 +301,21 @@ def test_a_template_file_with_a_byte_order_mark_renders_as_the_plain_file(minimi
     assert minimind.decode(ids).startswith("<|im_start|>system\nYou are Qwen")
 
 
+@pytest.mark.parametrize("script", [False, True])
+def test_a_folder_given_as_template_says_a_jinja_file_is_wanted(minimind, tmp_path, script):
+    # A model folder is the natural mistake: its template comes with --tokenizer_path, not --chat_template
+    from model.errors import UserError
+    from trainer.args import check_template_file
+    from trainer.base_flags import use_chat_template
+
+    minimind.save_pretrained(tmp_path / "model")
+    with pytest.raises(UserError) as err:
+        use_chat_template(copy.deepcopy(minimind), str(tmp_path / "model"), None) if script else \
+            check_template_file(tmp_path / "model")
+    assert str(err.value) == (f"--chat_template {tmp_path / 'model'}: a folder, not a .jinja file; a model folder's "
+                              f"own template comes with --tokenizer_path {tmp_path / 'model'}")
+
+
 def test_a_template_for_another_tokenizer_says_which_tokenizer_to_pass(minimind):
     # Llama-3.1's <|eot_id|> is plain text to MiniMind's tokenizer: the one line says what to change
     with pytest.raises(TemplateError) as err:

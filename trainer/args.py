@@ -356,6 +356,9 @@ def _check_device(flag: str | None) -> None:
 
 def check_template_file(path: Path) -> str:
     """--chat_template must be a readable jinja file that compiles (a syntax error names its line); returns it."""
+    if path.is_dir():  # a model folder, most likely: its template is the tokenizer's own
+        raise FlagError(f"--chat_template {path}: a folder, not a .jinja file; a model folder's own template comes "
+                        f"with --tokenizer_path {path}")
     try:
         # utf-8-sig: a byte-order mark (Windows Notepad writes one) would otherwise open every rendered chat
         text = path.read_text(encoding="utf-8-sig")
