@@ -75,6 +75,7 @@ class ChatFormat:
     backend: Any  # the fast tokenizer (tokenizers.Tokenizer)
     arguments: str = "as given"  # tool-call arguments as the template reads them: "object", "string", "as given"
     renders_tools: bool = True  # whether the tool schemas offered appear in the text (DeepSeek-R1's drop them)
+    reply_end: str = ""  # the end-of-turn token written after an assistant's reply: where generation stops
 
     def render(
         self, messages: list[dict[str, Any]], tools: list | None = None, add_generation_prompt: bool = False
@@ -139,7 +140,9 @@ def load_chat_format(tokenizer: Any, chat_template: str | None = None, name: str
         supervised_spans(fmt, PROBE, PROBE_TOOLS if fmt.needs_tools else None)
     except BadRecord as e:
         raise TemplateError(f"{name} cannot be masked: {e}") from None
-    return fmt
+    # The token training learns to end a reply with is the one a reply must stop at
+    reply_end = _turn_end(fmt, probe_text, probe_text.find(PROBE_ANSWER) + len(PROBE_ANSWER), len(probe_text), 1)
+    return ChatFormat(**{**fmt.__dict__, "reply_end": reply_end.group()})
 
 
 def _probe(fmt: ChatFormat) -> ChatFormat:
@@ -388,7 +391,7 @@ def _spans(
         start = _turn_start(fmt, messages, tools, full, region, prev_end, i)
         following = [r[0] for r in regions[i + 1 :] if r and r[0] >= region[1]]
         bound = min(following) if following else len(full)
-        spans.append((start, _turn_end(fmt, full, region[1], bound, i)))
+        spans.append((start, _turn_end(fmt, full, region[1], bound, i).end()))
     return spans
 
 
@@ -435,15 +438,15 @@ def _turn_start(
     return region[0]
 
 
-def _turn_end(fmt: ChatFormat, full: str, after: int, bound: int, i: int) -> int:
-    """End of the end-of-turn token after assistant text ending at `after` (see the module docstring)."""
+def _turn_end(fmt: ChatFormat, full: str, after: int, bound: int, i: int) -> re.Match:
+    """The end-of-turn token after assistant text ending at `after` (see the module docstring)."""
     first = None
     for match in fmt.special_tokens.finditer(full, after, max(bound, after)):
         if match.group() in fmt.end_tokens:
-            return match.end()
+            return match
         first = first or match
     if first is not None:
-        return first.end()
+        return first
     raise BadRecord(
         f"assistant message {i}: the chat template writes no special token after it "
         f"({full[after : after + 40]!r}), so the model could not learn to stop; a template made for another "

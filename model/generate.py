@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dataset.chat_render import TemplateError, load_chat_format
 from model.errors import UserError
 from model.hf_compat import cache_kwargs, cache_of
 
@@ -58,13 +59,15 @@ def check_generation_flags(p: argparse.ArgumentParser, args: argparse.Namespace)
 
 
 def stop_token_ids(model: nn.Module, tokenizer: object) -> set[int]:
-    """Token ids that end a reply: the tokenizer's eos, the model's eos and ChatML's <|im_end|>."""
+    """Token ids that end a reply: the tokenizer's eos, the model's eos and the token the chat template ends an
+    assistant turn with (`<|im_end|>`, `<|eot_id|>`, ...), which is what training taught the model to write."""
     ids = {tokenizer.eos_token_id}
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(eos if isinstance(eos, list) else [eos])
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if im_end != tokenizer.unk_token_id:  # a vocab without it maps it to unk (or None)
-        ids.add(im_end)
+    try:
+        ids.add(tokenizer.convert_tokens_to_ids(load_chat_format(tokenizer).reply_end))
+    except TemplateError:  # a template no LoRA can be trained with (a slow tokenizer...): eos is all there is
+        pass
     return {i for i in ids if i is not None}
 
 

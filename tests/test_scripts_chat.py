@@ -15,6 +15,8 @@ from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from scripts import chat, eval_lora, merge_lora, visualize_lora
 from scripts.chat import PROMPTS, parse_args
+from tests.test_dataset_masks import with_tokens
+from tests.test_dataset_templates import COHERE, LLAMA, TEMPLATES
 from tests.train_utils import fill_random
 from tests.train_utils import run_cli as run_process
 from trainer.logger import shown_path
@@ -169,6 +171,44 @@ def test_repetition_penalty_changes_a_greedy_loop(tokenizer):
     ids = tokenizer(penalised, add_special_tokens=False).input_ids
     assert penalised != plain
     assert len(set(ids)) > len(set(tokenizer(plain, add_special_tokens=False).input_ids))
+
+
+def biased_to(model: MiniMindForCausalLM, token: int) -> MiniMindForCausalLM:
+    """The model with an lm_head that always prefers `token`: greedy decoding writes it at every step."""
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[token] = 100.0
+    model.lm_head = head
+    return model
+
+
+# (template, its special tokens, eos): a base model's eos is not the turn end of the chat template it is tuned with
+TURN_ENDS = {
+    "llama31": (LLAMA + ["<|end_of_text|>"], "<|end_of_text|>", "<|eot_id|>"),  # Llama-3's base eos
+    "functionary_v32": (LLAMA + ["<|end_of_text|>"], "<|end_of_text|>", "<|eot_id|>"),
+    "command_r7b_tools": (COHERE, None, "<|END_OF_TURN_TOKEN|>"),  # MiniMind's base (eos <|im_end|>), Cohere's turns
+}
+
+
+@pytest.mark.parametrize("name", TURN_ENDS)
+def test_a_reply_stops_at_the_turn_end_the_template_writes(tokenizer, name):
+    # A model that learned the template's turn end writes it after its reply; decoding on past it would ramble
+    # into a fake next turn
+    tokens, eos, turn_end = TURN_ENDS[name]
+    tok = with_tokens(tokenizer, tokens, **({"eos_token": eos} if eos else {}))
+    tok.chat_template = (TEMPLATES / f"{name}.jinja").read_text()
+    end = tok.convert_tokens_to_ids(turn_end)
+    assert end != tok.eos_token_id
+    torch.manual_seed(0)
+    model = biased_to(MiniMindForCausalLM(MiniMindConfig(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )).eval(), end)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    stats = {}
+    assert generate_reply(model, tok, MESSAGES, max_new_tokens=8, stats=stats) == ""
+    assert stats["tokens"] == 0  # ignoring the turn end, it would write it 8 times
 
 
 @pytest.mark.parametrize("script", [chat, eval_lora, merge_lora, visualize_lora])
