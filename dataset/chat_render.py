@@ -382,6 +382,9 @@ def _spans(
         region = regions[i]
         if region is None and limit is not None and any(r and r[0] >= limit for r in regions[:i]):
             break  # an earlier message starts past the cut: message_regions did not look for this one
+        if _renders_empty(fmt, messages, tools, full, i):
+            raise BadRecord(f"assistant message {i}: nothing to learn: the chat template renders it empty (it drops "
+                            "reasoning, and the message has no other text)")
         if region is None:
             raise BadRecord(f"assistant message {i}: the chat template does not render it")
         if limit is not None and region[0] >= limit:
@@ -393,6 +396,18 @@ def _spans(
         bound = min(following) if following else len(full)
         spans.append((start, _turn_end(fmt, full, region[1], bound, i).end()))
     return spans
+
+
+def _renders_empty(
+    fmt: ChatFormat, messages: list[dict[str, Any]], tools: list | None, full: str, i: int
+) -> bool:
+    """Whether assistant message i, with no text but its reasoning (`reasoning_content`, or a think block as its
+    content), renders as if it had none: the template drops reasoning there (Qwen3 before the last user message)."""
+    message = messages[i]
+    if message.get("tool_calls") or (message.get("content") or "").split("</think>")[-1].strip():
+        return False
+    bare = {key: value for key, value in message.items() if key not in ("reasoning_content", "thinking")}
+    return fmt.render(messages[:i] + [{**bare, "content": ""}] + messages[i + 1 :], tools) == full
 
 
 def _turn_start(

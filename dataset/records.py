@@ -380,14 +380,15 @@ def _message(
     # OpenAI writes content: null on a message that only calls tools; it stays null (chat_render tries "" too)
     if not (content is None and calls) and not isinstance(content, str):
         raise BadRecord(f"{where}: content must be a string, got {type(content).__name__}")
-    if not (content or "").strip() and not calls and not may_be_empty:
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise BadRecord(f"{where}: reasoning_content must be a string, got {type(reasoning).__name__}")
+    reasoning = reasoning if reasoning and reasoning.strip() else None
+    # A thinking model's turn may be all reasoning: chat_render refuses it where the template drops reasoning
+    if not (content or "").strip() and not calls and not may_be_empty and not (reasoning and role == "assistant"):
         raise BadRecord(f"{where}: empty content")
     message: dict[str, Any] = {"role": role, "content": content}
-    if reasoning is not None:
-        if not isinstance(reasoning, str):
-            raise BadRecord(f"{where}: reasoning_content must be a string, got {type(reasoning).__name__}")
-        if reasoning.strip():
-            message["reasoning_content"] = reasoning
+    if reasoning:
+        message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = calls
     return message

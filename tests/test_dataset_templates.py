@@ -426,6 +426,41 @@ def test_tools_a_template_does_not_render_are_noted_in_the_data_line(minimind, t
         assert "read from the cache" in ds.summary
 
 
+REASONING_ONLY = {  # a thinking model's turn with nothing but reasoning, in both ways data writes it
+    "field": {"role": "assistant", "content": "", "reasoning_content": "R1"},
+    "think block": {"role": "assistant", "content": "<think>R1</think>"},
+}
+NOTHING_TO_LEARN = "assistant message 1: nothing to learn: the chat template renders it empty"
+
+
+@pytest.mark.parametrize(("name", "learned"), [
+    ("qwen3", {"field": "<think>\nR1\n</think>\n\n<|im_end|>", "think block": "<think>\nR1\n</think>\n\n<|im_end|>"}),
+    ("deepseek_r1_distill_qwen", {}),  # the template strips reasoning from every turn
+    ("qwen25", {"think block": "<think>R1</think><|im_end|>"}),  # no reasoning: a think block is text of the reply
+])
+def test_a_reasoning_only_turn_is_learned_where_the_template_renders_it(minimind, tmp_path, name, learned):
+    # Where the template renders the reasoning it is the turn's text; where it drops it, the turn renders empty and
+    # would teach the model to answer nothing, so the line is refused by file:line
+    tok, template = model_tokenizer(minimind, name), (TEMPLATES / f"{name}.jinja").read_text()
+    for form, turn in REASONING_ONLY.items():
+        last = [SINGLE[0], turn]
+        earlier = last + [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+        path = tmp_path / f"{name}-{form}.jsonl"
+        path.write_text(json.dumps({"messages": last}) + "\n" + json.dumps({"messages": earlier}) + "\n")
+        if form in learned:
+            assert spans(tok, *render_conversation(tok, last, template)) == [learned[form]]
+            bad = [2] if name == "qwen3" else []  # Qwen3 drops the reasoning of turns before the last user message
+        else:
+            bad = [1, 2]
+        if not bad:
+            assert len(SFTDataset(path, tok, 256, chat_template=template, log=None, num_workers=1)) == 2
+            continue
+        with pytest.raises(DataError) as err:
+            SFTDataset(path, tok, 256, chat_template=template, log=None, num_workers=1)
+        assert [f"{path}:{line}: {NOTHING_TO_LEARN}" in str(err.value) for line in (1, 2)] == [
+            line in bad for line in (1, 2)], (form, str(err.value))
+
+
 def test_huge_arguments_given_as_a_string_are_cut_after_their_conversion(minimind, tmp_path):
     # A long line is cut a safe number of characters past max_length; a JSON string cut first would not parse
     path = tmp_path / "tools.jsonl"
