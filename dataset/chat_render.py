@@ -74,7 +74,9 @@ class ChatFormat:
     max_token_chars: int  # characters of the longest token: max_length tokens never span more than this many
     backend: Any  # the fast tokenizer (tokenizers.Tokenizer)
     arguments: str = "as given"  # tool-call arguments as the template reads them: "object", "string", "as given"
-    renders_tools: bool = True  # whether the tool schemas offered appear in the text (DeepSeek-R1's drop them)
+    # What the template leaves out of the text: "tools", the schemas offered (DeepSeek-R1's), "reasoning", an
+    # assistant's reasoning_content (Qwen2.5's, Llama's); the samples that have it are noted (`unrendered`)
+    drops: frozenset[str] = frozenset()
     reply_end: str = ""  # the end-of-turn token written after an assistant's reply: where generation stops
 
     def render(
@@ -135,7 +137,7 @@ def load_chat_format(tokenizer: Any, chat_template: str | None = None, name: str
     user_end = pattern.search(probe_text, probe_text.find(PROBE_QUESTION) + len(PROBE_QUESTION))
     ends = {e for e in (eos, user_end and user_end.group()) if isinstance(e, str) and e}
     fmt = ChatFormat(**{**fmt.__dict__, "end_tokens": frozenset(ends), "arguments": _probe_arguments(fmt),
-                        "renders_tools": _renders_tools(fmt)})
+                        "drops": _drops(fmt)})
     try:  # the probe conversation must be maskable, or no conversation is
         supervised_spans(fmt, PROBE, PROBE_TOOLS if fmt.needs_tools else None)
     except BadRecord as e:
@@ -196,14 +198,37 @@ def _probe_arguments(fmt: ChatFormat) -> str:
     return "as given"
 
 
-def _renders_tools(fmt: ChatFormat) -> bool:
-    """Whether the tool schemas offered change the text (a template that fails on them refuses those lines)."""
-    if fmt.needs_tools:
-        return True
-    try:
-        return fmt.render(PROBE, PROBE_TOOLS) != fmt.render(PROBE, None)
-    except Exception:  # the lines that offer tools are then refused one by one, with the template's reason
-        return True
+PROBE_REASONING = "PROBE-REASONING-8d1f"
+
+
+def _drops(fmt: ChatFormat) -> frozenset[str]:
+    """What of a conversation the template leaves out of the text (see ChatFormat.drops)."""
+    tools = PROBE_TOOLS if fmt.needs_tools else None
+    reasoning = _with_thinking([PROBE[0], {**PROBE[1], "reasoning_content": PROBE_REASONING}])
+    dropped = {
+        "tools": lambda: not fmt.needs_tools and fmt.render(PROBE, PROBE_TOOLS) == fmt.render(PROBE, None),
+        "reasoning": lambda: PROBE_REASONING not in fmt.render(reasoning, tools),
+    }
+    drops = set()
+    for kind, is_dropped in dropped.items():
+        try:
+            if is_dropped():
+                drops.add(kind)
+        except Exception:  # the lines that have it are then refused one by one, with the template's reason
+            pass
+    return frozenset(drops)
+
+
+def unrendered(fmt: ChatFormat, messages: list[dict[str, Any]], tools: list | None) -> list[str]:
+    """What this conversation has that the template leaves out of the text (see ChatFormat.drops)."""
+    has = {"tools": bool(tools), "reasoning": any("reasoning_content" in m for m in messages)}
+    return [kind for kind in sorted(fmt.drops) if has[kind]]
+
+
+def _with_thinking(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with their reasoning also as `thinking`, as transformers hands it to templates (gpt-oss reads
+    that name)."""
+    return [{"thinking": m["reasoning_content"], **m} if "reasoning_content" in m else m for m in messages]
 
 
 def _arguments_as(form: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -309,10 +334,7 @@ def supervised_spans(
         # render its kept part as if the conversation ended there
         messages, tools = _cut(messages[: limit // fmt.max_token_chars], limit), _cut(tools, limit)
     refuse_special_tokens(fmt, messages, tools)
-    # transformers also hands reasoning to templates as `thinking` (gpt-oss reads that name)
-    messages = [
-        {"thinking": m["reasoning_content"], **m} if "reasoning_content" in m else m for m in messages
-    ]
+    messages = _with_thinking(messages)
     try:
         full, messages, regions = _render_with_calls(fmt, messages, tools, limit)
         spans = _spans(fmt, messages, tools, full, regions, limit)

@@ -10,6 +10,7 @@ import bisect
 import multiprocessing as mp
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataset.chat_render import load_chat_format, supervised_spans, token_mask
+from dataset.chat_render import load_chat_format, supervised_spans, token_mask, unrendered
 from dataset.records import (
     BadRecord,
     DataError,
@@ -36,6 +37,13 @@ IGNORE_INDEX = -100
 CHUNK = 1000  # records per multiprocessing task: large enough for the batched Rust tokenizer to pay off
 MIN_CHUNK = 100  # smaller tasks cost more in passing them around than they gain in balance
 SKIPPED_SHOWN = 5  # skipped lines named under the data line (a file of bad lines would flood the log)
+# Notes under the data line on the samples whose tools or reasoning the template drops (chat_render.unrendered)
+UNRENDERED_NOTES = {
+    "tools": "offer tools whose schemas the chat template does not render: the model learns their calls "
+             "without seeing what the tools take (--chat_template with a template that renders `tools` shows them)",
+    "reasoning": "have reasoning_content that the chat template does not render: the model learns their "
+                 "replies without it (--chat_template with a template that renders `reasoning_content` learns it)",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -72,10 +80,9 @@ class _FileDataset(TokenizedDataset):
         super().__init__(tokens.ids, tokens.mask, tokens.lengths)
         self.skipped, self.dropped = tokens.skipped, tokens.dropped
         self.summary = _summary(data_path, len(self), self.dropped, self.skipped, max_length) + cache_note
-        if tokens.unseen_tools:
-            self.summary += (f"\n  note: {tokens.unseen_tools} sample(s) offer tools whose schemas the chat template "
-                             "does not render: the model learns their calls without seeing what the tools take "
-                             "(--chat_template with a template that renders `tools` shows them)")
+        for kind, note in UNRENDERED_NOTES.items():
+            if tokens.unrendered.get(kind):
+                self.summary += f"\n  note: {tokens.unrendered[kind]} sample(s) {note}"
         if log:
             log(self.summary)
 
@@ -129,7 +136,7 @@ class _Chunk:
     masks: list[np.ndarray] = field(default_factory=list)
     problems: list[tuple[int, str]] = field(default_factory=list)
     dropped: int = 0
-    unseen_tools: int = 0  # samples offering tools that the template does not render
+    unrendered: Counter = field(default_factory=Counter)  # samples whose tools or reasoning the template drops
 
     def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
         # Labels are shifted by the model, so the first token's label is never used: it must learn something else
@@ -165,7 +172,7 @@ class _ChatEncoder:
             try:
                 messages, tools = parse_conversation(parse_line(raw))
                 text, turn_spans = supervised_spans(self._fmt, messages, tools, limit=limit)
-                chunk.unseen_tools += bool(tools) and not self._fmt.renders_tools
+                chunk.unrendered.update(unrendered(self._fmt, messages, tools))
             except BadRecord as e:
                 chunk.problems.append((line, str(e)))
                 continue
@@ -236,7 +243,8 @@ def _tokenize_file(data_path: str | Path, encode: Callable, num_workers: int | N
     lines = read_lines(data_path)
     chunks = _map_chunks(encode, lines, num_workers)
     problems, dropped = _check(data_path, chunks, len(lines), skip_invalid)
-    tokens = Tokens(*_join(chunks), len(problems), dropped, sum(c.unseen_tools for c in chunks))
+    unrendered = dict(sum((c.unrendered for c in chunks), Counter()))
+    tokens = Tokens(*_join(chunks), len(problems), dropped, unrendered)
     skipped = _skipped_lines(data_path, problems)
     if entry is None or not cache.write:
         return tokens, skipped

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -85,7 +85,7 @@ class Tokens:
     lengths: np.ndarray
     skipped: int  # invalid lines (kept only with skip_invalid)
     dropped: int  # samples with nothing to learn after truncation
-    unseen_tools: int = 0  # samples offering tools whose schemas the chat template does not render
+    unrendered: dict[str, int] = field(default_factory=dict)  # samples whose tools/reasoning the template drops
 
 
 @dataclass
@@ -113,7 +113,9 @@ class TokenCache:
         """The entry's tokens, or None if it is missing or damaged."""
         try:
             with np.load(entry, allow_pickle=False) as f:
-                tokens = Tokens(f["ids"], f["mask"], f["lengths"], *(int(n) for n in f["left_out"]))
+                skipped, dropped = (int(n) for n in f["left_out"])
+                unrendered = dict(zip(f["unrendered_kinds"].tolist(), f["unrendered"].tolist()))
+                tokens = Tokens(f["ids"], f["mask"], f["lengths"], skipped, dropped, unrendered)
         except Exception:  # missing, truncated, not a zip, a key or dtype missing: tokenize again
             return None
         if not _consistent(tokens):
@@ -134,8 +136,11 @@ class TokenCache:
             return f"not cached: {self.folder} ({err.strerror or err})"
         if free < size + MIN_FREE:
             return f"not cached: {free / 2**20:,.0f} MiB free on {self.folder}"
+        kinds = sorted(tokens.unrendered)
         arrays = dict(ids=tokens.ids, mask=tokens.mask, lengths=tokens.lengths,
-                      left_out=np.array([tokens.skipped, tokens.dropped, tokens.unseen_tools], dtype=np.int64))
+                      left_out=np.array([tokens.skipped, tokens.dropped], dtype=np.int64),
+                      unrendered_kinds=np.array(kinds, dtype=str),
+                      unrendered=np.array([tokens.unrendered[k] for k in kinds], dtype=np.int64))
         try:
             atomic_write(entry, lambda f: np.savez(f, **arrays))
         except SaveError as err:
@@ -168,4 +173,4 @@ def _consistent(t: Tokens) -> bool:
     return (t.ids.dtype == np.int32 and t.mask.dtype == bool and t.lengths.dtype == np.int64
             and t.ids.ndim == t.mask.ndim == t.lengths.ndim == 1 and len(t.ids) == len(t.mask)
             and len(t.lengths) > 0 and int(t.lengths.min()) > 0 and int(t.lengths.sum()) == len(t.ids)
-            and t.skipped >= 0 and t.dropped >= 0 and t.unseen_tools >= 0)
+            and t.skipped >= 0 and t.dropped >= 0 and all(n >= 0 for n in t.unrendered.values()))

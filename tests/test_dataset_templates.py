@@ -426,6 +426,23 @@ def test_tools_a_template_does_not_render_are_noted_in_the_data_line(minimind, t
         assert "read from the cache" in ds.summary
 
 
+def test_reasoning_a_template_does_not_render_is_noted_in_the_data_line(minimind, tmp_path):
+    # As unrendered tool schemas are: the model learns the replies without the reasoning the data has for them
+    from dataset.token_cache import TokenCache
+
+    path = tmp_path / "reasoning.jsonl"
+    path.write_text(json.dumps({"messages": REASONING}) + "\n" + json.dumps({"messages": SINGLE}) + "\n")
+    cache = TokenCache(tmp_path / "cache")
+    note = "\n  note: 1 sample(s) have reasoning_content that the chat template does not render"
+    for name, noted in (("qwen25", True), ("llama31", True), ("deepseek_r1_distill_qwen", True), ("qwen3", False)):
+        template = (TEMPLATES / f"{name}.jinja").read_text()
+        for _ in ("tokenized", "read from the cache"):
+            ds = SFTDataset(path, model_tokenizer(minimind, name), 256, chat_template=template, cache=cache,
+                            log=None)
+            assert ds.summary.count("note:") == noted and (note in ds.summary) is noted, (name, ds.summary)
+        assert "read from the cache" in ds.summary
+
+
 REASONING_ONLY = {  # a thinking model's turn with nothing but reasoning, in both ways data writes it
     "field": {"role": "assistant", "content": "", "reasoning_content": "R1"},
     "think block": {"role": "assistant", "content": "<think>R1</think>"},
