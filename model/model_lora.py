@@ -716,25 +716,77 @@ def read_lora_plan(path: str | os.PathLike) -> tuple[dict[str, tuple[int, float 
     return {n: (a.A.shape[0], a.alpha) for n, a in adapters.items()}, use_rslora, use_dora
 
 
-def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
+def _base_name(model: nn.Module, base: str | None) -> str:
+    """The base as errors name it: `base`, else the path it was loaded from (trainer/base_model.py sets it)."""
+    return base or getattr(model, "name_or_path", "") or "the model"
+
+
+def _moe_by_file_name(path: Path, model: nn.Module) -> bool | None:
+    """Whether a LoRA named the MiniMind way, `{name}_{hidden_size}{_moe}`, says it is for an MoE base; None for
+    other names or non-MiniMind bases. Such a file with attention-only keys fits dense and MoE bases alike."""
+    cfg = getattr(model, "config", None)
+    if not hasattr(cfg, "use_moe"):
+        return None
+    m = re.fullmatch(rf".+_{cfg.hidden_size}(_moe)?", path.name.removesuffix(".pth"))
+    return None if m is None else m.group(1) is not None
+
+
+def _why_no_place(modules: dict[str, nn.Module], name: str) -> str:
+    """Why the base has no linear layer `name`, in the terms that tell the two models apart."""
+    module = modules.get(name)
+    if module is not None:
+        return f"the base's '{name}' is a {type(module).__name__}, not a linear layer"
+    base_moe = any(".experts." in n for n in modules)
+    if ".experts." in name and not base_moe:
+        return "the LoRA has expert layers (MoE) and the base is dense"
+    if re.search(r"\.mlp\.(gate|up|down)_proj$", name) and base_moe:
+        return "the LoRA is for a dense MLP and the base has expert layers (MoE)"
+    m = re.match(r"(.*\.layers)\.(\d+)\.", name)
+    if m is not None:
+        count = sum(re.fullmatch(rf"{re.escape(m.group(1))}\.\d+", n) is not None for n in modules)
+        if count and int(m.group(2)) >= count:
+            return f"the LoRA has layer {m.group(2)} and the base has {count} layers"
+    return f"the base has no layer '{name}'"
+
+
+def check_lora_fits(model: nn.Module, path: str | os.PathLike, keys: dict[str, str],
+                    base: str | None = None) -> None:
+    """Raise a LoRAError naming the file, the base and what differs unless every module the LoRA adapts is a
+    linear layer of `model` and a MiniMind file name's `_moe` agrees with the base. `keys` maps each adapted
+    module to the file's key for it (or to itself), for the message."""
+    model, path = _unwrap(model), Path(path)
+    modules = dict(model.named_modules())
+    for name, key in keys.items():
+        if not isinstance(modules.get(name), (nn.Linear, LoRALinear)):
+            where = f"key '{key}'" if key != name else f"layer '{name}'"
+            raise LoRAError(f"{path}: does not fit the base {_base_name(model, base)}: {_why_no_place(modules, name)} "
+                            f"({where}); pass the base it was trained on")
+    # Attention-only keys fit dense and MoE bases alike: the MiniMind file name still tells them apart.
+    file_moe, base_moe = _moe_by_file_name(path, model), getattr(getattr(model, "config", None), "use_moe", None)
+    if file_moe is not None and file_moe != bool(base_moe):
+        what = ("the LoRA's name says MoE (MiniMind names it {name}_{hidden_size}_moe) and the base is dense"
+                if file_moe else "the LoRA's name says dense (MiniMind adds _moe for an MoE base) and the base is MoE")
+        raise LoRAError(f"{path}: does not fit the base {_base_name(model, base)}: {what}; pass the base it was "
+                        "trained on (or rename the file if its name is wrong)")
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike, base: str | None = None) -> list[str]:
     """Load a MiniMind `.pth` LoRA file or a PEFT adapter directory; return the adapted module names.
 
     A model without LoRA gets it on exactly the file's layers, with the file's ranks, alphas, rsLoRA and
     dropout. A model with LoRA must have it on the same layers with the same ranks; it keeps its own
-    alpha, and B is rescaled so the output is the one the file describes.
+    alpha, and B is rescaled so the output is the one the file describes. Every key must have a linear layer
+    in the base; errors name it as `base` (default: the path it was loaded from).
     """
     model, path = _unwrap(model), Path(path)
     if not path.exists():
         raise LoRAError(f"{path}: no such LoRA file or adapter directory")
     adapters, use_rslora, dropout, use_dora = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
     where = path if path.suffix == ".pth" else path / PEFT_WEIGHTS
+    check_lora_fits(model, path, {name: ad.key for name, ad in adapters.items()}, base)
     modules = dict(model.named_modules())
     for name, ad in adapters.items():
-        module = modules.get(name)
-        if not isinstance(module, (nn.Linear, LoRALinear)):
-            what = "no module" if module is None else f"a {type(module).__name__}, not a linear layer"
-            raise LoRAError(f"{where}: key '{ad.key}' names {what} in the model ('{name}'); "
-                            f"was it made for another model?")
+        module = modules[name]
         rank = ad.A.shape[0]
         if ad.A.shape != (rank, module.in_features) or ad.B.shape != (module.out_features, rank):
             raise LoRAError(f"{where}: key '{ad.key}': A {list(ad.A.shape)} and B {list(ad.B.shape)} do not fit "

@@ -237,6 +237,7 @@ def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden
         overrides = {k: v for k, v in (("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers),
                                        ("use_moe", use_moe)) if v is not None}
         model = load_minimind(path, dtype=dtype, **overrides)
+    model.name_or_path = str(path)  # as transformers' from_pretrained sets it (a .pth too): load_lora's errors name it
     tokenizer = pick_tokenizer(path, tokenizer_path)
     check_vocab(model, tokenizer, chosen=bool(tokenizer_path), weight=path)
     cfg = model.config

@@ -6,7 +6,7 @@ import re
 import torch
 from torch import nn
 
-from model.model_lora import apply_lora, find_targets, load_lora, read_lora_plan
+from model.model_lora import apply_lora, check_lora_fits, find_targets, load_lora, read_lora_plan
 from model.nf4 import quantize_base
 from trainer.args import FlagError
 
@@ -43,6 +43,7 @@ def _from_file(model: nn.Module, args: argparse.Namespace) -> list[str]:
     path = args.init_lora
     plan, file_rslora, file_dora = read_lora_plan(path)
     names = list(plan)
+    check_lora_fits(model, path, {n: n for n in names})  # before the flags: a LoRA of another base is the problem
     ranks = {r for r, _ in plan.values()}
     fix = "--init_lora takes it from the file; drop the flag"
 

@@ -1,0 +1,119 @@
+"""A LoRA made for another base (MoE vs dense, other layer count, other sizes) stops every loader with one line that
+names the LoRA, the base and what differs; MiniMind's own LoRA files keep loading on their own bases."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.model_lora import LoRAError, apply_lora, load_lora, save_lora
+from model.model_minimind import load_minimind
+from scripts import chat, eval_lora, merge_lora
+from tests.train_utils import (
+    REPO,
+    fill_random,
+    lora_args,
+    python,
+    run_cli,
+    run_inprocess,
+    save_tiny_minimind,
+    subprocess_env,
+    tokenizer_dir,
+    write_chat_data,
+)
+from trainer.train_lora import main as train
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minimind"
+
+
+@pytest.fixture()
+def bases(tmp_path: Path) -> dict[str, Path]:
+    """Tiny dense, MoE and 3-layer MiniMind bases of one hidden size, named as MiniMind names them."""
+    return {"dense": save_tiny_minimind(tmp_path / "dense" / "full_sft_64.pth"),
+            "moe": save_tiny_minimind(tmp_path / "moe" / "full_sft_64_moe.pth", use_moe=True),
+            "deep": save_tiny_minimind(tmp_path / "deep" / "full_sft_64.pth", num_hidden_layers=3)}
+
+
+def lora_of(base: Path, path: Path, targets: str | None = None) -> Path:
+    """A LoRA with non-zero factors for `base`, saved at `path`."""
+    model = load_minimind(base)
+    apply_lora(model, rank=4, targets=targets)
+    fill_random([p for n, p in model.named_parameters() if "lora_" in n])
+    save_lora(model, path)
+    return path
+
+
+def every_loader(lora: Path, base: Path, tmp: Path, capsys: pytest.CaptureFixture) -> list[str]:
+    """The error line of chat.py, eval_lora.py, merge_lora.py and train_lora.py --init_lora for `lora` on `base`."""
+    common = ["--from_weight", str(base), "--tokenizer_path", str(tokenizer_dir())]
+    data = write_chat_data(tmp / "data.jsonl", 4)
+    runs = [(chat.main, [*common, "--lora_path", str(lora), "--device", "cpu", "--prompt", "hi"]),
+            (eval_lora.main, [*common, "--lora_path", str(lora), "--device", "cpu", "--data_path", str(data)]),
+            (merge_lora.main, [*common, "--lora_path", str(lora), "--save_dir", str(tmp / "merged")])]
+    lines = []
+    for main, argv in runs:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        lines.append(capsys.readouterr().err.strip().splitlines()[-1])
+    assert run_inprocess(train, lora_args(tmp, base, data, init_lora=lora, max_steps=1)) == 2
+    lines.append(capsys.readouterr().err.strip().splitlines()[-1])
+    assert not (tmp / "merged").exists() and not (tmp / "out").exists()
+    return lines
+
+
+def test_an_moe_lora_on_a_dense_base_is_refused_by_every_loader(bases, tmp_path, capsys):
+    lora = lora_of(bases["moe"], tmp_path / "moe_all_linear.pth")
+    for line in every_loader(lora, bases["dense"], tmp_path, capsys):
+        assert line.startswith(f"error: {lora}: does not fit the base {bases['dense']}: the LoRA has expert layers "
+                               "(MoE) and the base is dense ("), line
+        assert "'model.layers.0.mlp.experts.0.gate_proj" in line, line
+    # MiniMind's own choice of layers (q_proj, o_proj) fits both: the name MiniMind gives the file tells them apart
+    square = lora_of(bases["moe"], tmp_path / "lora_identity_64_moe.pth", targets="square")
+    for line in every_loader(square, bases["dense"], tmp_path, capsys):
+        assert line == (f"error: {square}: does not fit the base {bases['dense']}: the LoRA's name says MoE (MiniMind "
+                        "names it {name}_{hidden_size}_moe) and the base is dense; pass the base it was trained on "
+                        "(or rename the file if its name is wrong)"), line
+
+
+def test_a_dense_lora_on_an_moe_base_is_refused(bases, tmp_path, capsys):
+    lora = lora_of(bases["dense"], tmp_path / "dense_all_linear.pth")
+    with pytest.raises(LoRAError, match=r"the LoRA is for a dense MLP and the base has expert layers \(MoE\) \(key "
+                                        r"'model\.layers\.0\.mlp\.gate_proj\.lora\.A\.weight'\)"):
+        load_lora(load_minimind(bases["moe"]), lora, base="the MoE base")
+    square = lora_of(bases["dense"], tmp_path / "lora_identity_64.pth", targets="square")
+    line = every_loader(square, bases["moe"], tmp_path, capsys)[0]
+    assert f"{square}: does not fit the base {bases['moe']}: the LoRA's name says dense" in line, line
+
+
+def test_a_lora_of_a_deeper_model_names_the_layer_counts(bases, tmp_path):
+    lora = lora_of(bases["deep"], tmp_path / "deep.pth")
+    with pytest.raises(LoRAError, match=r"deep\.pth: does not fit the base 2-layer: the LoRA has layer 2 and the base "
+                                        r"has 2 layers \(key 'model\.layers\.2\."):
+        load_lora(load_minimind(bases["dense"]), lora, base="2-layer")
+
+
+def test_the_cli_prints_one_error_line_and_exits_2(bases, tmp_path):
+    lora = lora_of(bases["moe"], tmp_path / "moe_all_linear.pth")
+    run = run_cli([python(), str(REPO / "scripts" / "merge_lora.py"), "--from_weight", str(bases["dense"]),
+                   "--lora_path", str(lora), "--tokenizer_path", str(tokenizer_dir()), "--save_dir",
+                   str(tmp_path / "merged")], timeout=120, env=subprocess_env(), stdin=subprocess.DEVNULL)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.count("error:") == 1 and "the LoRA has expert layers (MoE) and the base is dense" in run.stderr
+
+
+@pytest.mark.parametrize("gen", ["minimind2_dense", "minimind2_moe", "minimind3_dense", "minimind3_moe"])
+def test_minimind_lora_files_load_on_their_own_bases(gen, tmp_path):
+    d = FIXTURES / gen
+    if not (d / "lora_rank4.pth").is_file():
+        pytest.skip(f"fixtures not found at {FIXTURES}")
+    moe = "_moe" if gen.endswith("moe") else ""
+    named = tmp_path / f"lora_medical_64{moe}.pth"  # as MiniMind's trainer names them
+    named.write_bytes((d / "lora_rank4.pth").read_bytes())
+    for path in (d / "lora_rank4.pth", named):
+        model = load_minimind(d / "weights.pth")
+        assert len(load_lora(model, path)) == 4
+        with torch.no_grad():
+            out = model(torch.load(d / "vectors.pt")["input_ids"]).logits
+        assert (out - torch.load(d / "vectors.pt")["lora_logits"]).abs().max() <= 1e-4
