@@ -527,6 +527,7 @@ class _Adapter:
     """One layer's factors as a file holds them, with the scale the file means them to be used at."""
 
     key: str  # the file's key for lora_A, for error messages
+    B_key: str  # and for lora_B
     A: torch.Tensor
     B: torch.Tensor
     alpha: float
@@ -687,9 +688,10 @@ def _pair_up(path: Path, pairs: dict, alpha_of: Callable[[str, int], float]) -> 
         if not {"A", "B"} <= set(ab):
             key = next(iter(ab.values()))[0]
             raise LoRAError(f"{path}: key '{key}' has no matching {'B' if 'A' in ab else 'A'} factor")
-        (key, A), (_, B) = ab["A"], ab["B"]
+        (key, A), (B_key, B) = ab["A"], ab["B"]
         magnitude = ab["magnitude"][1] if "magnitude" in ab else None
-        adapters[name] = _Adapter(key, A, B, alpha_of(name, A.shape[0]), magnitude, ab.get("base", (None, None))[1])
+        adapters[name] = _Adapter(key, B_key, A, B, alpha_of(name, A.shape[0]), magnitude,
+                                  ab.get("base", (None, None))[1])
     return adapters
 
 
@@ -775,8 +777,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike, base: str | None = None
 
     A model without LoRA gets it on exactly the file's layers, with the file's ranks, alphas, rsLoRA and
     dropout. A model with LoRA must have it on the same layers with the same ranks; it keeps its own
-    alpha, and B is rescaled so the output is the one the file describes. Every key must have a linear layer
-    in the base; errors name it as `base` (default: the path it was loaded from).
+    alpha, and B is rescaled so the output is the one the file describes. Every tensor must fit the base;
+    errors name it as `base` (default: the path it was loaded from).
     """
     model, path = _unwrap(model), Path(path)
     if not path.exists():
@@ -788,9 +790,12 @@ def load_lora(model: nn.Module, path: str | os.PathLike, base: str | None = None
     for name, ad in adapters.items():
         module = modules[name]
         rank = ad.A.shape[0]
-        if ad.A.shape != (rank, module.in_features) or ad.B.shape != (module.out_features, rank):
-            raise LoRAError(f"{where}: key '{ad.key}': A {list(ad.A.shape)} and B {list(ad.B.shape)} do not fit "
-                            f"'{name}' ({module.in_features} -> {module.out_features}); was it made for another model?")
+        for key, got, wanted in ((ad.key, ad.A.shape, (rank, module.in_features)),
+                                 (ad.B_key, ad.B.shape, (module.out_features, rank))):  # B's rank must be A's
+            if got != wanted:
+                raise LoRAError(f"{where}: does not fit the base {_base_name(model, base)}: '{key}' has shape "
+                                f"{list(got)}, the base's '{name}' ({module.in_features} -> {module.out_features}) "
+                                f"needs {list(wanted)}; pass the base it was trained on")
         # PEFT saves an adapted lm_head's base weight too: it must be this model's, not a resized or retrained one
         if ad.base_copy is not None and not (ad.base_copy.shape == module.weight.shape and torch.allclose(
                 ad.base_copy.float(), module.weight.detach().float().cpu(), rtol=1e-2, atol=1e-3)):

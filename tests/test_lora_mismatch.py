@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.model_lora import LoRAError, apply_lora, load_lora, save_lora
-from model.model_minimind import load_minimind
+from model.model_minimind import MiniMindForCausalLM, load_minimind
 from scripts import chat, eval_lora, merge_lora
 from tests.train_utils import (
     REPO,
@@ -19,6 +19,7 @@ from tests.train_utils import (
     run_inprocess,
     save_tiny_minimind,
     subprocess_env,
+    tiny_config,
     tokenizer_dir,
     write_chat_data,
 )
@@ -92,6 +93,17 @@ def test_a_lora_of_a_deeper_model_names_the_layer_counts(bases, tmp_path):
     with pytest.raises(LoRAError, match=r"deep\.pth: does not fit the base 2-layer: the LoRA has layer 2 and the base "
                                         r"has 2 layers \(key 'model\.layers\.2\."):
         load_lora(load_minimind(bases["dense"]), lora, base="2-layer")
+
+
+def test_a_shape_mismatch_names_the_lora_the_base_the_tensor_and_both_shapes(bases, tmp_path, capsys):
+    narrow = MiniMindForCausalLM(tiny_config(hidden_size=32))
+    apply_lora(narrow, rank=4, targets="q_proj")
+    save_lora(narrow, tmp_path / "narrow.pth")
+    line = every_loader(tmp_path / "narrow.pth", bases["dense"], tmp_path, capsys)
+    want = (f"error: {tmp_path / 'narrow.pth'}: does not fit the base {bases['dense']}: "
+            "'model.layers.0.self_attn.q_proj.lora.A.weight' has shape [4, 32], the base's "
+            "'model.layers.0.self_attn.q_proj' (64 -> 64) needs [4, 64]; pass the base it was trained on")
+    assert line == [want] * 4
 
 
 def test_the_cli_prints_one_error_line_and_exits_2(bases, tmp_path):

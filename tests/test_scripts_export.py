@@ -319,7 +319,7 @@ def test_lora_of_another_model_exits_2(tmp_path, capsys):
             ]
         )
     assert exit_info.value.code == 2
-    assert "do not fit" in capsys.readouterr().err
+    assert "does not fit the base" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["minimind", "qwen3"])
