@@ -14,7 +14,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -666,6 +666,12 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     def alpha_of(name: str, rank: int) -> float:  # PEFT's own matching, so PEFT's files mean what PEFT means
         return _pattern_value(alpha_pattern, name, alpha, parents=False)
 
+    selects = _peft_selector(cfg)
+    for name, parts in pairs.items():  # PEFT adapts what target_modules select: other tensors it would not load
+        if selects is not None and not selects(name):
+            raise LoRAError(f"{path / PEFT_WEIGHTS}: key '{next(iter(parts.values()))[0]}': the target_modules of "
+                            f"{PEFT_CONFIG} ({cfg['target_modules']}) do not select '{name}'; the config and weights "
+                            "come from different adapters")
     use_dora = bool(cfg.get("use_dora", False))
     for name, parts in pairs.items():
         if ("magnitude" in parts) != use_dora:
@@ -680,6 +686,39 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
                 raise LoRAError(f"{path / PEFT_CONFIG}: says rank {rank} for '{name}', but {PEFT_WEIGHTS} holds "
                                 f"rank {adapter.A.shape[0]}; the config and weights come from different adapters")
     return adapters, bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0)), use_dora
+
+
+def _peft_selector(cfg: dict) -> Callable[[str], bool] | None:
+    """PEFT's target_modules rule as a test on module paths; None where PEFT would pick the layers itself."""
+    targets = cfg.get("target_modules")
+    if not targets or targets == "all-linear":
+        return None
+    if isinstance(targets, str):  # PEFT full-matches a string as a regex
+        return lambda name: re.fullmatch(targets, name) is not None
+    return lambda name: any(_names_match(name, t) for t in targets)
+
+
+def _layer_count(names: Iterable[str]) -> int:
+    """How many decoder layers (`...layers.N...`) the module names reach: the highest N plus 1 (0 for none)."""
+    return max((int(m.group(1)) + 1 for n in names if (m := re.search(r"\.layers\.(\d+)(\.|$)", n))), default=0)
+
+
+def _check_peft_coverage(model: nn.Module, path: Path, adapted: set[str], base: str | None) -> None:
+    """Every layer of the base that the adapter's target_modules select must have factors in it, as PEFT's own
+    loader would find them: a gap means another base (one with more layers), whose extra layers would run bare."""
+    cfg = json.loads((path / PEFT_CONFIG).read_text(encoding="utf-8"))  # _read_peft has checked it
+    selects = _peft_selector(cfg)
+    if selects is None or any(cfg.get(k) for k in ("layers_to_transform", "layers_pattern", "exclude_modules")):
+        return  # PEFT narrows the selection by more rules than target_modules: not repeated here
+    modules = dict(_unwrap(model).named_modules())
+    for name, module in modules.items():
+        if isinstance(module, (nn.Linear, LoRALinear)) and selects(name) and name not in adapted:
+            k, n = _layer_count(adapted), _layer_count(modules)
+            why = (f"the LoRA has factors for {k} layer{'s' if k > 1 else ''} and the base has {n}" if 0 < k < n
+                   else "a partly written adapter, or one of another base")
+            raise LoRAError(f"{path}: does not fit the base {_base_name(model, base)}: the target_modules of "
+                            f"{PEFT_CONFIG} select its '{name}', which the adapter has no factors for ({why}); "
+                            "pass the base it was trained on")
 
 
 def _pair_up(path: Path, pairs: dict, alpha_of: Callable[[str, int], float]) -> dict[str, _Adapter]:
@@ -786,6 +825,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike, base: str | None = None
     adapters, use_rslora, dropout, use_dora = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
     where = path if path.suffix == ".pth" else path / PEFT_WEIGHTS
     check_lora_fits(model, path, {name: ad.key for name, ad in adapters.items()}, base)
+    if path.suffix != ".pth":
+        _check_peft_coverage(model, path, set(adapters), base)
     modules = dict(model.named_modules())
     for name, ad in adapters.items():
         module = modules[name]

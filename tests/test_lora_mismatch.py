@@ -1,6 +1,7 @@
 """A LoRA made for another base (MoE vs dense, other layer count, other sizes) stops every loader with one line that
 names the LoRA, the base and what differs; MiniMind's own LoRA files keep loading on their own bases."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -104,6 +105,28 @@ def test_a_shape_mismatch_names_the_lora_the_base_the_tensor_and_both_shapes(bas
             "'model.layers.0.self_attn.q_proj.lora.A.weight' has shape [4, 32], the base's "
             "'model.layers.0.self_attn.q_proj' (64 -> 64) needs [4, 64]; pass the base it was trained on")
     assert line == [want] * 4
+
+
+def test_a_peft_adapter_of_a_shallower_model_is_refused(bases, tmp_path, capsys):
+    """Its target_modules select every q_proj of the base, and layer 2's has no factors: PEFT would leave it bare."""
+    lora = lora_of(bases["dense"], tmp_path / "shallow")
+    for line in every_loader(lora, bases["deep"], tmp_path, capsys):
+        assert line == (f"error: {lora}: does not fit the base {bases['deep']}: the target_modules of "
+                        "adapter_config.json select its 'model.layers.2.self_attn.q_proj', which the adapter has no "
+                        "factors for (the LoRA has factors for 2 layers and the base has 3); pass the base it was "
+                        "trained on"), line
+    assert len(load_lora(load_minimind(bases["dense"]), lora)) == 14  # on its own base it loads
+
+
+def test_a_peft_config_that_does_not_select_its_tensors_is_refused(bases, tmp_path):
+    lora = lora_of(bases["dense"], tmp_path / "adapter", targets="q_proj,v_proj,down_proj")
+    config = json.loads((lora / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj", "v_proj"]  # another adapter's config beside these weights
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(LoRAError, match=r"adapter/adapter_model\.safetensors: key 'base_model\.model\.model\.layers\.0\."
+                                        r"mlp\.down_proj\.lora_A\.weight': the target_modules of adapter_config\.json "
+                                        r"\(\['q_proj', 'v_proj'\]\) do not select 'model\.layers\.0\.mlp\.down_proj'"):
+        load_lora(load_minimind(bases["dense"]), lora)
 
 
 def test_the_cli_prints_one_error_line_and_exits_2(bases, tmp_path):
