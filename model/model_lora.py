@@ -604,14 +604,19 @@ def _json_number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _read_minimind(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
-    """MiniMind's `<module>.lora.A.weight` / `.lora.B.weight` file, meant at scale 1."""
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict; a truncated or foreign file is a LoRAError that says which and why."""
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if is_out_of_memory(e):  # not a damaged file: say so (run_job), keep it
             raise
         raise LoRAError(f"{path}: cannot read it as a LoRA: {unreadable_checkpoint(path, e)}") from None
+
+
+def _read_minimind(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
+    """MiniMind's `<module>.lora.A.weight` / `.lora.B.weight` file, meant at scale 1."""
+    sd = _load_tensors(path)
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, value in sd.items():
         m = re.fullmatch(r"(.+)\.lora\.([AB])\.weight", _clean_name(key))
@@ -650,7 +655,7 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
             raise LoRAError(f"{path / PEFT_WEIGHTS}: cannot be read as safetensors ({err}); the file is damaged "
                             "or truncated: save the adapter again or restore it") from None
     elif (path / "adapter_model.bin").is_file():  # adapters from PEFT versions before safetensors
-        sd = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+        sd = _load_tensors(path / "adapter_model.bin")
     else:
         raise LoRAError(f"{path}: no {PEFT_WEIGHTS} there")
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}

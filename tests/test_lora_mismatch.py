@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from model.model_lora import LoRAError, apply_lora, load_lora, save_lora
 from model.model_minimind import MiniMindForCausalLM, load_minimind
@@ -126,6 +127,19 @@ def test_a_peft_config_that_does_not_select_its_tensors_is_refused(bases, tmp_pa
     with pytest.raises(LoRAError, match=r"adapter/adapter_model\.safetensors: key 'base_model\.model\.model\.layers\.0\."
                                         r"mlp\.down_proj\.lora_A\.weight': the target_modules of adapter_config\.json "
                                         r"\(\['q_proj', 'v_proj'\]\) do not select 'model\.layers\.0\.mlp\.down_proj'"):
+        load_lora(load_minimind(bases["dense"]), lora)
+
+
+def test_a_truncated_adapter_model_bin_is_one_line(bases, tmp_path):
+    """PEFT folders from before safetensors hold adapter_model.bin (torch.save): a partly written one is named."""
+    lora = lora_of(bases["dense"], tmp_path / "adapter")
+    tensors = load_file(lora / "adapter_model.safetensors")
+    (lora / "adapter_model.safetensors").unlink()
+    torch.save(tensors, lora / "adapter_model.bin")
+    assert len(load_lora(load_minimind(bases["dense"]), lora)) == 14
+    whole = (lora / "adapter_model.bin").read_bytes()
+    (lora / "adapter_model.bin").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(LoRAError, match=r"adapter_model\.bin: cannot read it as a LoRA: not a whole PyTorch checkpoint"):
         load_lora(load_minimind(bases["dense"]), lora)
 
 
