@@ -708,22 +708,42 @@ def _layer_count(names: Iterable[str]) -> int:
     return max((int(m.group(1)) + 1 for n in names if (m := re.search(r"\.layers\.(\d+)(\.|$)", n))), default=0)
 
 
-def _check_peft_coverage(model: nn.Module, path: Path, adapted: set[str], base: str | None) -> None:
-    """Every layer of the base that the adapter's target_modules select must have factors in it, as PEFT's own
-    loader would find them: a gap means another base (one with more layers), whose extra layers would run bare."""
-    cfg = json.loads((path / PEFT_CONFIG).read_text(encoding="utf-8"))  # _read_peft has checked it
-    selects = _peft_selector(cfg)
-    if selects is None or any(cfg.get(k) for k in ("layers_to_transform", "layers_pattern", "exclude_modules")):
-        return  # PEFT narrows the selection by more rules than target_modules: not repeated here
+def _in_layer(name: str) -> re.Match | None:
+    """`<list>.layers.<N>.<module>` split into its three parts, or None for a module outside the layers."""
+    return re.fullmatch(r"(.*\.layers)\.(\d+)\.(.+)", name)
+
+
+def _check_coverage(model: nn.Module, path: Path, adapted: set[str], base: str | None) -> None:
+    """Every layer of the base that the LoRA was made for must have factors in it: a gap means another base (one
+    with more layers), whose extra layers would run bare. Those layers are what a PEFT folder's target_modules
+    select (PEFT's own loader finds them so), also from the folder the trainer writes beside a `.pth`; for a `.pth`
+    alone, the layers past the file's last that hold a module the file adapts in its own layers."""
     modules = dict(_unwrap(model).named_modules())
+    k, n = _layer_count(adapted), _layer_count(modules)
+    config = (path if path.is_dir() else path.with_suffix("")) / PEFT_CONFIG
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a .pth alone (or a folder beside it that is no adapter's: not needed to load)
+        cfg = None
+    if isinstance(cfg, dict):
+        selects = _peft_selector(cfg)
+        if selects is None or any(cfg.get(k) for k in ("layers_to_transform", "layers_pattern", "exclude_modules")):
+            return  # PEFT narrows the selection by more rules than target_modules: not repeated here
+        rule = f"the target_modules of {config if path.suffix == '.pth' else PEFT_CONFIG} select its"
+    else:
+        kinds = {(m.group(1), m.group(3)) for m in map(_in_layer, adapted) if m}  # e.g. (model.layers, mlp.up_proj)
+
+        def selects(name: str) -> bool:
+            m = _in_layer(name)
+            return m is not None and int(m.group(2)) >= k and (m.group(1), m.group(3)) in kinds
+
+        rule = "the LoRA's layers end before its"
     for name, module in modules.items():
         if isinstance(module, (nn.Linear, LoRALinear)) and selects(name) and name not in adapted:
-            k, n = _layer_count(adapted), _layer_count(modules)
             why = (f"the LoRA has factors for {k} layer{'s' if k > 1 else ''} and the base has {n}" if 0 < k < n
                    else "a partly written adapter, or one of another base")
-            raise LoRAError(f"{path}: does not fit the base {_base_name(model, base)}: the target_modules of "
-                            f"{PEFT_CONFIG} select its '{name}', which the adapter has no factors for ({why}); "
-                            "pass the base it was trained on")
+            raise LoRAError(f"{path}: does not fit the base {_base_name(model, base)}: {rule} '{name}', which the "
+                            f"adapter has no factors for ({why}); pass the base it was trained on")
 
 
 def _pair_up(path: Path, pairs: dict, alpha_of: Callable[[str, int], float]) -> dict[str, _Adapter]:
@@ -830,8 +850,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, base: str | None = None
     adapters, use_rslora, dropout, use_dora = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
     where = path if path.suffix == ".pth" else path / PEFT_WEIGHTS
     check_lora_fits(model, path, {name: ad.key for name, ad in adapters.items()}, base)
-    if path.suffix != ".pth":
-        _check_peft_coverage(model, path, set(adapters), base)
+    _check_coverage(model, path, set(adapters), base)
     modules = dict(model.named_modules())
     for name, ad in adapters.items():
         module = modules[name]

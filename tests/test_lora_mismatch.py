@@ -119,6 +119,33 @@ def test_a_peft_adapter_of_a_shallower_model_is_refused(bases, tmp_path, capsys)
     assert len(load_lora(load_minimind(bases["dense"]), lora)) == 14  # on its own base it loads
 
 
+def test_a_minimind_lora_of_a_shallower_model_is_refused(bases, tmp_path, capsys):
+    """MiniMind's own file (2 layers, q_proj and o_proj) on a 3-layer base of the same width: MiniMind's loader fails
+    on it (a square layer without factors); here every loader says so instead of leaving layer 2 bare."""
+    lora = FIXTURES / "minimind3_dense" / "lora_rank4.pth"
+    if not lora.is_file():
+        pytest.skip(f"fixtures not found at {FIXTURES}")
+    for line in every_loader(lora, bases["deep"], tmp_path, capsys):
+        assert line == (f"error: {lora}: does not fit the base {bases['deep']}: the LoRA's layers end before its "
+                        "'model.layers.2.self_attn.q_proj', which the adapter has no factors for (the LoRA has "
+                        "factors for 2 layers and the base has 3); pass the base it was trained on"), line
+
+
+def test_the_adapter_folder_beside_a_pth_says_which_layers_it_covers(bases, tmp_path):
+    """The trainer writes {stem}/adapter_config.json beside {stem}.pth: its target_modules decide, so a LoRA trained
+    on chosen layers only still loads, and one of a shallower model is refused."""
+    model = load_minimind(bases["deep"])
+    apply_lora(model, rank=4, targets="layers.0.self_attn.q_proj,layers.1.mlp.up_proj")
+    for path in (tmp_path / "chosen.pth", tmp_path / "chosen"):
+        save_lora(model, path)
+    assert len(load_lora(load_minimind(bases["deep"]), tmp_path / "chosen.pth")) == 2
+    shallow = lora_of(bases["dense"], tmp_path / "shallow.pth")
+    lora_of(bases["dense"], tmp_path / "shallow")
+    with pytest.raises(LoRAError, match=r"shallow\.pth: does not fit the base 3-layer: the target_modules of "
+                                        r".*shallow/adapter_config\.json select its 'model\.layers\.2\."):
+        load_lora(load_minimind(bases["deep"]), shallow, base="3-layer")
+
+
 def test_a_peft_config_that_does_not_select_its_tensors_is_refused(bases, tmp_path):
     lora = lora_of(bases["dense"], tmp_path / "adapter", targets="q_proj,v_proj,down_proj")
     config = json.loads((lora / "adapter_config.json").read_text())
