@@ -855,8 +855,11 @@ def load_lora(model: nn.Module, path: str | os.PathLike, base: str | None = None
     for name, ad in adapters.items():
         module = modules[name]
         rank = ad.A.shape[0]
-        for key, got, wanted in ((ad.key, ad.A.shape, (rank, module.in_features)),
-                                 (ad.B_key, ad.B.shape, (module.out_features, rank))):  # B's rank must be A's
+        shapes = [(ad.key, ad.A.shape, (rank, module.in_features)),
+                  (ad.B_key, ad.B.shape, (module.out_features, rank))]  # B's rank must be A's
+        if ad.magnitude is not None:  # copy_ would broadcast a wrong-sized DoRA magnitude without a word
+            shapes.append((f"{name}.lora_magnitude_vector", ad.magnitude.shape, (module.out_features,)))
+        for key, got, wanted in shapes:
             if got != wanted:
                 raise LoRAError(f"{where}: does not fit the base {_base_name(model, base)}: '{key}' has shape "
                                 f"{list(got)}, the base's '{name}' ({module.in_features} -> {module.out_features}) "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from model.model_lora import LoRAError, apply_lora, load_lora, save_lora
 from model.model_minimind import MiniMindForCausalLM, load_minimind
@@ -168,6 +168,19 @@ def test_a_truncated_adapter_model_bin_is_one_line(bases, tmp_path):
     (lora / "adapter_model.bin").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(LoRAError, match=r"adapter_model\.bin: cannot read it as a LoRA: not a whole PyTorch checkpoint"):
         load_lora(load_minimind(bases["dense"]), lora)
+
+
+def test_a_dora_magnitude_of_another_size_is_refused(bases, tmp_path):
+    model = load_minimind(bases["dense"])
+    apply_lora(model, rank=4, targets="q_proj", use_dora=True)
+    save_lora(model, tmp_path / "dora")
+    tensors = load_file(tmp_path / "dora" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    tensors[key] = tensors[key][:1].clone()  # one value: copying it would fill all 64 rows with it
+    save_file(tensors, tmp_path / "dora" / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LoRAError, match=r"does not fit the base dense-64: 'model\.layers\.0\.self_attn\.q_proj\."
+                                        r"lora_magnitude_vector' has shape \[1\], .* needs \[64\]"):
+        load_lora(load_minimind(bases["dense"]), tmp_path / "dora", base="dense-64")
 
 
 def test_the_cli_prints_one_error_line_and_exits_2(bases, tmp_path):
