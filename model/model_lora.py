@@ -727,7 +727,7 @@ def _check_coverage(model: nn.Module, path: Path, adapted: set[str], base: str |
         cfg = None
     if isinstance(cfg, dict):
         selects = _peft_selector(cfg)
-        if selects is None or any(cfg.get(k) for k in ("layers_to_transform", "layers_pattern", "exclude_modules")):
+        if selects is None or any(cfg.get(rule) for rule in ("layers_to_transform", "layers_pattern", "exclude_modules")):
             return  # PEFT narrows the selection by more rules than target_modules: not repeated here
         rule = f"the target_modules of {config if path.suffix == '.pth' else PEFT_CONFIG} select its"
     else:
@@ -807,7 +807,7 @@ def _why_no_place(modules: dict[str, nn.Module], name: str) -> str:
         return "the LoRA has expert layers (MoE) and the base is dense"
     if re.search(r"\.mlp\.(gate|up|down)_proj$", name) and base_moe:
         return "the LoRA is for a dense MLP and the base has expert layers (MoE)"
-    m = re.match(r"(.*\.layers)\.(\d+)\.", name)
+    m = _in_layer(name)
     if m is not None:
         count = sum(re.fullmatch(rf"{re.escape(m.group(1))}\.\d+", n) is not None for n in modules)
         if count and int(m.group(2)) >= count:
