@@ -58,17 +58,18 @@ def check_generation_flags(p: argparse.ArgumentParser, args: argparse.Namespace)
         p.error(f"--repetition_penalty must be positive, 1.0 = off (got {args.repetition_penalty})")
 
 
-def stop_token_ids(model: nn.Module, tokenizer: object) -> set[int]:
-    """Token ids that end a reply: the tokenizer's eos, the model's eos and the token the chat template ends an
-    assistant turn with (`<|im_end|>`, `<|eot_id|>`, ...), which is what training taught the model to write."""
-    ids = {tokenizer.eos_token_id}
+def stop_token_ids(model: nn.Module, tokenizer: object) -> list[int]:
+    """Token ids that end a reply, the model's own eos first: its eos, the tokenizer's eos and the token the chat
+    template ends an assistant turn with (`<|im_end|>`, `<|eot_id|>`, ...), which is what training taught the model
+    to write. merge_lora.py writes the same ids into the export's generation_config.json, so transformers'
+    generate() and vLLM stop where chat.py does."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos])
+    ids = [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id]
     try:
-        ids.add(tokenizer.convert_tokens_to_ids(load_chat_format(tokenizer).reply_end))
+        ids.append(tokenizer.convert_tokens_to_ids(load_chat_format(tokenizer).reply_end))
     except TemplateError:  # a template no LoRA can be trained with (a slow tokenizer...): eos is all there is
         pass
-    return {i for i in ids if i is not None}
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -131,7 +132,7 @@ def generate_reply(
     device = next(model.parameters()).device
     ids = torch.tensor([prompt], device=device)
     seen = torch.tensor(sorted(set(prompt)), dtype=torch.long, device=device)
-    stops = stop_token_ids(model, tokenizer)
+    stops = set(stop_token_ids(model, tokenizer))
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     out: list[int] = []
     shown = ""

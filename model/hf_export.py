@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from transformers import (
     AutoModelForCausalLM,
+    GenerationConfig,
     LlamaConfig,
     PretrainedConfig,
     Qwen2MoeConfig,
@@ -174,9 +175,14 @@ def transformers_state_dict(sd: dict[str, Tensor], config: PretrainedConfig) -> 
 
 
 def save_transformers(
-    sd: dict[str, Tensor], config: PretrainedConfig, out_dir: Path, dtype: torch.dtype
+    sd: dict[str, Tensor],
+    config: PretrainedConfig,
+    out_dir: Path,
+    dtype: torch.dtype,
+    generation_config: GenerationConfig | None = None,
 ) -> None:
-    """Write `sd` (transformers keys) as a model directory through transformers' own save_pretrained."""
+    """Write `sd` (transformers keys) as a model directory through transformers' own save_pretrained, with
+    `generation_config` (default: the one transformers derives from `config`)."""
     config.architectures = [_ARCH[config.model_type]]
     with (
         torch.device("meta"),
@@ -195,6 +201,8 @@ def save_transformers(
         )
     if config.tie_word_embeddings:
         model.tie_weights()
+    if generation_config is not None:
+        model.generation_config = generation_config
     model.save_pretrained(out_dir)
 
 
@@ -206,8 +214,15 @@ _ARCH = {
 }
 
 
-def export_minimind(sd: dict[str, Tensor], cfg: object, out_dir: Path, dtype: torch.dtype) -> str:
-    """Export a (merged) MiniMind state dict as a transformers model directory; return the class name."""
+def export_minimind(
+    sd: dict[str, Tensor],
+    cfg: object,
+    out_dir: Path,
+    dtype: torch.dtype,
+    generation_config: GenerationConfig | None = None,
+) -> str:
+    """Export a (merged) MiniMind state dict as a transformers model directory, with `generation_config` if given
+    (the model's eos ids, sampling defaults); return the class name."""
     config = transformers_config(sd, cfg)
-    save_transformers(transformers_state_dict(sd, config), config, out_dir, dtype)
+    save_transformers(transformers_state_dict(sd, config), config, out_dir, dtype, generation_config)
     return config.architectures[0]

@@ -35,6 +35,7 @@ with frozen_imports():
     from dataset.chat_render import LORA_TEMPLATE
     from model.atomic import atomic_write, make_output_folder
     from model.errors import UserError, exit_on_user_error
+    from model.generate import stop_token_ids
     from model.hf_export import ExportError, export_minimind
     from model.model_lora import load_lora, merge_lora
     from trainer.base_flags import base_for, is_minimind, lora_file, script_parser, use_chat_template
@@ -98,6 +99,10 @@ def save_minimind_pth(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
 def export(args: argparse.Namespace) -> list[Path]:
     """Merge and write every output for the base's kind; print and return the paths written."""
     model, tokenizer, stored, template = merged_model(args)
+    # transformers' generate(), vLLM and others stop at generation_config.json's eos_token_id: write every id chat.py
+    # stops at, the chat template's turn end too (a base's eos is often another token: Qwen's <|endoftext|>)
+    stops = stop_token_ids(model, tokenizer)
+    model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     dtype = DTYPES[args.dtype] if args.dtype else stored
     dtype_name = str(dtype).removeprefix("torch.")
     make_output_folder(args.save_dir, f"--save_dir {args.save_dir}")
@@ -115,7 +120,7 @@ def export(args: argparse.Namespace) -> list[Path]:
 
     def fill(folder: Path) -> None:  # the whole directory, built aside: no file of an earlier export survives
         if pth is not None:
-            written["arch"] = export_minimind(model.state_dict(), model.config, folder, dtype)
+            written["arch"] = export_minimind(model.state_dict(), model.config, folder, dtype, model.generation_config)
         else:
             model.to(dtype).save_pretrained(folder)
             written["arch"] = getattr(model, "original_class", type(model).__name__)  # the fast decoder's original

@@ -173,7 +173,7 @@ def test_repetition_penalty_changes_a_greedy_loop(tokenizer):
     assert len(set(ids)) > len(set(tokenizer(plain, add_special_tokens=False).input_ids))
 
 
-def biased_to(model: MiniMindForCausalLM, token: int) -> MiniMindForCausalLM:
+def biased_to(model: torch.nn.Module, token: int) -> torch.nn.Module:
     """The model with an lm_head that always prefers `token`: greedy decoding writes it at every step."""
     head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size)
     with torch.no_grad():

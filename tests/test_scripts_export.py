@@ -15,11 +15,22 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
+from model.generate import stop_token_ids
 from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_minimind
 from scripts.merge_lora import main
+from tests.test_dataset_masks import with_tokens
+from tests.test_dataset_templates import LLAMA
+from tests.test_scripts_chat import biased_to
 from tests.train_utils import fill_random
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -456,3 +467,53 @@ def test_without_from_weight_the_merge_loads_the_base_the_lora_names(tmp_path, c
     with pytest.raises(SystemExit):  # the demo base then does not fit this 64-wide LoRA
         main(["--lora_path", str(tmp_path / "out" / "lora_identity_64.pth"), "--save_dir", str(tmp_path / "m2")])
     assert f"note: {config_path} names the base {tmp_path / 'moved.pth'}, which is not here" in capsys.readouterr().out
+
+
+# (base, its tokenizer's extra special tokens, its eos, the LoRA's chat template, that template's turn end)
+STOP_CASES = {
+    "minimind_llama3": ("minimind", LLAMA, None, "llama31.jinja", "<|eot_id|>"),  # MiniMind's eos is <|im_end|>
+    "qwen_base_chatml": ("qwen3", [], "<|endoftext|>", "qwen3.jinja", "<|im_end|>"),  # as Qwen2.5/Qwen3 bases ship
+    "minimind_chatml": ("minimind", [], None, None, "<|im_end|>"),  # MiniMind's own template: the turn end is eos
+}
+
+
+@pytest.mark.parametrize("case", STOP_CASES)
+def test_transformers_generate_on_the_export_stops_at_the_turn_end(tmp_path, case):
+    """transformers' generate() (and vLLM) stop at generation_config.json's eos_token_id: the export lists the chat
+    template's turn end there too, which a LoRA learns to write after its reply, as chat.py stops at."""
+    need_fixtures()
+    kind, tokens, eos, template, turn_end = STOP_CASES[case]
+    tok = with_tokens(AutoTokenizer.from_pretrained(TOKENIZER), tokens, **({"eos_token": eos} if eos else {}))
+    torch.manual_seed(0)
+    if kind == "minimind":
+        model = MiniMindForCausalLM(MiniMindConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=4, num_key_value_heads=2))
+    else:
+        eos_id = tok.eos_token_id
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
+                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=16, bos_token_id=eos_id, eos_token_id=eos_id))
+        model.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, do_sample=False,
+                                                   max_new_tokens=2048)  # a Qwen base's generation_config.json
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    apply_lora(model, rank=2, targets="q_proj")
+    save_lora(model, tmp_path / "lora")
+    chat_template = ["--chat_template", str(SHARED / "templates" / template)] if template else []
+    main(["--from_weight", str(tmp_path / "base"), "--lora_path", str(tmp_path / "lora"), "--tokenizer_path",
+          str(tmp_path / "base"), "--save_dir", str(tmp_path / "out"), *chat_template])
+
+    hf = tmp_path / "out" / ("merged_64_hf" if kind == "minimind" else "merged_hf")
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    end = tokenizer.convert_tokens_to_ids(turn_end)
+    merged = biased_to(AutoModelForCausalLM.from_pretrained(hf).eval(), end)
+    assert type(merged).__module__.startswith("transformers.")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "who are you?"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    out = merged.generate(**prompt, max_new_tokens=8)  # with the generation_config.json from_pretrained loaded
+    assert out[0, prompt["input_ids"].shape[1]:].tolist() == [end]  # past the turn end, it would write it 8 times
+    generation = GenerationConfig.from_pretrained(hf)
+    assert generation.eos_token_id == (end if end == tok.eos_token_id else [tok.eos_token_id, end])
+    if kind == "qwen3":
+        assert (generation.do_sample, generation.max_new_tokens) == (False, 2048)  # the base's settings stay
+    assert set(stop_token_ids(merged, tokenizer)) == {tok.eos_token_id, end}  # chat.py stops at the same tokens
