@@ -510,7 +510,9 @@ def test_transformers_generate_on_the_export_stops_at_the_turn_end(tmp_path, cas
     assert type(merged).__module__.startswith("transformers.")
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "who are you?"}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
-    out = merged.generate(**prompt, max_new_tokens=8)  # with the generation_config.json from_pretrained loaded
+    # with the generation_config.json from_pretrained loaded; transformers 4 also returns token_type_ids for a
+    # PreTrainedTokenizerFast (MiniMind's), which generate() refuses, so the ids and mask go by name
+    out = merged.generate(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], max_new_tokens=8)
     assert out[0, prompt["input_ids"].shape[1]:].tolist() == [end]  # past the turn end, it would write it 8 times
     generation = GenerationConfig.from_pretrained(hf)
     assert generation.eos_token_id == (end if end == tok.eos_token_id else [tok.eos_token_id, end])
