@@ -7,7 +7,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from model.model_minimind import load_minimind
-from tests.train_utils import REPO, run_inprocess, tokenizer_dir, write_chat_data
+from tests.train_utils import (
+    REPO,
+    lora_args,
+    run_inprocess,
+    save_tiny_minimind,
+    tokenizer_dir,
+    write_chat_data,
+)
 from trainer import train_full_sft, train_lora, train_pretrain
 from trainer.logger import shown_path
 
@@ -168,3 +175,25 @@ def test_a_full_sft_save_past_a_file_size_limit_names_the_save_dir(tmp_path, cap
     assert code == 2 and "Traceback" not in err, err
     assert f"error: {out}: the disk is full or a file-size limit was hit while saving full_sft_64's files" in err
     assert not [p for p in out.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
+
+
+@pytest.mark.parametrize("job", ["lora", "full_sft"])
+def test_a_template_file_with_a_byte_order_mark_trains_as_the_plain_file(tmp_path, job):
+    # The flag check reads it without the mark; the run must too, or U+FEFF opens every chat it learns and the
+    # template it saves for chat, eval and merge
+    template = (REPO.parent / "shared" / "fixtures" / "templates" / "qwen25.jinja")
+    if not template.is_file():
+        pytest.skip(f"fixtures not found at {template}")
+    text = template.read_text(encoding="utf-8")
+    (tmp_path / "bom.jinja").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
+    data = write_chat_data(tmp_path / "chat.jsonl", 4)
+    flags = lora_args(tmp_path, weight, data, max_steps=1, chat_template=tmp_path / "bom.jinja")
+    if job == "lora":
+        assert run_inprocess(train_lora.main, flags) == 0
+        saved = (tmp_path / "out" / "lora_identity_64" / "chat_template.jinja").read_text(encoding="utf-8")
+    else:
+        flags = flags[:flags.index("--lora_rank")] + flags[flags.index("--lora_rank") + 2:]
+        assert run_inprocess(train_full_sft.main, flags) == 0
+        saved = AutoTokenizer.from_pretrained(tmp_path / "out" / "full_sft_64").chat_template
+    assert saved == text

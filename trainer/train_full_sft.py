@@ -19,7 +19,7 @@ with frozen_imports():
 
     from dataset.lm_dataset import SFTDataset
     from dataset.token_cache import cache_from_flag
-    from trainer.args import MINIMIND_BASE, check_data_files, parse_args
+    from trainer.args import MINIMIND_BASE, check_data_files, check_template_file, parse_args
     from trainer.checkpoint import seed_everything
     from trainer.distributed import setup_distributed
     from trainer.engine import pick_dtype
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed + info.rank)
 
     # ------------------------------------------------------------------ data: chats, assistant turns learned
-    template = Path(args.chat_template).read_text() if args.chat_template else None
+    # Read as the flag check reads it: UTF-8, without a byte-order mark that would open every rendered chat
+    template = check_template_file(Path(args.chat_template)) if args.chat_template else None
     if template is not None:  # the saved model directory then chats as it learned to
         base.tokenizer.chat_template = template
     make_dataset = partial(SFTDataset, tokenizer=base.tokenizer, max_length=args.max_seq_len,

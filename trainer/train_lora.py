@@ -42,7 +42,13 @@ with frozen_imports():
         save_lora,
         set_lora_fused,
     )
-    from trainer.args import MINIMIND_BASE, check_data_files, parse_args, pick_speed_defaults
+    from trainer.args import (
+        MINIMIND_BASE,
+        check_data_files,
+        check_template_file,
+        parse_args,
+        pick_speed_defaults,
+    )
     from trainer.base_model import load_base
     from trainer.checkpoint import (
         capture_rng,
@@ -171,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             print(attention_line(attention, args.attention), flush=True)
 
     # ------------------------------------------------------------------ data
-    template = Path(args.chat_template).read_text() if args.chat_template else None
+    # Read as the flag check reads it: UTF-8, without a byte-order mark that would open every rendered chat
+    template = check_template_file(Path(args.chat_template)) if args.chat_template else None
     make = partial(SFTDataset, tokenizer=base.tokenizer, max_length=args.max_seq_len, skip_invalid=args.skip_bad_data,
                    chat_template=template, template_name=args.chat_template, log=print if info.is_main else None,
                    cache=cache_from_flag(args.data_cache, write=info.local_rank == 0))
