@@ -720,7 +720,7 @@ def _check_coverage(model: nn.Module, path: Path, adapted: set[str], base: str |
     alone, the layers past the file's last that hold a module the file adapts in its own layers."""
     modules = dict(_unwrap(model).named_modules())
     k, n = _layer_count(adapted), _layer_count(modules)
-    config = (path if path.is_dir() else path.with_suffix("")) / PEFT_CONFIG
+    config = lora_folder(path) / PEFT_CONFIG
     try:
         cfg = json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # a .pth alone (or a folder beside it that is no adapter's: not needed to load)
@@ -744,6 +744,12 @@ def _check_coverage(model: nn.Module, path: Path, adapted: set[str], base: str |
                    else "a partly written adapter, or one of another base")
             raise LoRAError(f"{path}: does not fit the base {_base_name(model, base)}: {rule} '{name}', which the "
                             f"adapter has no factors for ({why}); pass the base it was trained on")
+
+
+def lora_folder(lora: Path) -> Path:
+    """A PEFT adapter folder as given; for a MiniMind .pth LoRA, the folder of the same name the trainer writes
+    beside it (adapter_config.json, and the chat template the run learned)."""
+    return lora if lora.is_dir() else lora.with_suffix("")
 
 
 def _pair_up(path: Path, pairs: dict, alpha_of: Callable[[str, int], float]) -> dict[str, _Adapter]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from dataset.chat_render import LORA_TEMPLATE
 from model.errors import UserError
+from model.model_lora import lora_folder
 from trainer.args import check_template_file, default_save_dir, str2bool
 from trainer.base_model import BaseModelError, load_base, resolve_weight
 
@@ -172,12 +173,6 @@ def lora_file(flag: str, save_dir: str, model: nn.Module) -> Path:
     if not named.is_file():
         raise UserError(f"--lora_path {flag}: no such file, and no {named} for it as a MiniMind name in --save_dir")
     return named
-
-
-def lora_folder(lora: Path) -> Path:
-    """A PEFT adapter folder as given; for a MiniMind .pth LoRA, the folder of the same name the trainer writes
-    beside it (adapter_config.json, and the chat template the run learned)."""
-    return lora if lora.is_dir() else lora.with_suffix("")
 
 
 def use_chat_template(tokenizer: object, flag: str | None, lora: Path | None) -> Path | None:
