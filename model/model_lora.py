@@ -705,7 +705,7 @@ def _peft_selector(cfg: dict) -> Callable[[str], bool] | None:
 
 def _layer_count(names: Iterable[str]) -> int:
     """How many decoder layers (`...layers.N...`) the module names reach: the highest N plus 1 (0 for none)."""
-    return max((int(m.group(1)) + 1 for n in names if (m := re.search(r"\.layers\.(\d+)(\.|$)", n))), default=0)
+    return max((int(m.group(2)) + 1 for m in map(_in_layer, names) if m), default=0)
 
 
 def _in_layer(name: str) -> re.Match | None:
