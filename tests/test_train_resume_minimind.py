@@ -124,6 +124,16 @@ def test_minimind_resume_file_is_continued_with_its_weights_moments_step_and_lr(
     assert (tmp / "out" / "lora_identity_64_resume.pth").is_file()
 
 
+def test_a_minimind_lora_run_continues_on_a_4bit_base(tree, capsys):
+    """--load_in_4bit holds the frozen base in NF4: its weights are no plain tensors then, yet of the shapes that
+    MiniMind's fp16 copy of the base has; only the LoRA and its moments are taken from the file."""
+    tmp, path, _, flags = tree
+    assert run_inprocess(train_lora.main, flags + ["--from_resume", "1", "--load_in_4bit", "1", "--max_steps", "3"]) == 0
+    assert f"note: continuing MiniMind's run from {path} (epoch 1, micro-batch 5) at step 2" in capsys.readouterr().out
+    resumed = torch.load(tmp / "out" / "lora_identity_64_resume.pth", weights_only=False)
+    assert resumed["state"]["step"] == 3
+
+
 def _cli(tmp: Path, flags: list[str]) -> object:
     """The real script from a folder that is neither the repo nor the run's."""
     cwd = tmp / "elsewhere"

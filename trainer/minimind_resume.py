@@ -85,7 +85,9 @@ def _check_model(path: Path, weights: dict, model: nn.Module, lora: bool, flag: 
     if not lora and lora_keys:
         raise _refuse(path, f"it holds a LoRA run ({lora_keys[0]})", f"continue it with trainer/train_lora.py, "
                       f"or pass another {flag}")
-    own = {**model.state_dict(), **dict(model.named_parameters())}
+    own = {k: tuple(v.shape) for k, v in {**model.state_dict(), **dict(model.named_parameters())}.items()}
+    # --load_in_4bit holds a frozen weight as `<layer>.weight_nf4` (model/nf4.py), which keeps the weight's shape
+    own |= {n.removesuffix("_nf4"): m.shape for n, m in model.named_modules() if n.endswith(".weight_nf4")}
     theirs = {_our_name(k, lora) or k: v for k, v in weights.items()}
     ours_lora = sorted(k for k in own if k.endswith((".lora_A", ".lora_B")))
     if lora and sorted(k for k in theirs if "lora" in k) != ours_lora:
@@ -94,11 +96,11 @@ def _check_model(path: Path, weights: dict, model: nn.Module, lora: bool, flag: 
                       f"{len(ours_lora) // 2} layers", "pass --lora_targets " + ("square" if layers == ["o_proj", "q_proj"]
                                                                                 else ",".join(layers)))
     for key, value in theirs.items():
-        if key not in own or own[key].shape != value.shape:
+        if key not in own or own[key] != tuple(value.shape):
             if key.endswith(".lora_A") and key in own:
-                raise _refuse(path, f"its LoRA rank is {value.shape[0]}, this run's {own[key].shape[0]}",
+                raise _refuse(path, f"its LoRA rank is {value.shape[0]}, this run's {own[key][0]}",
                               f"pass --lora_rank {value.shape[0]}")
-            shape = f"shape {list(own[key].shape)}" if key in own else "no such weight"
+            shape = f"shape {list(own[key])}" if key in own else "no such weight"
             raise _refuse(path, f"its {key} has shape {list(value.shape)}, this model {shape} (another "
                           "--hidden_size, --num_hidden_layers, --use_moe or base)",
                           "pass the model flags of the MiniMind run")
