@@ -320,3 +320,18 @@ def test_train_lora_4bit_compiled_equals_eager(tmp_path):
         torch.testing.assert_close(compiled["trainable"][key], eager["trainable"][key], atol=2e-5, rtol=0)
     assert [x for _, x in compiled["state"]["history"]["train"]] == pytest.approx(
         [x for _, x in eager["state"]["history"]["train"]], rel=1e-5)
+
+
+def test_a_4bit_run_on_minimind_s_square_layers_gets_no_note_on_minimind_s_loader(tmp_path, capsys):
+    # The NF4 layers hold no weight tensor: they are still the square layers MiniMind's load_lora reads
+    weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
+    data = write_chat_data(tmp_path / "data.jsonl", 4)
+    argv = lora_args(tmp_path, weight, data, max_steps=1, lora_targets="square") + ["--load_in_4bit"]
+    assert run_inprocess(main, argv) == 0
+    out = capsys.readouterr().out
+    assert "base linear layers in NF4" in out and "MiniMind's own load_lora" not in out, out
+    argv = lora_args(tmp_path, weight, data, max_steps=1, lora_targets="q_proj", save_dir=tmp_path / "q") + [
+        "--load_in_4bit"]
+    assert run_inprocess(main, argv) == 0
+    assert ("MiniMind's own load_lora reads only the square layers (o_proj, q_proj) and fails on it (no o_proj "
+            "factors)") in capsys.readouterr().out

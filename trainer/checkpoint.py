@@ -398,9 +398,10 @@ def minimind_loader_note(model: torch.nn.Module, targets: list[str], path: Path)
     """
     if getattr(getattr(model, "config", None), "model_type", None) != "minimind":
         return None
+    # By in/out features, not by the weight: --load_in_4bit holds it in NF4 (model/nf4.py), with no `weight` tensor
     square = {n for n, m in model.named_modules()
-              if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
-              and m.weight.shape[0] == m.weight.shape[1] and (type(m) is torch.nn.Linear or hasattr(m, "lora_A"))}
+              if (type(m) is torch.nn.Linear or hasattr(m, "lora_A") or hasattr(m, "weight_nf4"))
+              and m.in_features == m.out_features}
     if set(targets) == square:
         return None
     def leaves(names: set[str]) -> str:
