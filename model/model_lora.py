@@ -671,7 +671,7 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     def alpha_of(name: str, rank: int) -> float:  # PEFT's own matching, so PEFT's files mean what PEFT means
         return _pattern_value(alpha_pattern, name, alpha, parents=False)
 
-    selects = _peft_selector(cfg)
+    selects = _peft_selector(cfg, path / PEFT_CONFIG)
     for name, parts in pairs.items():  # PEFT adapts what target_modules select: other tensors it would not load
         if selects is not None and not selects(name):
             raise LoRAError(f"{path / PEFT_WEIGHTS}: key '{next(iter(parts.values()))[0]}': the target_modules of "
@@ -693,13 +693,19 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     return adapters, bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0)), use_dora
 
 
-def _peft_selector(cfg: dict) -> Callable[[str], bool] | None:
-    """PEFT's target_modules rule as a test on module paths; None where PEFT would pick the layers itself."""
+def _peft_selector(cfg: dict, config: Path) -> Callable[[str], bool] | None:
+    """PEFT's target_modules rule (of the file `config`) as a test on module paths; None where PEFT would pick the
+    layers itself."""
     targets = cfg.get("target_modules")
     if not targets or targets == "all-linear":
         return None
     if isinstance(targets, str):  # PEFT full-matches a string as a regex
-        return lambda name: re.fullmatch(targets, name) is not None
+        try:
+            pattern = re.compile(targets)
+        except re.error as err:
+            raise LoRAError(f"{config}: target_modules {targets!r} is not a regular expression ({err}); the file "
+                            "is damaged or was edited by hand: save the adapter again or restore it") from None
+        return lambda name: pattern.fullmatch(name) is not None
     return lambda name: any(_names_match(name, t) for t in targets)
 
 
@@ -726,7 +732,7 @@ def _check_coverage(model: nn.Module, path: Path, adapted: set[str], base: str |
     except (OSError, ValueError):  # a .pth alone (or a folder beside it that is no adapter's: not needed to load)
         cfg = None
     if isinstance(cfg, dict):
-        selects = _peft_selector(cfg)
+        selects = _peft_selector(cfg, config)
         if selects is None or any(cfg.get(rule) for rule in ("layers_to_transform", "layers_pattern", "exclude_modules")):
             return  # PEFT narrows the selection by more rules than target_modules: not repeated here
         rule = f"the target_modules of {config if path.suffix == '.pth' else PEFT_CONFIG} select its"

@@ -157,6 +157,22 @@ def test_a_peft_config_that_does_not_select_its_tensors_is_refused(bases, tmp_pa
         load_lora(load_minimind(bases["dense"]), lora)
 
 
+def test_a_peft_config_whose_target_modules_is_no_regex_is_one_line(bases, tmp_path):
+    # PEFT full-matches a string target_modules as a regex: a broken one is the config's fault, said in one line
+    lora = lora_of(bases["dense"], tmp_path / "adapter", targets="q_proj")
+    config = json.loads((lora / "adapter_config.json").read_text())
+    config["target_modules"] = r"model\.layers\.(0|1\.self_attn\.q_proj"
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(LoRAError, match=r"adapter/adapter_config\.json: target_modules '.*' is not a regular "
+                                        r"expression \(missing \), unterminated subpattern"):
+        load_lora(load_minimind(bases["dense"]), lora)
+    # The folder the trainer writes beside a .pth, which only the check of the layers' coverage reads
+    lora.rename(tmp_path / "beside")
+    pth = lora_of(bases["dense"], tmp_path / "beside.pth", targets="q_proj")
+    with pytest.raises(LoRAError, match=r"beside/adapter_config\.json: target_modules '.*' is not a regular"):
+        load_lora(load_minimind(bases["dense"]), pth)
+
+
 def test_a_truncated_adapter_model_bin_is_one_line(bases, tmp_path):
     """PEFT folders from before safetensors hold adapter_model.bin (torch.save): a partly written one is named."""
     lora = lora_of(bases["dense"], tmp_path / "adapter")
