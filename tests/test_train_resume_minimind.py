@@ -134,6 +134,23 @@ def test_a_minimind_lora_run_continues_on_a_4bit_base(tree, capsys):
     assert resumed["state"]["step"] == 3
 
 
+def test_running_out_of_memory_while_reading_minimind_s_file_is_not_called_a_damaged_file(tree, monkeypatch, capsys):
+    # "move it away to start fresh" would lose a good file: only a file torch cannot parse is damaged
+    tmp, path, _, flags = tree
+
+    real_load = torch.load
+
+    def no_memory(file, *args, **kwargs):
+        if Path(file) == path:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
+        return real_load(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", no_memory)
+    assert run_inprocess(train_lora.main, flags + ["--from_resume", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: out of memory (DefaultCPUAllocator" in err and "move it away" not in err, err
+
+
 def _cli(tmp: Path, flags: list[str]) -> object:
     """The real script from a folder that is neither the repo nor the run's."""
     cwd = tmp / "elsewhere"
