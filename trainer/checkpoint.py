@@ -162,6 +162,19 @@ def digest(obj: object) -> str:
     return f"crc32:{crc:08x}"
 
 
+def read_resume_file(path: Path, what: str, fresh: str) -> object:
+    """torch.load of a resume file (`what`) in the user's own folder, with weights_only=False: it holds RNG states
+    (numpy arrays, tuples) or a GradScaler's state that the safe loader rejects. A file torch cannot read is a
+    CheckpointError that ends with `fresh`; running out of memory is raised as it is (run_job says so)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        if is_out_of_memory(err):  # not a damaged file: keep it
+            raise
+        raise CheckpointError(f"{path}: cannot read {what} ({type(err).__name__}: {first_line(err)}); it is "
+                              f"truncated or not a torch file; {fresh}") from err
+
+
 def load_resume(path: Path) -> dict | None:
     """The resume state at `path`, checked (layout and checksum), or None when there is none (a fresh run)."""
     if not path.is_file():
@@ -169,15 +182,7 @@ def load_resume(path: Path) -> dict | None:
             raise CheckpointError(f"{path}: is not a file; move it away to start fresh")
         return None
     fresh = "delete it (or pass another --save_dir) to start fresh"
-    try:
-        # weights_only=False: the file holds RNG states (numpy arrays, tuples) that the safe loader rejects.
-        # It is a file this trainer wrote into the user's own save_dir.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        if is_out_of_memory(err):  # not a damaged file: say so (run_job), keep it
-            raise
-        raise CheckpointError(f"{path}: cannot read the resume file ({type(err).__name__}: {first_line(err)}); "
-                              f"it is truncated or not a torch file; {fresh}") from err
+    ckpt = read_resume_file(path, "the resume file", fresh)
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in RESUME_KEYS):
         raise CheckpointError(f"{path}: is not a resume file written by this trainer ({_looks_like(ckpt)}); "
                               f"{fresh}")

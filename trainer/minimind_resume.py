@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from dataset.lm_dataset import PackedDataset
-from model.errors import first_line, is_out_of_memory
-from trainer.checkpoint import CheckpointError, TrainState, seed_everything
+from trainer.checkpoint import CheckpointError, TrainState, read_resume_file, seed_everything
 from trainer.data import TrainData
 from trainer.distributed import DistInfo
 
@@ -64,14 +63,7 @@ def _refuse(path: Path, why: str, fix: str) -> CheckpointError:
 
 
 def _load(path: Path) -> dict:
-    try:
-        # weights_only=False: MiniMind pickles its GradScaler state and plain numbers, in the user's own folder.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        if is_out_of_memory(err):  # not a damaged file: say so (run_job), keep it
-            raise
-        raise CheckpointError(f"{path}: cannot read MiniMind's resume file ({type(err).__name__}: {first_line(err)}); "
-                              "it is truncated or not a torch file; move it away to start fresh") from err
+    ckpt = read_resume_file(path, "MiniMind's resume file", "move it away to start fresh")
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in MINIMIND_KEYS):
         raise CheckpointError(f"{path}: is not a MiniMind resume file (it lacks {', '.join(MINIMIND_KEYS)}); "
                               "move it away to start fresh")
