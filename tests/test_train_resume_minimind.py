@@ -151,6 +151,19 @@ def test_running_out_of_memory_while_reading_minimind_s_file_is_not_called_a_dam
     assert "error: out of memory (DefaultCPUAllocator" in err and "move it away" not in err, err
 
 
+def test_minimind_s_checkpoints_folder_is_found_from_where_it_ran_with_another_save_dir(tree, monkeypatch, capsys):
+    """MiniMind writes ../checkpoints from its trainer/ whatever its --save_dir: its command with --save_dir on
+    another disk, run from there again, continues the run."""
+    tmp, path, _, flags = tree
+    moved = tmp / "minimind" / "checkpoints" / path.name
+    moved.parent.mkdir(parents=True)
+    path.rename(moved)
+    (tmp / "minimind" / "trainer").mkdir()
+    monkeypatch.chdir(tmp / "minimind" / "trainer")
+    assert run_inprocess(train_lora.main, flags + ["--from_resume", "1", "--max_steps", "3"]) == 0
+    assert f"note: continuing MiniMind's run from {moved} (epoch 1, micro-batch 5) at step 2" in capsys.readouterr().out
+
+
 def _cli(tmp: Path, flags: list[str]) -> object:
     """The real script from a folder that is neither the repo nor the run's."""
     cwd = tmp / "elsewhere"

@@ -1,7 +1,8 @@
 """Continuing a run that MiniMind's own trainer checkpointed: `--from_resume 1` after switching to this repo.
 
-MiniMind's `lm_checkpoint` keeps its resume file in `checkpoints/` beside its `--save_dir` (`../out`):
-`{save_dir}/../checkpoints/{name}_{hidden}{_moe}_resume.pth`, a dict of
+MiniMind's trainers pass `lm_checkpoint` the folder `../checkpoints`, from where they run (its `trainer/`), whatever
+their `--save_dir`; with its default `--save_dir ../out` that is beside it. The resume file,
+`../checkpoints/{name}_{hidden}{_moe}_resume.pth`, is a dict of
 - `model`: the whole model's state dict in fp16 (for a LoRA run, the `<module>.lora.A.weight` keys too);
 - `optimizer`: torch AdamW's state_dict over its parameter list: every parameter for a full run, the ones whose
   name holds `lora` for a LoRA run, in `named_parameters` order, which is the order of those keys in `model`;
@@ -24,18 +25,23 @@ from trainer.distributed import DistInfo
 MINIMIND_KEYS = ("model", "optimizer", "epoch", "step")
 
 
-def minimind_resume_path(save_dir: str | Path, stem_name: str) -> Path:
-    """Where MiniMind's trainer, run with this --save_dir, keeps the resume file of `{name}_{hidden}{_moe}`."""
-    return Path(save_dir).resolve().parent / "checkpoints" / f"{stem_name}_resume.pth"
+def minimind_resume_paths(save_dir: str | Path, stem_name: str) -> list[Path]:
+    """Where MiniMind's trainer keeps the resume file of `{name}_{hidden}{_moe}`: beside this --save_dir (MiniMind's
+    default), else `../checkpoints` from the working directory (a MiniMind run with another --save_dir)."""
+    folders = (Path(save_dir).resolve().parent, Path.cwd().resolve().parent)
+    return list(dict.fromkeys(folder / "checkpoints" / f"{stem_name}_resume.pth" for folder in folders))
 
 
 def minimind_file_to_continue(save_dir: str | Path, stem: Path, own: Path, from_resume: bool,
                               is_main: bool) -> Path | None:
     """MiniMind's resume file for this run's name, when --from_resume 1 finds none of this repo's at `own`; with both
     there, this repo's own is the later one of a run that already switched (a note names the one left unused)."""
-    theirs = minimind_resume_path(save_dir, stem.name)
-    if not from_resume or not theirs.is_file() or theirs == own.resolve():
+    if not from_resume:
         return None
+    found = [p for p in minimind_resume_paths(save_dir, stem.name) if p.is_file() and p != own.resolve()]
+    if not found:
+        return None
+    theirs = found[0]
     if own.exists():
         if is_main:
             print(f"note: {theirs} (MiniMind's resume file) is not used: this --save_dir holds this repo's own, "

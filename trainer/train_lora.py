@@ -20,7 +20,8 @@ start-up lines say what was chosen and what one step holds.
 
 Writes, in --save_dir: {lora_name}_{hidden}{_moe}.pth (MiniMind's LoRA layout), {...}/ (a PEFT adapter
 directory), {...}.json (this run's config), {...}_loss.png and {...}_resume.pth (to continue the run).
---from_resume 1 also continues a run of MiniMind's own trainer from its {save_dir}/../checkpoints/ file.
+--from_resume 1 also continues a run of MiniMind's own trainer from its ../checkpoints/ file (beside --save_dir,
+or from the working directory).
 """
 
 from trainer.frozen_imports import frozen_imports
