@@ -848,15 +848,8 @@ def check_lora_fits(model: nn.Module, path: str | os.PathLike, keys: dict[str, s
                         "trained on (or rename the file if its name is wrong)")
 
 
-def load_lora(model: nn.Module, path: str | os.PathLike, base: str | None = None) -> list[str]:
-    """Load a MiniMind `.pth` LoRA file or a PEFT adapter directory; return the adapted module names.
-
-    A model without LoRA gets it on exactly the file's layers, with the file's ranks, alphas, rsLoRA and
-    dropout. A model with LoRA must have it on the same layers with the same ranks; it keeps its own
-    alpha, and B is rescaled so the output is the one the file describes. Every tensor must fit the base;
-    errors name it as `base` (default: the path it was loaded from).
-    """
-    model, path = _unwrap(model), Path(path)
+def _read_fitting(model: nn.Module, path: Path, base: str | None) -> tuple[dict[str, _Adapter], bool, float, bool]:
+    """The LoRA at `path` as _read_minimind / _read_peft return it, once every tensor is known to fit `model`."""
     if not path.exists():
         raise LoRAError(f"{path}: no such LoRA file or adapter directory")
     adapters, use_rslora, dropout, use_dora = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
@@ -881,6 +874,26 @@ def load_lora(model: nn.Module, path: str | os.PathLike, base: str | None = None
                 ad.base_copy.float(), module.weight.detach().float().cpu(), rtol=1e-2, atol=1e-3)):
             raise LoRAError(f"{where}: '{name}.base_layer.weight' differs from the model's '{name}' weight (a "
                             "resized vocabulary?); the adapter needs the base it was trained on")
+    return adapters, use_rslora, dropout, use_dora
+
+
+def check_lora(model: nn.Module, path: str | os.PathLike, base: str | None = None) -> None:
+    """Raise the LoRAError load_lora would raise for a file that does not fit `model`'s layers, leaving the model
+    as it is: a script that runs the base alone first (eval_lora.py) says so before that slow work, not after."""
+    _read_fitting(_unwrap(model), Path(path), base)
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike, base: str | None = None) -> list[str]:
+    """Load a MiniMind `.pth` LoRA file or a PEFT adapter directory; return the adapted module names.
+
+    A model without LoRA gets it on exactly the file's layers, with the file's ranks, alphas, rsLoRA and
+    dropout. A model with LoRA must have it on the same layers with the same ranks; it keeps its own
+    alpha, and B is rescaled so the output is the one the file describes. Every tensor must fit the base;
+    errors name it as `base` (default: the path it was loaded from).
+    """
+    model, path = _unwrap(model), Path(path)
+    adapters, use_rslora, dropout, use_dora = _read_fitting(model, path, base)
+    where = path if path.suffix == ".pth" else path / PEFT_WEIGHTS
     layers = _lora_layers(model)
     if not layers:
         _inject(model, {n: (ad.A.shape[0], ad.alpha) for n, ad in adapters.items()}, dropout, use_rslora, use_dora)
