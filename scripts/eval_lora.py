@@ -38,7 +38,7 @@ with frozen_imports():
     from model.atomic import make_output_folder
     from model.errors import UserError, exit_on_user_error
     from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
-    from model.model_lora import load_lora
+    from model.model_lora import check_lora, load_lora
     from trainer.args import REPO_ROOT
     from trainer.base_flags import load_from_flags, lora_file, script_parser, use_chat_template
     from trainer.distributed import pick_device
@@ -149,6 +149,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         make_output_folder(Path(args.json).parent, f"--json {args.json}")
     model, tokenizer = load_from_flags(args, device, DTYPES[args.dtype])
     lora = lora_file(args.lora_path, args.save_dir, model) if args.lora_path else None
+    if lora is not None:  # a LoRA of another base is said now, not after the base has been scored
+        check_lora(model, lora)
     template = use_chat_template(tokenizer, args.chat_template, lora)  # scored as the LoRA learned its chats
     if template is not None:
         print(f"chat template: {shown_path(template)}")

@@ -208,6 +208,25 @@ def test_the_cli_prints_one_error_line_and_exits_2(bases, tmp_path):
     assert run.stderr.count("error:") == 1 and "the LoRA has expert layers (MoE) and the base is dense" in run.stderr
 
 
+def test_eval_says_a_lora_does_not_fit_before_it_scores_the_base(bases, tmp_path):
+    """eval_lora.py scores the base alone first, minutes on a large data set: a LoRA of another width or layer
+    count stops it before the data is scored, run as a script from a folder that is not the repo."""
+    narrow = MiniMindForCausalLM(tiny_config(hidden_size=32))
+    apply_lora(narrow, rank=4, targets="q_proj")
+    save_lora(narrow, tmp_path / "narrow.pth")
+    deep = lora_of(bases["deep"], tmp_path / "deep.pth")
+    data = write_chat_data(tmp_path / "data.jsonl", 4)
+    for lora, why in ((tmp_path / "narrow.pth", "has shape [4, 32]"), (deep, "the LoRA has layer 2 and the base has 2")):
+        run = run_cli([python(), str(REPO / "scripts" / "eval_lora.py"), "--from_weight", str(bases["dense"]),
+                       "--tokenizer_path", str(tokenizer_dir()), "--lora_path", str(lora), "--data_path", str(data),
+                       "--device", "cpu", "--n_prompts", "0"], timeout=120, cwd=tmp_path, env=subprocess_env(),
+                      stdin=subprocess.DEVNULL)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.strip().splitlines()[-1].startswith(f"error: {lora}: does not fit the base"), run.stderr
+        assert why in run.stderr, run.stderr
+        assert "samples scored" not in run.stdout and "loss" not in run.stdout, run.stdout
+
+
 @pytest.mark.parametrize("gen", ["minimind2_dense", "minimind2_moe", "minimind3_dense", "minimind3_moe"])
 def test_minimind_lora_files_load_on_their_own_bases(gen, tmp_path):
     d = FIXTURES / gen
