@@ -614,16 +614,24 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise LoRAError(f"{path}: cannot read it as a LoRA: {unreadable_checkpoint(path, e)}") from None
 
 
+def minimind_lora_key(key: str) -> tuple[str, str] | None:
+    """(module path, "A" or "B") of MiniMind's LoRA key `<module>.lora.A.weight` / `.lora.B.weight`; None for any
+    other key."""
+    m = re.fullmatch(r"(.+)\.lora\.([AB])\.weight", key)
+    return None if m is None else (m.group(1), m.group(2))
+
+
 def _read_minimind(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     """MiniMind's `<module>.lora.A.weight` / `.lora.B.weight` file, meant at scale 1."""
     sd = _load_tensors(path)
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, value in sd.items():
-        m = re.fullmatch(r"(.+)\.lora\.([AB])\.weight", _clean_name(key))
-        if m is None:
+        parsed = minimind_lora_key(_clean_name(key))
+        if parsed is None:
             raise LoRAError(f"{path}: key '{key}' is not a MiniMind LoRA key (<module>.lora.A.weight); "
                             f"is this a full model checkpoint?")
-        pairs.setdefault(m.group(1), {})[m.group(2)] = (key, value)
+        module, factor = parsed
+        pairs.setdefault(module, {})[factor] = (key, value)
     return _pair_up(path, pairs, alpha_of=lambda name, rank: rank), False, 0.0, False
 
 

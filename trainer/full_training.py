@@ -95,7 +95,7 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
 
     # ------------------------------------------------------------------ resume
     resume_path = sibling(stem, "_resume.pth")
-    # A run MiniMind's own trainer checkpointed (into checkpoints/ beside --save_dir) continues here too
+    # A run MiniMind's own trainer checkpointed (into its ../checkpoints/) continues here too
     minimind_file = minimind_file_to_continue(args.save_dir, stem, resume_path, args.from_resume, info.is_main)
     if minimind_file is not None:
         state = continue_minimind_run(minimind_file, model, params, optimizer, scaler, args, info, data, lora=False)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dataset.lm_dataset import PackedDataset
+from model.model_lora import minimind_lora_key
 from trainer.checkpoint import CheckpointError, TrainState, read_resume_file, seed_everything
 from trainer.data import TrainData
 from trainer.distributed import DistInfo
@@ -57,9 +58,10 @@ def _our_name(key: str, lora: bool) -> str | None:
         return key
     if "lora" not in key:  # MiniMind's own rule for what its LoRA optimizer holds
         return None
-    for theirs, ours in ((".lora.A.weight", ".lora_A"), (".lora.B.weight", ".lora_B")):
-        if key.endswith(theirs):
-            return key[: -len(theirs)] + ours
+    parsed = minimind_lora_key(key)
+    if parsed is not None:
+        module, factor = parsed
+        return f"{module}.lora_{factor}"
     return key  # a key no LoRA of ours has: refused by the name check
 
 
