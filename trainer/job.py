@@ -190,7 +190,8 @@ def _print_user_error(err: UserError) -> None:
     elif os.environ["LOCAL_RANK"] == "0":
         print_error(err)
     else:
-        # Stopped by torchrun, this rank too ends with the error's status (torchrun's summary lists it).
+        # Stopped by torchrun, this rank too ends with the error's status (torchrun's summary lists it); a stop
+        # that comes before this rank reached its error ends it by the signal, as any rank torchrun stops.
         signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
         with contextlib.suppress(KeyboardInterrupt):
             time.sleep(QUIET_WAIT_S)
