@@ -354,18 +354,17 @@ def _render_with_calls(
     """Render, and check that every tool call is rendered (a template without tool support would drop it
     silently). An assistant message that only calls tools has empty content: some templates need it null
     (DeepSeek renders the calls only then), others a string (they test it for text); the data's form is
-    tried first, then the other one."""
+    tried first, then every such message null, then every one "" (a record may mix the two)."""
     calls = [k for k, m in enumerate(messages) if m.get("tool_calls")]
     empty = [k for k in calls if not messages[k].get("content")]
     attempts = [messages]
-    if empty:
-        flipped = [dict(m) for m in messages]
-        for k in empty:
-            flipped[k]["content"] = "" if messages[k]["content"] is None else None
-        attempts.append(flipped)
+    for content in (None, "") if empty else ():
+        uniform = [{**m, "content": content} if k in empty else m for k, m in enumerate(messages)]
+        if uniform not in attempts:
+            attempts.append(uniform)
     failures = []
     for attempt in attempts:
-        form = f"with content {attempt[empty[0]]['content']!r}" if empty else ""
+        form = f"with content {_empty_form([attempt[k]['content'] for k in empty])}" if empty else ""
         try:
             full = fmt.render(attempt, tools)
             regions = message_regions(fmt, attempt, tools, full, limit)
@@ -380,6 +379,12 @@ def _render_with_calls(
         raise failures[0][0]  # whatever the form, the template refuses the conversation
     raise BadRecord("the chat template cannot render this conversation's tool calls: " + "; ".join(
         text.strip() for _, text in failures))
+
+
+def _empty_form(contents: list[str | None]) -> str:
+    """How a render attempt writes the empty content of the messages that only call tools: None, '', or both."""
+    forms = sorted({repr(c) for c in contents})
+    return forms[0] if len(forms) == 1 else " and ".join(forms) + " (as the data mixes them)"
 
 
 def _calls_rendered(fmt: ChatFormat, messages: list[dict[str, Any]], tools: list | None, full: str, k: int) -> bool:

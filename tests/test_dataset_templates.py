@@ -326,6 +326,36 @@ def test_a_template_for_another_tokenizer_says_which_tokenizer_to_pass(minimind)
         "that model's special tokens: pass its tokenizer with --tokenizer_path")
 
 
+def two_call_turns(first_content, second_content) -> list[dict]:
+    """Two tool-call turns in one conversation, each with its own form of empty content."""
+    second = copy.deepcopy(tool_chat(OBJECT_ARGS, second_content))
+    second[1]["tool_calls"][0]["id"] = second[2]["tool_call_id"] = "call00002"
+    return tool_chat(OBJECT_ARGS, first_content) + second
+
+
+@pytest.mark.parametrize("name", ["deepseek_r1_distill_qwen", "devstral", "qwen3", "mistral_small32"])
+def test_a_record_mixing_null_and_empty_content_in_its_tool_calls_renders_as_either_uniform_form(
+        minimind, tmp_path, name):
+    # DeepSeek renders calls only with content null, Devstral indexes content[0] of a null one: a record that
+    # writes "" in one tool-call turn and null in another renders as the form the template takes throughout
+    tok, template = model_tokenizer(minimind, name), (TEMPLATES / f"{name}.jinja").read_text()
+    uniform = []
+    for content in (None, ""):
+        try:
+            uniform.append(render_conversation(tok, two_call_turns(content, content), template, [SCHEMA]))
+        except BadRecord:
+            continue
+    assert uniform
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"messages": two_call_turns(*forms), "tools": [SCHEMA]}) + "\n"
+                            for forms in (("", None), (None, ""))))
+    ds = SFTDataset(path, tok, 4096, chat_template=template, num_workers=1, log=None)
+    assert len(ds) == 2
+    for i in range(len(ds)):
+        ids, labels = ds[i]
+        assert (ids.tolist(), (labels != -100).int().tolist()) in uniform
+
+
 def test_turns_whose_history_renders_differently(minimind):
     # Qwen3 drops the think block of a tool call once a later user message exists, and Mistral moves the
     # tools to the last user message: each turn is learned as the full conversation renders it
