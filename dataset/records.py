@@ -4,7 +4,9 @@ A conversation is a list of messages `{"role", "content", optional "reasoning_co
 with role in system/user/assistant/tool, plus the tool schemas offered to the model (or None).
 Accepted line formats:
   MiniMind  {"conversations": [{"role", "content", "reasoning_content"?, "tool_calls"?, "tools"?}, ...]}
-  OpenAI    {"messages": [{"role", "content", "tool_calls"?}, ...], "tools"?: [...]}
+  OpenAI    {"messages": [{"role", "content", "tool_calls"?}, ...], "tools"?: [...]}; any role's content may be a
+            list of text parts [{"type": "text", "text": str}, ...] (an assistant's also {"type": "refusal"}),
+            read as their texts joined with nothing between, as OpenAI and the templates that take parts read them
   ShareGPT  {"conversations": [{"from": "human"|"gpt"|"system"|"function_call"|"observation", "value"}, ...],
              "system"?: str, "tools"?: [...]}
   Alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
@@ -374,6 +376,8 @@ def _message(
     i: int, role: str, content: Any, reasoning: Any, tool_calls: Any, may_be_empty: bool = False
 ) -> dict[str, Any]:
     where = f"message {i} ({role})" if i >= 0 else role
+    if isinstance(content, list):
+        content = _text_of_parts(content, where, role)
     calls = _tool_calls(tool_calls, where)
     if calls and role != "assistant":
         raise BadRecord(f"{where}: only assistant messages may have 'tool_calls'")
@@ -392,6 +396,27 @@ def _message(
     if calls:
         message["tool_calls"] = calls
     return message
+
+
+def _text_of_parts(parts: list, where: str, role: str) -> str:
+    """The text of OpenAI-style content parts [{"type": "text", "text": ...}, ...], joined with nothing between, as
+    OpenAI reads them and as the templates that take parts (Mistral's, Kimi-K2's) print them; an assistant's
+    "refusal" part is its text too. Any other part is an image or a sound, which a text model cannot read."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        key = "refusal" if kind == "refusal" and role == "assistant" else "text"
+        if kind not in ("text", key):
+            shown = (f"is a {type(part).__name__}" if not isinstance(part, dict) else
+                     f"has type {_short(kind)}" if "type" in part else "has no 'type'")
+            raise BadRecord(f"{where}: content part {j} {shown}: this trainer trains text models, which read only "
+                            '{"type": "text", "text": ...} parts; remove the other parts, or write what they hold '
+                            "as text")
+        if not isinstance(part.get(key), str):
+            raise BadRecord(f"{where}: content part {j}: {_short(key)} must be a string, got "
+                            f"{type(part.get(key)).__name__}")
+        texts.append(part[key])
+    return "".join(texts)
 
 
 def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from dataset.lm_dataset import PretrainDataset, SFTDataset
 from dataset.records import DataError, read_conversations
 from model.errors import UserError
 from tests.test_dataset_masks import FORMATS, TOOL_FORMATS
+from tests.train_utils import REPO, lora_args, python, run_cli, save_tiny_minimind, subprocess_env
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers" / "minimind"
 
@@ -80,6 +81,30 @@ BAD = [  # (raw line, what the message must say)
     (b'{"conversations": [], "n": ' + b"7" * 5000 + b"}", "invalid JSON: Exceeds the limit (4300 digits)"),
     (b'{"conversations": [{"from": ["human"], "value": "x"}]}', "message 0: unknown 'from' ['human']"),
     (b'{"x": ' + b"[" * 150 + b"]" * 150 + b', "instruction": "a", "output": "b"}', "JSON nested too deeply"),
+]
+BAD_PARTS = [  # OpenAI-style content parts: text only
+    (
+        json.dumps({"messages": [
+            {"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                         {"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]},
+            {"role": "assistant", "content": "A cat."}]}).encode(),
+        "message 0 (user): content part 1 has type 'image_url': this trainer trains text models",
+    ),
+    (
+        json.dumps({"messages": [{"role": "user", "content": [{"text": "Hi"}]},
+                                 {"role": "assistant", "content": "Hello."}]}).encode(),
+        "message 0 (user): content part 0 has no 'type'",
+    ),
+    (
+        json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                 {"role": "assistant", "content": [{"type": "text", "text": 5}]}]}).encode(),
+        "message 1 (assistant): content part 0: 'text' must be a string, got int",
+    ),
+    (
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "No."}]},
+                                 {"role": "assistant", "content": "Ok."}]}).encode(),
+        "message 0 (user): content part 0 has type 'refusal'",
+    ),
 ]
 BAD_IN_STRINGS = [  # the same inside MiniMind's JSON strings (tool calls, tools)
     (
@@ -436,3 +461,28 @@ def test_json_strings_inside_records_are_checked_like_lines(tok, tmp_path):
     assert len(problems) == len(BAD_IN_STRINGS)
     ds = SFTDataset(path, tok, 64, skip_invalid=True, log=None)
     assert (len(ds), ds.skipped) == (1, len(BAD_IN_STRINGS))
+
+
+def test_content_parts_other_than_text_are_named_by_line(tok, tmp_path):
+    path = write_lines(tmp_path / "data.jsonl", [GOOD] + [raw for raw, _ in BAD_PARTS])
+    with pytest.raises(DataError) as err:
+        SFTDataset(path, tok, 64, log=None)
+    for n, (_, problem) in enumerate(BAD_PARTS, start=2):
+        assert f"{path}:{n}: {problem}" in str(err.value), problem
+    assert str(err.value).startswith(f"{path}: {len(BAD_PARTS)} bad line(s)")
+
+
+def test_a_non_text_content_part_stops_the_real_cli_with_its_line(tmp_path):
+    # An audio part in an OpenAI-style record: one `file:line` line, exit 2, no traceback
+    weight = save_tiny_minimind(tmp_path / "base.pth")
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    path = write_lines(tmp_path / "data.jsonl", [GOOD, json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Transcribe this."}, audio]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}]}).encode()])
+    run = run_cli([python(), "trainer/train_lora.py", *lora_args(tmp_path, weight, path, max_steps=1,
+                                                                 data_cache="none")],
+                  300, cwd=REPO, env=subprocess_env())
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    assert (f"{path}:2: message 0 (user): content part 1 has type 'input_audio': this trainer trains text models"
+            in run.stderr)

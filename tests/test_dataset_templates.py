@@ -8,16 +8,18 @@ marker: the generation prompt is context; what the template writes after it (thi
 
 import copy
 import json
+import random
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from dataset.chat_render import TemplateError, load_chat_format, render_conversation
 from dataset.lm_dataset import SFTDataset
-from dataset.records import BadRecord, DataError
+from dataset.records import BadRecord, DataError, parse_conversation
 from tests.test_dataset_masks import spans, with_tokens
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
@@ -517,3 +519,50 @@ def test_huge_arguments_given_as_a_string_are_cut_after_their_conversion(minimin
         ds = SFTDataset(path, model_tokenizer(minimind, name), 1024, log=None, num_workers=1,
                         chat_template=(TEMPLATES / f"{name}.jinja").read_text())
         assert len(ds) == 1 and len(ds[0][0]) == 1024
+
+
+def as_parts(messages: list[dict], rng: random.Random) -> list[dict]:
+    """The messages with every string content written as OpenAI-style text parts, cut at random places."""
+    out = []
+    for m in messages:
+        text = m["content"]
+        if isinstance(text, str):
+            cuts = sorted(rng.sample(range(len(text) + 1), min(2, len(text) + 1)))
+            pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+            m = {**m, "content": [{"type": "text", "text": piece} for piece in pieces if piece]}
+        out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("name", ["minimind", *sorted(MODELS)])
+def test_content_parts_give_the_ids_and_masks_of_plain_strings(minimind, tmp_path, name):
+    # The same file written with text parts for every role (system, user, assistant, tool) trains on exactly
+    # the tokens and loss mask of the plain file, through the real tokenizer and template
+    tok = minimind if name == "minimind" else model_tokenizer(minimind, name)
+    template = None if name == "minimind" else (TEMPLATES / f"{name}.jinja").read_text()
+    chats = [(SINGLE, None), (MULTI, None), (ANGLE, None), (REASONING, None),
+             (TOOL_CHATS.get(name, tool_chat(OBJECT_ARGS, "")), [SCHEMA])]
+    rng = random.Random(0)
+    datasets = []
+    for kind, write in (("plain", lambda m: m), ("parts", lambda m: as_parts(m, rng))):
+        path = tmp_path / f"{kind}.jsonl"
+        path.write_text("".join(json.dumps({"messages": write(m), **({"tools": t} if t else {})}) + "\n"
+                                for m, t in chats))
+        datasets.append(SFTDataset(path, tok, 4096, chat_template=template, num_workers=1, log=None))
+    plain, parts = datasets
+    assert len(plain) == len(chats)
+    for a, b in ((plain.ids, parts.ids), (plain.mask, parts.mask), (plain.lengths, parts.lengths)):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["mistral_small32", "devstral", "kimi_k2"])
+def test_content_parts_read_as_the_templates_that_take_parts_print_them(minimind, name):
+    # Mistral's and Kimi-K2's templates print a list of text parts back to back: records.py joins them the same
+    # way, so these templates give the same tokens from the parts as from the joined string
+    tok, template = model_tokenizer(minimind, name), (TEMPLATES / f"{name}.jinja").read_text()
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": " 2+2?\n"},
+                                          {"type": "text", "text": "Be brief."}]},
+             {"role": "assistant", "content": "4."}]
+    messages, _ = parse_conversation({"messages": parts})
+    ids, _ = render_conversation(tok, messages, template)
+    assert ids in rendered_ids(tok, template, parts, None)
