@@ -295,11 +295,12 @@ def parse_conversation(
             raise BadRecord(f"'{key}' must be a non-empty list of messages")
         if all(isinstance(t, dict) and "from" in t for t in turns):
             messages = _sharegpt(turns, obj.get("system"))
+            added = len(messages) - len(turns)  # the "system" field's message, which the data does not number
         else:
             messages, tools_in_system = _role_messages(turns)
-            tools = tools or tools_in_system
+            tools, added = tools or tools_in_system, 0
     elif "instruction" in obj or "output" in obj:
-        messages = _alpaca(obj)
+        messages, added = _alpaca(obj), 0
     elif "text" in obj:
         raise BadRecord('this is a pretraining record {"text": ...}; SFT needs conversations')
     else:
@@ -308,7 +309,7 @@ def parse_conversation(
         raise BadRecord(f"no 'conversations', 'messages' or 'instruction'/'output' key (keys: "
                         f"{_short(sorted(obj))}){wraps}")
     if check_turns:
-        _check_order(messages)
+        _check_order(messages, added)
     return messages, tools
 
 
@@ -342,6 +343,8 @@ def _role_messages(turns: list) -> tuple[list[dict[str, Any]], list[dict[str, An
 def _sharegpt(turns: list, system: Any) -> list[dict[str, Any]]:
     messages = []
     if system is not None and system != "":  # an empty "system" field means none, as in Alpaca records
+        if turns and turns[0]["from"] == "system":
+            raise BadRecord("message 0 is a system turn and the record has a 'system' field too: keep one of them")
         messages.append(_message(-1, "system", system, None, None))
     for i, turn in enumerate(turns):
         role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
@@ -465,15 +468,16 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check_order(messages: list[dict[str, Any]]) -> None:
-    # Templates disagree on everything else, but none can render these, and none should learn from them
+def _check_order(messages: list[dict[str, Any]], added: int = 0) -> None:
+    # Templates disagree on everything else, but none can render these, and none should learn from them.
+    # `added`: messages put before the data's own (a ShareGPT "system" field), which its numbering does not count
     for i, m in enumerate(messages):
         if m["role"] == "system" and i > 0:
-            raise BadRecord(f"message {i}: a system message may only come first")
+            raise BadRecord(f"message {i - added}: a system message may only come first")
         if m["role"] == "tool" and (
             i == 0 or not (messages[i - 1].get("tool_calls") or messages[i - 1]["role"] == "tool")
         ):
-            raise BadRecord(f"message {i}: a tool message must follow an assistant tool call")
+            raise BadRecord(f"message {i - added}: a tool message must follow an assistant tool call")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord("no assistant turn: nothing to learn from this conversation")
     first = next(m["role"] for m in messages if m["role"] != "system")

@@ -486,3 +486,21 @@ def test_a_non_text_content_part_stops_the_real_cli_with_its_line(tmp_path):
     assert "Traceback" not in run.stderr
     assert (f"{path}:2: message 0 (user): content part 1 has type 'input_audio': this trainer trains text models"
             in run.stderr)
+
+
+def test_sharegpt_problems_are_numbered_as_the_data_numbers_its_turns(tmp_path):
+    # A ShareGPT "system" field is no turn of the data's list: the turns keep their own numbers in the messages
+    human, gpt = {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}
+    observation, system = {"from": "observation", "value": "21"}, {"from": "system", "value": "Be rude."}
+    records = [
+        ({"conversations": [human, observation, gpt]}, "message 1: a tool message must follow an assistant tool call"),
+        ({"system": "S", "conversations": [human, observation, gpt]},
+         "message 1: a tool message must follow an assistant tool call"),
+        ({"system": "S", "conversations": [human, gpt, system, human, gpt]},
+         "message 2: a system message may only come first"),
+        ({"system": "S", "conversations": [system, human, gpt]},
+         "message 0 is a system turn and the record has a 'system' field too: keep one of them"),
+    ]
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(record).encode() for record, _ in records])
+    _, problems = read_conversations(path)
+    assert problems == [(n, problem) for n, (_, problem) in enumerate(records, start=1)]
