@@ -212,20 +212,35 @@ def json_array_records(path: str | Path, data: bytes, first_line: int = 1) -> li
 
 
 def _one_object(path: str | Path, data: bytes, first_line: int) -> list[tuple[int, bytes]] | None:
-    """A file holding one JSON object over several lines: one record, or a DataError if the object wraps the
-    records in a list (`{"data": [...]}`); None if the text is not one object (it is then read as lines)."""
+    """A file holding JSON objects written over several lines (`jq .`, json.dump(indent=2)): one record per object,
+    named by the line it begins on, or a DataError if one object wraps the records in a list (`{"data": [...]}`)
+    or a later object is not valid JSON; None if the first is not one object (the file is then read as lines)."""
     try:
-        obj = json.loads(data.decode("utf-8").lstrip("\ufeff"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        text = data.decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError:
         return None
-    if not isinstance(obj, dict):
-        return None
+    decoder, records, pos = json.JSONDecoder(), [], _skip_space(text, 0)
+    while pos < len(text):
+        line = first_line + text.count("\n", 0, pos)
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except (ValueError, RecursionError) as e:
+            if not records:
+                return None
+            raise DataError(f"{path}:{line}: invalid JSON ({str(e).split(':')[0]}) in a file of JSON objects written "
+                            f"over several lines: fix it, or write one object per line (jq -c . {path} > data.jsonl)"
+                            ) from None
+        if not isinstance(obj, dict) or (not records and "\n" not in text[pos:end]):
+            return None  # JSON Lines whose first line is followed by more text (`{...},`): each line says so
+        records.append((line, text[pos:end].encode("utf-8", "surrogatepass")))
+        pos = _skip_space(text, end)
+    obj = json.loads(records[0][1]) if len(records) == 1 else {}
     if not any(key in obj for key in ("conversations", "messages", "instruction", "output", "text")):
         lists = _record_lists(obj)
         if lists:
             raise DataError(f"{path}: the file is one JSON object whose records are the list under {_short(lists[0])}: "
                             "save that list as a JSON array (.json), or as JSON Lines (one record per line)")
-    return [(first_line, data.strip())]
+    return records
 
 
 def _record_lists(obj: dict) -> list[str]:

@@ -504,3 +504,25 @@ def test_sharegpt_problems_are_numbered_as_the_data_numbers_its_turns(tmp_path):
     path = write_lines(tmp_path / "data.jsonl", [json.dumps(record).encode() for record, _ in records])
     _, problems = read_conversations(path)
     assert problems == [(n, problem) for n, (_, problem) in enumerate(records, start=1)]
+
+
+def test_objects_written_over_several_lines_are_read_as_records(tok, tmp_path):
+    # `jq . data.jsonl` and json.dump(record, f, indent=2) per record write each object over several lines
+    records = [chat("Hi", "Hello."), {"instruction": "Say hi", "output": "Hi."}, chat("Hey", "Hey.")]
+    pretty = [json.dumps(r, indent=2) for r in records]
+    path = tmp_path / "pretty.jsonl"
+    path.write_bytes("\n".join(pretty).replace("\n", "\r\n").encode() + b"\r\n\r\n")  # CRLF, blank lines after
+    jsonl = write_lines(tmp_path / "same.jsonl", [json.dumps(r).encode() for r in records])
+    ds, same = SFTDataset(path, tok, 64, log=None), SFTDataset(jsonl, tok, 64, log=None)
+    assert ds.ids.tolist() == same.ids.tolist() and ds.mask.tolist() == same.mask.tolist()
+    # A bad record is named by the line where it begins, as a broken one is
+    begins = 2 + pretty[0].count("\n")
+    records[1] = {"instruction": "Say hi", "output": 3}
+    path.write_text("\n".join(json.dumps(r, indent=2) for r in records) + "\n")
+    with pytest.raises(DataError, match=f"{path}:{begins}: 'output' must be a string, got int"):
+        SFTDataset(path, tok, 64, log=None)
+    path.write_text("\n".join(pretty[:2] + [pretty[2][:-1]]) + "\n")  # the last object lost its closing brace
+    with pytest.raises(DataError) as err:
+        SFTDataset(path, tok, 64, skip_invalid=True, log=None)
+    assert str(err.value).startswith(f"{path}:{begins + pretty[1].count(chr(10)) + 1}: invalid JSON (")
+    assert str(err.value).endswith(f"write one object per line (jq -c . {path} > data.jsonl)")
