@@ -219,9 +219,10 @@ def _one_object(path: str | Path, data: bytes, first_line: int) -> list[tuple[in
         text = data.decode("utf-8").lstrip("\ufeff")
     except UnicodeDecodeError:
         return None
-    decoder, records, pos = json.JSONDecoder(), [], _skip_space(text, 0)
+    decoder, records, pos, line, counted = json.JSONDecoder(), [], _skip_space(text, 0), first_line, 0
     while pos < len(text):
-        line = first_line + text.count("\n", 0, pos)
+        line += text.count("\n", counted, pos)  # counted from the last object on: a big file stays linear
+        counted = pos
         try:
             obj, end = decoder.raw_decode(text, pos)
         except (ValueError, RecursionError) as e:
