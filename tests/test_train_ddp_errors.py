@@ -1,19 +1,24 @@
 """Under a real torchrun (2 gloo ranks on CPU), an error every rank hits is said once, and an error one rank
-hits alone is said by that rank, with its rank named; the ranks that failed exit 2."""
+hits alone is said by that rank, with its rank named; the ranks that failed exit 2. Under a launcher that stops no
+rank (slurm's srun), a rank says its error and exits at once."""
 
 import re
+import time
 
 import pytest
 
 from tests.train_utils import (
     REPO,
     lora_args,
+    python,
+    run_cli,
     run_timed,
     save_tiny_minimind,
     subprocess_env,
     torchrun,
     write_chat_data,
 )
+from trainer.job import QUIET_WAIT_S
 
 SCRIPT = str(REPO / "trainer" / "train_lora.py")
 # Rank 1 alone fails with a UserError, before the process group exists (WHERE=flags) or after (WHERE=base).
@@ -89,3 +94,16 @@ def test_an_error_of_one_rank_names_it(tiny, where):
     launcher.write_text(ONE_RANK)
     lines = _two_ranks(tmp, str(launcher), *lora_args(tmp, weight, data), failing=(1,), WHERE=where)
     assert lines == ["error: rank 1: only rank 1 sees this"]
+
+
+def test_a_flag_error_under_a_launcher_that_is_not_torchrun_exits_at_once(tmp_path):
+    # srun sets RANK, WORLD_SIZE and LOCAL_RANK but no TORCHELASTIC_RUN_ID, and no agent stops this rank after local
+    # rank 0 exits: waiting QUIET_WAIT_S for one would only delay the error
+    env = {k: v for k, v in subprocess_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1").items()
+           if not k.startswith("TORCHELASTIC_")}
+    start = time.monotonic()
+    run = run_cli([python(), SCRIPT, "--lora_rank", "0"], timeout=120, cwd=tmp_path, env=env)
+    elapsed = time.monotonic() - start
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.strip().splitlines() == ["error: rank 1: --lora_rank must be at least 1 (got 0)"], run.stderr
+    assert elapsed < QUIET_WAIT_S / 2, f"{elapsed:.1f} s"

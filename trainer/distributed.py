@@ -49,6 +49,12 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
+def torchrun_agent_watches() -> bool:
+    """Whether torchrun's agent started this process (it sets TORCHELASTIC_RUN_ID) and so stops the other ranks when
+    one exits with an error; slurm's srun and other launchers set RANK, WORLD_SIZE and LOCAL_RANK but stop no one."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def pick_device(flag: str | None, local_rank: int = -1) -> torch.device:
     """`--device` as given (default: cuda if there is one, else cpu), refused in one line when this machine has no
     such device; under torchrun a CUDA device is replaced by this worker's own GPU."""

@@ -24,6 +24,7 @@ from trainer.distributed import (
     exit_now,
     launched_by_torchrun,
     say_once_per_machine,
+    torchrun_agent_watches,
 )
 
 
@@ -152,14 +153,14 @@ def run_job(main: Callable[[], int | None], teardown: bool = True) -> None:
             print(_failure_line(err), file=sys.stderr, flush=True)
         _tell_peers(err)
     finally:
-        if "TORCHELASTIC_RUN_ID" in os.environ:
+        if torchrun_agent_watches():
             # Leaving must not hang a rank (seen once, on torch 2.6 under load, blocked in native code where
             # no Python timer runs): faulthandler's own thread dumps the stacks and exits past the limit.
             faulthandler.dump_traceback_later(2 * EXIT_GRACE_S, exit=True)
         _leave_process_group(code)
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    if not teardown or "TORCHELASTIC_RUN_ID" in os.environ:
+    if not teardown or torchrun_agent_watches():
         # Under torchrun, interpreter shutdown could also abort a rank that had finished cleanly (SIGABRT,
         # "terminate called without an active exception": C++ threads torn down with the interpreter), and
         # torchrun then fails the job. Run the exit handlers, flush, and leave without that teardown.
@@ -181,6 +182,7 @@ def _print_user_error(err: UserError) -> None:
     rank 0 exits (its exit status 2 is then the one torchrun's summary reports). Should that not happen, the
     error was this rank's own after all, and it says so. After that, an error may be one rank's own (its data,
     its memory): it names the rank, and a rank whose message another rank of its machine printed stays quiet.
+    Under another launcher (slurm's srun), which stops no rank, every rank says its error at once.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not launched_by_torchrun() or world == 1:
@@ -189,6 +191,8 @@ def _print_user_error(err: UserError) -> None:
         say_once_per_machine(str(err), dist.get_rank())
     elif os.environ["LOCAL_RANK"] == "0":
         print_error(err)
+    elif not torchrun_agent_watches():
+        print_error(f"rank {os.environ['RANK']}: {err}")
     else:
         # Stopped by torchrun, this rank too ends with the error's status (torchrun's summary lists it); a stop
         # that comes before this rank reached its error ends it by the signal, as any rank torchrun stops.
