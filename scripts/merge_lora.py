@@ -43,25 +43,26 @@ with frozen_imports():
     from trainer.checkpoint import write_dir
     from trainer.engine import DTYPES
     from trainer.logger import shown_path
-    from trainer.save_dir import remove_leftovers
+    from trainer.save_dir import refuse_writing_over_inputs, remove_leftovers
 
 
 def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object, torch.dtype, Path | None]:
     """The base with the LoRA folded into its weights in float32 (CPU, plain nn.Linear layers back), its
     tokenizer, the dtype the base was stored in, and the chat template the LoRA learned where it is not the
-    tokenizer's own (use_chat_template). Stops before the merge if an output would replace the base."""
+    tokenizer's own (use_chat_template). Stops before the merge if an output would replace the base or the LoRA."""
     base = load_base(base_for(args), args.save_dir, None, args.hidden_size, args.num_hidden_layers, args.use_moe,
                      args.tokenizer_path, minimind_default="full_sft")  # dtype None: as stored (.pth, config.json)
-    for out in output_paths(base.model, args):
-        if out is not None and out.resolve() == Path(base.source).resolve():
-            raise UserError(f"{out}: the merge would write over its own base (--from_weight {base.source}); "
-                            "pass another --save_weight or --save_dir")
+    lora = lora_file(args.lora_path, args.save_dir, base.model)
+    pth, hf_dir = output_paths(base.model, args)
+    # The tokenizer and --chat_template are not inputs to protect: the export holds a copy of each
+    refuse_writing_over_inputs(hf_dir.with_name(hf_dir.name.removesuffix("_hf")), output_kinds(pth),
+                               {"--from_weight": base.source, "--lora_path": str(lora)}, "--save_weight")
+    for out in (pth, hf_dir):
         if out is not None and out.is_dir() and out.is_symlink():
             raise UserError(f"{out} is a symbolic link, and the merge replaces this folder whole; move the link "
                             "away, or pass another --save_weight or --save_dir")
     stored = next(base.model.parameters()).dtype
     model = base.model.float().eval()
-    lora = lora_file(args.lora_path, args.save_dir, model)
     template = use_chat_template(base.tokenizer, args.chat_template, lora)
     load_lora(model, lora)
     merge_lora(model, unload=True)
@@ -76,6 +77,11 @@ def output_paths(model: nn.Module, args: argparse.Namespace) -> tuple[Path | Non
         stem = f"{args.save_weight}_{cfg.hidden_size}{'_moe' if cfg.use_moe else ''}"
         return save_dir / f"{stem}.pth", save_dir / f"{stem}_hf"
     return None, save_dir / f"{args.save_weight}_hf"
+
+
+def output_kinds(pth: Path | None) -> dict[str, str]:
+    """The merge's outputs as save_dir's helpers name them: suffix of the output stem -> "file" or "dir"."""
+    return {".pth": "file", "_hf": "dir"} if pth is not None else {"_hf": "dir"}
 
 
 def copy_tokenizer(tokenizer: object, dst: Path) -> list[str]:

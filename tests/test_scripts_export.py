@@ -32,6 +32,7 @@ from tests.test_dataset_masks import with_tokens
 from tests.test_dataset_templates import LLAMA
 from tests.test_scripts_chat import biased_to
 from tests.train_utils import fill_random
+from trainer.logger import shown_path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TOKENIZER = SHARED / "tokenizers" / "minimind"
@@ -378,13 +379,33 @@ def test_a_merge_that_would_write_over_its_own_base_stops_first(tmp_path, capsys
             merge(base, tmp_path / "lora.pth", out, *extra)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert f"error: {written}: the merge would write over its own base (--from_weight {base})" in err, err
+        assert (f"error: {shown_path(written)} is where this run saves, and it holds the run's own --from_weight {base}: "
+                "the first save would replace it. Pass another --save_weight or --save_dir") in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # A --save_dir that is a file
     with pytest.raises(SystemExit) as exit_info:
         merge(tmp_path / "base", tmp_path / "lora.pth", tmp_path / "lora.pth")
     assert exit_info.value.code == 2
     assert f"--save_dir {tmp_path / 'lora.pth'}: cannot make the folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lora_name", ["lora.pth", "lora_dir"])
+def test_a_merge_that_would_replace_the_folder_holding_its_lora_stops_first(tmp_path, capsys, lora_name):
+    # The transformers directory is replaced whole: a LoRA kept inside an earlier export would be deleted by the merge
+    model = tiny_dir(tmp_path / "base")
+    apply_lora(model, rank=2, targets="q_proj")
+    out = tmp_path / "out"
+    save_lora(model, out / "merged_64_hf" / lora_name)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        merge(tmp_path / "base", out / "merged_64_hf" / lora_name, out)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert (f"error: {shown_path(out / 'merged_64_hf')} is where this run saves, and it holds the run's own --lora_path "
+            f"{out / 'merged_64_hf' / lora_name}: the first save would replace it") in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    merge(tmp_path / "base", out / "merged_64_hf" / lora_name, tmp_path / "elsewhere")  # another --save_dir merges
 
 
 def test_a_merge_into_an_earlier_export_leaves_none_of_its_files(tmp_path, capsys):
