@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from model.errors import UserError
 from model.generate import generate_reply, penalize_repeats, sample_next
@@ -411,3 +418,53 @@ def test_a_lora_chats_with_the_chat_template_it_was_trained_with(tmp_path):
     assert learned != own  # otherwise the reply could not tell the templates apart
     assert f"chat template: {shown_path(saved)}\n" in out
     assert f"lora: {learned}\n  [" in out
+
+
+# Llama-3.1's stop ids: its generation_config.json lists all three, its config.json the first, its tokenizer the last
+LLAMA31_STOPS = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]
+
+
+def llama31_dir(path: Path, tokenizer, writes: str | None = None) -> Path:
+    """A tiny Llama directory shaped as Llama-3.1-Instruct ships: its special tokens, chat template and eos ids. With
+    `writes`, every position's hidden state is the same vector, which only that token's lm_head row matches: greedy
+    decoding writes that token at every step."""
+    tok = with_tokens(tokenizer, LLAMA + ["<|end_of_text|>"], eos_token="<|eot_id|>")
+    tok.chat_template = (TEMPLATES / "llama31.jinja").read_text()
+    stops = [tok.convert_tokens_to_ids(t) for t in LLAMA31_STOPS]
+    bos = tok.convert_tokens_to_ids("<|begin_of_text|>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=bos,
+                                         eos_token_id=stops[0]))
+    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=stops, do_sample=True, temperature=0.6,
+                                               top_p=0.9)
+    if writes is not None:
+        with torch.no_grad():
+            same = torch.randn(model.config.hidden_size)
+            model.model.embed_tokens.weight[:] = same
+            for layer in model.model.layers:  # no layer adds to the residual stream
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            model.lm_head.weight.zero_()
+            model.lm_head.weight[tok.convert_tokens_to_ids(writes)] = same
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("stop", LLAMA31_STOPS)
+def test_chat_and_eval_stop_at_every_eos_id_of_a_llama31_directory(tmp_path, tokenizer, capsys, stop):
+    # A Llama-3.1 model ends a built-in tool call with <|eom_id|>: only generation_config.json lists it
+    base = llama31_dir(tmp_path / "base", tokenizer, writes=stop)
+    apply_lora(model := LlamaForCausalLM.from_pretrained(base), rank=2, targets="q_proj")
+    save_lora(model, tmp_path / "lora")
+    capsys.readouterr()
+    chat.main(["--from_weight", str(base), "--lora_path", str(tmp_path / "lora"), "--compare", "--prompt", "hi",
+               "--max_new_tokens", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "base: \n  [0 tokens" in out and "lora: \n  [0 tokens" in out, out  # else it writes `stop` 4 times
+    eval_lora.main(["--from_weight", str(base), "--lora_path", str(tmp_path / "lora"), "--max_samples", "1",
+                    "--n_prompts", "1", "--max_new_tokens", "4", "--device", "cpu", "--json", str(tmp_path / "e.json")])
+    generations = json.loads((tmp_path / "e.json").read_text())["generations"]
+    assert [(g["base"], g["lora"]) for g in generations] == [("", "")]
+

@@ -30,7 +30,7 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_minim
 from scripts.merge_lora import main
 from tests.test_dataset_masks import with_tokens
 from tests.test_dataset_templates import LLAMA
-from tests.test_scripts_chat import biased_to
+from tests.test_scripts_chat import LLAMA31_STOPS, biased_to, llama31_dir
 from tests.train_utils import fill_random
 from trainer.logger import shown_path
 
@@ -540,3 +540,28 @@ def test_transformers_generate_on_the_export_stops_at_the_turn_end(tmp_path, cas
     if kind == "qwen3":
         assert (generation.do_sample, generation.max_new_tokens) == (False, 2048)  # the base's settings stay
     assert set(stop_token_ids(merged, tokenizer)) == {tok.eos_token_id, end}  # chat.py stops at the same tokens
+
+
+def test_a_llama31_export_stops_at_every_eos_id_of_its_base(tmp_path):
+    """Llama-3.1's generation_config.json lists <|end_of_text|>, <|eom_id|> (after a built-in tool call) and
+    <|eot_id|>; the export keeps all three, and transformers' generate() stops at each. config.json keeps the base's
+    own single eos: generate() reads generation_config.json, as vLLM and MLX do."""
+    need_fixtures()
+    base = llama31_dir(tmp_path / "base", AutoTokenizer.from_pretrained(TOKENIZER))
+    model = AutoModelForCausalLM.from_pretrained(base)
+    apply_lora(model, rank=2, targets="q_proj")
+    save_lora(model, tmp_path / "lora")
+    main(["--from_weight", str(base), "--lora_path", str(tmp_path / "lora"), "--save_dir", str(tmp_path / "out")])
+    hf = tmp_path / "out" / "merged_hf"
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in LLAMA31_STOPS]
+    assert GenerationConfig.from_pretrained(hf).eos_token_id == GenerationConfig.from_pretrained(base).eos_token_id
+    assert GenerationConfig.from_pretrained(hf).eos_token_id == stops
+    assert AutoConfig.from_pretrained(hf).eos_token_id == AutoConfig.from_pretrained(base).eos_token_id == stops[0]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    for stop in stops:
+        merged = biased_to(AutoModelForCausalLM.from_pretrained(hf).eval(), stop)
+        out = merged.generate(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], max_new_tokens=4,
+                              do_sample=False)
+        assert out[0, prompt["input_ids"].shape[1]:].tolist() == [stop]  # past it, it would write it 4 times
