@@ -5,7 +5,7 @@ scripts/chat.py and scripts/eval_lora.py answer with this code and offer the sam
 """
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -121,18 +121,20 @@ def generate_reply(
     template_kwargs: dict | None = None,
     stats: dict | None = None,
     repetition_penalty: float = 1.0,
+    stops: Collection[int] | None = None,
 ) -> str:
     """Render `messages` with the chat template (add_generation_prompt) and decode the assistant's reply.
 
     Greedy when temperature is 0. Uses the model's KV cache: the prompt runs once, then one token per
     step. `on_text` receives the reply piece by piece as it decodes (for streaming to a terminal);
-    `stats`, if given, gets the number of generated tokens under "tokens".
+    `stats`, if given, gets the number of generated tokens under "tokens". `stops`: the ids that end the reply,
+    stop_token_ids(model, tokenizer) unless given (a conversation of many replies finds them once).
     """
     prompt = render_prompt(tokenizer, messages, template_kwargs)
     device = next(model.parameters()).device
     ids = torch.tensor([prompt], device=device)
     seen = torch.tensor(sorted(set(prompt)), dtype=torch.long, device=device)
-    stops = set(stop_token_ids(model, tokenizer))
+    stops = set(stop_token_ids(model, tokenizer) if stops is None else stops)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     out: list[int] = []
     shown = ""
@@ -169,6 +171,7 @@ def reply_with_flags(
     args: argparse.Namespace,
     on_text: Callable[[str], None] | None = None,
     stats: dict | None = None,
+    stops: Collection[int] | None = None,
 ) -> str:
     """generate_reply with the settings of add_generation_flags' flags (and `args.template_kwargs`, if any)."""
     return generate_reply(
@@ -183,4 +186,5 @@ def reply_with_flags(
         template_kwargs=getattr(args, "template_kwargs", None),
         stats=stats,
         repetition_penalty=args.repetition_penalty,
+        stops=stops,
     )

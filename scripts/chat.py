@@ -30,7 +30,7 @@ with frozen_imports():
     from transformers.utils import logging as transformers_logging
 
     from model.errors import UserError, exit_on_user_error
-    from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
+    from model.generate import add_generation_flags, check_generation_flags, reply_with_flags, stop_token_ids
     from model.model_lora import LoRAError, load_lora, merge_lora
     from trainer.args import str2bool
     from trainer.base_flags import load_from_flags, lora_file, script_parser, use_chat_template
@@ -43,13 +43,16 @@ PROMPTS = ["who are you?", "你是谁？", "What is 3 + 4?", "How many legs does
 
 
 def stream_reply(
-    label: str, model: nn.Module, tokenizer: object, messages: list[dict], args: argparse.Namespace
+    label: str, model: nn.Module, tokenizer: object, messages: list[dict], args: argparse.Namespace,
+    stops: list[int],
 ) -> str:
-    """Print `label: <reply>` token by token, then the reply's length and speed; return the reply."""
+    """Print `label: <reply>` token by token (ending at one of `stops`), then the reply's length and speed; return
+    the reply."""
     print(f"{label}: ", end="", flush=True)
     stats: dict = {}
     start = time.perf_counter()
-    reply = reply_with_flags(model, tokenizer, messages, args, lambda piece: print(piece, end="", flush=True), stats)
+    reply = reply_with_flags(model, tokenizer, messages, args, lambda piece: print(piece, end="", flush=True), stats,
+                             stops)
     elapsed = time.perf_counter() - start
     print(
         f"\n  [{stats['tokens']} tokens, {stats['tokens'] / max(elapsed, 1e-9):.1f} tokens/s]\n", flush=True
@@ -157,12 +160,14 @@ def build_models(args: argparse.Namespace) -> tuple[list[tuple[str, nn.Module]],
 def chat(args: argparse.Namespace) -> None:
     """Answer the built-in prompts (or the user's) with each model, streaming the replies."""
     models, tokenizer = build_models(args)
+    # Found once per model, not per reply: they come from a render of the chat template
+    stops = {label: stop_token_ids(model, tokenizer) for label, model in models}
     start = [{"role": "system", "content": args.system}] if args.system else []
     if not args.interactive:
         for prompt in args.prompt or PROMPTS:
             print(f"user: {prompt}")
             for label, model in models:
-                stream_reply(label, model, tokenizer, start + [{"role": "user", "content": prompt}], args)
+                stream_reply(label, model, tokenizer, start + [{"role": "user", "content": prompt}], args, stops[label])
         return
     try:
         import readline  # noqa: F401  (input() gets line editing and history: arrow keys move, not ^[[D)
@@ -179,7 +184,7 @@ def chat(args: argparse.Namespace) -> None:
         for label, model in models:
             history = histories[label][-2 * args.history_turns :] if args.history_turns > 0 else []
             messages = start + history + [{"role": "user", "content": prompt}]
-            reply = stream_reply(label, model, tokenizer, messages, args)
+            reply = stream_reply(label, model, tokenizer, messages, args, stops[label])
             histories[label] += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
 
 

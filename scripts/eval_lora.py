@@ -37,7 +37,7 @@ with frozen_imports():
     from dataset.records import BadRecord, data_error, read_conversations
     from model.atomic import make_output_folder
     from model.errors import UserError, exit_on_user_error
-    from model.generate import add_generation_flags, check_generation_flags, reply_with_flags
+    from model.generate import add_generation_flags, check_generation_flags, reply_with_flags, stop_token_ids
     from model.model_lora import check_lora, load_lora
     from trainer.args import REPO_ROOT
     from trainer.base_flags import load_from_flags, lora_file, script_parser, use_chat_template
@@ -163,14 +163,17 @@ def evaluate(args: argparse.Namespace) -> dict:
     print(f"{shown_path(args.data_path)}: {len(samples)} samples scored" + (f", {empty} with nothing to score" if empty else ""))
 
     results, replies = {}, {}
+    stops = stop_token_ids(model, tokenizer)  # once, not per reply: from a render of the chat template
     start = time.perf_counter()
     results["base"] = score(model, samples)
-    replies["base"] = [reply_with_flags(model, tokenizer, [{"role": "user", "content": p}], args) for p, _ in prompts]
+    replies["base"] = [reply_with_flags(model, tokenizer, [{"role": "user", "content": p}], args, stops=stops)
+                       for p, _ in prompts]
     if lora is not None:
         load_lora(model, lora)  # unmerged: the base weights stay exactly as scored above
         model.to(device).eval()
         results["lora"] = score(model, samples)
-        replies["lora"] = [reply_with_flags(model, tokenizer, [{"role": "user", "content": p}], args) for p, _ in prompts]
+        replies["lora"] = [reply_with_flags(model, tokenizer, [{"role": "user", "content": p}], args, stops=stops)
+                           for p, _ in prompts]
     print_table(samples, results)
     print(f"({time.perf_counter() - start:.1f} s)\n")
     for i, (prompt, reference) in enumerate(prompts):

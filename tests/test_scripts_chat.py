@@ -16,6 +16,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+import model.generate as model_generate
 from model.errors import UserError
 from model.generate import generate_reply, penalize_repeats, sample_next
 from model.model_lora import apply_lora, load_lora, lora_parameters, save_lora
@@ -468,3 +469,26 @@ def test_chat_and_eval_stop_at_every_eos_id_of_a_llama31_directory(tmp_path, tok
     generations = json.loads((tmp_path / "e.json").read_text())["generations"]
     assert [(g["base"], g["lora"]) for g in generations] == [("", "")]
 
+
+def count_calls(monkeypatch, module: object, name: str) -> list:
+    """Record each call of module.name, which still runs as before."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    return calls
+
+
+def test_the_stop_ids_are_found_once_per_model_not_once_per_reply(tmp_path, tokenizer, monkeypatch, capsys):
+    # stop_token_ids renders the chat template as a probe (load_chat_format): once per model of the session is enough
+    base = llama31_dir(tmp_path / "base", tokenizer)
+    apply_lora(model := LlamaForCausalLM.from_pretrained(base), rank=2, targets="q_proj")
+    save_lora(model, tmp_path / "lora")
+    probes = count_calls(monkeypatch, model_generate, "load_chat_format")
+    chat.main(["--from_weight", str(base), "--lora_path", str(tmp_path / "lora"), "--compare", "--prompt", "hi",
+               "--prompt", "who are you?", "--prompt", "bye", "--max_new_tokens", "2", "--device", "cpu"])
+    assert capsys.readouterr().out.count("tokens/s]") == 6
+    assert len(probes) == 2  # base and lora, whatever the number of prompts
+    probes.clear()
+    eval_lora.main(["--from_weight", str(base), "--lora_path", str(tmp_path / "lora"), "--max_samples", "3",
+                    "--n_prompts", "3", "--max_new_tokens", "2", "--device", "cpu"])
+    assert capsys.readouterr().out.count("lora: ") == 3
+    assert len(probes) == 1  # the LoRA, added in place, changes no stop id
