@@ -379,8 +379,8 @@ def test_a_merge_that_would_write_over_its_own_base_stops_first(tmp_path, capsys
             merge(base, tmp_path / "lora.pth", out, *extra)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert (f"error: {shown_path(written)} is where this run saves, and it holds the run's own --from_weight {base}: "
-                "the first save would replace it. Pass another --save_weight or --save_dir") in err, err
+        assert (f"error: {shown_path(written)} is where this run writes, and it holds the run's own --from_weight {base}: "
+                "writing there would replace it. Pass another --save_weight or --save_dir") in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # A --save_dir that is a file
     with pytest.raises(SystemExit) as exit_info:
@@ -402,8 +402,8 @@ def test_a_merge_that_would_replace_the_folder_holding_its_lora_stops_first(tmp_
         merge(tmp_path / "base", out / "merged_64_hf" / lora_name, out)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert (f"error: {shown_path(out / 'merged_64_hf')} is where this run saves, and it holds the run's own --lora_path "
-            f"{out / 'merged_64_hf' / lora_name}: the first save would replace it") in err, err
+    assert (f"error: {shown_path(out / 'merged_64_hf')} is where this run writes, and it holds the run's own --lora_path "
+            f"{out / 'merged_64_hf' / lora_name}: writing there would replace it") in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     merge(tmp_path / "base", out / "merged_64_hf" / lora_name, tmp_path / "elsewhere")  # another --save_dir merges
 

@@ -114,8 +114,8 @@ def test_no_run_saves_over_the_model_or_lora_it_starts_from(tmp_path, capsys):
     capsys.readouterr()
     assert run_inprocess(train_pretrain.main, _flags(
         save_dir=out, from_weight="pretrain", data_path=tmp_path / "text.jsonl", tokenizer_path=tok, max_steps=1)) == 2
-    assert (f"error: {shown_path(out / 'pretrain_64.pth')} is where this run saves, and it holds the run's own --from_weight "
-            f"{out / 'pretrain_64.pth'}: the first save would replace it. Pass another --save_weight or --save_dir"
+    assert (f"error: {shown_path(out / 'pretrain_64.pth')} is where this run writes, and it holds the run's own --from_weight "
+            f"{out / 'pretrain_64.pth'}: writing there would replace it. Pass another --save_weight or --save_dir"
             ) in capsys.readouterr().err
     assert (out / "pretrain_64.pth").read_bytes() == base
     # --save_weight names the output, as in MiniMind's train_pretrain.py / train_full_sft.py.

@@ -178,8 +178,8 @@ def refuse_writing_over_inputs(stem: Path, outputs: dict[str, str], inputs: dict
         for suffix, kind in outputs.items():
             out = (stem.parent / (stem.name + suffix)).resolve()
             if source == out or (kind == "dir" and out in source.parents):
-                raise SaveDirError(f"{shown_path(out)} is where this run saves, and it holds the run's own {flag} "
-                                   f"{given}: the first save would replace it. Pass another {name_flag} or "
+                raise SaveDirError(f"{shown_path(out)} is where this run writes, and it holds the run's own {flag} "
+                                   f"{given}: writing there would replace it. Pass another {name_flag} or "
                                    "--save_dir")
 
 
