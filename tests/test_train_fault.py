@@ -85,12 +85,12 @@ def test_sigterm_to_torchrun_lets_every_rank_finish_its_step_and_save(tmp_path):
 
 def test_the_resume_command_is_one_the_user_can_run(monkeypatch):
     """One process: python. torchrun, even of one process (--ddp needs it): torchrun with this machine's processes.
-    Several machines: each started torchrun with its own --node_rank and rendezvous flags, which no rank sees."""
+    Another launcher (srun): the user's own command. Several machines: each started torchrun with its own --node_rank and rendezvous flags, which no rank sees."""
     from trainer.distributed import DistInfo
     from trainer.job import resume_command, stopped_line
 
     monkeypatch.setattr("sys.argv", ["trainer/train_lora.py", "--ddp", "--batch_size", "4"])
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
     one = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     assert resume_command(one) == "python trainer/train_lora.py --ddp --batch_size 4 --from_resume 1"
@@ -98,6 +98,10 @@ def test_the_resume_command_is_one_the_user_can_run(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    # srun sets the ranks but is not torchrun: its command is the user's own
+    assert resume_command(one) == ("your launcher's command, as before, running trainer/train_lora.py --ddp "
+                                   "--batch_size 4 --from_resume 1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     assert resume_command(one) == ("torchrun --nproc_per_node=1 trainer/train_lora.py --ddp --batch_size 4 "
                                    "--from_resume 1")
     monkeypatch.setenv("WORLD_SIZE", "4")

@@ -47,7 +47,7 @@ class StopSignal:
         if signal.SIGINT in self.signals:
             self.how = "Ctrl-C or kill"
         else:  # run in the background (`nohup cmd &`): only SIGTERM stops it; name the process to send it to
-            self.how = f"`kill {os.getppid()}` (torchrun)" if launched_by_torchrun() else f"`kill {os.getpid()}`"
+            self.how = f"`kill {os.getppid()}` (torchrun)" if torchrun_agent_watches() else f"`kill {os.getpid()}`"
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
@@ -106,6 +106,8 @@ def rerun_command(info: DistInfo, changes: dict[str, str]) -> str:
         out += [f"--{name}", value]
     if not launched_by_torchrun():
         return shlex.join(["python", sys.argv[0], *out])
+    if not torchrun_agent_watches():  # srun or another launcher, whose own flags this rank cannot see
+        return "your launcher's command, as before, running " + shlex.join([sys.argv[0], *out])
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
     if per_machine == info.world_size:
         return shlex.join(["torchrun", f"--nproc_per_node={per_machine}", sys.argv[0], *out])
