@@ -1,4 +1,5 @@
-"""README.md's Python snippets run as written, on the demo base (the .pth files they load are made from it)."""
+"""README.md's Python snippets run as written, on the demo base (the .pth files they load are made from it), and its
+quoted bad-data output is what the data reader prints for the file it describes."""
 
 import re
 from pathlib import Path
