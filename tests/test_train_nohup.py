@@ -158,10 +158,12 @@ def _on_a_terminal(columns: int, save_dir) -> str:
 def test_a_terminal_gets_a_progress_bar_and_one_without_a_width_plain_lines(tmp_path):
     wide = _on_a_terminal(100, tmp_path / "a")
     assert "3/3 [" in wide and "\rstep " not in wide  # tqdm's bar, its postfix carrying the loss
-    # Each count is shown with its own step's loss (log_interval 1), not the step before's.
+    # Each count is shown with its own step's loss (log_interval 1), not the step before's. tqdm redraws at most
+    # every 0.1 s, so on a fast machine a middle step may not be drawn at all; the last one always is.
     history = torch.load(tmp_path / "a" / "lora_identity_256_resume.pth", weights_only=False)["state"]["history"]
     shown = {int(k): loss for k, loss in re.findall(r"(\d)/3 \[[^\]]*?loss=([\d.]+)", wide)}
-    assert shown == {step: f"{loss:.4f}" for step, loss in history["train"]}, (shown, history["train"])
+    losses = {step: f"{loss:.4f}" for step, loss in history["train"]}
+    assert 3 in shown and shown.items() <= losses.items(), (shown, history["train"])
     # A pty that reports no width (`script -c`, some CI consoles): an empty bar would show nothing at all
     narrow = _on_a_terminal(0, tmp_path / "b")
     assert re.search(r"^step 3/3 \| epoch 1 \| loss \d", narrow, re.M), narrow[-2000:]
