@@ -12,13 +12,14 @@ from transformers import (
     MistralConfig,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from model.fast_decoder import FastCausalLM, why_not_fast
 from model.hf_compat import rope_config_kwargs
 from model.model_lora import apply_lora, lora_parameters, merge_lora, save_lora
 from model.model_minimind import rope_cos_sin
-from trainer.base_model import BaseModelError, load_directory
+from trainer.base_model import REPO_TOKENIZER, BaseModelError, load_base, load_directory
 
 peft = pytest.importorskip("peft")
 
@@ -170,6 +171,21 @@ def test_broken_directory_is_a_user_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(BaseModelError, match=str(tmp_path)):
         load_directory(tmp_path, torch.float32)
+
+
+def test_use_moe_flag_is_checked_by_the_directory_experts(tmp_path):
+    """--use_moe against a transformers directory: a Qwen3-MoE one (num_experts, no use_moe key) is a MoE model,
+    a dense Qwen3 one is not; the flag that says otherwise stops the run, the one that agrees loads it."""
+    vocab = len(load_base(None, str(tmp_path), torch.float32).tokenizer)  # the demo base's: the repo tokenizer
+    sizes = {**SIZES, "vocab_size": vocab}
+    save_tiny(Qwen3MoeConfig(**sizes, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), tmp_path / "moe")
+    save_tiny(Qwen3Config(**sizes), tmp_path / "dense")
+    for name, moe in (("moe", True), ("dense", False)):
+        path = str(tmp_path / name)
+        base = load_base(path, str(tmp_path), torch.float32, use_moe=moe, tokenizer_path=str(REPO_TOKENIZER))
+        assert base.use_moe is moe
+        with pytest.raises(BaseModelError, match=f"use_moe={moe}, but --use_moe {not moe}"):
+            load_base(path, str(tmp_path), torch.float32, use_moe=not moe, tokenizer_path=str(REPO_TOKENIZER))
 
 
 def test_llama3_rope_tables_match_transformers_and_the_op_checks():

@@ -140,12 +140,14 @@ def pick_tokenizer(weight: Path | None, tokenizer_path: str | None) -> PreTraine
     return load_tokenizer(REPO_TOKENIZER)
 
 
-def _check_flags(config: object, source: Path, hidden_size: int | None, layers: int | None,
+def _check_flags(model: nn.Module, source: Path, hidden_size: int | None, layers: int | None,
                  use_moe: bool | None) -> None:
     """Flags that contradict a model directory's config.json stop the run (as load_minimind does for .pth)."""
+    config = model.config
+    # use_moe by the experts (is_moe): a transformers MoE config names them num_experts, not use_moe
     for flag, wanted, actual in (("hidden_size", hidden_size, getattr(config, "hidden_size", None)),
                                  ("num_hidden_layers", layers, getattr(config, "num_hidden_layers", None)),
-                                 ("use_moe", use_moe, bool(getattr(config, "use_moe", False)))):
+                                 ("use_moe", use_moe, is_moe(model))):
         if wanted is not None and actual is not None and wanted != actual:
             raise BaseModelError(f"{source}/config.json has {flag}={actual}, but --{flag} {wanted} was given; "
                                  f"drop the flag or pick the matching model")
@@ -232,7 +234,7 @@ def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden
     hf_logging.disable_progress_bar()  # its "Loading weights" bar would litter nohup logs
     if path.is_dir():
         model = load_directory(path, dtype, max_seq_len)
-        _check_flags(model.config, path, hidden_size, num_hidden_layers, use_moe)
+        _check_flags(model, path, hidden_size, num_hidden_layers, use_moe)
     else:
         overrides = {k: v for k, v in (("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers),
                                        ("use_moe", use_moe)) if v is not None}
