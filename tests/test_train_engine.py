@@ -126,6 +126,13 @@ def test_directories_whose_weights_would_load_partly_random_or_run_their_own_cod
                                              r"'mine'\), which this repo does not run"):
         load_directory(tmp_path / "custom", torch.float32)
 
+    # a model_type this transformers does not know (a newer model's): one line, not transformers' paragraph
+    (tmp_path / "custom" / "config.json").write_text(json.dumps({**config, "model_type": "qwen9"}))
+    with pytest.raises(BaseModelError, match=r"custom: its config.json's model_type 'qwen9' is no architecture "
+                                             r"transformers \S+ ships; .*pip install -U transformers") as err:
+        load_directory(tmp_path / "custom", torch.float32)
+    assert "\n" not in str(err.value)
+
 
 def test_a_missing_tokenizer_folder_is_named_as_missing(tmp_path):
     with pytest.raises(BaseModelError, match=r"nope: no such folder; --tokenizer_path takes a folder") as err:

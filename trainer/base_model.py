@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 from transformers import (
     CONFIG_MAPPING,
@@ -173,7 +174,7 @@ def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = Non
             inside = []
         hint = f"; it holds {', '.join(inside)}: pass one of those" if inside else ""
         raise BaseModelError(f"--from_weight {path}: a model directory needs config.json (and weights){hint}")
-    _refuse_custom_code(path)
+    _refuse_unknown_architecture(path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers' load report: what it would say is refused below in one line
     try:
@@ -196,7 +197,7 @@ def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = Non
     except LayoutMismatch as err:
         raise BaseModelError(f"--from_weight {path}: {err}") from err
     except Exception as err:
-        raise BaseModelError(f"--from_weight {path}: cannot load it as a causal LM ({err})") from err
+        raise BaseModelError(f"--from_weight {path}: cannot load it as a causal LM ({first_line(err)})") from err
     finally:
         hf_logging.set_verbosity(verbosity)
     if reason:
@@ -205,9 +206,10 @@ def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = Non
     return model
 
 
-def _refuse_custom_code(path: Path) -> None:
+def _refuse_unknown_architecture(path: Path) -> None:
     """A config.json whose model_type only its own code (auto_map) defines: transformers would ask on the terminal
-    whether to run that code; this repo never does."""
+    whether to run that code; this repo never does. One that no code here defines: said in one line, not in
+    transformers' paragraph."""
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -219,6 +221,10 @@ def _refuse_custom_code(path: Path) -> None:
         raise BaseModelError(f"--from_weight {path}: its config.json names custom code (auto_map, model_type "
                              f"{kind!r}), which this repo does not run; it trains MiniMind models and the "
                              "architectures transformers ships")
+    if isinstance(kind, str) and kind not in CONFIG_MAPPING and kind != "minimind":
+        raise BaseModelError(f"--from_weight {path}: its config.json's model_type {kind!r} is no architecture "
+                             f"transformers {transformers.__version__} ships; if the model is newer than that, "
+                             "`pip install -U transformers`")
 
 
 def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden_size: int | None = None,
