@@ -132,6 +132,9 @@ class FastCausalLM(MiniMindForCausalLM):
     """
 
     config_class = PretrainedConfig
+    # Checkpoints of transformers < 4.31 (Llama 2's among them) hold each layer's rotary inv_freq, which the
+    # config gives too; transformers' own classes skip it on load, and so does this one.
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq$"]
 
     def __init__(self, config: PretrainedConfig) -> None:
         MiniMindPreTrainedModel.__init__(self, config)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -216,6 +217,21 @@ def test_weights_that_do_not_fit_the_config_fall_back_not_half_random(tmp_path, 
     assert not isinstance(model, FastCausalLM)
     lines = [line for line in capsys.readouterr().out.splitlines() if "fast paths off" in line]
     assert len(lines) == 1 and "do not fit" in lines[0] and "mlp.down_proj.bias" in lines[0], lines
+
+
+def test_old_checkpoints_rotary_inv_freq_is_skipped_as_transformers_does(tmp_path, capsys):
+    """Weights written by transformers < 4.31 (Llama 2's) hold each layer's rotary_emb.inv_freq: the directory
+    stays on the fast decoder, with the original class's logits (neither reads the buffer; both use the config)."""
+    save_tiny(LlamaConfig(**SIZES), tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    for i in range(SIZES["num_hidden_layers"]):
+        weights[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(8)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = load_directory(tmp_path, torch.float32, max_seq_len=32)
+    assert isinstance(model, FastCausalLM) and "fast decoder" in capsys.readouterr().out
+    ids = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        assert (model(ids).logits - original(tmp_path)(ids).logits).abs().max() <= 1e-4
 
 
 def test_bench_alternates_the_qwen3_and_minimind_directories_on_equal_terms(tmp_path):
