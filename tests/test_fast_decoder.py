@@ -92,6 +92,20 @@ def test_directory_loads_on_fast_decoder_with_exact_logits(model_dir, capsys):
             assert (out - alone).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_directory_matches_the_original_class_in_that_dtype(model_dir, dtype, tmp_path):
+    """A directory stored in bf16/fp16 (what chat.py and merge_lora.py load as stored): the fast decoder in that
+    dtype is within that dtype's own rounding of transformers' class in it (no wider than fp32 vs that dtype)."""
+    original(model_dir).to(dtype).save_pretrained(tmp_path)
+    fast = load_directory(tmp_path, None, max_seq_len=32).eval()
+    assert next(fast.parameters()).dtype == dtype
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, fp32 = ref(ids).logits.float(), ref.float()(ids).logits
+        assert (fast(ids).logits.float() - want).abs().max() <= (fp32 - want).abs().max()
+
+
 def test_peft_adapter_and_merged_export_load_on_the_original_class(model_dir, tmp_path):
     """LoRA trained on the fast decoder, saved by the trainer's saver, loads with PeftModel.from_pretrained
     on the original class with the same logits; merged and saved, it is the original architecture's directory."""
@@ -134,6 +148,8 @@ def save_tiny(config, path) -> None:
     ("yarn", Qwen3Config(**SIZES, **rope_config_kwargs(dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
                                                             original_max_position_embeddings=64))), 32, "rope type 'yarn'"),
     ("window", MistralConfig(**SIZES, sliding_window=16), 32, "sliding window (16 tokens) is shorter than --max_seq_len 32"),
+    ("qwen2_window", Qwen2Config(**SIZES, use_sliding_window=True, sliding_window=16, max_window_layers=1), 32,
+     "sliding window (16 tokens) is shorter than --max_seq_len 32"),  # only its second layer slides
     ("gpt2", GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2), 32, "architecture (gpt2) is not one of"),
 ])
 def test_unsupported_config_falls_back_to_transformers_class_and_says_why(name, config, max_seq_len, reason,
