@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -191,13 +192,17 @@ def test_broken_directory_is_a_user_error(tmp_path):
 
 
 def test_use_moe_flag_is_checked_by_the_directory_experts(tmp_path):
-    """--use_moe against a transformers directory: a Qwen3-MoE one (num_experts, no use_moe key) is a MoE model,
-    a dense Qwen3 one is not; the flag that says otherwise stops the run, the one that agrees loads it."""
+    """--use_moe against a transformers directory: a Qwen3-MoE or DeepSeek-V3 one (num_experts, n_routed_experts;
+    no use_moe key) is a MoE model, a dense Qwen3 one is not; the flag that says otherwise stops the run, the one that agrees loads it."""
     vocab = len(load_base(None, str(tmp_path), torch.float32).tokenizer)  # the demo base's: the repo tokenizer
     sizes = {**SIZES, "vocab_size": vocab}
     save_tiny(Qwen3MoeConfig(**sizes, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), tmp_path / "moe")
+    save_tiny(DeepseekV3Config(**{**sizes, "num_key_value_heads": 4}, n_routed_experts=4, num_experts_per_tok=2,
+                               moe_intermediate_size=32, n_group=1, topk_group=1, first_k_dense_replace=1,
+                               q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                               v_head_dim=16), tmp_path / "deepseek")  # its experts: n_routed_experts
     save_tiny(Qwen3Config(**sizes), tmp_path / "dense")
-    for name, moe in (("moe", True), ("dense", False)):
+    for name, moe in (("moe", True), ("deepseek", True), ("dense", False)):
         path = str(tmp_path / name)
         base = load_base(path, str(tmp_path), torch.float32, use_moe=moe, tokenizer_path=str(REPO_TOKENIZER))
         assert base.use_moe is moe

@@ -154,12 +154,17 @@ def _check_flags(model: nn.Module, source: Path, hidden_size: int | None, layers
                                  f"drop the flag or pick the matching model")
 
 
+# What transformers' MoE configs call their count of routed experts: Qwen-MoE, Mixtral (and GPT-OSS), DeepSeek-V2/V3
+# (and GLM-4.5), ERNIE-4.5-MoE; transformers 5 also answers the first two names for the others, 4.x does not.
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
 def is_moe(model: nn.Module) -> bool:
     """Whether a MiniMind or transformers causal LM routes tokens to experts."""
     cfg = model.config
     if hasattr(cfg, "use_moe"):  # MiniMind (its config lists num_experts even for dense models)
         return bool(cfg.use_moe)
-    return bool(getattr(cfg, "num_experts", 0) or getattr(cfg, "num_local_experts", 0))
+    return any(getattr(cfg, name, 0) for name in EXPERT_COUNTS)
 
 
 def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = None) -> nn.Module:
