@@ -21,6 +21,7 @@ from model.fast_decoder import FastCausalLM, why_not_fast
 from model.hf_compat import rope_config_kwargs
 from model.model_lora import apply_lora, lora_parameters, merge_lora, save_lora
 from model.model_minimind import rope_cos_sin
+from trainer.base_flags import lora_file
 from trainer.base_model import REPO_TOKENIZER, BaseModelError, load_base, load_directory
 
 peft = pytest.importorskip("peft")
@@ -193,7 +194,8 @@ def test_broken_directory_is_a_user_error(tmp_path):
 
 def test_use_moe_flag_is_checked_by_the_directory_experts(tmp_path):
     """--use_moe against a transformers directory: a Qwen3-MoE or DeepSeek-V3 one (num_experts, n_routed_experts;
-    no use_moe key) is a MoE model, a dense Qwen3 one is not; the flag that says otherwise stops the run, the one that agrees loads it."""
+    no use_moe key) is a MoE model, a dense Qwen3 one is not; the flag that says otherwise stops the run, the one that agrees loads it,
+    and a LoRA named the MiniMind way is looked up with `_moe` for the MoE ones."""
     vocab = len(load_base(None, str(tmp_path), torch.float32).tokenizer)  # the demo base's: the repo tokenizer
     sizes = {**SIZES, "vocab_size": vocab}
     save_tiny(Qwen3MoeConfig(**sizes, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), tmp_path / "moe")
@@ -208,6 +210,11 @@ def test_use_moe_flag_is_checked_by_the_directory_experts(tmp_path):
         assert base.use_moe is moe
         with pytest.raises(BaseModelError, match=f"use_moe={moe}, but --use_moe {not moe}"):
             load_base(path, str(tmp_path), torch.float32, use_moe=not moe, tokenizer_path=str(REPO_TOKENIZER))
+        # chat.py's --lora_path by MiniMind name finds the file under the name the trainer gave it
+        saved = tmp_path / f"lo_{SIZES['hidden_size']}{'_moe' if moe else ''}.pth"
+        saved.touch()
+        assert lora_file("lo", str(tmp_path), base.model) == saved
+        saved.unlink()
 
 
 def test_llama3_rope_tables_match_transformers_and_the_op_checks():

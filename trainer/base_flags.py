@@ -15,7 +15,7 @@ from dataset.chat_render import LORA_TEMPLATE
 from model.errors import UserError
 from model.model_lora import lora_folder
 from trainer.args import check_template_file, default_save_dir, str2bool
-from trainer.base_model import BaseModelError, load_base, resolve_weight
+from trainer.base_model import BaseModelError, is_moe, load_base, resolve_weight
 
 
 def add_base_flags(p: argparse.ArgumentParser, device: bool = True) -> None:
@@ -168,8 +168,8 @@ def lora_file(flag: str, save_dir: str, model: nn.Module) -> Path:
     path = Path(flag).expanduser()
     if path.exists() or path.suffix or len(path.parts) > 1:
         return path
-    cfg = model.config
-    named = Path(save_dir) / f"{flag}_{cfg.hidden_size}{'_moe' if getattr(cfg, 'use_moe', False) else ''}.pth"
+    # named as the trainer names it: experts counted, not only MiniMind's use_moe key (a Qwen3-MoE directory)
+    named = Path(save_dir) / f"{flag}_{model.config.hidden_size}{'_moe' if is_moe(model) else ''}.pth"
     if not named.is_file():
         raise UserError(f"--lora_path {flag}: no such file, and no {named} for it as a MiniMind name in --save_dir")
     return named
