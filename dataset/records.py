@@ -228,9 +228,7 @@ def _one_object(path: str | Path, data: bytes, first_line: int) -> list[tuple[in
         except (ValueError, RecursionError) as e:
             if not records:
                 return None
-            raise DataError(f"{path}:{line}: invalid JSON ({str(e).split(':')[0]}) in a file of JSON objects written "
-                            f"over several lines: fix it, or write one object per line (jq -c . {path} > data.jsonl)"
-                            ) from None
+            raise _broken_object(path, text, e, line, counted) from None
         if not isinstance(obj, dict) or (not records and "\n" not in text[pos:end]):
             return None  # JSON Lines whose first line is followed by more text (`{...},`): each line says so
         records.append((line, text[pos:end].encode("utf-8", "surrogatepass")))
@@ -242,6 +240,16 @@ def _one_object(path: str | Path, data: bytes, first_line: int) -> list[tuple[in
             raise DataError(f"{path}: the file is one JSON object whose records are the list under {_short(lists[0])}: "
                             "save that list as a JSON array (.json), or as JSON Lines (one record per line)")
     return records
+
+
+def _broken_object(path: str | Path, text: str, err: Exception, line: int, begins: int) -> DataError:
+    """The error for an object of a multi-line file that is not valid JSON (it begins at `begins`, on `line`), named
+    by the line the JSON error is on: in a pretty-printed record that may be many lines further."""
+    pos = getattr(err, "pos", None)  # None for JSON nested too deeply or a huge number: the object's line
+    at = line if pos is None else line + text.count("\n", begins, min(pos, len(text.rstrip())))  # past the end: last
+    inside = f", in the object that begins on line {line}" if at != line else ""
+    return DataError(f"{path}:{at}: invalid JSON ({str(err).split(':')[0]}) in a file of JSON objects written over "
+                     f"several lines{inside}: fix it, or write one object per line (jq -c . {path} > data.jsonl)")
 
 
 def _record_lists(obj: dict) -> list[str]:

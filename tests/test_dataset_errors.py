@@ -521,8 +521,26 @@ def test_objects_written_over_several_lines_are_read_as_records(tok, tmp_path):
     path.write_text("\n".join(json.dumps(r, indent=2) for r in records) + "\n")
     with pytest.raises(DataError, match=f"{path}:{begins}: 'output' must be a string, got int"):
         SFTDataset(path, tok, 64, log=None)
+    third = begins + pretty[1].count("\n") + 1
     path.write_text("\n".join(pretty[:2] + [pretty[2][:-1]]) + "\n")  # the last object lost its closing brace
     with pytest.raises(DataError) as err:
         SFTDataset(path, tok, 64, skip_invalid=True, log=None)
-    assert str(err.value).startswith(f"{path}:{begins + pretty[1].count(chr(10)) + 1}: invalid JSON (")
+    assert str(err.value).startswith(f"{path}:{third + pretty[2].count(chr(10)) - 1}: invalid JSON (")
+    assert f"over several lines, in the object that begins on line {third}: " in str(err.value)
     assert str(err.value).endswith(f"write one object per line (jq -c . {path} > data.jsonl)")
+
+
+def test_a_broken_object_written_over_several_lines_is_named_by_the_line_of_its_error(tmp_path):
+    # A comma missing deep inside a pretty-printed record: the line to fix is the one json.loads names in it
+    first, second = (json.dumps(r, indent=2) for r in (chat("Hi", "Hello."), chat("Hey", "Hey.")))
+    second = second.replace('"role": "assistant",', '"role": "assistant"')
+    path = tmp_path / "pretty.jsonl"
+    path.write_text(first + "\n" + second + "\n")
+    with pytest.raises(json.JSONDecodeError) as reference:
+        json.loads(second)
+    begins = first.count("\n") + 2
+    with pytest.raises(DataError) as err:
+        read_conversations(path)
+    assert str(err.value).startswith(
+        f"{path}:{begins - 1 + reference.value.lineno}: invalid JSON (Expecting ',' delimiter) in a file of JSON "
+        f"objects written over several lines, in the object that begins on line {begins}: "), str(err.value)
