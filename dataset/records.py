@@ -229,8 +229,9 @@ def _one_object(path: str | Path, data: bytes, first_line: int) -> list[tuple[in
             if not records:
                 return None
             raise _broken_object(path, text, e, line, counted) from None
-        if not isinstance(obj, dict) or (not records and "\n" not in text[pos:end]):
+        if not records and (not isinstance(obj, dict) or "\n" not in text[pos:end]):
             return None  # JSON Lines whose first line is followed by more text (`{...},`): each line says so
+        # A later value that is no object is a record too: parse_conversation names it, on its own line
         records.append((line, text[pos:end].encode("utf-8", "surrogatepass")))
         pos = _skip_space(text, end)
     obj = json.loads(records[0][1]) if len(records) == 1 else {}

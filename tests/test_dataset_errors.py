@@ -544,3 +544,14 @@ def test_a_broken_object_written_over_several_lines_is_named_by_the_line_of_its_
     assert str(err.value).startswith(
         f"{path}:{begins - 1 + reference.value.lineno}: invalid JSON (Expecting ',' delimiter) in a file of JSON "
         f"objects written over several lines, in the object that begins on line {begins}: "), str(err.value)
+
+
+def test_a_value_that_is_no_object_after_objects_over_several_lines_is_one_bad_record(tmp_path):
+    # Read as lines instead, each line of the pretty-printed record before it would be an 'invalid JSON' error
+    pretty = json.dumps(chat("Hi", "Hello."), indent=2)
+    path = tmp_path / "pretty.jsonl"
+    path.write_text(pretty + "\n" + json.dumps(["Hey", "Hey."]) + "\n" + json.dumps(chat("Yo", "Yo.")) + "\n")
+    conversations, problems = read_conversations(path)
+    begins = pretty.count("\n") + 2
+    assert [c.line for c in conversations] == [1, begins + 1]
+    assert problems == [(begins, "expected a JSON object, got list")]
