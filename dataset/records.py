@@ -368,8 +368,6 @@ def _role_messages(turns: list) -> tuple[list[dict[str, Any]], list[dict[str, An
 def _sharegpt(turns: list, system: Any) -> list[dict[str, Any]]:
     messages = []
     if system is not None and system != "":  # an empty "system" field means none, as in Alpaca records
-        if turns and turns[0]["from"] == "system":
-            raise BadRecord("message 0 is a system turn and the record has a 'system' field too: keep one of them")
         messages.append(_message(-1, "system", system, None, None))
     for i, turn in enumerate(turns):
         role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
@@ -498,6 +496,8 @@ def _check_order(messages: list[dict[str, Any]], added: int = 0) -> None:
     # `added`: messages put before the data's own (a ShareGPT "system" field), which its numbering does not count
     for i, m in enumerate(messages):
         if m["role"] == "system" and i > 0:
+            if i == added:  # the data's first turn, after the message of a ShareGPT "system" field
+                raise BadRecord("message 0 is a system turn and the record has a 'system' field too: keep one of them")
             raise BadRecord(f"message {i - added}: a system message may only come first")
         if m["role"] == "tool" and (
             i == 0 or not (messages[i - 1].get("tool_calls") or messages[i - 1]["role"] == "tool")
