@@ -97,7 +97,7 @@ def test_an_error_of_one_rank_names_it(tiny, where):
 
 
 def test_a_flag_error_under_a_launcher_that_is_not_torchrun_exits_at_once(tmp_path):
-    # srun sets RANK, WORLD_SIZE and LOCAL_RANK but no TORCHELASTIC_RUN_ID, and no agent stops this rank after local
+    # A slurm script exports RANK, WORLD_SIZE and LOCAL_RANK but no TORCHELASTIC_RUN_ID, and no agent stops this rank after local
     # rank 0 exits: waiting QUIET_WAIT_S for one would only delay the error
     env = {k: v for k, v in subprocess_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1").items()
            if not k.startswith("TORCHELASTIC_")}
@@ -107,3 +107,18 @@ def test_a_flag_error_under_a_launcher_that_is_not_torchrun_exits_at_once(tmp_pa
     assert run.returncode == 2, run.stdout + run.stderr
     assert run.stderr.strip().splitlines() == ["error: rank 1: --lora_rank must be at least 1 (got 0)"], run.stderr
     assert elapsed < QUIET_WAIT_S / 2, f"{elapsed:.1f} s"
+
+
+def test_ranks_set_without_a_rendezvous_address_stop_in_one_line(tmp_path):
+    # A slurm script that exports RANK, WORLD_SIZE and LOCAL_RANK from SLURM_PROCID and the rest, but no MASTER_ADDR
+    # or MASTER_PORT: torch's env:// rendezvous would raise a ValueError with a traceback
+    env = {k: v for k, v in subprocess_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items()
+           if not k.startswith(("TORCHELASTIC_", "MASTER_"))}
+    weight = save_tiny_minimind(tmp_path / "base.pth")
+    data = write_chat_data(tmp_path / "data.jsonl", 4)
+    run = run_cli([python(), SCRIPT, *lora_args(tmp_path, weight, data, max_steps=1)], timeout=120, cwd=tmp_path,
+                  env=env)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "error: RANK, WORLD_SIZE and LOCAL_RANK are set but MASTER_ADDR and MASTER_PORT not: export rank 0's host as "
+        "MASTER_ADDR and a free port as MASTER_PORT too, or start with torchrun"], run.stderr

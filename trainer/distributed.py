@@ -51,7 +51,8 @@ def launched_by_torchrun() -> bool:
 
 def torchrun_agent_watches() -> bool:
     """Whether torchrun's agent started this process (it sets TORCHELASTIC_RUN_ID) and so stops the other ranks when
-    one exits with an error; slurm's srun and other launchers set RANK, WORLD_SIZE and LOCAL_RANK but stop no one."""
+    one exits with an error; under another launcher (a slurm script that exports RANK, WORLD_SIZE and LOCAL_RANK from
+    srun's SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID) no one stops them."""
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
@@ -87,6 +88,10 @@ def setup_distributed(device_flag: str | None, ddp_flag: bool, timeout_s: float 
                 "  torchrun --nproc_per_node 2 trainer/train_lora.py <your flags>\n"
                 "(for one GPU, drop --ddp)")
         return DistInfo(rank=0, world_size=1, local_rank=0, device=pick_device(device_flag, -1))
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:  # torchrun sets them; a launcher script that exports RANK and the rest itself (srun's) may not
+        raise DistributedError(f"RANK, WORLD_SIZE and LOCAL_RANK are set but {' and '.join(missing)} not: export "
+                               "rank 0's host as MASTER_ADDR and a free port as MASTER_PORT too, or start with torchrun")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     device = pick_device(device_flag, local_rank)
