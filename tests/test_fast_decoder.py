@@ -2,6 +2,7 @@
 transformers' own classes: logits (padded, packed), PEFT adapters both ways, merged exports, fallbacks."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from model.hf_compat import rope_config_kwargs
 from model.model_lora import apply_lora, lora_parameters, merge_lora, save_lora
 from model.model_minimind import rope_cos_sin
 from trainer.base_flags import lora_file
-from trainer.base_model import REPO_TOKENIZER, BaseModelError, load_base, load_directory
+from trainer.base_model import EXPERT_COUNTS, REPO_TOKENIZER, BaseModelError, load_base, load_directory
 
 peft = pytest.importorskip("peft")
 
@@ -208,8 +209,15 @@ def test_use_moe_flag_is_checked_by_the_directory_experts(tmp_path):
         path = str(tmp_path / name)
         base = load_base(path, str(tmp_path), torch.float32, use_moe=moe, tokenizer_path=str(REPO_TOKENIZER))
         assert base.use_moe is moe
-        with pytest.raises(BaseModelError, match=f"use_moe={moe}, but --use_moe {not moe}"):
+        with pytest.raises(BaseModelError, match=f", but --use_moe {int(not moe)} was given") as err:
             load_base(path, str(tmp_path), torch.float32, use_moe=not moe, tokenizer_path=str(REPO_TOKENIZER))
+        # the refusal quotes what the file holds, which has no use_moe key: its count of experts, or none
+        written = json.loads((tmp_path / name / "config.json").read_text())
+        held = re.search(r"config\.json has (\w+)=(\d+), but", str(err.value))
+        if moe:
+            assert held and written[held[1]] == int(held[2]) and "use_moe" not in written, str(err.value)
+        else:
+            assert not any(k in written for k in EXPERT_COUNTS) and "config.json has no experts (" in str(err.value)
         # chat.py's --lora_path by MiniMind name finds the file under the name the trainer gave it
         saved = tmp_path / f"lo_{SIZES['hidden_size']}{'_moe' if moe else ''}.pth"
         saved.touch()

@@ -145,13 +145,15 @@ def _check_flags(model: nn.Module, source: Path, hidden_size: int | None, layers
                  use_moe: bool | None) -> None:
     """Flags that contradict a model directory's config.json stop the run (as load_minimind does for .pth)."""
     config = model.config
-    # use_moe by the experts (is_moe): a transformers MoE config names them num_experts, not use_moe
     for flag, wanted, actual in (("hidden_size", hidden_size, getattr(config, "hidden_size", None)),
-                                 ("num_hidden_layers", layers, getattr(config, "num_hidden_layers", None)),
-                                 ("use_moe", use_moe, is_moe(model))):
+                                 ("num_hidden_layers", layers, getattr(config, "num_hidden_layers", None))):
         if wanted is not None and actual is not None and wanted != actual:
             raise BaseModelError(f"{source}/config.json has {flag}={actual}, but --{flag} {wanted} was given; "
                                  f"drop the flag or pick the matching model")
+    # use_moe by the experts (is_moe): a transformers MoE config counts them (num_experts...), it has no use_moe key
+    if use_moe is not None and use_moe != is_moe(model):
+        raise BaseModelError(f"{source}/config.json has {_experts_in(config)}, but --use_moe {int(use_moe)} was "
+                             "given; drop the flag or pick the matching model")
 
 
 # What transformers' MoE configs call their count of routed experts: Qwen-MoE, Mixtral (and GPT-OSS), DeepSeek-V2/V3
@@ -165,6 +167,15 @@ def is_moe(model: nn.Module) -> bool:
     if hasattr(cfg, "use_moe"):  # MiniMind (its config lists num_experts even for dense models)
         return bool(cfg.use_moe)
     return any(getattr(cfg, name, 0) for name in EXPERT_COUNTS)
+
+
+def _experts_in(config: object) -> str:
+    """What a config.json says of experts, as it writes it: MiniMind's use_moe, else its count of experts."""
+    if hasattr(config, "use_moe"):
+        return f"use_moe={config.use_moe}"
+    written = config.to_dict()  # the keys of the file, not the names transformers 5 also answers to
+    counts = [f"{name}={written[name]}" for name in EXPERT_COUNTS if written.get(name)]
+    return counts[0] if counts else f"no experts (none of {', '.join(EXPERT_COUNTS)})"
 
 
 def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = None) -> nn.Module:
