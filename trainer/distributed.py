@@ -44,8 +44,9 @@ class DistInfo:
         return self.world_size > 1
 
 
-def launched_by_torchrun() -> bool:
-    """torchrun (and torch.distributed.launch) export these for every worker."""
+def launched_as_a_rank() -> bool:
+    """Whether a launcher started this process as one rank of a job: torchrun (and torch.distributed.launch) export
+    these for every worker, and a slurm script exports them for srun's (see torchrun_agent_watches)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
@@ -81,7 +82,7 @@ def setup_distributed(device_flag: str | None, ddp_flag: bool, timeout_s: float 
     A collective that some rank never joins (it died, or hangs) fails after `timeout_s` instead of
     blocking its peers forever.
     """
-    if not launched_by_torchrun():
+    if not launched_as_a_rank():
         if ddp_flag:
             raise DistributedError(
                 "--ddp needs several processes started by torchrun, e.g.\n"

@@ -22,7 +22,7 @@ from trainer.distributed import (
     announce_failure,
     cleanup_distributed,
     exit_now,
-    launched_by_torchrun,
+    launched_as_a_rank,
     say_once_per_machine,
     torchrun_agent_watches,
 )
@@ -55,7 +55,7 @@ class StopSignal:
         # in C++ (a collective, a kernel), where a Python handler would not run until it returned.
         for s in self.signals:
             signal.signal(s, signal.SIG_DFL)
-        rank = os.environ.get("RANK") if launched_by_torchrun() else None
+        rank = os.environ.get("RANK") if launched_as_a_rank() else None
         print(f"\n{f'rank {rank}: ' if rank else ''}{signal.Signals(signum).name} received: finishing this step, then "
               f"saving a resume checkpoint (a second {self.how} aborts without saving)", flush=True)
         if rank is not None:
@@ -104,7 +104,7 @@ def rerun_command(info: DistInfo, changes: dict[str, str]) -> str:
         out.append(a)
     for name, value in changes.items():
         out += [f"--{name}", value]
-    if not launched_by_torchrun():
+    if not launched_as_a_rank():
         return shlex.join(["python", sys.argv[0], *out])
     if not torchrun_agent_watches():  # srun or another launcher, whose own flags this rank cannot see
         return "your launcher's command, as before, running " + shlex.join([sys.argv[0], *out])
@@ -187,7 +187,7 @@ def _print_user_error(err: UserError) -> None:
     Under another launcher (slurm's srun), which stops no rank, every rank says its error at once.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not launched_by_torchrun() or world == 1:
+    if not launched_as_a_rank() or world == 1:
         print_error(err)
     elif dist.is_available() and dist.is_initialized():
         say_once_per_machine(str(err), dist.get_rank())
