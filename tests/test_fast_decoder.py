@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3Config,
+    DogeConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -205,7 +206,8 @@ def test_use_moe_flag_is_checked_by_the_directory_experts(tmp_path):
                                q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                                v_head_dim=16), tmp_path / "deepseek")  # its experts: n_routed_experts
     save_tiny(Qwen3Config(**sizes), tmp_path / "dense")
-    for name, moe in (("moe", True), ("deepseek", True), ("dense", False)):
+    save_tiny(DogeConfig(**sizes), tmp_path / "doge")  # dense (is_moe false), though its config lists num_experts
+    for name, moe in (("moe", True), ("deepseek", True), ("dense", False), ("doge", False)):
         path = str(tmp_path / name)
         base = load_base(path, str(tmp_path), torch.float32, use_moe=moe, tokenizer_path=str(REPO_TOKENIZER))
         assert base.use_moe is moe
@@ -216,6 +218,8 @@ def test_use_moe_flag_is_checked_by_the_directory_experts(tmp_path):
         held = re.search(r"config\.json has (\w+)=(\d+), but", str(err.value))
         if moe:
             assert held and written[held[1]] == int(held[2]) and "use_moe" not in written, str(err.value)
+        elif name == "doge":
+            assert written["num_experts"] and "config.json has is_moe=False, but" in str(err.value)
         else:
             assert not any(k in written for k in EXPERT_COUNTS) and "config.json has no experts (" in str(err.value)
         # chat.py's --lora_path by MiniMind name finds the file under the name the trainer gave it

@@ -164,15 +164,22 @@ EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_nu
 def is_moe(model: nn.Module) -> bool:
     """Whether a MiniMind or transformers causal LM routes tokens to experts."""
     cfg = model.config
-    if hasattr(cfg, "use_moe"):  # MiniMind (its config lists num_experts even for dense models)
-        return bool(cfg.use_moe)
+    switch = _moe_switch(cfg)
+    if switch:  # such a config lists num_experts for dense models too
+        return bool(getattr(cfg, switch))
     return any(getattr(cfg, name, 0) for name in EXPERT_COUNTS)
 
 
+def _moe_switch(config: object) -> str | None:
+    """The key with which a config turns its experts on or off, if it has one: MiniMind's use_moe, Doge's is_moe."""
+    return next((key for key in ("use_moe", "is_moe") if hasattr(config, key)), None)
+
+
 def _experts_in(config: object) -> str:
-    """What a config.json says of experts, as it writes it: MiniMind's use_moe, else its count of experts."""
-    if hasattr(config, "use_moe"):
-        return f"use_moe={config.use_moe}"
+    """What a config.json says of experts, as it writes it: its switch (_moe_switch), else its count of experts."""
+    switch = _moe_switch(config)
+    if switch:
+        return f"{switch}={getattr(config, switch)}"
     written = config.to_dict()  # the keys of the file, not the names transformers 5 also answers to
     counts = [f"{name}={written[name]}" for name in EXPERT_COUNTS if written.get(name)]
     return counts[0] if counts else f"no experts (none of {', '.join(EXPERT_COUNTS)})"
