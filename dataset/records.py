@@ -432,12 +432,14 @@ def _text_of_parts(parts: list, where: str, role: str) -> str:
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
         key = "refusal" if kind == "refusal" and role == "assistant" else "text"
+        if not isinstance(part, dict) or "type" not in part:  # no part at all: structured data, a tool's JSON result
+            shown = f"is a {type(part).__name__}" if not isinstance(part, dict) else "has no 'type'"
+            raise BadRecord(f"{where}: content must be a string or a list of {{\"type\": \"text\", \"text\": ...}} "
+                            f"parts, and item {j} {shown}; write structured content (a tool's JSON result) as a string")
         if kind not in ("text", key):
-            shown = (f"is a {type(part).__name__}" if not isinstance(part, dict) else
-                     f"has type {_short(kind)}" if "type" in part else "has no 'type'")
-            raise BadRecord(f"{where}: content part {j} {shown}: this trainer trains text models, which read only "
-                            '{"type": "text", "text": ...} parts; remove the other parts, or write what they hold '
-                            "as text")
+            raise BadRecord(f"{where}: content part {j} has type {_short(kind)}: this trainer trains text models, which "
+                            'read only {"type": "text", "text": ...} parts; remove the other parts, or write what they '
+                            "hold as text")
         if not isinstance(part.get(key), str):
             raise BadRecord(f"{where}: content part {j}: {_short(key)} must be a string, got "
                             f"{type(part.get(key)).__name__}")

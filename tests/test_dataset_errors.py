@@ -93,7 +93,18 @@ BAD_PARTS = [  # OpenAI-style content parts: text only
     (
         json.dumps({"messages": [{"role": "user", "content": [{"text": "Hi"}]},
                                  {"role": "assistant", "content": "Hello."}]}).encode(),
-        "message 0 (user): content part 0 has no 'type'",
+        "message 0 (user): content must be a string or a list of {\"type\": \"text\", \"text\": ...} parts, and item 0 "
+        "has no 'type'",
+    ),
+    (  # a tool's result kept as JSON: structured data, not an image that a text model cannot read
+        json.dumps({"messages": [
+            {"role": "user", "content": "Find cats"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "search", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": [{"title": "Cats", "url": "https://x.org/cats"}]},
+            {"role": "assistant", "content": "Here."}]}).encode(),
+        "message 2 (tool): content must be a string or a list of {\"type\": \"text\", \"text\": ...} parts, and item 0 "
+        "has no 'type'; write structured content (a tool's JSON result) as a string",
     ),
     (
         json.dumps({"messages": [{"role": "user", "content": "Hi"},
