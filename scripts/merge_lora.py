@@ -37,7 +37,7 @@ with frozen_imports():
     from model.errors import UserError, exit_on_user_error
     from model.generate import stop_token_ids
     from model.hf_export import ExportError, export_minimind
-    from model.model_lora import load_lora, merge_lora
+    from model.model_lora import load_lora, lora_folder, merge_lora
     from trainer.base_flags import base_for, is_minimind, lora_file, script_parser, use_chat_template
     from trainer.base_model import TOKENIZER_FILES, load_base
     from trainer.checkpoint import write_dir
@@ -54,9 +54,12 @@ def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object, torch.dty
                      args.tokenizer_path, minimind_default="full_sft")  # dtype None: as stored (.pth, config.json)
     lora = lora_file(args.lora_path, args.save_dir, base.model)
     pth, hf_dir = output_paths(base.model, args)
-    # The tokenizer and --chat_template are not inputs to protect: the export holds a copy of each
+    # The tokenizer and --chat_template are not inputs to protect: the export holds a copy of each. The LoRA is: in
+    # both forms the trainer writes it, a .pth and the adapter folder of the same name beside it
+    other_form = lora.with_name(lora.name + ".pth") if lora.is_dir() else lora_folder(lora)
     refuse_writing_over_inputs(hf_dir.with_name(hf_dir.name.removesuffix("_hf")), output_kinds(pth),
-                               {"--from_weight": base.source, "--lora_path": str(lora)}, "--save_weight")
+                               {"--from_weight": base.source, "--lora_path": str(lora),
+                                "LoRA beside --lora_path": str(other_form)}, "--save_weight")
     for out in (pth, hf_dir):
         if out is not None and out.is_dir() and out.is_symlink():
             raise UserError(f"{out} is a symbolic link, and the merge replaces this folder whole; move the link "

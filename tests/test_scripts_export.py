@@ -408,6 +408,24 @@ def test_a_merge_that_would_replace_the_folder_holding_its_lora_stops_first(tmp_
     merge(tmp_path / "base", out / "merged_64_hf" / lora_name, tmp_path / "elsewhere")  # another --save_dir merges
 
 
+def test_a_merge_named_as_its_lora_leaves_the_lora_s_other_form(tmp_path, capsys):
+    # The trainer writes a LoRA twice, lo_64.pth and the adapter folder lo_64/: merging the folder with
+    # --save_weight lo would write the merged model over the .pth beside it
+    model = tiny_dir(tmp_path / "base")
+    apply_lora(model, rank=2, targets="q_proj")
+    out = tmp_path / "out"
+    save_lora(model, out / "lo_64.pth")
+    save_lora(model, out / "lo_64")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        merge(tmp_path / "base", out / "lo_64", out, "--save_weight", "lo")
+    assert exit_info.value.code == 2
+    assert (f"error: {shown_path(out / 'lo_64.pth')} is where this run writes, and it holds the run's own LoRA beside "
+            f"--lora_path {out / 'lo_64.pth'}: writing there would replace it") in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_a_merge_into_an_earlier_export_leaves_none_of_its_files(tmp_path, capsys):
     """An earlier export of another model held a chat_template.jinja this tokenizer lacks: transformers would read
     it before the template in tokenizer_config.json, so the new export must not keep it."""
