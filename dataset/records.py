@@ -37,6 +37,7 @@ SHAREGPT_ROLES = {
     "tool": "tool",
 }
 MAX_SHOWN = 20
+TEXT_PARTS = ("text", "input_text", "output_text", "refusal")  # content part types that hold text
 # Files that are not text, by their first bytes: (what the file is, how to make JSON Lines of it)
 BINARY_FORMATS = {
     b"\x1f\x8b": ("gzip-compressed", "decompress it first (gunzip -k FILE) and pass the .jsonl file"),
@@ -426,17 +427,20 @@ def _message(
 
 def _text_of_parts(parts: list, where: str, role: str) -> str:
     """The text of OpenAI-style content parts [{"type": "text", "text": ...}, ...], joined with nothing between, as
-    OpenAI reads them and as the templates that take parts (Mistral's, Kimi-K2's) print them; an assistant's
-    "refusal" part is its text too. Any other part is an image or a sound, which a text model cannot read."""
+    OpenAI reads them and as the templates that take parts (Mistral's, Kimi-K2's) print them; the Responses API's
+    "input_text" and "output_text" parts and an assistant's "refusal" part are text too. Any other part is an image,
+    a file or a sound, which a text model cannot read."""
     texts = []
     for j, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
-        key = "refusal" if kind == "refusal" and role == "assistant" else "text"
+        if kind == "refusal" and role != "assistant":
+            raise BadRecord(f"{where}: content part {j} is a refusal, which only an assistant message can hold")
+        key = "refusal" if kind == "refusal" else "text"
         if not isinstance(part, dict) or "type" not in part:  # no part at all: structured data, a tool's JSON result
             shown = f"is a {type(part).__name__}" if not isinstance(part, dict) else "has no 'type'"
             raise BadRecord(f"{where}: content must be a string or a list of {{\"type\": \"text\", \"text\": ...}} "
                             f"parts, and item {j} {shown}; write structured content (a tool's JSON result) as a string")
-        if kind not in ("text", key):
+        if kind not in TEXT_PARTS:
             raise BadRecord(f"{where}: content part {j} has type {_short(kind)}: this trainer trains text models, which "
                             'read only {"type": "text", "text": ...} parts; remove the other parts, or write what they '
                             "hold as text")

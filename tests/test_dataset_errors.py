@@ -114,7 +114,7 @@ BAD_PARTS = [  # OpenAI-style content parts: text only
     (
         json.dumps({"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "No."}]},
                                  {"role": "assistant", "content": "Ok."}]}).encode(),
-        "message 0 (user): content part 0 has type 'refusal'",
+        "message 0 (user): content part 0 is a refusal, which only an assistant message can hold",
     ),
 ]
 BAD_IN_STRINGS = [  # the same inside MiniMind's JSON strings (tool calls, tools)

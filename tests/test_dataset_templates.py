@@ -522,14 +522,16 @@ def test_huge_arguments_given_as_a_string_are_cut_after_their_conversion(minimin
 
 
 def as_parts(messages: list[dict], rng: random.Random) -> list[dict]:
-    """The messages with every string content written as OpenAI-style text parts, cut at random places."""
+    """The messages with every string content written as OpenAI-style text parts, cut at random places; each part
+    of the Chat Completions type ("text") or the Responses API's ("input_text", an assistant's "output_text")."""
     out = []
     for m in messages:
         text = m["content"]
         if isinstance(text, str):
             cuts = sorted(rng.sample(range(len(text) + 1), min(2, len(text) + 1)))
             pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
-            m = {**m, "content": [{"type": "text", "text": piece} for piece in pieces if piece]}
+            kinds = ["text", "output_text" if m["role"] == "assistant" else "input_text"]
+            m = {**m, "content": [{"type": rng.choice(kinds), "text": piece} for piece in pieces if piece]}
         out.append(m)
     return out
 
