@@ -103,7 +103,7 @@ def test_half_precision_directory_matches_the_original_class_in_that_dtype(model
     original(model_dir).to(dtype).save_pretrained(tmp_path)
     fast = load_directory(tmp_path, None, max_seq_len=32).eval()
     assert next(fast.parameters()).dtype == dtype
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()  # by name: transformers 4 loads float32
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want, fp32 = ref(ids).logits.float(), ref.float()(ids).logits
