@@ -498,13 +498,12 @@ def _short(value: Any) -> str:
 
 
 def _check_order(messages: list[dict[str, Any]], added: int = 0) -> None:
-    # Templates disagree on everything else, but none can render these, and none should learn from them.
+    # Templates disagree on everything else, but none can render these, and none should learn from them. A system
+    # message between turns is left to the template: Qwen's and Llama's render it in place, Mistral's refuse it.
     # `added`: messages put before the data's own (a ShareGPT "system" field), which its numbering does not count
     for i, m in enumerate(messages):
-        if m["role"] == "system" and i > 0:
-            if i == added:  # the data's first turn, after the message of a ShareGPT "system" field
-                raise BadRecord("message 0 is a system turn and the record has a 'system' field too: keep one of them")
-            raise BadRecord(f"message {i - added}: a system message may only come first")
+        if m["role"] == "system" and i == added > 0:  # the data's first turn, after the "system" field's message
+            raise BadRecord("message 0 is a system turn and the record has a 'system' field too: keep one of them")
         if m["role"] == "tool" and (
             i == 0 or not (messages[i - 1].get("tool_calls") or messages[i - 1]["role"] == "tool")
         ):

@@ -507,8 +507,8 @@ def test_sharegpt_problems_are_numbered_as_the_data_numbers_its_turns(tmp_path):
         ({"conversations": [human, observation, gpt]}, "message 1: a tool message must follow an assistant tool call"),
         ({"system": "S", "conversations": [human, observation, gpt]},
          "message 1: a tool message must follow an assistant tool call"),
-        ({"system": "S", "conversations": [human, gpt, system, human, gpt]},
-         "message 2: a system message may only come first"),
+        ({"system": "S", "conversations": [human, gpt, human, observation, gpt]},
+         "message 3: a tool message must follow an assistant tool call"),
         ({"system": "S", "conversations": [system, human, gpt]},
          "message 0 is a system turn and the record has a 'system' field too: keep one of them"),
     ]

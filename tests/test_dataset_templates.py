@@ -215,6 +215,25 @@ def test_template_masks(minimind, name):
         assert ids in rendered_ids(tok, template, messages, tools), kind
 
 
+@pytest.mark.parametrize("name", ["minimind", *sorted(MODELS)])
+def test_a_system_message_between_turns_is_placed_by_the_template(minimind, name):
+    # An instruction that changes mid-chat: the ids are the template's own rendering (in place for Qwen's and Llama's,
+    # moved to the front by DeepSeek's) and the loss learns the assistant turns as without that message; a template
+    # that refuses it (Mistral-Small's alternation check) makes it one bad record
+    tok = minimind if name == "minimind" else model_tokenizer(minimind, name)
+    template = None if name == "minimind" else (TEMPLATES / f"{name}.jinja").read_text()
+    mid = [*MULTI[:3], {"role": "system", "content": "Answer in French from now on."}, *MULTI[3:]]
+    messages, _ = parse_conversation({"messages": mid})
+    if name == "mistral_small32":
+        with pytest.raises(BadRecord, match="the chat template refused this conversation"):
+            render_conversation(tok, messages, template)
+        return
+    ids, mask = render_conversation(tok, messages, template)
+    assert ids in rendered_ids(tok, template or tok.chat_template, mid, None)
+    assert "French" in tok.decode(ids)
+    assert spans(tok, ids, mask) == spans(tok, *render_conversation(tok, MULTI, template))
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_tool_call_arguments_are_learned_as_the_template_prints_them(minimind, name):
     # OpenAI's format writes arguments as a JSON string, transformers' as an object. Templates that JSON-encode
