@@ -154,6 +154,22 @@ def test_the_gpu_generator_is_restored_from_new_and_older_resume_files():
         assert torch.equal(torch.rand(5, device="cuda"), want)
 
 
+def test_a_finished_run_resumed_says_its_epochs_are_done(tmp_path, capsys):
+    # After its last epoch the state points at the next one; a 1-epoch run must not say it resumes in "epoch 2"
+    weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
+    data = write_chat_data(tmp_path / "data.jsonl", 4)
+    argv = lora_args(tmp_path, weight, data, batch_size=2, epochs=1)
+    assert run_inprocess(main, argv) == 0
+    capsys.readouterr()
+    assert run_inprocess(main, argv + ["--from_resume", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"resuming from \S+_resume\.pth: step 2, epoch 1 of 1 done\n", out), out
+    assert "nothing to train: the run already reached step 2\n" in out
+    # Asked for a second epoch, the same file continues into it
+    assert run_inprocess(main, argv[:-2] + ["--epochs", "2", "--from_resume", "1"]) == 0
+    assert re.search(r"resuming from \S+_resume\.pth: step 2, epoch 2\n", capsys.readouterr().out)
+
+
 def test_a_resume_past_its_max_steps_trains_nothing_and_keeps_the_weights(tmp_path, capsys):
     weight = save_tiny_minimind(tmp_path / "full_sft_64.pth")
     data = write_chat_data(tmp_path / "data.jsonl", 12)

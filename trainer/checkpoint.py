@@ -355,9 +355,10 @@ def check_resume_flags(config: dict, path: Path, args: object, world_size: int, 
 def start_or_resume(path: Path, from_resume: bool, load_trainable: Callable[[dict], None],
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, rank: int,
                     world_size: int, seed: int,
-                    check: Callable[[dict, Path], list[str]] | None = None) -> TrainState:
+                    check: Callable[[dict, Path], list[str]] | None = None, epochs: int | None = None) -> TrainState:
     """A fresh TrainState, or the one in `path` (with everything loaded) when --from_resume 1 finds it.
-    `check(config, path)` may refuse the file's saved config (check_resume_flags) before anything is loaded."""
+    `check(config, path)` may refuse the file's saved config (check_resume_flags) before anything is loaded;
+    `epochs` (this run's --epochs) tells a finished run from one that continues into its next epoch."""
     ckpt = load_resume(path) if from_resume else None
     if ckpt is not None and check is not None:
         for note in check(ckpt["config"], path):
@@ -373,7 +374,9 @@ def start_or_resume(path: Path, from_resume: bool, load_trainable: Callable[[dic
         return TrainState(world_size=world_size)
     state = restore_resume(ckpt, path, load_trainable, optimizer, scaler, rank, world_size, seed)
     if rank == 0:
-        print(f"resuming from {path}: step {state.step}, epoch {state.epoch + 1}", flush=True)
+        done = epochs is not None and state.epoch >= epochs  # past the last epoch: not an "epoch 11" of 10
+        where = f"epoch {epochs} of {epochs} done" if done else f"epoch {state.epoch + 1}"
+        print(f"resuming from {path}: step {state.step}, {where}", flush=True)
     return state
 
 

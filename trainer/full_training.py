@@ -103,7 +103,8 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
         state = start_or_resume(resume_path, args.from_resume, model.load_state_dict, optimizer, scaler, info.rank,
                                 info.world_size, args.seed,
                                 partial(check_resume_flags, args=args, world_size=info.world_size,
-                                        n_train=len(data.train), model=model, source=base.source))
+                                        n_train=len(data.train), model=model, source=base.source),
+                                epochs=args.epochs)
     # Every rank reads the resume file: on several machines they must all see the same one.
     same_on_all_ranks(state.step, "the step to continue from", f"each reads {resume_path}: on several machines, "
                       "--save_dir must be a folder that all of them see (shared storage)", info)

@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                                 partial(load_lora_state_dict, model, source=str(resume_path)),
                                 optimizer, scaler, info.rank, info.world_size, args.seed,
                                 partial(check_resume_flags, args=args, world_size=info.world_size,
-                                        n_train=len(data.train), model=model, source=base.source, targets=targets))
+                                        n_train=len(data.train), model=model, source=base.source, targets=targets),
+                                epochs=args.epochs)
     # Every rank reads the resume file: on several machines they must all see the same one.
     same_on_all_ranks(state.step, "the step to continue from", f"each reads {resume_path}: on several machines, "
                       "--save_dir must be a folder that all of them see (shared storage)", info)
