@@ -244,7 +244,7 @@ def _refuse_unknown_architecture(path: Path) -> None:
         raise BaseModelError(f"--from_weight {path}: its config.json names custom code (auto_map, model_type "
                              f"{kind!r}), which this repo does not run; it trains MiniMind models and the "
                              "architectures transformers ships")
-    if isinstance(kind, str) and kind not in CONFIG_MAPPING and kind != "minimind":
+    if isinstance(kind, str) and kind not in CONFIG_MAPPING:  # "minimind" is there: model_minimind registers it
         raise BaseModelError(f"--from_weight {path}: its config.json's model_type {kind!r} is no architecture "
                              f"transformers {transformers.__version__} ships; if the model is newer than that, "
                              "`pip install -U transformers`")
