@@ -197,3 +197,35 @@ def test_a_template_file_with_a_byte_order_mark_trains_as_the_plain_file(tmp_pat
         assert run_inprocess(train_full_sft.main, flags) == 0
         saved = AutoTokenizer.from_pretrained(tmp_path / "out" / "full_sft_64").chat_template
     assert saved == text
+
+
+@pytest.mark.parametrize("save_dtype", [None, "float32"])
+def test_full_sft_saves_a_bf16_directory_in_bf16_unless_save_dtype_says(tmp_path, save_dtype):
+    """A bf16 base comes back bf16 (its config.json's dtype), trained in fp32; --save_dtype float32 keeps fp32."""
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "qwen3")
+    AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(tmp_path / "qwen3")
+    out = tmp_path / "out"
+    flags = dict(save_dir=out, from_weight=tmp_path / "qwen3", data_path=write_chat_data(tmp_path / "chat.jsonl", 6),
+                 max_steps=2, learning_rate=1e-2)
+    assert run_inprocess(train_full_sft.main, _flags(**flags, **({"save_dtype": save_dtype} if save_dtype else {}))) == 0
+    trained = torch.load(out / "full_sft_32_resume.pth", weights_only=False)["trainable"]
+    assert all(v.dtype == torch.float32 for v in trained.values())  # training and resuming stay fp32
+    wanted = getattr(torch, save_dtype or "bfloat16")
+    saved = AutoModelForCausalLM.from_pretrained(out / "full_sft_32", dtype="auto")
+    assert json.loads((out / "full_sft_32" / "config.json").read_text())["dtype"] == str(wanted).split(".")[1]
+    assert saved.lm_head.weight is saved.model.embed_tokens.weight  # still one tied tensor
+    for key, value in saved.state_dict().items():
+        assert value.dtype == wanted, key
+        torch.testing.assert_close(value, trained[key].to(wanted), atol=0, rtol=0)
+
+
+def test_stored_dtype_reads_either_spelling_of_config_dtype(tmp_path):
+    from trainer.base_model import stored_dtype
+
+    for config, wanted in (({"dtype": "bfloat16"}, torch.bfloat16), ({"torch_dtype": "float16"}, torch.float16),
+                           ({}, None), ({"dtype": "int8"}, None), ({"dtype": "nonsense"}, None)):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert stored_dtype(tmp_path) == wanted, config

@@ -50,6 +50,7 @@ class BaseModel:
     source: str  # the file or directory it came from ("new" for a fresh random model)
     hidden_size: int
     use_moe: bool
+    stored_dtype: torch.dtype | None = None  # a model directory's dtype by its config.json; None: not written there
 
 
 def resolve_weight(from_weight: str | None, save_dir: str, hidden_size: int | None,
@@ -272,7 +273,20 @@ def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden
     tokenizer = pick_tokenizer(path, tokenizer_path)
     check_vocab(model, tokenizer, chosen=bool(tokenizer_path), weight=path)
     cfg = model.config
-    return BaseModel(model, tokenizer, str(path), cfg.hidden_size, is_moe(model))
+    stored = stored_dtype(path) if path.is_dir() else None
+    return BaseModel(model, tokenizer, str(path), cfg.hidden_size, is_moe(model), stored)
+
+
+def stored_dtype(path: Path) -> torch.dtype | None:
+    """The dtype a model directory's config.json gives its weights (`dtype`, or 4.x's `torch_dtype`), if it names
+    a floating one; the loaded model's own dtype is the one asked for, so it cannot tell."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def new_minimind(tokenizer: PreTrainedTokenizerBase, hidden_size: int | None, num_hidden_layers: int | None,

@@ -380,9 +380,10 @@ def start_or_resume(path: Path, from_resume: bool, load_trainable: Callable[[dic
     return state
 
 
-def save_full_model(model: torch.nn.Module, tokenizer: object, stem: Path, minimind: bool) -> None:
+def save_full_model(model: torch.nn.Module, tokenizer: object, stem: Path, minimind: bool,
+                    dtype: torch.dtype = torch.float32) -> None:
     """A fully trained model: MiniMind's `{stem}.pth` (fp16 state dict, as MiniMind saves) for MiniMind
-    models, and a model directory `{stem}/` (config, safetensors, tokenizer) that --from_weight loads."""
+    models, and a model directory `{stem}/` (config, safetensors, tokenizer) in `dtype` that --from_weight loads."""
     if minimind:
         atomic_save({k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()},
                     sibling(stem, ".pth"))
@@ -392,10 +393,27 @@ def save_full_model(model: torch.nn.Module, tokenizer: object, stem: Path, minim
     logging.disable_progress_bar()  # its bar would litter nohup logs
 
     def fill(folder: Path) -> None:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=state_dict_in(model, dtype))
+        training_dtype = model.config.dtype
+        model.config.dtype = str(dtype).removeprefix("torch.")  # save_pretrained wrote the training model's
+        try:
+            model.config.save_pretrained(folder)
+        finally:
+            model.config.dtype = training_dtype
         tokenizer.save_pretrained(folder)
 
     write_dir(stem, fill)
+
+
+def state_dict_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's state dict with floating tensors cast to `dtype`; a tensor shared by two names (a tied head)
+    stays one tensor, which save_pretrained writes once."""
+    cast: dict[int, torch.Tensor] = {}
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        return cast.setdefault(id(t), t.detach().to(dtype))
+    return {k: convert(v) for k, v in model.state_dict(keep_vars=True).items()}
 
 
 def minimind_loader_note(model: torch.nn.Module, targets: list[str], path: Path) -> str | None:

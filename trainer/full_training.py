@@ -81,6 +81,8 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
     optimizer = make_optimizer(params, args.learning_rate, args.weight_decay)
     scaler = make_scaler(info.device, amp_dtype)
     stem = output_stem(args.save_dir, args.save_weight, base.hidden_size, base.use_moe)
+    # The model directory is written as the base was stored (a bf16 base stays bf16), unless --save_dtype says
+    save_dtype = getattr(torch, args.save_dtype) if args.save_dtype else base.stored_dtype or torch.float32
     # An unwritable --save_dir, or another run writing these files, stops the run now, not at its first save.
     _lock = prepare_save_dir(stem, FULL_OUTPUTS, info, {"--from_weight": base.source},  # held until this returns
                              name_flag="--save_weight")
@@ -124,7 +126,8 @@ def train_all_weights(args: object, info: DistInfo, amp_dtype: torch.dtype, base
         config = run_config(args, info, base.source, model, state.step, total_steps, history=state.history,
                             train_samples=len(data.train))
         def write_files(out: Path) -> None:  # `out`: stem's name in a staging folder (write_together)
-            save_full_model(model, base.tokenizer, out, minimind=getattr(model.config, "model_type", "") == "minimind")
+            save_full_model(model, base.tokenizer, out, minimind=getattr(model.config, "model_type", "") == "minimind",
+                            dtype=save_dtype)
             write_json(sibling(out, ".json"), config)
             save_resume(sibling(out, "_resume.pth"), model.state_dict(), optimizer, scaler, state, rng, config)
 
