@@ -17,7 +17,7 @@ import transformers
 from dataset.lm_dataset import collate_padded
 from model.model_lora import apply_lora, lora_parameters
 from model.model_minimind import MiniMindForCausalLM
-from tests.train_utils import python, save_tiny_minimind, scaled, subprocess_env, tiny_config
+from tests.train_utils import REPO, python, save_tiny_minimind, scaled, subprocess_env, tiny_config
 from trainer.args import FlagError, parse_args
 from trainer.base_model import BaseModelError, load_directory, load_tokenizer, resolve_weight
 from trainer.data import GROUP_STEPS, StepSampler, collate_supervised, epoch_order, group_by_length
@@ -132,6 +132,38 @@ def test_directories_whose_weights_would_load_partly_random_or_run_their_own_cod
                                              r"transformers \S+ ships; .*pip install -U transformers") as err:
         load_directory(tmp_path / "custom", torch.float32)
     assert "\n" not in str(err.value)
+
+
+MODEL_TYPE_FIX = r"; set it to the architecture its weights are"
+
+
+@pytest.mark.parametrize("model_type,problem", [
+    ("", r'model_type is empty \(""\)'), ("  ", r'model_type is empty \("  "\)'), (None, "model_type is null, not a string"),
+    (5, "model_type is 5, not a string"), (["mistral"], r'model_type is \["mistral"\], not a string'),
+    ("<missing>", "no model_type key")])
+def test_a_config_without_a_model_type_names_its_file_not_a_transformers_upgrade(tmp_path, model_type, problem):
+    """No transformers release knows an empty or absent model_type: the file is named, not `pip install -U`."""
+    folder = tmp_path / "mistral-7b"  # a name transformers would guess an architecture from
+    folder.mkdir()
+    config = {"model_type": model_type, "hidden_size": 32, "vocab_size": 64, "auto_map": {"AutoConfig": "x.Y"}}
+    if model_type == "<missing>":
+        del config["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BaseModelError, match=rf"^{folder}/config.json: {problem}{MODEL_TYPE_FIX}") as err:
+        load_directory(folder, torch.float32)
+    assert "pip install" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_chat_on_a_config_with_an_empty_model_type_exits_2_in_one_line(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "", "hidden_size": 32, "vocab_size": 64}))
+    run = subprocess.run([python(), "scripts/chat.py", "--from_weight", str(folder), "--device", "cpu"],
+                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f'error: {folder}/config.json: model_type is empty ("")')
+    assert "pip install" not in run.stdout + run.stderr
 
 
 def test_a_missing_tokenizer_folder_is_named_as_missing(tmp_path):

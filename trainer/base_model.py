@@ -240,6 +240,7 @@ def _refuse_unknown_architecture(path: Path) -> None:
         return  # AutoConfig says what is wrong with it
     if not isinstance(config, dict):
         return  # AutoConfig says what is wrong with it
+    _check_model_type(config, path / "config.json")
     kind = config.get("model_type")
     if config.get("auto_map") and kind not in CONFIG_MAPPING and kind != "minimind":
         raise BaseModelError(f"--from_weight {path}: its config.json names custom code (auto_map, model_type "
@@ -249,6 +250,20 @@ def _refuse_unknown_architecture(path: Path) -> None:
         raise BaseModelError(f"--from_weight {path}: its config.json's model_type {kind!r} is no architecture "
                              f"transformers {transformers.__version__} ships; if the model is newer than that, "
                              "`pip install -U transformers`")
+
+
+def _check_model_type(config: dict, file: Path) -> None:
+    """model_type names the architecture; absent, empty or not a string, no version of transformers would know it
+    (transformers would guess from the folder's name, or advise upgrading)."""
+    fix = ('set it to the architecture its weights are, as the model\'s publisher wrote it (e.g. "qwen3", "llama", '
+           '"mistral", "minimind")')
+    if "model_type" not in config:
+        raise BaseModelError(f"{file}: no model_type key; {fix}")
+    kind = config["model_type"]
+    if not isinstance(kind, str):
+        raise BaseModelError(f"{file}: model_type is {json.dumps(kind)}, not a string; {fix}")
+    if not kind.strip():
+        raise BaseModelError(f"{file}: model_type is empty ({json.dumps(kind)}); {fix}")
 
 
 def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden_size: int | None = None,
