@@ -21,7 +21,7 @@ from transformers import (
 
 from model.fast_decoder import FastCausalLM, why_not_fast
 from model.hf_compat import rope_config_kwargs
-from model.model_lora import apply_lora, lora_parameters, merge_lora, save_lora
+from model.model_lora import apply_lora, load_lora, lora_parameters, merge_lora, save_lora
 from model.model_minimind import rope_cos_sin
 from trainer.base_flags import lora_file
 from trainer.base_model import EXPERT_COUNTS, REPO_TOKENIZER, BaseModelError, load_base, load_directory
@@ -287,3 +287,54 @@ def test_bench_alternates_the_qwen3_and_minimind_directories_on_equal_terms(tmp_
     assert loaded == ["loaded as MiniMindForCausalLM", "loaded as FastCausalLM"]
     assert len(mm["round_ms"]) == len(qwen["round_ms"]) == 2
     assert (mm["loss_first"], mm["loss_last"]) == (qwen["loss_first"], qwen["loss_last"])
+
+
+def test_sliding_window_lora_gives_chat_eval_and_merge_the_logits_training_saw(tmp_path, capsys):
+    """Training at --max_seq_len <= the window runs on the fast decoder; chat, eval and merge know no row limit
+    and load transformers' class. Both are the model: on rows within the window chat's, eval's and the merged
+    export's logits are the trained ones, and beyond it they are the original class's with the PEFT adapter."""
+    from scripts import chat, eval_lora
+    from scripts import merge_lora as merge_script
+    from tests.train_utils import run_inprocess, tokenizer_dir, write_chat_data
+    from trainer import train_lora
+    from trainer.base_flags import load_from_flags
+    from trainer.distributed import pick_device
+    from trainer.engine import DTYPES
+
+    window, base, out = 64, tmp_path / "mistral", tmp_path / "out"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MistralConfig(**{**SIZES, "vocab_size": 6400}, sliding_window=window,
+                                                           max_position_embeddings=256))
+    randomize(model, seed=5)
+    model.save_pretrained(base)
+    tokenizer = tokenizer_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (base / name).write_bytes((tokenizer / name).read_bytes())
+    flags = ["--from_weight", str(base), "--data_path", str(write_chat_data(tmp_path / "chat.jsonl", 8, max_words=4)),
+             "--save_dir", str(out), "--max_seq_len", str(window), "--device", "cpu", "--num_workers", "0",
+             "--batch_size", "4", "--max_steps", "3", "--learning_rate", "1e-2", "--lora_rank", "4"]
+    assert run_inprocess(train_lora.main, flags) == 0
+    assert "runs on the fast decoder" in capsys.readouterr().out
+    adapter = out / "lora_identity_64"
+
+    trained = load_directory(base, torch.float32, max_seq_len=window).eval()
+    load_lora(trained, adapter)
+    chat_args = chat.parse_args(["--lora_path", str(adapter), "--save_dir", str(out), "--device", "cpu"])
+    [(_, chatted)], _ = chat.build_models(chat_args)
+    eval_args = eval_lora.parse_args(["--lora_path", str(adapter), "--save_dir", str(out), "--device", "cpu"])
+    scored, _ = load_from_flags(eval_args, pick_device("cpu"), DTYPES[eval_args.dtype])
+    load_lora(scored, adapter)
+    merge_script.main(["--lora_path", str(adapter), "--save_dir", str(out)])
+    merged = original(out / "merged_hf")
+    reference = peft.PeftModel.from_pretrained(original(base), adapter).eval()
+    assert isinstance(trained, FastCausalLM) and not isinstance(chatted, FastCausalLM)
+
+    g = torch.Generator().manual_seed(3)
+    for length, want_model in ((window, trained), (2 * window + 5, reference)):
+        ids = torch.randint(0, 6400, (2, length), generator=g)
+        with torch.no_grad():
+            want = want_model(ids).logits
+            for name, loaded in (("chat", chatted), ("eval", scored), ("merge", merged)):
+                assert (loaded(ids).logits - want).abs().max() <= 1e-4, (name, length)
+    with torch.no_grad():  # past the window the fast decoder is another model: the reason it is not used there
+        assert (trained(ids).logits - want).abs().max() > 1e-2
