@@ -635,6 +635,25 @@ def _read_minimind(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     return _pair_up(path, pairs, alpha_of=lambda name, rank: rank), False, 0.0, False
 
 
+# PEFT inits that also rewrite the base weights (W minus the initial B·A, or a quantized W): PEFT repeats them when
+# it loads such an adapter, so the factors alone describe the trained model only on that rewritten base.
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _refuse_other_functions(cfg: dict, config: Path) -> None:
+    """Refuse the PEFT settings under which the factors on the plain base compute another function than PEFT's."""
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS):
+        raise LoRAError(f"{config}: init_lora_weights={init!r} trains against a base that PEFT rewrites (W minus "
+                        "the initial adapter), so on the base itself this adapter is another model; convert it to a "
+                        "plain LoRA with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=<the "
+                        "adapter as initialised>), or merge it with PEFT's merge_and_unload() and pass the merged "
+                        "model as --from_weight")
+    if cfg.get("alora_invocation_tokens"):
+        raise LoRAError(f"{config}: alora_invocation_tokens is set: an activated LoRA acts only from its invocation "
+                        "tokens on, and here a LoRA acts on every token; run this adapter with PEFT")
+
+
 def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
     if path.is_file():
@@ -654,6 +673,7 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     for flag in ("lora_bias", "fan_in_fan_out"):
         if cfg.get(flag):
             raise LoRAError(f"{path / PEFT_CONFIG}: {flag}=true is not supported; train with it off")
+    _refuse_other_functions(cfg, path / PEFT_CONFIG)
     if (path / PEFT_WEIGHTS).is_file():
         try:
             sd = load_file(path / PEFT_WEIGHTS)

@@ -127,3 +127,42 @@ def test_a_peft_adapter_whose_saved_head_is_not_the_base_is_refused(base_dir, tm
     save_file(tensors, weights)
     with pytest.raises(LoRAError, match="'lm_head.base_layer.weight' differs from the model's 'lm_head' weight"):
         load_lora(load_base(base_dir), tmp_path / "adapter")
+
+
+def trained_peft(base_dir, **options):
+    """A PEFT model on the tiny base with `options`, its LoRA tensors moved off their init (as training would)."""
+    theirs = peft.get_peft_model(load_base(base_dir), peft.LoraConfig(task_type="CAUSAL_LM", **options))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_on_a_rewritten_base_is_refused_and_its_conversion_loads(base_dir, tmp_path, init):
+    from model.model_lora import LoRAError
+
+    options = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 2}}
+    initial = peft.get_peft_model(load_base(base_dir), peft.LoraConfig(init_lora_weights=init, **options))
+    initial.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the start saved as a plain LoRA
+    initial.save_pretrained(tmp_path / "initial")
+    theirs = trained_peft(base_dir, init_lora_weights=init, **options)
+    want = logits(theirs)
+    theirs.save_pretrained(tmp_path / "adapter")
+    assert (logits(peft.PeftModel.from_pretrained(load_base(base_dir), tmp_path / "adapter")) - want).abs().max() < 1e-5
+    with pytest.raises(LoRAError, match=f"adapter_config.json: init_lora_weights='{init}' .*path_initial_model"):
+        load_lora(load_base(base_dir), tmp_path / "adapter")
+    theirs.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    ours = load_base(base_dir)
+    load_lora(ours, tmp_path / "converted")
+    assert (logits(ours) - want).abs().max() <= 1e-5
+
+
+def test_an_activated_lora_is_refused(base_dir, tmp_path):
+    from model.model_lora import LoRAError
+
+    theirs = trained_peft(base_dir, r=4, target_modules=["q_proj"], alora_invocation_tokens=[5, 6])
+    theirs.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(LoRAError, match="adapter_config.json: alora_invocation_tokens is set"):
+        load_lora(load_base(base_dir), tmp_path / "adapter")
