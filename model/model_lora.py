@@ -398,7 +398,10 @@ def _inject(model: nn.Module, plan: dict[str, tuple[int, float]], dropout: float
     for name, (rank, alpha) in plan.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout, use_rslora, use_dora))
+        base = getattr(parent, child)
+        layer = LoRALinear(base, rank, alpha, dropout, use_rslora, use_dora)
+        layer.train(base.training)  # a model in eval mode stays there: no LoRA dropout when answering
+        setattr(parent, child, layer)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in lora_parameters(model):  # by module type: a base parameter named "lora_..." stays frozen

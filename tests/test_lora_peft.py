@@ -166,3 +166,12 @@ def test_an_activated_lora_is_refused(base_dir, tmp_path):
     theirs.save_pretrained(tmp_path / "adapter")
     with pytest.raises(LoRAError, match="adapter_config.json: alora_invocation_tokens is set"):
         load_lora(load_base(base_dir), tmp_path / "adapter")
+
+
+def test_a_peft_adapter_with_dropout_loaded_into_a_model_in_eval_mode_answers_as_peft_does(base_dir, tmp_path):
+    theirs = trained_peft(base_dir, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5)
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = load_base(base_dir)  # eval mode, as chat.py and eval_lora.py load the base
+    load_lora(ours, tmp_path / "adapter")
+    assert not any(m.training for m in ours.modules())
+    assert (logits(ours) - logits(theirs)).abs().max() <= 1e-5
