@@ -657,6 +657,31 @@ def _refuse_other_functions(cfg: dict, config: Path) -> None:
                         "tokens on, and here a LoRA acts on every token; run this adapter with PEFT")
 
 
+def _why_not_lora(key: str, cfg: dict) -> str:
+    """What a tensor of a PEFT file other than LoRA factors holds, by the setting that made PEFT save it, and the
+    way out: only LoRA factors load here, and PEFT itself can fold the rest into a model to use as the base."""
+    merge = "or merge the adapter with PEFT's merge_and_unload() and pass the merged model as --from_weight"
+    name = key.removeprefix(PEFT_PREFIX)
+    saved_whole = [t for t in cfg.get("modules_to_save") or [] if name.removesuffix(".weight").endswith(t)]
+    if name.endswith(".bias") and cfg.get("bias", "none") != "none":
+        return (f"{PEFT_CONFIG} says bias={cfg['bias']!r}, so PEFT trained and saved the base's biases, which do not "
+                f"load here; train with bias='none', {merge}")
+    if ".token_adapter." in name:
+        return (f"{PEFT_CONFIG} sets trainable_token_indices, so PEFT trained single embedding rows, which do not "
+                f"load here; train without it, {merge}")
+    if ".lora_embedding_" in name:
+        return (f"the target_modules of {PEFT_CONFIG} include an embedding layer, and LoRA here adapts linear layers "
+                f"only; train with linear target_modules, {merge}")
+    if saved_whole:
+        return (f"{PEFT_CONFIG} lists {saved_whole[0]!r} in modules_to_save, so PEFT trained and saved a whole copy "
+                f"of that layer, which does not load here; train without modules_to_save, {merge}")
+    if name.endswith(".weight"):
+        return ("PEFT saved that whole layer (save_pretrained with save_embedding_layers, as for a resized "
+                f"vocabulary), which does not load here; save the adapter without it if the vocabulary is the "
+                f"base's, {merge}")
+    return "bias, embedding and modules_to_save tensors do not load here"
+
+
 def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
     if path.is_file():
@@ -694,8 +719,8 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(?:lora_([AB])\.weight|lora_(magnitude)_vector(?:\.weight)?"
                          r"|(base)_layer\.weight)", key)
         if m is None:
-            raise LoRAError(f"{path / PEFT_WEIGHTS}: key '{key}' is not a LoRA or DoRA tensor "
-                            f"(bias, embedding or modules_to_save tensors are not supported)")
+            raise LoRAError(f"{path / PEFT_WEIGHTS}: key '{key}' is not a LoRA or DoRA tensor: "
+                            f"{_why_not_lora(key, cfg)}")
         pairs.setdefault(_clean_name(m.group(1)), {})[m.group(2) or m.group(3) or m.group(4)] = (key, value)
     alpha, alpha_pattern = cfg.get("lora_alpha", 8), cfg.get("alpha_pattern") or {}
 

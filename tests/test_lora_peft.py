@@ -175,3 +175,26 @@ def test_a_peft_adapter_with_dropout_loaded_into_a_model_in_eval_mode_answers_as
     load_lora(ours, tmp_path / "adapter")
     assert not any(m.training for m in ours.modules())
     assert (logits(ours) - logits(theirs)).abs().max() <= 1e-5
+
+
+# PEFT settings that save tensors other than LoRA factors: each is named in the message, with the way out
+OTHER_TENSORS = {
+    "bias_lora_only": ({"bias": "lora_only"}, {}, "says bias='lora_only'"),
+    "bias_all": ({"bias": "all"}, {}, "says bias='all'"),
+    "modules_to_save": ({"modules_to_save": ["lm_head"]}, {}, "lists 'lm_head' in modules_to_save"),
+    "trainable_tokens": ({"trainable_token_indices": [3, 5]}, {}, "sets trainable_token_indices"),
+    "embedding_target": ({"target_modules": ["q_proj", "embed_tokens"]}, {}, "include an embedding layer"),
+    "save_embedding_layers": ({}, {"save_embedding_layers": True}, "save_embedding_layers"),
+}
+
+
+@pytest.mark.parametrize("case", OTHER_TENSORS)
+def test_peft_tensors_other_than_lora_factors_name_the_setting_that_saved_them(llama_dir, tmp_path, case):
+    from model.model_lora import LoRAError
+
+    options, save_options, says = OTHER_TENSORS[case]
+    theirs = trained_peft(llama_dir, **{"r": 4, "target_modules": ["q_proj"], **options})
+    theirs.save_pretrained(tmp_path / "adapter", **save_options)
+    with pytest.raises(LoRAError, match=rf"is not a LoRA or DoRA tensor: .*{says}.*merge_and_unload") as err:
+        load_lora(load_base(llama_dir), tmp_path / "adapter")
+    assert "\n" not in str(err.value)
