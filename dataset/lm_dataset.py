@@ -170,7 +170,7 @@ class _ChatEncoder:
         limit = self._fmt.char_limit(self.max_length)
         for line, raw in lines:
             try:
-                messages, tools = parse_conversation(parse_line(raw))
+                messages, tools = parse_conversation(parse_line(raw, line))
                 text, turn_spans = supervised_spans(self._fmt, messages, tools, limit=limit)
                 chunk.unrendered.update(unrendered(self._fmt, messages, tools))
             except BadRecord as e:
@@ -210,7 +210,7 @@ class _TextEncoder:
         chunk, texts = _Chunk(), []
         for line, raw in lines:
             try:
-                texts.append(parse_text(parse_line(raw))[: self.limit])
+                texts.append(parse_text(parse_line(raw, line))[: self.limit])
             except BadRecord as e:
                 chunk.problems.append((line, str(e)))
         for encoding in self.backend.encode_batch(texts, add_special_tokens=False):

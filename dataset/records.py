@@ -12,11 +12,14 @@ Accepted line formats:
   Alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
   Pretrain  {"text": str}  (read_texts)
 A `.json` file holding one JSON array of such objects is read as records too (line = where each begins).
+Objects written over several lines (`jq .`) are records too, in any mix with one-line objects.
 Tool-call arguments stay as the data gives them (a JSON string or an object; chat_render hands them to each
 template in the form it prints), with the call ids and tool_call_id kept.
 Every problem is collected as (line, message) so that one DataError can list them all before training.
 """
 
+import bisect
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -47,6 +50,7 @@ BINARY_FORMATS = {
 }
 SKIP_HINT = "Fix these lines, or pass --skip_bad_data (skip_invalid=True) to skip bad lines and count them."
 MAX_DEPTH = 100  # nesting of JSON arrays/objects a record may have (deeper ones only crash deeper code)
+BLANK_OR_BOM = b"\xef\xbb\xbf \t\r\n"  # what may surround a record on its line
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
@@ -102,36 +106,42 @@ def read_lines(path: str | Path) -> list[tuple[int, bytes]]:
     lines = [(n, raw) for n, raw in numbered if raw.strip()]
     if not lines:
         raise DataError(f"{path}: the file is empty (expected one JSON object per line)")
-    first = lines[0][1].lstrip(b"\xef\xbb\xbf \t\r\n").rstrip()
-    if first.startswith(b"[") or (first.startswith(b"{") and not first.endswith(b"}")):
-        # One JSON array of records, or one object written over several lines: read the text from there whole
-        # (blank lines included, so that each record is named by the line it begins on)
-        whole = b"".join(raw for n, raw in numbered[lines[0][0] - 1 :])
-        read = json_array_records if first.startswith(b"[") else _one_object
-        records = read(path, whole, lines[0][0])
+    if lines[0][1].lstrip(BLANK_OR_BOM).startswith(b"["):
+        # One JSON array of records: read the text from there whole (blank lines included, so that each record is
+        # named by the line it begins on)
+        records = json_array_records(path, b"".join(raw for n, raw in numbered[lines[0][0] - 1 :]), lines[0][0])
         if records is not None:
             return records
-    return lines
+    if not any(_opens_object(raw) for _, raw in lines):
+        return lines  # JSON Lines: a record per line
+    records = _split_records(numbered)
+    _refuse_wrapper(path, records)
+    return records
 
 
-def parse_line(raw: bytes) -> Any:
-    """Decode one jsonl line; raise BadRecord naming the problem."""
+def parse_line(raw: bytes, line: int | None = None) -> Any:
+    """Decode one record (a line, or an object written over several lines that begins on `line`); raise BadRecord
+    naming the problem."""
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]  # a byte-order mark written by some editors is not part of the JSON
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadRecord(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-    return loads(text.strip())  # without the newline, so the error column points into the line
+    return loads(text.strip(), first_line=line)  # without the newline, so the error column points into the line
 
 
-def loads(text: str, where: str = "") -> Any:
-    """json.loads, with everything Python's json accepts but later code cannot use reported as BadRecord."""
+def loads(text: str, where: str = "", first_line: int | None = None) -> Any:
+    """json.loads, with everything Python's json accepts but later code cannot use reported as BadRecord. An error
+    on a later line of a record written over several lines names that line (`first_line`: the record's first)."""
     prefix = f"{where}: " if where else ""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadRecord(f"{prefix}invalid JSON: {e.msg} (column {e.colno})") from None
+        at = f"column {e.colno}"
+        if e.lineno > 1:
+            at = f"line {first_line + e.lineno - 1}, {at}" if first_line else f"line {e.lineno} of the record, {at}"
+        raise BadRecord(f"{prefix}invalid JSON: {e.msg} ({at})") from None
     except RecursionError:
         raise BadRecord(f"{prefix}JSON nested too deeply (more than {MAX_DEPTH} levels)") from None
     except ValueError as e:  # Python refuses to convert integers of more than 4300 digits
@@ -212,46 +222,75 @@ def json_array_records(path: str | Path, data: bytes, first_line: int = 1) -> li
     return records
 
 
-def _one_object(path: str | Path, data: bytes, first_line: int) -> list[tuple[int, bytes]] | None:
-    """A file holding JSON objects written over several lines (`jq .`, json.dump(indent=2)): one record per object,
-    named by the line it begins on, or a DataError if one object wraps the records in a list (`{"data": [...]}`)
-    or a later object is not valid JSON; None if the first is not one object (the file is then read as lines)."""
-    try:
-        text = data.decode("utf-8").lstrip("\ufeff")
-    except UnicodeDecodeError:
-        return None
-    decoder, records, pos, line, counted = json.JSONDecoder(), [], _skip_space(text, 0), first_line, 0
-    while pos < len(text):
-        line += text.count("\n", counted, pos)  # counted from the last object on: a big file stays linear
-        counted = pos
+def _opens_object(raw: bytes) -> bool:
+    """Whether a line opens a JSON object that it does not close: one written over several lines (`jq .`,
+    json.dump(indent=2)), or a broken line."""
+    text = raw.strip(BLANK_OR_BOM)
+    return text.startswith(b"{") and not text.endswith(b"}")
+
+
+def _split_records(numbered: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """The records of a file whose objects may be written over several lines, as (line each begins on, raw bytes).
+    Each record is read by its own layout, so a file may mix objects on one line and over several. An object that
+    does not parse ends where its indentation says (see _broken_end): it is one bad record, and the records after
+    it are read as they are."""
+    parts = [raw.decode("utf-8", "surrogateescape") for _, raw in numbered]  # bad bytes stay, for parse_line
+    text, starts = "".join(parts), [0, *itertools.accumulate(map(len, parts))]
+    decoder, records, i = json.JSONDecoder(), [], 0
+    while i < len(numbered):
+        line, raw = numbered[i]
+        if not _opens_object(raw):
+            if raw.strip():
+                records.append((line, raw))
+            i += 1
+            continue
+        begins = starts[i] + len(parts[i]) - len(parts[i].lstrip(BLANK_OR_BOM.decode()))
         try:
-            obj, end = decoder.raw_decode(text, pos)
-        except (ValueError, RecursionError) as e:
-            if not records:
-                return None
-            raise _broken_object(path, text, e, line, counted) from None
-        if not records and (not isinstance(obj, dict) or "\n" not in text[pos:end]):
-            return None  # JSON Lines whose first line is followed by more text (`{...},`): each line says so
-        # A later value that is no object is a record too: parse_conversation names it, on its own line
-        records.append((line, text[pos:end].encode("utf-8", "surrogatepass")))
-        pos = _skip_space(text, end)
-    obj = json.loads(records[0][1]) if len(records) == 1 else {}
-    if not any(key in obj for key in ("conversations", "messages", "instruction", "output", "text")):
-        lists = _record_lists(obj)
-        if lists:
-            raise DataError(f"{path}: the file is one JSON object whose records are the list under {_short(lists[0])}: "
-                            "save that list as a JSON array (.json), or as JSON Lines (one record per line)")
+            _, end = decoder.raw_decode(text, begins)
+            last = bisect.bisect_right(starts, end - 1) - 1  # the line the object ends on
+        except (ValueError, RecursionError):  # parse_line names the problem, in the worker
+            last = _broken_end(numbered, i)
+        # Through the end of its last line: text after the object there (`},`) makes it a bad record, named
+        records.append((line, text[begins : starts[last + 1]].encode("utf-8", "surrogateescape")))
+        i = last + 1
     return records
 
 
-def _broken_object(path: str | Path, text: str, err: Exception, line: int, begins: int) -> DataError:
-    """The error for an object of a multi-line file that is not valid JSON (it begins at `begins`, on `line`), named
-    by the line the JSON error is on: in a pretty-printed record that may be many lines further."""
-    pos = getattr(err, "pos", None)  # None for JSON nested too deeply or a huge number: the object's line
-    at = line if pos is None else line + text.count("\n", begins, min(pos, len(text.rstrip())))  # past the end: last
-    inside = f", in the object that begins on line {line}" if at != line else ""
-    return DataError(f"{path}:{at}: invalid JSON ({str(err).split(':')[0]}) in a file of JSON objects written over "
-                     f"several lines{inside}: fix it, or write one object per line (jq -c . {path} > data.jsonl)")
+def _broken_end(numbered: list[tuple[int, bytes]], first: int) -> int:
+    """The last line of a broken object that opens on line index `first`: its lines are indented more deeply than
+    its opening line, up to a closing `}` at that line's depth (`jq .`, json.dump(indent=2)); the next line at that
+    depth or less begins the next record (a broken one-line record is then that line alone)."""
+    depth, last = _indent(numbered[first][1]), first
+    for j in range(first + 1, len(numbered)):
+        raw = numbered[j][1]
+        if not raw.strip():
+            continue
+        if _indent(raw) <= depth:
+            return j if raw.lstrip(BLANK_OR_BOM).startswith((b"}", b"]")) else last
+        last = j
+    return last
+
+
+def _indent(raw: bytes) -> int:
+    return len(raw) - len(raw.lstrip(b" \t"))
+
+
+def _refuse_wrapper(path: str | Path, records: list[tuple[int, bytes]]) -> None:
+    """A DataError if the file is one object written over several lines that wraps the records in a list
+    (`{"data": [...]}`): read as one record, it would only say that it has no chat key."""
+    if len(records) != 1 or records[0][1].count(b"\n") == 0:
+        return
+    try:
+        obj = json.loads(records[0][1])
+    except (ValueError, RecursionError):
+        return  # a broken record: parse_line names it
+    if not isinstance(obj, dict) or any(key in obj for key in ("conversations", "messages", "instruction", "output",
+                                                                "text")):
+        return
+    lists = _record_lists(obj)
+    if lists:
+        raise DataError(f"{path}: the file is one JSON object whose records are the list under {_short(lists[0])}: "
+                        "save that list as a JSON array (.json), or as JSON Lines (one record per line)")
 
 
 def _record_lists(obj: dict) -> list[str]:
@@ -286,7 +325,7 @@ def read_conversations(path: str | Path, check_turns: bool = True) -> tuple[list
     conversations, problems = [], []
     for line, raw in read_lines(path):
         try:
-            conversations.append(Conversation(line, *parse_conversation(parse_line(raw), check_turns)))
+            conversations.append(Conversation(line, *parse_conversation(parse_line(raw, line), check_turns)))
         except BadRecord as e:
             problems.append((line, str(e)))
     return conversations, problems
@@ -297,7 +336,7 @@ def read_texts(path: str | Path) -> tuple[list[str], Problems]:
     texts, problems = [], []
     for line, raw in read_lines(path):
         try:
-            texts.append(parse_text(parse_line(raw)))
+            texts.append(parse_text(parse_line(raw, line)))
         except BadRecord as e:
             problems.append((line, str(e)))
     return texts, problems

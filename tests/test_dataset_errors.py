@@ -537,27 +537,93 @@ def test_objects_written_over_several_lines_are_read_as_records(tok, tmp_path):
         SFTDataset(path, tok, 64, log=None)
     third = begins + pretty[1].count("\n") + 1
     path.write_text("\n".join(pretty[:2] + [pretty[2][:-1]]) + "\n")  # the last object lost its closing brace
-    with pytest.raises(DataError) as err:
-        SFTDataset(path, tok, 64, skip_invalid=True, log=None)
-    assert str(err.value).startswith(f"{path}:{third + pretty[2].count(chr(10)) - 1}: invalid JSON (")
-    assert f"over several lines, in the object that begins on line {third}: " in str(err.value)
-    assert str(err.value).endswith(f"write one object per line (jq -c . {path} > data.jsonl)")
-
-
-def test_a_broken_object_written_over_several_lines_is_named_by_the_line_of_its_error(tmp_path):
-    # A comma missing deep inside a pretty-printed record: the line to fix is the one json.loads names in it
-    first, second = (json.dumps(r, indent=2) for r in (chat("Hi", "Hello."), chat("Hey", "Hey.")))
-    second = second.replace('"role": "assistant",', '"role": "assistant"')
-    path = tmp_path / "pretty.jsonl"
-    path.write_text(first + "\n" + second + "\n")
     with pytest.raises(json.JSONDecodeError) as reference:
-        json.loads(second)
-    begins = first.count("\n") + 2
+        json.loads(pretty[2][:-1].rstrip())  # the error at its end lies on its last line
     with pytest.raises(DataError) as err:
-        read_conversations(path)
-    assert str(err.value).startswith(
-        f"{path}:{begins - 1 + reference.value.lineno}: invalid JSON (Expecting ',' delimiter) in a file of JSON "
-        f"objects written over several lines, in the object that begins on line {begins}: "), str(err.value)
+        SFTDataset(path, tok, 64, log=None)
+    assert f"{path}:{third}: invalid JSON: {reference.value.msg} (line {third - 1 + reference.value.lineno}, " in str(
+        err.value)
+    skipped = SFTDataset(path, tok, 64, skip_invalid=True, log=None)
+    assert skipped.skipped == 1 and skipped.ids.tolist() == SFTDataset(write_lines(
+        tmp_path / "two.jsonl", [json.dumps(json.loads(r)).encode() for r in pretty[:2]]), tok, 64, log=None).ids.tolist()
+
+
+def pretty_chats(n: int) -> tuple[list[dict], list[str]]:
+    """n distinct chats and each written over several lines, as `jq .` writes them."""
+    records = [chat(f"Who are you, {i}?", f"I am Lumen, {i}.") for i in range(n)]
+    return records, [json.dumps(r, indent=2) for r in records]
+
+
+def begin_lines(texts: list[str]) -> list[int]:
+    """The line each of these texts begins on, written one after another, each ending its last line."""
+    return [1 + sum(t.count("\n") + 1 for t in texts[:k]) for k in range(len(texts))]
+
+
+def test_a_broken_object_over_several_lines_is_one_bad_record_named_by_the_line_it_begins_on(tok, tmp_path):
+    # A comma missing deep inside the third of six pretty-printed records
+    records, pretty = pretty_chats(6)
+    pretty[2] = pretty[2].replace('"role": "assistant",', '"role": "assistant"')
+    path = tmp_path / "pretty.jsonl"
+    path.write_text("\n".join(pretty) + "\n")
+    with pytest.raises(json.JSONDecodeError) as reference:
+        json.loads(pretty[2])
+    begins = begin_lines(pretty)[2]
+    problem = (f"invalid JSON: Expecting ',' delimiter (line {begins - 1 + reference.value.lineno}, "
+               f"column {reference.value.colno})")
+    # Without --skip_bad_data: one file:line problem in the list of bad records, as any bad line
+    with pytest.raises(DataError) as err:
+        SFTDataset(path, tok, 64, log=None)
+    assert str(err.value).splitlines()[:2] == [f"{path}: 1 bad line(s) of 6:", f"  {path}:{begins}: {problem}"]
+    assert read_conversations(path)[1] == [(begins, problem)]
+    # With it: skipped and counted, and the objects after it are read, as the same records on one line each
+    ds = SFTDataset(path, tok, 64, skip_invalid=True, log=None)
+    others = write_lines(tmp_path / "others.jsonl", [json.dumps(r).encode() for k, r in enumerate(records) if k != 2])
+    same = SFTDataset(others, tok, 64, log=None)
+    assert ds.skipped == 1 and len(ds) == 5
+    assert ds.ids.tolist() == same.ids.tolist() and ds.mask.tolist() == same.mask.tolist()
+    assert f"skipped {path}:{begins}: {problem}" in ds.summary
+
+
+@pytest.mark.parametrize("layout", ["one line first", "several lines first", "alternating", "broken first"])
+def test_a_file_may_mix_objects_on_one_line_and_over_several(tok, tmp_path, layout):
+    # Each record is read by its own layout: the first one does not decide for the file
+    records, pretty = pretty_chats(5)
+    compact = [json.dumps(r) for r in records]
+    texts = {"one line first": compact[:1] + pretty[1:], "several lines first": pretty[:1] + compact[1:],
+             "alternating": [(pretty if k % 2 else compact)[k] for k in range(5)],
+             "broken first": [pretty[0][:-1]] + compact[1:3] + pretty[3:]}[layout]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(texts) + "\n")
+    broken = layout == "broken first"
+    ds = SFTDataset(path, tok, 64, skip_invalid=broken, log=None)
+    kept = records[1:] if broken else records
+    same = SFTDataset(write_lines(tmp_path / "same.jsonl", [json.dumps(r).encode() for r in kept]), tok, 64, log=None)
+    assert ds.ids.tolist() == same.ids.tolist() and ds.mask.tolist() == same.mask.tolist()
+    assert ds.skipped == int(broken)
+    conversations, problems = read_conversations(path)
+    assert [c.line for c in conversations] == begin_lines(texts)[int(broken):]
+    assert [line for line, _ in problems] == ([1] if broken else [])
+
+
+def test_a_broken_object_over_several_lines_with_the_real_cli(tmp_path):
+    # --skip_bad_data skips it and trains on the rest; without the flag, a file:line error and exit 2
+    weight = save_tiny_minimind(tmp_path / "base.pth")
+    _, pretty = pretty_chats(4)
+    pretty[1] = pretty[1].replace('"role": "assistant",', '"role": "assistant"')
+    path = tmp_path / "pretty.jsonl"
+    path.write_text("\n".join(pretty) + "\n")
+    begins = begin_lines(pretty)[1]
+    for flags in ({}, {"skip_bad_data": 1}):
+        run = run_cli([python(), "trainer/train_lora.py", *lora_args(tmp_path, weight, path, max_steps=1,
+                                                                     data_cache="none", **flags)],
+                      300, cwd=REPO, env=subprocess_env())
+        assert run.returncode == (0 if flags else 2), run.stdout[-2000:] + run.stderr[-2000:]
+        assert "Traceback" not in run.stderr
+        if flags:
+            assert f"{path}: kept 3 samples, dropped 0 with no supervised token after truncation to " in run.stdout
+            assert f"skipped {path}:{begins}: invalid JSON: Expecting ',' delimiter (line " in run.stdout
+        else:
+            assert f"{path}:{begins}: invalid JSON: Expecting ',' delimiter (line " in run.stderr
 
 
 def test_a_value_that_is_no_object_after_objects_over_several_lines_is_one_bad_record(tmp_path):

@@ -68,7 +68,7 @@ def corpus_texts(path: str | Path, skip_invalid: bool = False) -> list[str]:
         return []
     for number, raw in lines:  # the first record that parses says which format the file is in
         try:
-            first = parse_line(raw)
+            first = parse_line(raw, number)
             break
         except UserError as e:
             if not skip_invalid:
