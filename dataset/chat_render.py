@@ -59,6 +59,15 @@ class TemplateError(UserError):
 
 
 @dataclass(frozen=True)
+class OwnPrompt:
+    """What a chat template writes on its own before the first user message of a conversation without a system
+    message (a default system prompt, a date line), besides bos and the header of every user turn."""
+
+    tokens: int = 0  # its tokens: 0 for a template that writes none
+    replaced_by_system: bool = False  # a system message of the data's own takes its place
+
+
+@dataclass(frozen=True)
 class ChatFormat:
     """A compiled chat template plus what was derived from it once: end-of-turn tokens, special tokens."""
 
@@ -78,6 +87,7 @@ class ChatFormat:
     # assistant's reasoning_content (Qwen2.5's, Llama's); the samples that have it are noted (`unrendered`)
     drops: frozenset[str] = frozenset()
     reply_end: str = ""  # the end-of-turn token written after an assistant's reply: where generation stops
+    own_prompt: OwnPrompt = OwnPrompt()  # what the template writes before the conversation on its own
 
     def render(
         self, messages: list[dict[str, Any]], tools: list | None = None, add_generation_prompt: bool = False
@@ -144,7 +154,41 @@ def load_chat_format(tokenizer: Any, chat_template: str | None = None, name: str
         raise TemplateError(f"{name} cannot be masked: {e}") from None
     # The token training learns to end a reply with is the one a reply must stop at
     reply_end = _turn_end(fmt, probe_text, probe_text.find(PROBE_ANSWER) + len(PROBE_ANSWER), len(probe_text), 1)
-    return ChatFormat(**{**fmt.__dict__, "reply_end": reply_end.group()})
+    fmt = ChatFormat(**{**fmt.__dict__, "reply_end": reply_end.group()})
+    return ChatFormat(**{**fmt.__dict__, "own_prompt": _own_prompt(fmt)})
+
+
+PROBE_SECOND, PROBE_SYSTEM = "PROBE-SECOND-QUESTION-8d1f", "PROBE-SYSTEM-8d1f"
+
+
+def _own_prompt(fmt: ChatFormat) -> OwnPrompt:
+    """What the template writes before the first user message on its own: the text before it, less bos and less
+    the header it also writes before a later user message (after the reply's end token); and whether a system
+    message of one's own replaces it (its text, special tokens aside, is then gone)."""
+    tools = PROBE_TOOLS if fmt.needs_tools else None
+    try:
+        text = fmt.render([*PROBE, {"role": "user", "content": PROBE_SECOND}], tools)
+    except Exception:  # a template that refuses a conversation ending with the user: no prompt is measured
+        return OwnPrompt()
+    lead = text[: text.find(PROBE_QUESTION)]
+    bos = fmt.variables.get("bos_token")
+    if isinstance(bos, str) and bos and lead.startswith(bos):
+        lead = lead[len(bos) :]
+    between = text[text.find(PROBE_ANSWER) + len(PROBE_ANSWER) : text.find(PROBE_SECOND)]
+    header = between.partition(fmt.reply_end)[2] or between  # what opens a user turn, after the reply's end token
+    cut = len(lead) - common_suffix_len(lead, header)
+    for token in fmt.added_tokens.finditer(lead):  # a token whose tail alone matches is the prompt's, not the header's
+        if token.start() < cut < token.end():
+            cut = token.end()
+    own = lead[:cut]
+    if not fmt.special_tokens.sub("", own).strip():
+        return OwnPrompt()  # only markers: a system turn's empty frame, a role header
+    try:
+        with_system = fmt.render([{"role": "system", "content": PROBE_SYSTEM}, *PROBE], tools)
+        replaced = fmt.special_tokens.sub("", own).strip() not in fmt.special_tokens.sub("", with_system)
+    except Exception:  # a template that refuses system messages: nothing replaces its prompt
+        replaced = False
+    return OwnPrompt(len(fmt.backend.encode(own, add_special_tokens=False).ids), replaced)
 
 
 def _probe(fmt: ChatFormat) -> ChatFormat:

@@ -80,6 +80,8 @@ class _FileDataset(TokenizedDataset):
         super().__init__(tokens.ids, tokens.mask, tokens.lengths)
         self.skipped, self.dropped = tokens.skipped, tokens.dropped
         self.summary = _summary(data_path, len(self), self.dropped, self.skipped, max_length) + cache_note
+        if tokens.crowded:
+            self.summary += f"\n  note: {encode.crowded_note(tokens.crowded)}"
         for kind, note in UNRENDERED_NOTES.items():
             if tokens.unrendered.get(kind):
                 self.summary += f"\n  note: {tokens.unrendered[kind]} sample(s) {note}"
@@ -136,15 +138,18 @@ class _Chunk:
     masks: list[np.ndarray] = field(default_factory=list)
     problems: list[tuple[int, str]] = field(default_factory=list)
     dropped: int = 0
+    crowded: int = 0  # of the dropped samples, those that the template's own prompt left nothing to learn
     unrendered: Counter = field(default_factory=Counter)  # samples whose tools or reasoning the template drops
 
-    def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, mask: np.ndarray) -> bool:
+        """Keep the sample if it learns something (returns whether it did), else count it as dropped."""
         # Labels are shifted by the model, so the first token's label is never used: it must learn something else
         if mask[1:].any():
             self.ids.append(ids)
             self.masks.append(mask)
-        else:
-            self.dropped += 1
+            return True
+        self.dropped += 1
+        return False
 
 
 class _ChatEncoder:
@@ -165,7 +170,7 @@ class _ChatEncoder:
     def __call__(self, lines: Sequence[tuple[int, bytes]]) -> _Chunk:
         if self._fmt is None:
             self._fmt = load_chat_format(self.tokenizer, self.chat_template, self.name)
-        chunk, texts, spans = _Chunk(), [], []
+        chunk, texts, spans, firsts = _Chunk(), [], [], []
         # Strings and the text are cut where they cannot reach the kept tokens: a 50 MB line costs max_length
         limit = self._fmt.char_limit(self.max_length)
         for line, raw in lines:
@@ -181,12 +186,37 @@ class _ChatEncoder:
                 continue
             texts.append(text)
             spans.append(turn_spans)
+            firsts.append(messages[0]["role"])
         # The template already wrote bos/eos where it wants them, so no special tokens are added here
         encodings = self._fmt.backend.encode_batch(texts, add_special_tokens=False)
-        for encoding, turn_spans in zip(encodings, spans):
+        for encoding, turn_spans, first in zip(encodings, spans, firsts):
             ids = np.asarray(encoding.ids[: self.max_length], dtype=np.int32)
-            chunk.add(ids, token_mask(encoding, turn_spans)[: self.max_length])
+            mask = token_mask(encoding, turn_spans)
+            if not chunk.add(ids, mask[: self.max_length]):
+                chunk.crowded += self._crowded_out(mask, first)
         return chunk
+
+    def _crowded_out(self, mask: np.ndarray, first_role: str) -> bool:
+        """Whether the template's own prompt (a long default system prompt) is what leaves a dropped sample nothing
+        to learn: the sample gets it, and without its tokens the first learned token would lie inside the row."""
+        prompt = self._fmt.own_prompt
+        if not prompt.tokens or (prompt.replaced_by_system and first_role == "system"):
+            return False
+        learned = np.flatnonzero(mask[1:])  # over the text before the cut, which holds max_length tokens and more
+        return prompt.tokens >= self.max_length or (
+            len(learned) > 0 and learned[0] + 1 - prompt.tokens < self.max_length)
+
+    def crowded_note(self, crowded: int) -> str:
+        """The cause and the fix for `crowded` samples that the template's own prompt left nothing to learn."""
+        prompt = self._fmt.own_prompt
+        which = "a conversation without a system message" if prompt.replaced_by_system else "every conversation"
+        fix = (f"pass a --max_seq_len that holds those {prompt.tokens} tokens and the conversation"
+               if prompt.tokens >= self.max_length else "pass a larger --max_seq_len")
+        if prompt.replaced_by_system:
+            fix += ", or give them a system message of their own (the template writes it instead)"
+        return (f"the chat template writes its own system prompt of {prompt.tokens} tokens before the first user "
+                f"message of {which}, which leaves {crowded} sample(s) nothing to learn in a row of {self.max_length} "
+                f"tokens (--max_seq_len): {fix}")
 
 
 class _TextEncoder:
@@ -242,9 +272,11 @@ def _tokenize_file(data_path: str | Path, encode: Callable, num_workers: int | N
         return tokens, f"; tokens read from the cache {cache.folder}"
     lines = read_lines(data_path)
     chunks = _map_chunks(encode, lines, num_workers)
-    problems, dropped = _check(data_path, chunks, len(lines), skip_invalid)
+    crowded = sum(c.crowded for c in chunks)  # only a chat template writes a prompt of its own
+    problems, dropped = _check(data_path, chunks, len(lines), skip_invalid,
+                               encode.crowded_note(crowded) if crowded else "")
     unrendered = dict(sum((c.unrendered for c in chunks), Counter()))
-    tokens = Tokens(*_join(chunks), len(problems), dropped, unrendered)
+    tokens = Tokens(*_join(chunks), len(problems), dropped, unrendered, crowded)
     skipped = _skipped_lines(data_path, problems)
     if entry is None or not cache.write:
         return tokens, skipped
@@ -267,15 +299,17 @@ def _map_chunks(encode: Callable, items: Sequence, num_workers: int | None) -> l
         return pool.map(_run_chunk, bounds, chunksize=1)
 
 
-def _check(path: Any, chunks: list[_Chunk], n_lines: int, skip_invalid: bool) -> tuple[list[tuple[int, str]], int]:
+def _check(path: Any, chunks: list[_Chunk], n_lines: int, skip_invalid: bool,
+           crowded_note: str = "") -> tuple[list[tuple[int, str]], int]:
     """Raise one DataError for every bad line (or skip them with skip_invalid); return (skipped lines' problems,
-    samples dropped)."""
+    samples dropped). `crowded_note`: why the template's own prompt left samples nothing to learn, and the fix."""
     problems = [p for c in chunks for p in c.problems]  # chunks are in file order, so lines are sorted
     if problems and not skip_invalid:
         raise data_error(path, problems, n_lines)
     dropped = sum(c.dropped for c in chunks)
     if not any(c.ids for c in chunks):
         hint = "; a larger --max_seq_len keeps the answers that truncation cut off" if dropped else ""
+        hint = f"; {crowded_note}" if crowded_note else hint
         raise DataError(f"{path}: no usable samples ({len(problems)} invalid lines skipped, {dropped} with nothing "
                         f"to learn after truncation){hint}{_skipped_lines(path, problems)}")
     return problems, dropped

@@ -86,6 +86,7 @@ class Tokens:
     skipped: int  # invalid lines (kept only with skip_invalid)
     dropped: int  # samples with nothing to learn after truncation
     unrendered: dict[str, int] = field(default_factory=dict)  # samples whose tools/reasoning the template drops
+    crowded: int = 0  # of the dropped samples, those that the chat template's own prompt left nothing to learn
 
 
 @dataclass
@@ -113,9 +114,9 @@ class TokenCache:
         """The entry's tokens, or None if it is missing or damaged."""
         try:
             with np.load(entry, allow_pickle=False) as f:
-                skipped, dropped = (int(n) for n in f["left_out"])
+                skipped, dropped, crowded = (int(n) for n in f["left_out"])
                 unrendered = dict(zip(f["unrendered_kinds"].tolist(), f["unrendered"].tolist()))
-                tokens = Tokens(f["ids"], f["mask"], f["lengths"], skipped, dropped, unrendered)
+                tokens = Tokens(f["ids"], f["mask"], f["lengths"], skipped, dropped, unrendered, crowded)
         except Exception:  # missing, truncated, not a zip, a key or dtype missing: tokenize again
             return None
         if not _consistent(tokens):
@@ -138,7 +139,7 @@ class TokenCache:
             return f"not cached: {free / 2**20:,.0f} MiB free on {self.folder}"
         kinds = sorted(tokens.unrendered)
         arrays = dict(ids=tokens.ids, mask=tokens.mask, lengths=tokens.lengths,
-                      left_out=np.array([tokens.skipped, tokens.dropped], dtype=np.int64),
+                      left_out=np.array([tokens.skipped, tokens.dropped, tokens.crowded], dtype=np.int64),
                       unrendered_kinds=np.array(kinds, dtype=str),
                       unrendered=np.array([tokens.unrendered[k] for k in kinds], dtype=np.int64))
         try:
@@ -173,4 +174,4 @@ def _consistent(t: Tokens) -> bool:
     return (t.ids.dtype == np.int32 and t.mask.dtype == bool and t.lengths.dtype == np.int64
             and t.ids.ndim == t.mask.ndim == t.lengths.ndim == 1 and len(t.ids) == len(t.mask)
             and len(t.lengths) > 0 and int(t.lengths.min()) > 0 and int(t.lengths.sum()) == len(t.ids)
-            and t.skipped >= 0 and t.dropped >= 0 and all(n >= 0 for n in t.unrendered.values()))
+            and t.skipped >= 0 and 0 <= t.crowded <= t.dropped and all(n >= 0 for n in t.unrendered.values()))

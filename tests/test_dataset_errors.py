@@ -544,8 +544,8 @@ def test_objects_written_over_several_lines_are_read_as_records(tok, tmp_path):
     assert f"{path}:{third}: invalid JSON: {reference.value.msg} (line {third - 1 + reference.value.lineno}, " in str(
         err.value)
     skipped = SFTDataset(path, tok, 64, skip_invalid=True, log=None)
-    assert skipped.skipped == 1 and skipped.ids.tolist() == SFTDataset(write_lines(
-        tmp_path / "two.jsonl", [json.dumps(json.loads(r)).encode() for r in pretty[:2]]), tok, 64, log=None).ids.tolist()
+    two = write_lines(tmp_path / "two.jsonl", [json.dumps(json.loads(r)).encode() for r in pretty[:2]])
+    assert skipped.skipped == 1 and skipped.ids.tolist() == SFTDataset(two, tok, 64, log=None).ids.tolist()
 
 
 def pretty_chats(n: int) -> tuple[list[dict], list[str]]:

@@ -587,3 +587,99 @@ def test_content_parts_read_as_the_templates_that_take_parts_print_them(minimind
     messages, _ = parse_conversation({"messages": parts})
     ids, _ = render_conversation(tok, messages, template)
     assert ids in rendered_ids(tok, template, parts, None)
+
+
+def own_prompt_tokens(tok, template: str, header: str) -> int:
+    """The tokens the template writes between bos and the first user turn's `header`, from its own rendering."""
+    text = tok.apply_chat_template(SINGLE, chat_template=template, tokenize=False)
+    own = text.removeprefix(tok.bos_token or "")[: text.removeprefix(tok.bos_token or "").index(header)]
+    return len(tok(own, add_special_tokens=False).input_ids)
+
+
+def write_chats(path: Path, chats: list[list[dict]], system: str | None = None) -> Path:
+    with_system = [[{"role": "system", "content": system}] if system else [] for _ in chats]
+    path.write_text("".join(json.dumps({"messages": s + c, "tools": [SCHEMA] if any(m.get("tool_calls") for m in c)
+                                        else None}) + "\n" for s, c in zip(with_system, chats)))
+    return path
+
+
+def test_a_default_system_prompt_that_fills_the_row_is_named_with_its_fix(minimind, tmp_path):
+    # Devstral's template writes a long system prompt of its own into every conversation without one
+    tok, template = model_tokenizer(minimind, "devstral"), (TEMPLATES / "devstral.jinja").read_text()
+    n = own_prompt_tokens(tok, template, "[INST]")
+    assert n > 512
+    path = write_chats(tmp_path / "tools.jsonl", [TOOL_CHATS["devstral"]] * 6)
+    with pytest.raises(DataError) as err:
+        SFTDataset(path, tok, 512, chat_template=template, log=None)
+    assert str(err.value) == (
+        f"{path}: no usable samples (0 invalid lines skipped, 6 with nothing to learn after truncation); the chat "
+        f"template writes its own system prompt of {n} tokens before the first user message of a conversation "
+        "without a system message, which leaves 6 sample(s) nothing to learn in a row of 512 tokens (--max_seq_len): "
+        f"pass a --max_seq_len that holds those {n} tokens and the conversation, or give them a system message of "
+        "their own (the template writes it instead)")
+    # Both fixes it names keep every sample
+    own = SFTDataset(write_chats(tmp_path / "own.jsonl", [TOOL_CHATS["devstral"]] * 6, "You call tools."), tok, 512,
+                     chat_template=template, log=None)
+    longer = SFTDataset(path, tok, n + 512, chat_template=template, log=None)
+    assert len(own) == len(longer) == 6 and own.dropped == longer.dropped == 0
+    assert "note:" not in own.summary + longer.summary
+
+
+def test_samples_the_default_system_prompt_crowds_out_are_noted_under_the_data_line(minimind, tmp_path):
+    # The prompt fits in the row, and plain chats after it, but not the tool schemas and calls of the tool chats
+    from dataset.token_cache import TokenCache
+
+    tok, template = model_tokenizer(minimind, "devstral"), (TEMPLATES / "devstral.jinja").read_text()
+    n = own_prompt_tokens(tok, template, "[INST]")
+    path = write_chats(tmp_path / "mix.jsonl", [TOOL_CHATS["devstral"]] * 3 + [SINGLE] * 2)
+    note = (f"\n  note: the chat template writes its own system prompt of {n} tokens before the first user message "
+            f"of a conversation without a system message, which leaves 3 sample(s) nothing to learn in a row of "
+            f"{n + 40} tokens (--max_seq_len): pass a larger --max_seq_len, or give them a system message of their "
+            "own (the template writes it instead)")
+    cache = TokenCache(tmp_path / "cache")
+    for how in ("tokens cached in", "tokens read from the cache"):
+        ds = SFTDataset(path, tok, n + 40, chat_template=template, cache=cache, log=None)
+        assert (len(ds), ds.dropped) == (2, 3) and how in ds.summary
+        assert ds.summary.endswith(note), ds.summary
+    assert len(SFTDataset(path, tok, n + 512, chat_template=template, log=None)) == 5
+
+
+def test_a_prompt_a_system_message_does_not_replace_is_named_with_the_one_fix(minimind, tmp_path):
+    # Llama-3.1 writes its date lines whether or not the data has a system message: only a longer row helps
+    tok, template = model_tokenizer(minimind, "llama31"), (TEMPLATES / "llama31.jinja").read_text()
+    n = own_prompt_tokens(tok, template, "<|start_header_id|>user")
+    for system in (None, "Be brief."):
+        path = write_chats(tmp_path / "single.jsonl", [SINGLE] * 2, system)
+        with pytest.raises(DataError) as err:
+            SFTDataset(path, tok, n + 3, chat_template=template, log=None)
+        assert str(err.value).endswith(
+            f"the chat template writes its own system prompt of {n} tokens before the first user message of every "
+            f"conversation, which leaves 2 sample(s) nothing to learn in a row of {n + 3} tokens (--max_seq_len): "
+            "pass a larger --max_seq_len"), str(err.value)
+    # A template with no prompt of its own: truncation alone, as before
+    path = write_chats(tmp_path / "single.jsonl", [SINGLE] * 2)
+    with pytest.raises(DataError, match="; a larger --max_seq_len keeps the answers that truncation cut off$"):
+        SFTDataset(path, model_tokenizer(minimind, "qwen3"), 6, chat_template=(TEMPLATES / "qwen3.jinja").read_text(),
+                   log=None)
+
+
+def test_a_default_system_prompt_that_fills_the_row_with_the_real_cli(tmp_path):
+    # The demo base's tokenizer with Devstral's template (--chat_template) at the default --max_seq_len 512
+    from tests.train_utils import REPO, lora_args, python, run_cli, save_tiny_minimind, subprocess_env
+
+    if not TEMPLATES.is_dir():
+        pytest.skip("../shared/fixtures is not available")
+    weight = save_tiny_minimind(tmp_path / "base.pth")
+    chats = [TOOL_CHATS["devstral"]] * 4
+    for system, status in ((None, 2), ("You call tools.", 0)):
+        path = write_chats(tmp_path / "tools.jsonl", chats, system)
+        run = run_cli([python(), "trainer/train_lora.py", *lora_args(
+            tmp_path, weight, path, max_steps=1, data_cache="none", max_seq_len=512,
+            chat_template=TEMPLATES / "devstral.jinja")], 300, cwd=REPO, env=subprocess_env())
+        assert run.returncode == status, run.stdout[-2000:] + run.stderr[-2000:]
+        assert "Traceback" not in run.stderr
+        if system is None:
+            assert re.search(f"error: {re.escape(str(path))}: no usable samples .*the chat template writes its own "
+                             r"system prompt of \d+ tokens .* or give them a system message of their own", run.stderr)
+        else:
+            assert f"{path}: kept 4 samples, dropped 0" in run.stdout
