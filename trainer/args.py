@@ -128,7 +128,9 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
         g.add_argument("--lora_rank", type=int, default=None, help="rank r of the update B·A (default: 16)")
         g.add_argument("--lora_alpha", type=float, default=None,
                        help="scale = alpha / r (default: alpha = r, scale 1, as in MiniMind)")
-        g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
+        g.add_argument("--lora_dropout", type=float, default=0.0,
+                       help="dropout on the LoRA branch input (a training choice: with --init_lora too, this flag "
+                            "sets it, not the file's lora_dropout)")
         g.add_argument("--lora_targets", default=None,
                        help="comma-separated module names to adapt, e.g. q_proj,v_proj; 'square' = MiniMind's "
                             "choice (q_proj,o_proj) (default: every linear layer but lm_head and MoE routers)")
