@@ -698,9 +698,10 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
         raise LoRAError(f"{path / PEFT_CONFIG}: holds a JSON {type(cfg).__name__}, not PEFT's config object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise LoRAError(f"{path / PEFT_CONFIG}: peft_type is {cfg.get('peft_type')!r}; only LORA is supported")
-    for flag in ("lora_bias", "fan_in_fan_out"):
-        if cfg.get(flag):
-            raise LoRAError(f"{path / PEFT_CONFIG}: {flag}=true is not supported; train with it off")
+    if cfg.get("lora_bias"):
+        raise LoRAError(f"{path / PEFT_CONFIG}: lora_bias=true is not supported; train with it off")
+    # fan_in_fan_out only transposes the merge into a Conv1D weight: PEFT turns it off for nn.Linear targets (with a
+    # warning), so the factors mean the same either way; a Conv1D target is refused where the layers are known.
     _refuse_other_functions(cfg, path / PEFT_CONFIG)
     if (path / PEFT_WEIGHTS).is_file():
         try:
@@ -893,6 +894,10 @@ def check_lora_fits(model: nn.Module, path: str | os.PathLike, keys: dict[str, s
     for name, key in keys.items():
         if not isinstance(modules.get(name), (nn.Linear, LoRALinear)):
             where = f"key '{key}'" if key != name else f"layer '{name}'"
+            if type(modules.get(name)).__name__ == "Conv1D":  # the base is right: its layer kind is not supported
+                raise LoRAError(f"{path}: the base's '{name}' ({where}) is a GPT-2-style Conv1D (weight stored "
+                                "[in, out], which PEFT adapts with fan_in_fan_out), and LoRA here adapts nn.Linear "
+                                "layers only; run this adapter with PEFT")
             raise LoRAError(f"{path}: does not fit the base {_base_name(model, base)}: {_why_no_place(modules, name)} "
                             f"({where}); pass the base it was trained on")
     # Attention-only keys fit dense and MoE bases alike: the MiniMind file name still tells them apart.

@@ -177,6 +177,36 @@ def test_a_peft_adapter_with_dropout_loaded_into_a_model_in_eval_mode_answers_as
     assert (logits(ours) - logits(theirs)).abs().max() <= 1e-5
 
 
+
+def test_a_fan_in_fan_out_adapter_on_linear_layers_loads_as_peft_loads_it(base_dir, tmp_path):
+    theirs = trained_peft(base_dir, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    theirs.peft_config["default"].fan_in_fan_out = True  # as a config written for another base says
+    theirs.save_pretrained(tmp_path / "adapter")
+    assert '"fan_in_fan_out": true' in (tmp_path / "adapter" / "adapter_config.json").read_text()
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):  # PEFT's own reading of it
+        reloaded = peft.PeftModel.from_pretrained(load_base(base_dir), tmp_path / "adapter").eval()
+    want = logits(reloaded)
+    assert (want - logits(load_base(base_dir))).abs().max() > 1e-2
+    ours = load_base(base_dir)
+    load_lora(ours, tmp_path / "adapter")
+    assert (logits(ours) - want).abs().max() <= 1e-5
+
+
+def test_a_peft_adapter_on_gpt2_conv1d_layers_is_refused_naming_the_layer_kind(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from model.model_lora import LoRAError
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2")
+    theirs = peft.get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"),
+                                 peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    theirs.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(LoRAError, match=r"'transformer.h.0.attn.c_attn' .* is a GPT-2-style Conv1D .*fan_in_fan_out"
+                                        r".*run this adapter with PEFT"):
+        load_lora(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval(), tmp_path / "adapter")
+
 # PEFT settings that save tensors other than LoRA factors: each is named in the message, with the way out
 OTHER_TENSORS = {
     "bias_lora_only": ({"bias": "lora_only"}, {}, "says bias='lora_only'"),
