@@ -538,6 +538,17 @@ class _Adapter:
     base_copy: torch.Tensor | None = None  # the layer's base weight, which PEFT saves for an lm_head it adapts
 
 
+class _LoRAFile(NamedTuple):
+    """A LoRA file as read: each layer's factors, the switches that say how to use them, and the whole base layers
+    PEFT saved beside them (save_embedding_layers: module name -> (key, tensor)), which must be the base's own."""
+
+    adapters: dict[str, _Adapter]
+    use_rslora: bool
+    dropout: float
+    use_dora: bool
+    base_layers: dict[str, tuple[str, torch.Tensor]]
+
+
 def save_lora(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
     """Save only the LoRA factors: `*.pth` in MiniMind's layout, any other path as a PEFT adapter directory."""
     model, path = _unwrap(model), Path(path)
@@ -624,7 +635,7 @@ def minimind_lora_key(key: str) -> tuple[str, str] | None:
     return None if m is None else (m.group(1), m.group(2))
 
 
-def _read_minimind(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
+def _read_minimind(path: Path) -> _LoRAFile:
     """MiniMind's `<module>.lora.A.weight` / `.lora.B.weight` file, meant at scale 1."""
     sd = _load_tensors(path)
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
@@ -635,7 +646,7 @@ def _read_minimind(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
                             f"is this a full model checkpoint?")
         module, factor = parsed
         pairs.setdefault(module, {})[factor] = (key, value)
-    return _pair_up(path, pairs, alpha_of=lambda name, rank: rank), False, 0.0, False
+    return _LoRAFile(_pair_up(path, pairs, alpha_of=lambda name, rank: rank), False, 0.0, False, {})
 
 
 # PEFT inits that also rewrite the base weights (W minus the initial B·A, or a quantized W): PEFT repeats them when
@@ -657,12 +668,20 @@ def _refuse_other_functions(cfg: dict, config: Path) -> None:
                         "tokens on, and here a LoRA acts on every token; run this adapter with PEFT")
 
 
+MERGE_WITH_PEFT = "merge the adapter with PEFT's merge_and_unload() and pass the merged model as --from_weight"
+# A whole layer's weight that no other setting explains: PEFT's save_embedding_layers saved the embedding or head
+SAVED_LAYER = ("PEFT saved that whole layer (save_pretrained with save_embedding_layers, as for a resized "
+               "vocabulary)")
+
+
 def _why_not_lora(key: str, cfg: dict) -> str:
     """What a tensor of a PEFT file other than LoRA factors holds, by the setting that made PEFT save it, and the
-    way out: only LoRA factors load here, and PEFT itself can fold the rest into a model to use as the base."""
-    merge = "or merge the adapter with PEFT's merge_and_unload() and pass the merged model as --from_weight"
+    way out: only LoRA factors load here, and PEFT itself can fold the rest into a model to use as the base.
+    A saved embedding layer's reason is SAVED_LAYER alone: it loads where it is the base's own."""
+    merge = f"or {MERGE_WITH_PEFT}"
     name = key.removeprefix(PEFT_PREFIX)
-    saved_whole = [t for t in cfg.get("modules_to_save") or [] if name.removesuffix(".weight").endswith(t)]
+    layer = name.removesuffix(".weight").removesuffix(".modules_to_save").removesuffix(".original_module")
+    saved_whole = [t for t in cfg.get("modules_to_save") or [] if layer.endswith(t)]
     if name.endswith(".bias") and cfg.get("bias", "none") != "none":
         return (f"{PEFT_CONFIG} says bias={cfg['bias']!r}, so PEFT trained and saved the base's biases, which do not "
                 f"load here; train with bias='none', {merge}")
@@ -676,13 +695,11 @@ def _why_not_lora(key: str, cfg: dict) -> str:
         return (f"{PEFT_CONFIG} lists {saved_whole[0]!r} in modules_to_save, so PEFT trained and saved a whole copy "
                 f"of that layer, which does not load here; train without modules_to_save, {merge}")
     if name.endswith(".weight"):
-        return ("PEFT saved that whole layer (save_pretrained with save_embedding_layers, as for a resized "
-                f"vocabulary), which does not load here; save the adapter without it if the vocabulary is the "
-                f"base's, {merge}")
+        return SAVED_LAYER
     return "bias, embedding and modules_to_save tensors do not load here"
 
 
-def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
+def _read_peft(path: Path) -> _LoRAFile:
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
     if path.is_file():
         inside = f": pass the folder {path.parent}" if (path.parent / PEFT_CONFIG).is_file() else ""
@@ -716,12 +733,16 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
     else:
         raise LoRAError(f"{path}: no {PEFT_WEIGHTS} there")
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    base_layers: dict[str, tuple[str, torch.Tensor]] = {}
     for key, value in sd.items():
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(?:lora_([AB])\.weight|lora_(magnitude)_vector(?:\.weight)?"
                          r"|(base)_layer\.weight)", key)
         if m is None:
-            raise LoRAError(f"{path / PEFT_WEIGHTS}: key '{key}' is not a LoRA or DoRA tensor: "
-                            f"{_why_not_lora(key, cfg)}")
+            why = _why_not_lora(key, cfg)
+            if why is not SAVED_LAYER:
+                raise LoRAError(f"{path / PEFT_WEIGHTS}: key '{key}' is not a LoRA or DoRA tensor: {why}")
+            base_layers[_clean_name(key.removeprefix(PEFT_PREFIX).removesuffix(".weight"))] = (key, value)
+            continue
         pairs.setdefault(_clean_name(m.group(1)), {})[m.group(2) or m.group(3) or m.group(4)] = (key, value)
     alpha, alpha_pattern = cfg.get("lora_alpha", 8), cfg.get("alpha_pattern") or {}
 
@@ -747,7 +768,8 @@ def _read_peft(path: Path) -> tuple[dict[str, _Adapter], bool, float, bool]:
             if adapter.A.shape[0] != rank:
                 raise LoRAError(f"{path / PEFT_CONFIG}: says rank {rank} for '{name}', but {PEFT_WEIGHTS} holds "
                                 f"rank {adapter.A.shape[0]}; the config and weights come from different adapters")
-    return adapters, bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0)), use_dora
+    return _LoRAFile(adapters, bool(cfg.get("use_rslora", False)), float(cfg.get("lora_dropout", 0.0)), use_dora,
+                     base_layers)
 
 
 def _peft_selector(cfg: dict, config: Path) -> Callable[[str], bool] | None:
@@ -833,8 +855,8 @@ def read_lora(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Te
     path = Path(path)
     if not path.exists():
         raise LoRAError(f"{path}: no such LoRA file or adapter directory")
-    adapters, use_rslora, _, _ = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
-    return {n: (a.A, a.B, lora_scale(a.A.shape[0], a.alpha, use_rslora)) for n, a in adapters.items()}
+    lora = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
+    return {n: (a.A, a.B, lora_scale(a.A.shape[0], a.alpha, lora.use_rslora)) for n, a in lora.adapters.items()}
 
 
 def read_lora_plan(path: str | os.PathLike) -> tuple[dict[str, tuple[int, float | None]], bool, bool]:
@@ -846,9 +868,9 @@ def read_lora_plan(path: str | os.PathLike) -> tuple[dict[str, tuple[int, float 
     if not path.exists():
         raise LoRAError(f"{path}: no such LoRA file or adapter directory")
     if path.suffix == ".pth":
-        return {n: (a.A.shape[0], None) for n, a in _read_minimind(path)[0].items()}, False, False
-    adapters, use_rslora, _, use_dora = _read_peft(path)
-    return {n: (a.A.shape[0], a.alpha) for n, a in adapters.items()}, use_rslora, use_dora
+        return {n: (a.A.shape[0], None) for n, a in _read_minimind(path).adapters.items()}, False, False
+    lora = _read_peft(path)
+    return {n: (a.A.shape[0], a.alpha) for n, a in lora.adapters.items()}, lora.use_rslora, lora.use_dora
 
 
 def _base_name(model: nn.Module, base: str | None) -> str:
@@ -909,11 +931,39 @@ def check_lora_fits(model: nn.Module, path: str | os.PathLike, keys: dict[str, s
                         "trained on (or rename the file if its name is wrong)")
 
 
-def _read_fitting(model: nn.Module, path: Path, base: str | None) -> tuple[dict[str, _Adapter], bool, float, bool]:
+def _same_as_base(saved: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a base tensor a PEFT file saved is `weight` itself: the same shape and values, each rounded to the
+    coarser of the two dtypes (the file may hold a float32 copy of a bf16 base, or the reverse)."""
+    if saved.shape != weight.shape:
+        return False
+    coarse = max(saved.dtype, weight.dtype, key=lambda d: torch.finfo(d).eps)
+    return torch.equal(saved.to(coarse), weight.detach().to("cpu", coarse))
+
+
+def _check_base_layers(model: nn.Module, where: Path, lora: _LoRAFile, base: str | None) -> None:
+    """The whole layers PEFT saved with save_embedding_layers must be the base's own: then loading them changes
+    nothing; a resized or trained embedding or head is another model, which does not load here."""
+    modules = dict(model.named_modules())
+    for name, (key, saved) in lora.base_layers.items():
+        weight = getattr(modules.get(name), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            differs = f"the base {_base_name(model, base)} has no layer '{name}'"
+        elif saved.shape != weight.shape:
+            differs = f"its shape {list(saved.shape)} is not that of the base's '{name}' {list(weight.shape)}"
+        elif not _same_as_base(saved, weight):
+            differs = f"its values differ from the base's '{name}' (a trained or replaced layer)"
+        else:
+            continue
+        raise LoRAError(f"{where}: key '{key}' is not a LoRA or DoRA tensor: {SAVED_LAYER}, and {differs}, which does "
+                        f"not load here; pass the base it was saved from, or {MERGE_WITH_PEFT}")
+
+
+def _read_fitting(model: nn.Module, path: Path, base: str | None) -> _LoRAFile:
     """The LoRA at `path` as _read_minimind / _read_peft return it, once every tensor is known to fit `model`."""
     if not path.exists():
         raise LoRAError(f"{path}: no such LoRA file or adapter directory")
-    adapters, use_rslora, dropout, use_dora = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
+    lora = _read_minimind(path) if path.suffix == ".pth" else _read_peft(path)
+    adapters = lora.adapters
     where = path if path.suffix == ".pth" else path / PEFT_WEIGHTS
     check_lora_fits(model, path, {name: ad.key for name, ad in adapters.items()}, base)
     _check_coverage(model, path, set(adapters), base)
@@ -931,11 +981,11 @@ def _read_fitting(model: nn.Module, path: Path, base: str | None) -> tuple[dict[
                                 f"{list(got)}, the base's '{name}' ({module.in_features} -> {module.out_features}) "
                                 f"needs {list(wanted)}; pass the base it was trained on")
         # PEFT saves an adapted lm_head's base weight too: it must be this model's, not a resized or retrained one
-        if ad.base_copy is not None and not (ad.base_copy.shape == module.weight.shape and torch.allclose(
-                ad.base_copy.float(), module.weight.detach().float().cpu(), rtol=1e-2, atol=1e-3)):
+        if ad.base_copy is not None and not _same_as_base(ad.base_copy, module.weight):
             raise LoRAError(f"{where}: '{name}.base_layer.weight' differs from the model's '{name}' weight (a "
                             "resized vocabulary?); the adapter needs the base it was trained on")
-    return adapters, use_rslora, dropout, use_dora
+    _check_base_layers(model, where, lora, base)
+    return lora
 
 
 def check_lora(model: nn.Module, path: str | os.PathLike, base: str | None = None) -> None:
@@ -953,7 +1003,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, base: str | None = None
     errors name it as `base` (default: the path it was loaded from).
     """
     model, path = _unwrap(model), Path(path)
-    adapters, use_rslora, dropout, use_dora = _read_fitting(model, path, base)
+    adapters, use_rslora, dropout, use_dora, _ = _read_fitting(model, path, base)
     where = path if path.suffix == ".pth" else path / PEFT_WEIGHTS
     layers = _lora_layers(model)
     if not layers:

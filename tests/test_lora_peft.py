@@ -214,7 +214,9 @@ OTHER_TENSORS = {
     "modules_to_save": ({"modules_to_save": ["lm_head"]}, {}, "lists 'lm_head' in modules_to_save"),
     "trainable_tokens": ({"trainable_token_indices": [3, 5]}, {}, "sets trainable_token_indices"),
     "embedding_target": ({"target_modules": ["q_proj", "embed_tokens"]}, {}, "include an embedding layer"),
-    "save_embedding_layers": ({}, {"save_embedding_layers": True}, "save_embedding_layers"),
+    # with save_embedding_layers too, the head's saved copies are still those of modules_to_save
+    "modules_to_save_and_embeddings": ({"modules_to_save": ["lm_head"]}, {"save_embedding_layers": True},
+                                       "lists 'lm_head' in modules_to_save"),
 }
 
 
@@ -226,5 +228,47 @@ def test_peft_tensors_other_than_lora_factors_name_the_setting_that_saved_them(l
     theirs = trained_peft(llama_dir, **{"r": 4, "target_modules": ["q_proj"], **options})
     theirs.save_pretrained(tmp_path / "adapter", **save_options)
     with pytest.raises(LoRAError, match=rf"is not a LoRA or DoRA tensor: .*{says}.*merge_and_unload") as err:
+        load_lora(load_base(llama_dir), tmp_path / "adapter")
+    assert "\n" not in str(err.value)
+
+
+def test_embedding_layers_peft_saved_as_the_base_has_them_load_as_peft_loads_them(llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    theirs = trained_peft(llama_dir, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    theirs.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= set(saved)
+    want = logits(peft.PeftModel.from_pretrained(load_base(llama_dir), tmp_path / "adapter").eval())
+    assert (want - logits(load_base(llama_dir))).abs().max() > 1e-2
+    ours = load_base(llama_dir)
+    load_lora(ours, tmp_path / "adapter")
+    assert (logits(ours) - want).abs().max() <= 1e-5
+    load_lora(load_base(llama_dir).to(torch.bfloat16), tmp_path / "adapter")  # float32 copies of a bf16 base's
+
+
+def resized_vocabulary(llama_dir, path):
+    """An adapter PEFT saved for a base whose vocabulary grew ("auto" saves the resized embedding and head)."""
+    base = load_base(llama_dir)
+    base.resize_token_embeddings(100)
+    peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(path)
+
+
+def trained_embedding(llama_dir, path):
+    """An adapter saved with save_embedding_layers after the embedding itself was trained."""
+    theirs = trained_peft(llama_dir, r=4, target_modules=["q_proj"])
+    with torch.no_grad():
+        theirs.get_input_embeddings().weight.add_(1e-3)
+    theirs.save_pretrained(path, save_embedding_layers=True)
+
+
+@pytest.mark.parametrize("make, says", [(resized_vocabulary, r"its shape \[100, 64\] is not that of the base's"),
+                                        (trained_embedding, "its values differ from the base's 'model.embed_tokens'")])
+def test_embedding_layers_peft_saved_that_are_not_the_base_are_refused(llama_dir, tmp_path, make, says):
+    from model.model_lora import LoRAError
+
+    make(llama_dir, tmp_path / "adapter")
+    with pytest.raises(LoRAError, match=rf"is not a LoRA or DoRA tensor: .*save_embedding_layers.*{says}"
+                                        r".*merge_and_unload") as err:
         load_lora(load_base(llama_dir), tmp_path / "adapter")
     assert "\n" not in str(err.value)
