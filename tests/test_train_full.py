@@ -6,12 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-from model.model_minimind import load_minimind
+from model.model_minimind import MiniMindForCausalLM, load_minimind
 from tests.train_utils import (
     REPO,
     lora_args,
     run_inprocess,
     save_tiny_minimind,
+    tiny_config,
     tokenizer_dir,
     write_chat_data,
 )
@@ -229,3 +230,20 @@ def test_stored_dtype_reads_either_spelling_of_config_dtype(tmp_path):
                            ({}, None), ({"dtype": "int8"}, None), ({"dtype": "nonsense"}, None)):
         (tmp_path / "config.json").write_text(json.dumps(config))
         assert stored_dtype(tmp_path) == wanted, config
+
+
+@pytest.mark.parametrize("pth_dtype, save_dtype, wanted", [(torch.float16, None, torch.float16),
+                                                          (torch.float16, "float32", torch.float32),
+                                                          (torch.float32, None, torch.float32)])
+def test_full_sft_from_a_pth_saves_its_directory_in_the_pth_dtype_unless_save_dtype_says(
+        tmp_path, pth_dtype, save_dtype, wanted):
+    """A MiniMind .pth holds fp16 tensors (MiniMind's trainers save .half()): its directory comes back fp16."""
+    model = MiniMindForCausalLM(tiny_config(vocab_size=6400)).to(pth_dtype)
+    torch.save(model.state_dict(), tmp_path / "base_64.pth")
+    out = tmp_path / "out"
+    flags = dict(save_dir=out, from_weight=tmp_path / "base_64.pth", tokenizer_path=tokenizer_dir(), max_steps=1,
+                 data_path=write_chat_data(tmp_path / "chat.jsonl", 4))
+    assert run_inprocess(train_full_sft.main, _flags(**flags, **({"save_dtype": save_dtype} if save_dtype else {}))) == 0
+    assert json.loads((out / "full_sft_64" / "config.json").read_text())["dtype"] == str(wanted).split(".")[1]
+    saved = AutoModelForCausalLM.from_pretrained(out / "full_sft_64", dtype="auto")
+    assert {v.dtype for v in saved.state_dict().values()} == {wanted}

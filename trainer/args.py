@@ -96,7 +96,8 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
                             "{save_weight}_{hidden_size}{_moe}/")
         g.add_argument("--save_dtype", default=None, choices=["bfloat16", "float16", "float32"],
                        help="dtype of the saved model directory's weights (training and the resume file stay "
-                            "float32; default: the base directory's config.json dtype, else float32)")
+                            "float32; default: the base's own, a directory's config.json dtype or a .pth's tensors' "
+                            "dtype; else float32)")
     g.add_argument("--save_interval", type=int, default=1000, help="save a checkpoint every N optimizer steps")
     g.add_argument("--log_interval", type=int, default=10, help="print/log every N optimizer steps")
     _switch(g, "--use_wandb", help="log to Weights & Biases (WANDB_MODE=offline works)")

@@ -50,7 +50,7 @@ class BaseModel:
     source: str  # the file or directory it came from ("new" for a fresh random model)
     hidden_size: int
     use_moe: bool
-    stored_dtype: torch.dtype | None = None  # a model directory's dtype by its config.json; None: not written there
+    stored_dtype: torch.dtype | None = None  # a directory's config.json dtype, a .pth's tensors'; None: unknown
 
 
 def resolve_weight(from_weight: str | None, save_dir: str, hidden_size: int | None,
@@ -280,15 +280,18 @@ def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden
     if path.is_dir():
         model = load_directory(path, dtype, max_seq_len)
         _check_flags(model, path, hidden_size, num_hidden_layers, use_moe)
+        stored = stored_dtype(path)
     else:
         overrides = {k: v for k, v in (("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers),
                                        ("use_moe", use_moe)) if v is not None}
-        model = load_minimind(path, dtype=dtype, **overrides)
+        model = load_minimind(path, **overrides)  # in the file's dtype, which the saved directory keeps by default
+        stored = weights_dtype(model)
+        if dtype is not None:
+            model.to(dtype)
     model.name_or_path = str(path)  # as transformers' from_pretrained sets it (a .pth too): load_lora's errors name it
     tokenizer = pick_tokenizer(path, tokenizer_path)
     check_vocab(model, tokenizer, chosen=bool(tokenizer_path), weight=path)
     cfg = model.config
-    stored = stored_dtype(path) if path.is_dir() else None
     return BaseModel(model, tokenizer, str(path), cfg.hidden_size, is_moe(model), stored)
 
 
@@ -302,6 +305,13 @@ def stored_dtype(path: Path) -> torch.dtype | None:
     name = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def weights_dtype(model: nn.Module) -> torch.dtype | None:
+    """The one dtype of a model's floating weights as loaded from a file (a MiniMind .pth: fp16 as MiniMind saves,
+    or fp32); None where they mix dtypes."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def new_minimind(tokenizer: PreTrainedTokenizerBase, hidden_size: int | None, num_hidden_layers: int | None,
