@@ -310,7 +310,7 @@ def _check(path: Any, chunks: list[_Chunk], n_lines: int, skip_invalid: bool,
     if not any(c.ids for c in chunks):
         hint = "; a larger --max_seq_len keeps the answers that truncation cut off" if dropped else ""
         hint = f"; {crowded_note}" if crowded_note else hint
-        raise DataError(f"{path}: no usable samples ({len(problems)} invalid lines skipped, {dropped} with nothing "
+        raise DataError(f"{path}: no usable samples ({_invalid_lines(len(problems))} skipped, {dropped} with nothing "
                         f"to learn after truncation){hint}{_skipped_lines(path, problems)}")
     return problems, dropped
 
@@ -330,7 +330,12 @@ def _join(chunks: list[_Chunk]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _summary(path: Any, kept: int, dropped: int, skipped: int, max_length: int) -> str:
     text = f"{path}: kept {kept} samples, dropped {dropped} with no supervised token after truncation to {max_length}"
-    return text + (f", skipped {skipped} invalid lines" if skipped else "")
+    return text + (f", skipped {_invalid_lines(skipped)}" if skipped else "")
+
+
+def _invalid_lines(n: int) -> str:
+    """'1 invalid line', 'n invalid lines': how the data line counts the records --skip_bad_data skipped."""
+    return f"{n} invalid line{'' if n == 1 else 's'}"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -259,15 +259,33 @@ def _split_records(numbered: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]
 def _broken_end(numbered: list[tuple[int, bytes]], first: int) -> int:
     """The last line of a broken object that opens on line index `first`: its lines are indented more deeply than
     its opening line, up to a closing `}` at that line's depth (`jq .`, json.dump(indent=2)); the next line at that
-    depth or less begins the next record (a broken one-line record is then that line alone)."""
+    depth or less begins the next record (a broken one-line record is then that line alone). An object written
+    without indentation (json.dumps(indent=0)) ends where the next record must begin (see _flat_end)."""
     depth, last = _indent(numbered[first][1]), first
     for j in range(first + 1, len(numbered)):
         raw = numbered[j][1]
         if not raw.strip():
             continue
         if _indent(raw) <= depth:
-            return j if raw.lstrip(BLANK_OR_BOM).startswith((b"}", b"]")) else last
+            if raw.lstrip(BLANK_OR_BOM).startswith((b"}", b"]")):
+                return j
+            return _flat_end(numbered, first) if numbered[first][1].strip(BLANK_OR_BOM) == b"{" else last
         last = j
+    return last
+
+
+def _flat_end(numbered: list[tuple[int, bytes]], first: int) -> int:
+    """The last line of a broken object written without indentation that opens on line index `first` (a lone
+    `{`): the line before the first that opens an object or array where no value of this one can stand (a value
+    only follows `[`, `,` or `:`), as that one begins the next record; else the file's last line."""
+    last, before = first, b"{"
+    for j in range(first + 1, len(numbered)):
+        line = numbered[j][1].strip(BLANK_OR_BOM)
+        if not line:
+            continue
+        if line.startswith((b"{", b"[")) and not before.endswith((b"[", b",", b":")):
+            return last
+        last, before = j, line
     return last
 
 

@@ -635,3 +635,32 @@ def test_a_value_that_is_no_object_after_objects_over_several_lines_is_one_bad_r
     begins = pretty.count("\n") + 2
     assert [c.line for c in conversations] == [1, begins + 1]
     assert problems == [(begins, "expected a JSON object, got list")]
+
+
+FLAT_DAMAGE = {  # how one object of a file written with json.dumps(obj, indent=0) is broken
+    "a value lost its closing quote": lambda text: text.replace('"I am Lumen, 1."', '"I am Lumen, 1.'),
+    "a value is a bare word": lambda text: text.replace('"I am Lumen, 1."', "I am Lumen"),
+    "the object lost its closing brace": lambda text: text[:-1],
+}
+
+
+@pytest.mark.parametrize("damage", FLAT_DAMAGE)
+def test_a_broken_object_written_without_indentation_is_one_bad_record(tok, tmp_path, damage):
+    # indent=0 puts every line at the same depth: where the broken object ends is read off where a value may stand
+    records = [chat(f"Who are you, {i}?", f"I am Lumen, {i}.") for i in range(4)]
+    texts = [json.dumps(r, indent=0) for r in records]
+    texts[1] = FLAT_DAMAGE[damage](texts[1])
+    path = tmp_path / "flat.jsonl"
+    path.write_text("\n".join(texts) + "\n")
+    with pytest.raises(json.JSONDecodeError) as reference:
+        json.loads(texts[1].rstrip())  # an error at its end lies on its last line
+    begins = begin_lines(texts)
+    conversations, problems = read_conversations(path)
+    at = f"line {begins[1] - 1 + reference.value.lineno}, column {reference.value.colno}"
+    assert problems == [(begins[1], f"invalid JSON: {reference.value.msg} ({at})")]
+    assert [c.line for c in conversations] == [begins[0], *begins[2:]]
+    ds = SFTDataset(path, tok, 64, skip_invalid=True, log=None)
+    others = write_lines(tmp_path / "others.jsonl", [json.dumps(r).encode() for k, r in enumerate(records) if k != 1])
+    assert ds.ids.tolist() == SFTDataset(others, tok, 64, log=None).ids.tolist()
+    assert ds.summary.splitlines()[0] == (f"{path}: kept 3 samples, dropped 0 with no supervised token after "
+                                          "truncation to 64, skipped 1 invalid line")
