@@ -51,7 +51,7 @@ def merged_model(args: argparse.Namespace) -> tuple[nn.Module, object, torch.dty
     tokenizer, the dtype the base was stored in, and the chat template the LoRA learned where it is not the
     tokenizer's own (use_chat_template). Stops before the merge if an output would replace the base or the LoRA."""
     base = load_base(base_for(args), args.save_dir, None, args.hidden_size, args.num_hidden_layers, args.use_moe,
-                     args.tokenizer_path, minimind_default="full_sft")  # dtype None: as stored (.pth, config.json)
+                     args.tokenizer_path, minimind_default="full_sft", training=False)  # dtype None: as stored
     lora = lora_file(args.lora_path, args.save_dir, base.model)
     pth, hf_dir = output_paths(base.model, args)
     # The tokenizer and --chat_template are not inputs to protect: the export holds a copy of each. The LoRA is: in

@@ -492,3 +492,27 @@ def test_the_stop_ids_are_found_once_per_model_not_once_per_reply(tmp_path, toke
                     "--n_prompts", "3", "--max_new_tokens", "2", "--device", "cpu"])
     assert capsys.readouterr().out.count("lora: ") == 3
     assert len(probes) == 1  # the LoRA, added in place, changes no stop id
+
+
+def test_a_base_on_transformers_own_class_is_said_without_the_training_paths_chat_and_merge_lack(tmp_path, tokenizer):
+    # A sliding window chat cannot bound: transformers' MistralForCausalLM runs it; packing and compiling are the
+    # trainer's, so the line of chat.py and merge_lora.py names only the decoder
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    base = MistralForCausalLM(MistralConfig(vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, sliding_window=16,
+                                            max_position_embeddings=64))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    apply_lora(base, rank=2, targets="q_proj")
+    save_lora(base, tmp_path / "lora")
+    scripts = {"chat": [CHAT_PY, "--prompt", "hi", "--max_new_tokens", "2", "--device", "cpu"],
+               "merge": [CHAT_PY.with_name("merge_lora.py"), "--save_dir", tmp_path / "out"]}
+    for script, flags in scripts.items():
+        run = run_process([sys.executable, *map(str, flags), "--from_weight", str(tmp_path / "base"),
+                           "--lora_path", str(tmp_path / "lora")], timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        lines = [line for line in run.stdout.splitlines() if "runs on transformers'" in line]
+        assert lines == [f"model: {tmp_path / 'base'} runs on transformers' MistralForCausalLM, not the fast decoder: "
+                         "its sliding window (16 tokens) is shorter than max_position_embeddings 64"], (script, lines)

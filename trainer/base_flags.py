@@ -87,6 +87,7 @@ def load_from_flags(
         args.use_moe,
         args.tokenizer_path,
         minimind_default="full_sft",
+        training=False,
     )
     return base.model.to(device).eval(), base.tokenizer
 

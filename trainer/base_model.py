@@ -186,9 +186,10 @@ def _experts_in(config: object) -> str:
     return counts[0] if counts else f"no experts (none of {', '.join(EXPERT_COUNTS)})"
 
 
-def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = None) -> nn.Module:
+def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = None, training: bool = True) -> nn.Module:
     """A model directory: MiniMind's, a Qwen2/Qwen3/Llama/Mistral one on the fast decoder (same names, same
-    logits, model/fast_decoder.py), or any other causal LM through transformers' own class, said in one line."""
+    logits, model/fast_decoder.py), or any other causal LM through transformers' own class, said in one line (which
+    names the training paths it goes without where `training`)."""
     if not (path / "config.json").is_file():
         # merge_lora.py's --save_dir holds a .pth and a model directory: name what could be meant
         try:
@@ -225,9 +226,16 @@ def load_directory(path: Path, dtype: torch.dtype, max_seq_len: int | None = Non
     finally:
         hf_logging.set_verbosity(verbosity)
     if reason:
-        print(f"model: {path} runs on transformers' {type(model).__name__} with the fast paths off (FlexAttention "
-              f"for packed rows, the RoPE table op): {reason}", flush=True)
+        print(f"model: {path} runs on transformers' {type(model).__name__}{_paths_off(training)}: {reason}", flush=True)
     return model
+
+
+def _paths_off(training: bool) -> str:
+    """What a model on transformers' own class goes without: the training paths for a trainer; for chat, eval and
+    merge, which neither pack rows nor compile, only the decoder itself."""
+    if training:
+        return " with the fast paths off (FlexAttention for packed rows, the RoPE table op)"
+    return ", not the fast decoder"
 
 
 def _refuse_unknown_architecture(path: Path) -> None:
@@ -269,16 +277,17 @@ def _check_model_type(config: dict, file: Path) -> None:
 def load_base(from_weight: str | None, save_dir: str, dtype: torch.dtype, hidden_size: int | None = None,
               num_hidden_layers: int | None = None, use_moe: bool | None = None,
               tokenizer_path: str | None = None, max_seq_len: int | None = None,
-              minimind_default: str | None = None) -> BaseModel:
+              minimind_default: str | None = None, training: bool = True) -> BaseModel:
     """Load --from_weight (MiniMind .pth, MiniMind or transformers model directory) in `dtype`, plus tokenizer.
 
     `max_seq_len` (the longest row the run feeds) decides whether a sliding-window model is exact on the
-    fast decoder; None assumes its max_position_embeddings. `minimind_default`: resolve_weight's.
+    fast decoder; None assumes its max_position_embeddings. `minimind_default`: resolve_weight's. `training`: the
+    script trains (its start-up line names the training paths a model on transformers' own class goes without).
     """
     path = resolve_weight(from_weight, save_dir, hidden_size, use_moe, minimind_default)
     hf_logging.disable_progress_bar()  # its "Loading weights" bar would litter nohup logs
     if path.is_dir():
-        model = load_directory(path, dtype, max_seq_len)
+        model = load_directory(path, dtype, max_seq_len, training)
         _check_flags(model, path, hidden_size, num_hidden_layers, use_moe)
         stored = stored_dtype(path)
     else:
