@@ -932,12 +932,14 @@ def check_lora_fits(model: nn.Module, path: str | os.PathLike, keys: dict[str, s
 
 
 def _same_as_base(saved: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a base tensor a PEFT file saved is `weight` itself: the same shape and values, each rounded to the
-    coarser of the two dtypes (the file may hold a float32 copy of a bf16 base, or the reverse)."""
+    """Whether a base tensor a PEFT file saved is `weight` itself: the same shape and values to within one step of
+    the coarser of the two dtypes (the file may hold a float32 copy of a bf16 base, or an fp16 copy that rounds to
+    bf16 a step away from the bf16 base)."""
     if saved.shape != weight.shape:
         return False
-    coarse = max(saved.dtype, weight.dtype, key=lambda d: torch.finfo(d).eps)
-    return torch.equal(saved.to(coarse), weight.detach().to("cpu", coarse))
+    coarse = torch.finfo(max(saved.dtype, weight.dtype, key=lambda d: torch.finfo(d).eps))
+    return torch.allclose(saved.float(), weight.detach().to("cpu", torch.float32), rtol=coarse.eps,
+                          atol=coarse.smallest_normal)
 
 
 def _check_base_layers(model: nn.Module, where: Path, lora: _LoRAFile, base: str | None) -> None:
