@@ -1,6 +1,7 @@
 """The trainer's loss on packed rows equals its loss on padded batches, for MiniMind and transformers models."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -8,7 +9,16 @@ from transformers import AutoTokenizer
 
 from dataset.lm_dataset import PackedDataset, SFTDataset, collate_packed, collate_padded
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
-from tests.train_utils import tiny_lm
+from tests.train_utils import (
+    REPO,
+    lora_args,
+    python,
+    run_cli,
+    save_tiny_minimind,
+    subprocess_env,
+    tiny_lm,
+    write_chat_data,
+)
 from trainer.base_model import REPO_TOKENIZER
 from trainer.loss import SupervisedLoss, supervision
 
@@ -74,3 +84,15 @@ def test_transformers_moe_counts_as_moe(tmp_path):
     dense = MiniMindForCausalLM(MiniMindConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1,
                                                num_attention_heads=4, num_key_value_heads=2))
     assert SupervisedLoss(dense).drop_padding_mask  # MiniMind lists num_experts even when dense
+
+
+@pytest.mark.parametrize("packing", [1, 0])
+def test_val_fraction_line_counts_samples_packed_or_not(tmp_path, packing):
+    """The start-up line's held-out count is in samples: packed, it counted packed rows (40 held out of 70)."""
+    weight = save_tiny_minimind(tmp_path / "base.pth")
+    data = write_chat_data(tmp_path / "data.jsonl", 40)
+    argv = lora_args(tmp_path, weight, data, packing=packing, val_fraction=0.25, max_steps=1, batch_size=8)
+    run = run_cli([python(), "trainer/train_lora.py", *argv], timeout=180, cwd=REPO, env=subprocess_env())
+    assert run.returncode == 0, run.stdout + run.stderr
+    held = re.search(r"validation: (\d+) sample\(s\) held out of (\d+) \(--val_fraction\)", run.stdout)
+    assert held and held.groups() == ("10", "40"), run.stdout

@@ -329,6 +329,7 @@ def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info:
     `segments`, packed micro-batches also carry `cu_seqlens`, the samples' boundaries (for --attention varlen).
     """
     train, val = load_split(make, args.data_path, args.val_data_path, args.val_fraction, args.seed)
+    samples = len(train)  # before packing: the validation note counts samples, not packed rows
     mean = float(np.mean(train.lengths)) if len(train) else 1.0
     multiple = BUCKET if info.device.type == "cuda" else 1  # on CPU a pad token costs as much as a real one
     collate = partial(collate_bucketed, pad_id=pad_id, multiple=multiple, cap=args.max_seq_len)
@@ -362,5 +363,5 @@ def prepare_data(make: Callable[[str], Dataset], args: argparse.Namespace, info:
     val_batches = eval_loader(val, args.batch_size, info.rank, info.world_size, collate) if val is not None else None
     if val is not None:
         note += f"; validation: {len(val)} sample(s)" + ("" if args.val_data_path else
-                                                          f" held out of {len(train) + len(val)} (--val_fraction)")
+                                                          f" held out of {samples + len(val)} (--val_fraction)")
     return TrainData(train, sampler, loader, val_batches, note)
