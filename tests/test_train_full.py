@@ -10,8 +10,11 @@ from model.model_minimind import MiniMindForCausalLM, load_minimind
 from tests.train_utils import (
     REPO,
     lora_args,
+    python,
+    run_cli,
     run_inprocess,
     save_tiny_minimind,
+    subprocess_env,
     tiny_config,
     tokenizer_dir,
     write_chat_data,
@@ -247,3 +250,20 @@ def test_full_sft_from_a_pth_saves_its_directory_in_the_pth_dtype_unless_save_dt
     assert json.loads((out / "full_sft_64" / "config.json").read_text())["dtype"] == str(wanted).split(".")[1]
     saved = AutoModelForCausalLM.from_pretrained(out / "full_sft_64", dtype="auto")
     assert {v.dtype for v in saved.state_dict().values()} == {wanted}
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--hidden_size", "0"], "error: --hidden_size must be at least 1 (got 0)"),
+    (["--num_hidden_layers", "0"], "error: --num_hidden_layers must be at least 1 (got 0)"),
+    (["--num_hidden_layers", "-1"], "error: --num_hidden_layers must be at least 1 (got -1)"),
+    (["--hidden_size", "24"], "error: --hidden_size 24: a new MiniMind splits it over 8 attention heads of an even "
+                              "size each; pass a multiple of 16, such as 512 or 768"),
+])
+def test_pretrain_refuses_a_model_shape_that_cannot_train(tmp_path, flags, line):
+    """A new model of no width or an odd head size ended in a traceback; 0 layers silently built 8, -1 built none."""
+    _write_texts(tmp_path / "text.jsonl", 4)
+    run = run_cli([python(), "trainer/train_pretrain.py", *flags, *_flags(
+        save_dir=tmp_path / "out", data_path=tmp_path / "text.jsonl", tokenizer_path=tokenizer_dir(), max_steps=1)],
+        timeout=120, cwd=REPO, env=subprocess_env())
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [line], run.stdout + run.stderr
+    assert not (tmp_path / "out").exists()

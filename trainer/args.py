@@ -257,8 +257,6 @@ def parse_args(job: str, description: str, argv: list[str] | None = None) -> arg
     for flag in ("batch_size", "accumulation_steps", "epochs", "save_interval", "log_interval", "eval_interval"):
         if getattr(args, flag) < 1:
             raise FlagError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
-    if args.packed_rows is not None and args.packed_rows < 1:
-        raise FlagError(f"--packed_rows must be at least 1 (got {args.packed_rows})")
     if not 0.0 <= args.val_fraction < 1.0:
         raise FlagError(f"--val_fraction must be in [0, 1) (got {args.val_fraction})")
     if args.packing and args.group_by_length:
@@ -266,8 +264,6 @@ def parse_args(job: str, description: str, argv: list[str] | None = None) -> arg
                         "save: drop one of the two")
     if job != "lora":  # the fast-path defaults on CUDA are measured for LoRA; full training opts in
         args.packing, args.use_compile = bool(args.packing), bool(args.use_compile)
-    if args.max_steps is not None and args.max_steps < 1:
-        raise FlagError(f"--max_steps must be at least 1 (got {args.max_steps})")
     check_values(args)
     return args
 
@@ -303,8 +299,10 @@ def pick_speed_defaults(args: argparse.Namespace, device_type: str, triton: bool
 
 def check_values(args: argparse.Namespace) -> None:
     """Flag values that cannot work stop the run before any model is loaded (FlagError names the flag)."""
-    for flag, low in (("num_workers", 0), ("warmup_iters", 0), ("max_seq_len", 2)):
-        if getattr(args, flag) < low:
+    # None: left to the default. A model of no width or depth fails deep in torch, or trains no layer at all
+    for flag, low in (("num_workers", 0), ("warmup_iters", 0), ("max_seq_len", 2), ("packed_rows", 1),
+                      ("max_steps", 1), ("hidden_size", 1), ("num_hidden_layers", 1)):
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
             raise FlagError(f"--{flag} must be at least {low} (got {getattr(args, flag)})")
     if hasattr(args, "lora_rank"):
         _check_lora_values(args)

@@ -28,7 +28,7 @@ from model.fast_decoder import (
     why_not_fast,
 )
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM, load_minimind
-from trainer.args import REPO_ROOT
+from trainer.args import REPO_ROOT, FlagError
 
 DEMO_BASE = REPO_ROOT / "model" / "demo"
 REPO_TOKENIZER = REPO_ROOT / "model" / "tokenizer"
@@ -326,8 +326,13 @@ def weights_dtype(model: nn.Module) -> torch.dtype | None:
 def new_minimind(tokenizer: PreTrainedTokenizerBase, hidden_size: int | None, num_hidden_layers: int | None,
                  use_moe: bool | None) -> BaseModel:
     """A freshly initialised MiniMind (minimind-3 layout) sized by the flags, vocabulary by the tokenizer."""
+    heads = MiniMindConfig().num_attention_heads  # no flag sets the head count
+    if hidden_size is not None and hidden_size % (2 * heads):  # RoPE rotates pairs: each head needs an even size
+        raise FlagError(f"--hidden_size {hidden_size}: a new MiniMind splits it over {heads} attention heads of an "
+                        f"even size each; pass a multiple of {2 * heads}, such as 512 or 768")
     config = MiniMindConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
-                            num_hidden_layers=num_hidden_layers or 8, use_moe=bool(use_moe),
+                            num_hidden_layers=8 if num_hidden_layers is None else num_hidden_layers,
+                            use_moe=bool(use_moe),
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
     model = MiniMindForCausalLM(config)
