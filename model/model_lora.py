@@ -388,6 +388,22 @@ def _pattern_value(patterns: dict | None, name: str, default: float, parents: bo
     return default
 
 
+def largest_useful_ranks(model: nn.Module, targets: str | list[str] | None,
+                         rank_pattern: dict[str, int] | None) -> dict[str | None, tuple[int, str]]:
+    """For the default rank (key None) and each rank_pattern key, over the targeted layers it sets: the largest
+    min(in_features, out_features) and that layer's name. B·A has no higher rank, so a rank above it only adds
+    memory."""
+    model = _unwrap(model)
+    largest: dict[str | None, tuple[int, str]] = {}
+    for name in find_targets(model, targets):
+        key = next((k for k in rank_pattern or {} if _pattern_match(k, name)), None)  # first match wins
+        layer = model.get_submodule(name)
+        useful = min(layer.in_features, layer.out_features)
+        if useful > largest.get(key, (0, ""))[0]:
+            largest[key] = (useful, name)
+    return largest
+
+
 def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 

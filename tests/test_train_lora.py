@@ -1,4 +1,5 @@
-"""train_lora.py end to end on a tiny MiniMind (in-process, through the script's own entry point)."""
+"""train_lora.py end to end on a tiny MiniMind (in-process, through the script's own entry point; flag refusals
+through the real command line)."""
 
 import json
 import re
@@ -9,7 +10,17 @@ from safetensors.torch import load_file
 
 from model.model_lora import apply_lora, load_lora_state_dict
 from model.model_minimind import load_minimind
-from tests.train_utils import lora_args, run_inprocess, save_tiny_minimind, tokenizer_dir, write_chat_data
+from tests.train_utils import (
+    REPO,
+    lora_args,
+    python,
+    run_cli,
+    run_inprocess,
+    save_tiny_minimind,
+    subprocess_env,
+    tokenizer_dir,
+    write_chat_data,
+)
 from trainer.train_lora import main
 
 
@@ -153,3 +164,35 @@ def test_use_compile_with_packing_trains_the_eager_lora(world, capsys):
         assert len(hc[name]) == len(he[name]) > 0
         for (_, x), (_, y) in zip(hc[name], he[name]):
             assert x == pytest.approx(y, rel=1e-5)
+
+
+def _cli(tmp, weight, data, **flags):
+    """trainer/train_lora.py run as a user runs it, on the tiny base, one step."""
+    argv = lora_args(tmp, weight, data, max_steps=1, **flags)
+    return run_cli([python(), "trainer/train_lora.py", *argv], timeout=180, cwd=REPO, env=subprocess_env())
+
+
+USELESS = "above the rank any layer it sets can use; B·A has rank at most min(in_features, out_features), largest"
+
+
+@pytest.mark.parametrize("flags, line", [
+    (dict(lora_rank=100000), f"--lora_rank 100000: {USELESS} 64 (model.layers.0.self_attn.q_proj); pass 64 or less"),
+    (dict(lora_targets="k_proj", lora_rank=33),
+     f"--lora_rank 33: {USELESS} 32 (model.layers.0.self_attn.k_proj); pass 32 or less"),
+    (dict(lora_rank_pattern="k_proj=33"),
+     f"--lora_rank_pattern k_proj=33: {USELESS} 32 (model.layers.0.self_attn.k_proj); pass 32 or less"),
+    (dict(lora_rank=0), "--lora_rank must be at least 1 (got 0)"),
+])
+def test_a_rank_no_targeted_layer_can_use_is_refused_with_the_largest_useful_one(world, flags, line):
+    """--lora_rank 100000 allocated factors until the process was killed (64 is the tiny base's widest
+    min(in, out); its k_proj and v_proj have 32 outputs)."""
+    tmp, weight, data = world
+    run = _cli(tmp, weight, data, **flags)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [f"error: {line}"], run.stdout + run.stderr
+
+
+def test_a_rank_useful_to_some_targeted_layers_trains(world):
+    """64 is above k_proj's 32 outputs but q_proj's rank: as PEFT, the narrower layers keep a full-rank update."""
+    tmp, weight, data = world
+    run = _cli(tmp, weight, data, lora_rank=64)
+    assert run.returncode == 0, run.stdout + run.stderr

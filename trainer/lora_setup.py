@@ -6,7 +6,14 @@ import re
 import torch
 from torch import nn
 
-from model.model_lora import apply_lora, check_lora_fits, find_targets, load_lora, read_lora_plan
+from model.model_lora import (
+    apply_lora,
+    check_lora_fits,
+    find_targets,
+    largest_useful_ranks,
+    load_lora,
+    read_lora_plan,
+)
 from model.nf4 import quantize_base
 from trainer.args import FlagError
 
@@ -32,10 +39,22 @@ def build_lora(model: nn.Module, args: argparse.Namespace, device: torch.device)
 def _new(model: nn.Module, args: argparse.Namespace) -> list[str]:
     if args.lora_rank is None:
         args.lora_rank = DEFAULT_RANK
+    _refuse_useless_ranks(model, args)
     return apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                       targets=args.lora_targets, use_rslora=args.use_rslora,
                       rank_pattern=args.lora_rank_pattern, alpha_pattern=args.lora_alpha_pattern,
                       use_dora=args.use_dora)
+
+
+def _refuse_useless_ranks(model: nn.Module, args: argparse.Namespace) -> None:
+    """A rank above min(in_features, out_features) of every layer it sets adds memory, never expressiveness (B·A
+    has no higher rank); a huge one allocates until the process is killed. Refused before any factor exists."""
+    for key, (useful, name) in largest_useful_ranks(model, args.lora_targets, args.lora_rank_pattern).items():
+        rank = args.lora_rank if key is None else int(args.lora_rank_pattern[key])
+        if rank > useful:
+            flag = f"--lora_rank {rank}" if key is None else f"--lora_rank_pattern {key}={rank}"
+            raise FlagError(f"{flag}: above the rank any layer it sets can use; B·A has rank "
+                            f"at most min(in_features, out_features), largest {useful} ({name}); pass {useful} or less")
 
 
 def _from_file(model: nn.Module, args: argparse.Namespace) -> list[str]:
