@@ -1,11 +1,14 @@
 """The shipped demo tokenizer (model/tokenizer) and trainer/train_tokenizer.py."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
+from tests.train_utils import subprocess_env
 from trainer.train_tokenizer import SPECIAL_TOKENS, main, tokenizer_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,3 +222,23 @@ def test_the_default_output_is_not_the_repo_tokenizer():
     assert parse_args([]).out_dir == DEFAULT_OUT and DEFAULT_OUT.name == "tokenizer"
     assert DEFAULT_OUT.resolve() != (REPO_ROOT / "model" / "tokenizer").resolve()
 
+
+
+@pytest.mark.parametrize("flag, value, line", [
+    ("--vocab_size", "1000000000", "error: --vocab_size 1000000000 is too large: it must be at most 1048576 (the "
+     "largest vocabularies in use hold ~262k tokens; BPE stops earlier anyway when the corpus has nothing left to "
+     "merge)"),
+    ("--model_max_length", "0", "error: --model_max_length must be at least 1 (got 0); it is the longest sequence a "
+     "model takes, e.g. 32768"),
+    ("--model_max_length", "-1", "error: --model_max_length must be at least 1 (got -1); it is the longest sequence "
+     "a model takes, e.g. 32768"),
+])
+def test_the_cli_refuses_sizes_out_of_bounds(tmp_path, flag, value, line):
+    """--vocab_size 1e9 aborted the process from the BPE trainer (SIGABRT, a Rust backtrace); a model_max_length
+    of 0 or -1 was written into tokenizer_config.json."""
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in TINY_TEXTS])
+    run = subprocess.run([sys.executable, str(REPO / "trainer" / "train_tokenizer.py"), "--data_path", str(data),
+                          "--out_dir", str(tmp_path / "tok"), flag, value],
+                         capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [line], run.stdout + run.stderr
+    assert not (tmp_path / "tok").exists()

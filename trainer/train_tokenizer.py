@@ -36,6 +36,9 @@ DEFAULT_OUT = Path(os.environ.get("MINILORA_OUT_DIR") or REPO_ROOT / "out") / "t
 # Order matters: the trainer gives special tokens the first ids, in this order (MiniMind's ids 0, 1, 2).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MIN_VOCAB = len(SPECIAL_TOKENS) + 256  # the specials plus one token per byte
+# The BPE trainer reserves ~70 bytes per entry of --vocab_size up front and aborts the process when that fails
+# (1e9: 70 GB); the largest vocabularies in use hold ~262k tokens.
+MAX_VOCAB = 2**20
 
 # ChatML, as MiniMind writes it, minus tools: `<|im_start|>{role}\n{content}<|im_end|>\n` per message
 # (a system message is just the first message, if there is one). An assistant message with a non-empty
@@ -94,9 +97,7 @@ def corpus_texts(path: str | Path, skip_invalid: bool = False) -> list[str]:
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE whose first ids are SPECIAL_TOKENS (0, 1, 2)."""
-    if vocab_size < MIN_VOCAB:
-        raise TokenizerError(f"--vocab_size {vocab_size} is too small: it must be at least {MIN_VOCAB} "
-                             f"({len(SPECIAL_TOKENS)} special tokens + 256 bytes)")
+    check_vocab_size(vocab_size)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
         # Each Chinese character is a word of its own. GPT-2's regex would glue a run of Chinese (and any
@@ -118,6 +119,26 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
     assert ids == [0, 1, 2], f"special tokens got ids {ids}"  # the trainer's contract; a library change would break it
     return tokenizer
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """--vocab_size must hold the special tokens and the 256 bytes, and not be so large that the trainer aborts."""
+    if vocab_size < MIN_VOCAB:
+        raise TokenizerError(f"--vocab_size {vocab_size} is too small: it must be at least {MIN_VOCAB} "
+                             f"({len(SPECIAL_TOKENS)} special tokens + 256 bytes)")
+    if vocab_size > MAX_VOCAB:
+        raise TokenizerError(f"--vocab_size {vocab_size} is too large: it must be at most {MAX_VOCAB} (the largest "
+                             "vocabularies in use hold ~262k tokens; BPE stops earlier anyway when the corpus has "
+                             "nothing left to merge)")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flag values that cannot work stop the run before the corpus is read."""
+    check_vocab_size(args.vocab_size)
+    if args.model_max_length < 1:
+        raise TokenizerError(f"--model_max_length must be at least 1 (got {args.model_max_length}); it is the "
+                             "longest sequence a model takes, e.g. 32768")
+    check_out_dir(args.out_dir)
 
 
 def tokenizer_config(model_max_length: int) -> dict:
@@ -168,7 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "conversations, OpenAI messages, ShareGPT, Alpaca) (default: dataset/pretrain_demo.jsonl "
                         "dataset/sft_demo.jsonl, written by dataset/make_demo_data.py)")
     p.add_argument("--vocab_size", type=int, default=6400,
-                   help=f"most tokens in the vocabulary, special tokens included (at least {MIN_VOCAB}); BPE "
+                   help=f"most tokens in the vocabulary, special tokens included ({MIN_VOCAB} to {MAX_VOCAB}); BPE "
                         "stops earlier when the corpus has nothing left to merge (the demo corpus gives ~3.4k) "
                         "(default: 6400)")
     p.add_argument("--out_dir", type=Path, default=DEFAULT_OUT,
@@ -186,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train and save; return the exit status (2 for a user error, printed without a traceback)."""
     args = parse_args(argv)
     try:
-        check_out_dir(args.out_dir)  # before the training, not after it
+        check_flags(args)  # before the training, not after it
         texts = []
         for path in args.data_path:
             if not Path(path).is_file() and Path(path).resolve() in DEFAULT_DATA:
