@@ -196,3 +196,20 @@ def test_a_rank_useful_to_some_targeted_layers_trains(world):
     tmp, weight, data = world
     run = _cli(tmp, weight, data, lora_rank=64)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_val_fraction_that_leaves_too_little_to_train_on_is_refused(world):
+    """0.999 held out 8 of 9 samples and trained on 1; a single sample, held out, left none."""
+    tmp, weight, data = world
+    run = _cli(tmp, weight, data, val_fraction=0.999)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "error: --val_fraction must be in [0, 0.5] (got 0.999): more than half held out leaves less to train on than "
+        "to evaluate; a larger validation set goes in --val_data_path"], run.stdout + run.stderr
+    one = write_chat_data(tmp / "one.jsonl", 1)
+    run = _cli(tmp, weight, one, val_fraction=0.5)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        f"error: --val_fraction 0.5: {one} holds 1 sample(s); 1 held out for validation would leave 0 to train on; "
+        "pass a --val_data_path, or leave out --val_fraction"], run.stdout + run.stderr
+    two = write_chat_data(tmp / "two.jsonl", 2)
+    run = _cli(tmp, weight, two, val_fraction=0.5)  # the smallest split that works: one sample each side
+    assert run.returncode == 0 and "validation: 1 sample(s) held out of 2 (--val_fraction)" in run.stdout, run.stderr

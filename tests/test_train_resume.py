@@ -209,8 +209,8 @@ def test_val_fraction_on_data_too_small_to_hold_any_out_is_refused(tmp_path, cap
     data = write_chat_data(tmp_path / "data.jsonl", 1)
     argv = lora_args(tmp_path, weight, data, batch_size=1, max_steps=1, val_fraction=0.5)
     assert run_inprocess(main, argv) == 2
-    assert (f"error: --val_fraction 0.5: {data} holds 1 sample(s), too few to hold any out and still train; pass "
-            "a --val_data_path, or leave out --val_fraction") in capsys.readouterr().err
+    assert (f"error: --val_fraction 0.5: {data} holds 1 sample(s); 1 held out for validation would leave 0 to train "
+            "on; pass a --val_data_path, or leave out --val_fraction") in capsys.readouterr().err
 
 
 # Kills the run (os._exit: no cleanup, as SIGKILL) among a save's renames, just before the resume file of its

@@ -157,7 +157,8 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--max_seq_len", type=int, default=512, help="samples are truncated to this many tokens")
     g.add_argument("--val_data_path", default=None, help="validation jsonl")
     g.add_argument("--val_fraction", type=float, default=0.0,
-                   help="hold out this fraction of the training data for validation (if no --val_data_path)")
+                   help="hold out this fraction of the training data for validation, at most 0.5 (if no "
+                        "--val_data_path)")
     g.add_argument("--eval_interval", type=int, default=None,
                    help="evaluate every N optimizer steps, and at the end (default: --save_interval)")
     if job != "pretrain":
@@ -257,8 +258,9 @@ def parse_args(job: str, description: str, argv: list[str] | None = None) -> arg
     for flag in ("batch_size", "accumulation_steps", "epochs", "save_interval", "log_interval", "eval_interval"):
         if getattr(args, flag) < 1:
             raise FlagError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise FlagError(f"--val_fraction must be in [0, 1) (got {args.val_fraction})")
+    if not 0.0 <= args.val_fraction <= 0.5:  # more would train on less than it evaluates (nan fails too)
+        raise FlagError(f"--val_fraction must be in [0, 0.5] (got {args.val_fraction}): more than half held out "
+                        "leaves less to train on than to evaluate; a larger validation set goes in --val_data_path")
     if args.packing and args.group_by_length:
         raise FlagError("--group_by_length sorts padded batches, and packed rows (--packing) hold no padding to "
                         "save: drop one of the two")

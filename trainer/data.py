@@ -235,8 +235,9 @@ def load_split(make: Callable[[str], Dataset], data_path: str, val_data_path: st
     if n_val == 0:
         return train, None
     if n_val >= len(train):
-        raise FlagError(f"--val_fraction {val_fraction}: {data_path} holds {len(train)} sample(s), too few to hold "
-                        "any out and still train; pass a --val_data_path, or leave out --val_fraction")
+        raise FlagError(f"--val_fraction {val_fraction}: {data_path} holds {len(train)} sample(s); {n_val} held out "
+                        f"for validation would leave {len(train) - n_val} to train on; pass a --val_data_path, or "
+                        "leave out --val_fraction")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     return _Part(train, sorted(order[n_val:])), _Part(train, sorted(order[:n_val]))
 
