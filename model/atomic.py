@@ -139,8 +139,16 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> 
     atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
+def refuse_empty_folder(folder: str | Path, flag: str) -> None:
+    """An output folder flag given as "" would write into the working directory, wherever the command ran."""
+    if not str(folder).strip():  # `flag` may end with the value ("--out_dir {folder}"): here only blanks
+        raise UserError(f"{flag.strip()} is empty, which would write into the current directory; pass a folder (. for the "
+                        "current one)")
+
+
 def make_output_folder(folder: str | Path, flag: str) -> None:
     """Create a folder a script writes to before its work starts, or stop with one line naming `flag`."""
+    refuse_empty_folder(folder, flag)
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
     except OSError as err:

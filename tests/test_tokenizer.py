@@ -242,3 +242,15 @@ def test_the_cli_refuses_sizes_out_of_bounds(tmp_path, flag, value, line):
                          capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [line], run.stdout + run.stderr
     assert not (tmp_path / "tok").exists()
+
+
+def test_an_empty_out_dir_is_refused(tmp_path):
+    """--out_dir "" wrote tokenizer.json and tokenizer_config.json into the working directory."""
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in TINY_TEXTS])
+    run = subprocess.run([sys.executable, str(REPO / "trainer" / "train_tokenizer.py"), "--data_path", str(data),
+                          "--out_dir", ""], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env=subprocess_env())
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "error: --out_dir is empty, which would write into the current directory; pass a folder (. for the current "
+        "one)"], run.stdout + run.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["text.jsonl"]

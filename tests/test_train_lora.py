@@ -213,3 +213,19 @@ def test_val_fraction_that_leaves_too_little_to_train_on_is_refused(world):
     two = write_chat_data(tmp / "two.jsonl", 2)
     run = _cli(tmp, weight, two, val_fraction=0.5)  # the smallest split that works: one sample each side
     assert run.returncode == 0 and "validation: 1 sample(s) held out of 2 (--val_fraction)" in run.stdout, run.stderr
+
+
+@pytest.mark.parametrize("flag", ["--save_dir", "--out_dir"])
+def test_an_empty_save_dir_is_refused(world, flag):
+    """--save_dir "" wrote the run into the default folder, as if the flag were absent."""
+    tmp, weight, data = world
+    argv = [a for a in lora_args(tmp, weight, data, max_steps=1) if a != str(tmp / "out")]
+    argv[argv.index("--save_dir")] = flag
+    argv.insert(argv.index(flag) + 1, "")
+    default = tmp / "default"
+    run = run_cli([python(), str(REPO / "trainer" / "train_lora.py"), *argv], timeout=180, cwd=tmp,
+                  env=subprocess_env(MINILORA_OUT_DIR=str(default)))
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "error: --save_dir is empty, which would write into the current directory; pass a folder (. for the current "
+        "one)"], run.stdout + run.stderr
+    assert not default.exists() and sorted(p.name for p in tmp.iterdir()) == ["data.jsonl", "full_sft_64.pth"]

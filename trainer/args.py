@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from model.atomic import refuse_empty_folder
 from model.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -252,6 +253,8 @@ def build_parser(job: str, description: str) -> argparse.ArgumentParser:
 def parse_args(job: str, description: str, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags; relative user paths stay relative to the working directory."""
     args = build_parser(job, description).parse_args(argv)
+    if args.save_dir is not None:  # "" is not "the default" but a path: the working directory
+        refuse_empty_folder(args.save_dir, "--save_dir")
     args.save_dir = str(Path(args.save_dir) if args.save_dir else default_save_dir())
     if args.eval_interval is None:
         args.eval_interval = args.save_interval

@@ -24,7 +24,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dataset.records import data_error, parse_line, read_conversations, read_lines, read_texts
-from model.atomic import make_output_folder
+from model.atomic import make_output_folder, refuse_empty_folder
 from model.errors import UserError, print_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +138,8 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.model_max_length < 1:
         raise TokenizerError(f"--model_max_length must be at least 1 (got {args.model_max_length}); it is the "
                              "longest sequence a model takes, e.g. 32768")
-    check_out_dir(args.out_dir)
+    refuse_empty_folder(args.out_dir, "--out_dir")
+    check_out_dir(Path(args.out_dir))
 
 
 def tokenizer_config(model_max_length: int) -> dict:
@@ -192,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"most tokens in the vocabulary, special tokens included ({MIN_VOCAB} to {MAX_VOCAB}); BPE "
                         "stops earlier when the corpus has nothing left to merge (the demo corpus gives ~3.4k) "
                         "(default: 6400)")
-    p.add_argument("--out_dir", type=Path, default=DEFAULT_OUT,
+    p.add_argument("--out_dir", default=DEFAULT_OUT,  # kept a string: Path("") would read as "."
                    help="directory to write tokenizer.json and tokenizer_config.json to (default: "
                         "$MINILORA_OUT_DIR/tokenizer or <repo>/out/tokenizer; model/tokenizer rebuilds the repo's)")
     p.add_argument("--skip_bad_data", action="store_true",
